@@ -1,0 +1,99 @@
+"""The ``rlhf`` command: one entry point, one subcommand per stage.
+
+Each training stage takes ``--config FILE.yaml`` plus ``--key value``
+overrides for any field of its config dataclass, and calls ``run_<stage>(cfg)``.
+User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rlhf.config import _Parser, add_config_arguments, config_from_namespace
+from rlhf.errors import UserError
+
+# name: (module, config class, run function, one-line help)
+STAGES = {
+    "sft": ("rlhf.sft", "SFTStageConfig", "run_sft", "supervised fine-tuning (LoRA, full, freeze, prompt/prefix tuning)"),
+    "generate": ("rlhf.generate", "GenerateConfig", "run_generate", "sample responses for a prompt file into JSONL"),
+    "reward": ("reward.train", "RewardStageConfig", "run_reward", "train a reward model on preference pairs"),
+    "ppo": ("rlhf.ppo.trainer", "PPOStageConfig", "run_ppo", "optimise the policy adapter against a reward model"),
+    "export": ("rlhf.export", "ExportConfig", "run_export", "export an adapter, a merged model or an interpolation"),
+    "eval": ("rlhf.evaluate", "EvalConfig", "run_eval", "win rate, reward and KL of a policy against a baseline"),
+    "pipeline": ("rlhf.pipeline", "PipelineConfig", "run_pipeline", "all stages end to end from one config"),
+}
+# extra subcommands nested under a stage: (stage, name) -> (module, config class, run function, help)
+SUBSTAGES = {
+    ("reward", "evaluate"): (
+        "reward.evaluate",
+        "RewardEvalConfig",
+        "run_reward_evaluate",
+        "accuracy and margins of a reward model on a preference file",
+    ),
+}
+
+
+def _available(module: str) -> bool:
+    try:
+        importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        return False
+    return importlib.util.find_spec(module) is not None
+
+
+def _stage_parser(subparsers, name: str, spec: tuple) -> argparse.ArgumentParser:
+    module, cls_name, run_name, help_text = spec
+    cls = getattr(importlib.import_module(module), cls_name)
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    add_config_arguments(parser, cls)
+    parser.set_defaults(_stage=(module, cls_name, run_name))
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rlhf", description="RLHF alignment toolkit: SFT, preference labeling, reward model, PPO, export.")
+    subparsers = parser.add_subparsers(dest="command", metavar="STAGE", parser_class=_Parser)
+    for name, spec in STAGES.items():
+        if not _available(spec[0]):
+            continue
+        stage = _stage_parser(subparsers, name, spec)
+        nested = {sub: s for (parent, sub), s in SUBSTAGES.items() if parent == name and _available(s[0])}
+        if nested:
+            children = stage.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
+            for sub, sub_spec in nested.items():
+                _stage_parser(children, sub, sub_spec)
+        if name == "generate" and _available("feedback_ui.commands"):
+            from feedback_ui.commands import add_label_parser
+
+            add_label_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "_stage", None):
+            module, cls_name, run_name = args._stage
+            mod = importlib.import_module(module)
+            cfg = config_from_namespace(getattr(mod, cls_name), args)
+            getattr(mod, run_name)(cfg)
+        elif getattr(args, "func", None):
+            args.func(args)
+        else:
+            parser.print_help()
+            return 0 if not argv else 2
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Batched sampling from a causal LM with the tokenizer's chat template.
+
+Prompts are left-padded so that every row's last prompt token sits at the
+same position and generation runs as one batch with the KV cache. The same
+code serves ``rlhf generate``, candidate generation, evaluation and PPO
+rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.data import to_messages
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled; ``do_sample=False`` is greedy decoding."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = True
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def generate_kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+        }
+
+
+def chat_prompt_texts(tokenizer, prompts: list[Any]) -> list[str]:
+    """Apply the chat template (with the generation prompt) to strings or message lists."""
+    return [
+        tokenizer.apply_chat_template(to_messages(p), add_generation_prompt=True, tokenize=False) for p in prompts
+    ]
+
+
+def encode_prompts(tokenizer, prompts: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` (B, P) for a batch of prompts."""
+    texts = chat_prompt_texts(tokenizer, prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+@torch.no_grad()
+def sample_batch(model, tokenizer, prompts: list[Any], settings: SamplingSettings, num_return_sequences: int = 1):
+    """Generate for one batch. Returns (prompt_ids (B*K, P), prompt_mask (B*K, P), response_ids (B*K, R)).
+
+    Rows are grouped per prompt: rows ``i*K .. i*K+K-1`` belong to prompt ``i``.
+    Response positions after the sequence ended hold the pad token.
+    """
+    device = next(model.parameters()).device
+    enc = encode_prompts(tokenizer, prompts, device)
+    out = model.generate(
+        **enc,
+        **settings.generate_kwargs(),
+        num_return_sequences=num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    width = enc["input_ids"].shape[1]
+    prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, dim=0)
+    prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, dim=0)
+    return prompt_ids, prompt_mask, out[:, width:]
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
+    """Text of each response up to (not including) its first EOS."""
+    texts = []
+    for row in response_ids.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list[Any],
+    *,
+    num_return_sequences: int = 1,
+    max_new_tokens: int = 64,
+    do_sample: bool = True,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 8,
+    seed: int | None = None,
+    progress: bool = True,
+) -> list[list[str]]:
+    """Sample ``num_return_sequences`` responses per prompt; returns one list of texts per prompt."""
+    settings = SamplingSettings(max_new_tokens, do_sample, temperature, top_p, top_k)
+    if seed is not None:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    results: list[list[str]] = []
+    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        _, _, response_ids = sample_batch(model, tokenizer, chunk, settings, num_return_sequences)
+        texts = decode_responses(tokenizer, response_ids)
+        k = num_return_sequences
+        results.extend(texts[i * k : (i + 1) * k] for i in range(len(chunk)))
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return results

