@@ -28,8 +28,9 @@ browser:
 demo: install
 	$(VENV)/bin/rlhf sft --config configs/sft.yaml
 
+# CI (CI=true) also runs the slow tests that use the real embedded model
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(CI),-m "slow or not slow",)
 
 test-all: install browser
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -53,6 +53,8 @@ def load_table(dataset_name: str, split: str = "train"):
         elif path.suffix.lower() in _BUILDERS:
             if not path.is_file():
                 raise DataError(f"dataset file not found: {path}")
+            if path.stat().st_size == 0:
+                raise DataError(f"dataset {dataset_name} is empty")
             builder = _BUILDERS[path.suffix.lower()]
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.exists():

@@ -64,26 +64,25 @@ class SFTStageConfig(TrainingConfig):
 # helper functions
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks (the longest ``nn.ModuleList`` in the model)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Name and module of the transformer blocks (the longest ``nn.ModuleList`` in the model)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     if not lists:
         raise ConfigError("method 'freeze' needs a model with a list of transformer blocks")
-    return max(lists, key=len)
+    return max(lists, key=lambda item: len(item[1]))
 
 
 def freeze_lower_layers(model: nn.Module, n_trainable: int) -> None:
     """Train only the top ``n_trainable`` blocks, the final norm and the output head."""
-    layers = decoder_layers(model)
+    prefix, layers = decoder_layers(model)
     if n_trainable > len(layers):
         raise ConfigError(f"config key 'freeze_trainable_layers' is {n_trainable} but the model has {len(layers)} blocks")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for block in list(layers)[-n_trainable:]:
         block.requires_grad_(True)
     model.get_output_embeddings().requires_grad_(True)
     for name, module in model.named_modules():
-        if name.endswith("norm") and not any(name.startswith(f"{n}.") for n, _ in layers.named_children()):
+        if name.endswith("norm") and not name.startswith(prefix + "."):
             module.requires_grad_(True)
 
 

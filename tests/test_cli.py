@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rlhf.cli import build_parser, main
+from rlhf.testing import write_jsonl
+
+
+def subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return action.choices
+
+
+def test_top_level_help_lists_stages(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for stage in ["sft", "generate"]:
+        assert stage in out
+
+
+def test_every_subcommand_has_help(capsys):
+    for name, sub in subcommands().items():
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0, name
+        assert "usage" in capsys.readouterr().out
+
+
+def test_sft_help_shows_defaults_and_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # undo line wrapping
+    assert "--lora_r" in out and "[default: 16]" in out and "LoRA rank" in out
+    assert "choices: lora, full, freeze, prompt_tuning, prefix_tuning" in out
+
+
+def test_unknown_key_exits_2_with_one_line(capsys):
+    assert main(["sft", "--not_a_key", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--not_a_key" in err and "\n" not in err
+
+
+def test_bad_value_in_yaml_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora_r: lots\n")
+    assert main(["sft", "--config", str(cfg)]) == 2
+    assert "lora_r" in capsys.readouterr().err
+
+
+def test_missing_dataset_exits_2(tmp_path, tiny_model_dir, capsys):
+    code = main(["sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(tmp_path / "nope.jsonl"),
+                 "--output_dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sft_config_smoke_run_and_generate(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Q{i}?", "completion": f"A{i}."} for i in range(8)])
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndataset_name: {data}\noutput_dir: {tmp_path / 'sft'}\n"
+        "max_steps: 2\nper_device_train_batch_size: 4\neval_fraction: 0.25\nreport_to: none\n"
+    )
+    assert main(["sft", "--config", str(cfg), "--lora_r", "2"]) == 0
+    saved = (tmp_path / "sft" / "run_config.yaml").read_text()
+    assert "lora_r: 2" in saved
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": [{"role": "user", "content": "yo"}]}])
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model_name_or_path", tiny_model_dir, "--adapter", str(tmp_path / "sft"),
+                 "--dataset_name", str(prompts), "--out", str(out), "--max_new_tokens", "5", "--do_sample", "false"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["hi", "yo"] and all(isinstance(r["response"], str) for r in rows)
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "rlhf.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "sft" in out.stdout

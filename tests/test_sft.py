@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+
+from rlhf.config import build_config
+from rlhf.errors import DataError
+from rlhf.sft import SFTStageConfig, build_trainer, run_sft
+from rlhf.testing import write_jsonl
+
+SFT_ROWS = [
+    {"messages": [{"role": "user", "content": f"Say the word number {i}."}, {"role": "assistant", "content": f"Word {i}."}]}
+    for i in range(24)
+]
+
+
+@pytest.fixture
+def sft_data(tmp_path):
+    return str(write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS))
+
+
+def make_cfg(tiny_model_dir, sft_data, tmp_path, **overrides):
+    values = dict(
+        model_name_or_path=tiny_model_dir,
+        dataset_name=sft_data,
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        eval_fraction=0.0,
+        report_to="none",
+        lora_r=4,
+        lora_alpha=8,
+        num_virtual_tokens=4,
+        freeze_trainable_layers=1,
+    )
+    values.update(overrides)
+    return build_config(SFTStageConfig, values)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "freeze", "prompt_tuning", "prefix_tuning"])
+def test_trainable_parameters_change_frozen_do_not(method, tiny_model_dir, sft_data, tmp_path):
+    cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, method=method)
+    trainer = build_trainer(cfg, tmp_path / "work")
+    model = trainer.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing to train"
+    before = snapshot(model)
+    trainer.train()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        if name in trainable:
+            assert changed, f"{method}: trainable {name} did not change"
+        else:
+            assert not changed, f"{method}: frozen {name} changed"
+    frozen = set(before) - trainable
+    if method == "full":
+        assert not frozen
+    elif method == "freeze":
+        assert any(".layers.1." in n for n in trainable) and not any(".layers.0." in n for n in trainable)
+        assert any("lm_head" in n for n in trainable) and any("embed_tokens" in n for n in frozen)
+    else:  # adapters: every base weight is frozen
+        assert all(("lora_" in n or "prompt_encoder" in n) for n in trainable)
+
+
+def test_lora_export_reload_reproduces_logits(tiny_model_dir, sft_data, tmp_path):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg(tiny_model_dir, sft_data, tmp_path)
+    trainer = build_trainer(cfg, tmp_path / "work")
+    trainer.train()
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))
+    ids = torch.randint(0, 500, (2, 12))
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+        assert (reloaded(input_ids=ids).logits - expected).abs().max() < 1e-5
+        auto = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()  # finds the base by itself
+        assert (auto(input_ids=ids).logits - expected).abs().max() < 1e-5
+
+
+def test_completion_only_masking(tiny_model_dir, tmp_path):
+    data = write_jsonl(
+        tmp_path / "one.jsonl",
+        [{"prompt": "What is two plus two?", "completion": "Four."}] * 4,
+    )
+    cfg = make_cfg(tiny_model_dir, str(data), tmp_path)
+    trainer = build_trainer(cfg, tmp_path / "work")
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    tokenizer = trainer.processing_class
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    full = tokenizer.decode(ids)
+    assert full.startswith("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n")
+    # labels keep exactly the completion tokens (answer + end-of-turn), everything before is -100
+    kept = ids[labels != -100]
+    assert tokenizer.decode(kept).startswith("Four.<|im_end|>")
+    first_kept = int((labels != -100).nonzero()[0])
+    assert tokenizer.decode(ids[:first_kept]).endswith("<|im_start|>assistant\n")
+
+
+def test_run_sft_writes_output_dir(tiny_model_dir, sft_data, tmp_path):
+    cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, eval_fraction=0.25, eval_steps=1)
+    metrics = run_sft(cfg)
+    out = tmp_path / "out"
+    for name in ["adapter_config.json", "adapter_model.safetensors", "run_config.yaml", "metrics.json", "tokenizer.json"]:
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    assert saved["tokens_seen"] > 0 and saved["trainable_parameters"] < saved["total_parameters"]
+    assert (out / "logs" / "metrics.jsonl").read_text().strip()
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model_dir)
+    assert not (tmp_path / "out.incomplete").exists()
+
+
+def test_early_stopping_stops(tiny_model_dir, sft_data, tmp_path):
+    cfg = make_cfg(
+        tiny_model_dir, sft_data, tmp_path, max_steps=40, eval_fraction=0.25, eval_steps=1,
+        early_stopping_patience=1, learning_rate=5.0,
+    )
+    metrics = run_sft(cfg)
+    assert metrics["steps"] < 40
+
+
+def test_bad_dataset_leaves_nothing(tiny_model_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no messages here"}])
+    cfg = make_cfg(tiny_model_dir, str(bad), tmp_path)
+    with pytest.raises(DataError, match="messages"):
+        run_sft(cfg)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.incomplete").exists()
