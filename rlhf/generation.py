@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.data import to_messages
+from rlhf.ppo.losses import logprobs_from_logits
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,27 @@ def generate_responses(
     bar.close()
     model.train(was_training)
     return results
+
+
+def response_mask(tokenizer, response_ids: torch.Tensor) -> torch.Tensor:
+    """(B, R) 1 for response tokens up to and including the first EOS, 0 after it."""
+    is_eos = response_ids == tokenizer.eos_token_id
+    after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+def response_logprobs(
+    model, prompt_ids, prompt_mask, response_ids, resp_mask, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(y_t | x, y_<t) of each response token (B, R), logits divided by ``temperature``.
+
+    prompt_ids/prompt_mask: (B, P) left-padded; response_ids/resp_mask: (B, R).
+    Positions where ``resp_mask`` is 0 hold 0.
+    """
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+R)
+    attention = torch.cat([prompt_mask, resp_mask], dim=1)
+    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    width = prompt_ids.shape[1]
+    logits = logits[:, width - 1 : -1].float() / temperature  # (B, R, V): position t predicts token t
+    return logprobs_from_logits(logits, response_ids) * resp_mask

@@ -131,6 +131,13 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right"):
     return tokenizer
 
 
+def tokenizer_source(base: str, adapter: str | None = None) -> str:
+    """Where the tokenizer of base + adapter lives: the adapter folder if it saved one, else the base."""
+    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
+        return adapter
+    return base
+
+
 def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, device: torch.device | None = None):
     """A causal LM from a folder, hub id or the embedded alias, on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM

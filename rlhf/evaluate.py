@@ -1,0 +1,240 @@
+"""``rlhf eval``: is the aligned policy better than its baseline, and how far did it move?
+
+Both policies answer the same prompts; a reward model (and optionally a
+transparent rule) scores every answer. Reported: win rate with a Wilson
+confidence interval, mean rewards, the KL of the policy to the baseline on the
+policy's own samples, response lengths; JSON + PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf.config import Optional, field, require
+from rlhf.data import load_prompts, prompt_text
+from rlhf.errors import UserError
+from rlhf.generate import SamplingConfig
+from rlhf.generation import SamplingSettings, decode_responses, response_logprobs, response_mask, sample_batch
+from rlhf.models import load_model, load_tokenizer, pick_device, tokenizer_source
+from rlhf.outputs import write_json
+
+
+@dataclasses.dataclass
+class EvalConfig(SamplingConfig):
+    """Options of ``rlhf eval``."""
+
+    policy: str = field("", "aligned policy: adapter folder or full model folder")
+    baseline: str = field("", "baseline policy (e.g. the SFT adapter): adapter folder, model folder, or 'base'")
+    reward_model: Optional[str] = field(None, "reward model folder (from rlhf reward) that scores both")
+    model_name_or_path: Optional[str] = field(None, "base model for adapters (default: recorded in adapter_config.json)")
+    dataset_name: str = field("sample:prompts_test", "held-out prompts")
+    max_prompts: Optional[int] = field(None, "use at most this many prompts")
+    rule: Optional[str] = field(None, "also judge with a transparent rule from reward.rules (e.g. the demo's rule)")
+    ppo_logs: Optional[str] = field(None, "PPO logs folder (metrics.jsonl) to plot reward and KL curves from")
+    out_dir: str = field("outputs/eval", "folder for eval.json and the PNG plots")
+    show_samples: int = field(3, "side-by-side samples printed")
+    seed: int = field(0, "sampling seed (both policies use the same)")
+    do_sample: bool = field(False, "sample (true) or greedy decoding (false)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(bool(self.policy), "config key 'policy' is required")
+        require(bool(self.baseline), "config key 'baseline' is required")
+        require(bool(self.reward_model or self.rule), "config key 'reward_model' (or 'rule') is required")
+
+
+# pure statistics
+
+
+def win_rate(policy_scores: list[float], baseline_scores: list[float], z: float = 1.96) -> dict:
+    """Paired win rate p = (wins + ties / 2) / n with a Wilson score interval.
+
+    Wilson: centre = (p + z^2/2n) / (1 + z^2/n), half-width = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    """
+    if len(policy_scores) != len(baseline_scores) or not policy_scores:
+        raise ValueError("need two equally long, non-empty score lists")
+    wins = sum(a > b for a, b in zip(policy_scores, baseline_scores))
+    ties = sum(a == b for a, b in zip(policy_scores, baseline_scores))
+    n = len(policy_scores)
+    p = (wins + 0.5 * ties) / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return {"win_rate": p, "ci_low": max(0.0, centre - half), "ci_high": min(1.0, centre + half),
+            "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# model access
+
+
+def policy_source(folder: str, base_override: str | None) -> tuple[str, str | None]:
+    """(base model, adapter or None) for an adapter folder, a full model folder, or 'base'."""
+    path = Path(folder)
+    if folder == "base":
+        if not base_override:
+            raise UserError("baseline 'base' needs model_name_or_path")
+        return base_override, None
+    if (path / "adapter_config.json").is_file():
+        recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return base_override or recorded, str(path)
+    if (path / "config.json").is_file():
+        return str(path), None
+    raise UserError(f"{folder} is neither an adapter folder nor a model folder")
+
+
+@torch.no_grad()
+def sample_with_logprobs(model, tokenizer, prompts, settings: SamplingSettings, batch_size: int, seed: int, logprobs=True):
+    """Responses, and (with ``logprobs``) the token ids and log-probs needed to compare with another model."""
+    torch.manual_seed(seed)
+    batches, texts = [], []
+    for start in range(0, len(prompts), batch_size):
+        p_ids, p_mask, r_ids = sample_batch(model, tokenizer, prompts[start : start + batch_size], settings)
+        texts.extend(decode_responses(tokenizer, r_ids))
+        if logprobs:
+            r_mask = response_mask(tokenizer, r_ids)
+            temperature = settings.temperature if settings.do_sample else 1.0
+            logp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature)
+            batches.append((p_ids, p_mask, r_ids, r_mask, logp))
+    return texts, batches
+
+
+@torch.no_grad()
+def kl_to(model, batches, temperature: float) -> list[float]:
+    """Per-sample sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's samples (k1, unbiased for KL)."""
+    out = []
+    for p_ids, p_mask, r_ids, r_mask, logp in batches:
+        ref = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature)
+        out.extend(((logp - ref) * r_mask).sum(dim=1).tolist())
+    return out
+
+
+def plot_results(result: dict, out_dir: Path, ppo_logs: str | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    judges = [k for k in ("reward_model", "rule") if k in result]
+    fig, ax = plt.subplots(figsize=(4 + len(judges), 3.5))
+    rates = [result[j]["win_rate"] for j in judges]
+    errs = [[r - result[j]["ci_low"] for r, j in zip(rates, judges)], [result[j]["ci_high"] - r for r, j in zip(rates, judges)]]
+    ax.bar(judges, rates, yerr=errs, capsize=6, color=["#4c72b0", "#55a868"][: len(judges)])
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate of policy vs baseline")
+    ax.set_title("Win rate (95% Wilson CI)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "win_rate.png", dpi=100)
+    plt.close(fig)
+    written.append(str(out_dir / "win_rate.png"))
+    log_file = Path(ppo_logs) / "metrics.jsonl" if ppo_logs else None
+    if log_file and log_file.is_file():
+        rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+        written.append(plot_training_curves(rows, out_dir / "ppo_curves.png"))
+    return written
+
+
+def plot_training_curves(rows: list[dict], path: Path) -> str:
+    """Reward and KL curves from PPO's metrics.jsonl rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(pred):
+        keys = sorted({k for r in rows for k in r if pred(k)})
+        return {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys}
+
+    reward = series(lambda k: ("reward" in k or "score" in k) and "std" not in k and "coef" not in k)
+    kl = series(lambda k: k.startswith("kl") or "/kl" in k or k.endswith("_kl"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, data, title in [(axes[0], reward, "reward"), (axes[1], kl, "KL to reference")]:
+        for key, (xs, ys) in data.items():
+            ax.plot(xs, ys, label=key)
+        ax.set_xlabel("PPO step")
+        ax.set_title(title)
+        if data:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def load_rule(name: str) -> Callable[[str, str], float]:
+    """A rule score function ``f(prompt, response) -> float`` from ``reward.rules``."""
+    import reward.rules as rules  # wiring: the rule lives with the reward package
+
+    fn = getattr(rules, name, None) or getattr(rules, f"{name}_score", None)
+    if fn is None and name in getattr(rules, "RULES", {}):
+        fn = rules.RULES[name]
+    if not callable(fn):
+        raise UserError(f"unknown rule '{name}' (see reward/rules.py)")
+    return fn
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
+    temperature = cfg.temperature if cfg.do_sample else 1.0
+    device = pick_device()
+    texts, batches, models = {}, {}, {}
+    for role, folder in (("policy", cfg.policy), ("baseline", cfg.baseline)):
+        base, adapter = policy_source(folder, cfg.model_name_or_path)
+        tokenizer = load_tokenizer(tokenizer_source(base, adapter))
+        models[role] = load_model(base, adapter, dtype=torch.float32, device=device)
+        texts[role], batches[role] = sample_with_logprobs(
+            models[role], tokenizer, prompts, settings, cfg.batch_size, cfg.seed, logprobs=role == "policy"
+        )
+    kl = kl_to(models["baseline"], batches["policy"], temperature)
+    del models
+    result: dict = {
+        "n_prompts": len(prompts),
+        "kl_policy_to_baseline": mean(kl),
+        "response_words": {r: mean([len(t.split()) for t in texts[r]]) for r in texts},
+    }
+    plain = [prompt_text(p) for p in prompts]
+    if cfg.reward_model:
+        from reward import RewardScorer  # wiring: scoring lives in the reward package
+
+        scorer = RewardScorer.from_pretrained(cfg.reward_model)
+        scores = {r: scorer.score(prompts, texts[r]) for r in texts}
+        result["reward_model"] = win_rate(scores["policy"], scores["baseline"])
+        result["reward_model"].update(policy_mean=mean(scores["policy"]), baseline_mean=mean(scores["baseline"]))
+    if cfg.rule:
+        rule = load_rule(cfg.rule)
+        scores = {r: [rule(p, t) for p, t in zip(plain, texts[r])] for r in texts}
+        result["rule"] = win_rate(scores["policy"], scores["baseline"])
+        result["rule"].update(name=cfg.rule, policy_mean=mean(scores["policy"]), baseline_mean=mean(scores["baseline"]))
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plot_results(result, out_dir, cfg.ppo_logs)
+    result["samples"] = [
+        {"prompt": plain[i], "policy": texts["policy"][i], "baseline": texts["baseline"][i]} for i in range(len(prompts))
+    ]
+    write_json(out_dir / "eval.json", result)
+    print_summary(result, cfg.show_samples)
+    return result
+
+
+def print_summary(result: dict, show: int) -> None:
+    for judge in ("reward_model", "rule"):
+        if judge in result:
+            r = result[judge]
+            print(f"win rate under {judge}: {r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+                  f"(n={r['n']}; mean policy {r['policy_mean']:.3f} vs baseline {r['baseline_mean']:.3f})", file=sys.stderr)
+    print(f"KL(policy || baseline) per response: {result['kl_policy_to_baseline']:.3f}", file=sys.stderr)
+    for s in result["samples"][:show]:
+        print(f"\nPROMPT: {s['prompt']}\n  policy:   {s['policy']}\n  baseline: {s['baseline']}", file=sys.stderr)

@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from rlhf.config import build_config
+from rlhf.errors import UserError
+from rlhf.export import ExportConfig, interpolate_lora, run_export
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 7], [11, 12, 13, 14, 15, 16]])
+
+
+def make_adapter(base_dir, folder, seed, rank=4, alpha=8, init_from=None):
+    """A LoRA adapter with random (non-zero) A and B, optionally starting from another adapter."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    if init_from:
+        model = PeftModel.from_pretrained(base, init_from, is_trainable=True)
+    else:
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+        model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def logits_of(base_dir, adapter=None):
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+@pytest.fixture
+def adapters(tiny_model_dir, tmp_path):
+    sft = make_adapter(tiny_model_dir, tmp_path / "sft", seed=1)
+    aligned = make_adapter(tiny_model_dir, tmp_path / "ppo", seed=2, init_from=sft)
+    (tmp_path / "sft" / "run_config.yaml").write_text(
+        yaml.safe_dump({"model_name_or_path": tiny_model_dir, "dataset_name": "sample:sft", "method": "lora", "lora_r": 4})
+    )
+    (tmp_path / "sft" / "metrics.json").write_text(json.dumps({"eval_loss": 1.25}))
+    (tmp_path / "ppo" / "run_config.yaml").write_text(
+        yaml.safe_dump({"model_name_or_path": tiny_model_dir, "sft_adapter": sft, "reward_model": "", "kl_coef": 0.05,
+                        "dataset_name": "sample:prompts"})
+    )
+    (tmp_path / "ppo" / "metrics.json").write_text(json.dumps({"final_reward_mean": 0.5, "final_kl": 0.1}))
+    return sft, aligned
+
+
+def export(tmp_path, name, **kw):
+    cfg = build_config(ExportConfig, {"out": str(tmp_path / name), **kw})
+    return run_export(cfg)
+
+
+def test_adapter_export_reloads_with_plain_peft(adapters, tiny_model_dir, tmp_path):
+    _, aligned = adapters
+    out = export(tmp_path, "a", adapter=aligned, mode="adapter")
+    assert torch.allclose(logits_of(tiny_model_dir, str(out)), logits_of(tiny_model_dir, aligned), atol=1e-6)
+    card = (out / "README.md").read_text()
+    assert tiny_model_dir in card and "sample:sft" in card and "sample:prompts" in card
+    assert "eval_loss: 1.25" in card and "final_kl: 0.1" in card and "mode: `adapter`" in card
+
+
+def test_merged_export_matches_base_plus_adapter(adapters, tiny_model_dir, tmp_path):
+    _, aligned = adapters
+    out = export(tmp_path, "m", mode="merged", adapter=aligned)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "generation_config.json").is_file()
+    diff = (logits_of(str(out)) - logits_of(tiny_model_dir, aligned)).abs().max()
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["adapter", "merged"])
+def test_interpolation_endpoints(adapters, tiny_model_dir, tmp_path, fmt):
+    sft, aligned = adapters
+    for alpha, expected in [(0.0, logits_of(tiny_model_dir, sft)), (1.0, logits_of(tiny_model_dir, aligned))]:
+        out = export(tmp_path, f"i{alpha}{fmt}", adapter=aligned, mode="interpolate", alpha=alpha, interpolate_format=fmt)
+        got = logits_of(tiny_model_dir, str(out)) if fmt == "adapter" else logits_of(str(out))
+        assert (got - expected).abs().max() <= 1e-4, (alpha, fmt)
+        assert json.loads((out / "export.json").read_text())["format"] == fmt
+
+
+def test_interpolated_adapter_equals_merged_interpolation(adapters, tiny_model_dir, tmp_path):
+    _, aligned = adapters
+    as_adapter = export(tmp_path, "ia", adapter=aligned, mode="interpolate", alpha=0.3)
+    as_merged = export(tmp_path, "im", adapter=aligned, mode="interpolate", alpha=0.3, interpolate_format="merged")
+    assert json.loads((as_adapter / "export.json").read_text())["format"] == "adapter"
+    assert (logits_of(tiny_model_dir, str(as_adapter)) - logits_of(str(as_merged))).abs().max() <= 1e-4
+
+
+def test_interpolate_lora_hand_computed():
+    # DeltaW_1 = s1 * B1 @ A1 with r=1, alpha=2 -> s1 = 2; DeltaW_2 = s2 * B2 @ A2 with r=1, alpha=1 -> s2 = 1
+    a1, b1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [2.0]])
+    a2, b2 = torch.tensor([[0.0, 1.0]]), torch.tensor([[3.0], [1.0]])
+    k = "m.lora_A.weight", "m.lora_B.weight"
+    state, rank = interpolate_lora([
+        (0.25, {k[0]: a1, k[1]: b1}, {"lora_alpha": 2}),
+        (0.75, {k[0]: a2, k[1]: b2}, {"lora_alpha": 1}),
+    ])
+    # 0.25 * 2 * [[1,0],[2,0]] + 0.75 * 1 * [[0,3],[0,1]] = [[0.5, 2.25], [1.0, 0.75]]
+    assert rank == 2
+    assert torch.allclose(state[k[1]] @ state[k[0]], torch.tensor([[0.5, 2.25], [1.0, 0.75]]))
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="adapter_config.json"):
+        export(tmp_path, "x", adapter=str(tmp_path))
+    assert not (tmp_path / "x").exists()
+    from rlhf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="alpha"):
+        build_config(ExportConfig, {"adapter": "a", "alpha": 1.5})
