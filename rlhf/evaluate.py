@@ -22,7 +22,7 @@ from rlhf.data import load_prompts, prompt_text
 from rlhf.errors import UserError
 from rlhf.generate import SamplingConfig
 from rlhf.generation import SamplingSettings, decode_responses, response_logprobs, response_mask, sample_batch
-from rlhf.models import load_model, load_tokenizer, pick_device, tokenizer_source
+from rlhf.models import adapter_base, load_model, load_tokenizer, pick_device, tokenizer_source
 from rlhf.outputs import write_json
 
 
@@ -85,9 +85,8 @@ def policy_source(folder: str, base_override: str | None) -> tuple[str, str | No
         if not base_override:
             raise UserError("baseline 'base' needs model_name_or_path")
         return base_override, None
-    if (path / "adapter_config.json").is_file():
-        recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        return base_override or recorded, str(path)
+    if (path / "adapter_config.json").is_file() or (path / "reft_config.json").is_file():
+        return base_override or adapter_base(folder), str(path)
     if (path / "config.json").is_file():
         return str(path), None
     raise UserError(f"{folder} is neither an adapter folder nor a model folder")

@@ -154,9 +154,18 @@ def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, device:
 
 def check_adapter(adapter: str) -> Path:
     path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
+    if not (path / "adapter_config.json").is_file() and not (path / "reft_config.json").is_file():
         raise UserError(f"adapter folder {adapter} has no adapter_config.json")
     return path
+
+
+def adapter_base(adapter: str) -> str | None:
+    """The base model an adapter folder (PEFT or LoReFT) records."""
+    for name in ("adapter_config.json", "reft_config.json"):
+        path = Path(adapter) / name
+        if path.is_file():
+            return json.loads(path.read_text()).get("base_model_name_or_path")
+    return None
 
 
 def load_model(
@@ -168,7 +177,11 @@ def load_model(
 ):
     """Base model (+ optional PEFT adapter) in eval mode; ``merge`` folds a LoRA adapter into the weights."""
     model = load_base_model(name_or_path, dtype=dtype, device=device)
-    if adapter:
+    if adapter and (check_adapter(adapter) / "reft_config.json").is_file():
+        from rlhf.reft import load_reft
+
+        model = load_reft(model, adapter)
+    elif adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(check_adapter(adapter)))

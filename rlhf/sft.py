@@ -15,9 +15,9 @@ from rlhf.errors import ConfigError
 from rlhf.hf_trainer import Stopwatch, trainer_kwargs
 from rlhf.models import count_parameters, load_base_model, load_tokenizer, pick_device, pick_dtype
 from rlhf.outputs import staged_output, write_json
+from rlhf.reft import attach_reft, save_reft
 from rlhf.tracking import LoggerCallback, MetricsLogger
 
-METHODS = ("lora", "full", "freeze", "prompt_tuning", "prefix_tuning")
 
 
 @dataclasses.dataclass
@@ -30,7 +30,7 @@ class SFTStageConfig(TrainingConfig):
     eval_fraction: float = field(0.1, "fraction of the training data held out for eval loss (0 disables)")
     eval_steps: int = field(10, "evaluate every N optimizer steps")
     early_stopping_patience: int = field(0, "stop after N evaluations without eval-loss improvement (0 = off)")
-    method: Literal["lora", "full", "freeze", "prompt_tuning", "prefix_tuning"] = field(
+    method: Literal["lora", "full", "freeze", "prompt_tuning", "prefix_tuning", "loreft"] = field(
         "lora", "what is trained"
     )
     lora_r: int = field(16, "LoRA rank")
@@ -39,6 +39,8 @@ class SFTStageConfig(TrainingConfig):
     lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (comma-separated names or all-linear)")
     freeze_trainable_layers: int = field(2, "method=freeze: number of top transformer blocks trained (plus head)")
     num_virtual_tokens: int = field(20, "prompt_tuning/prefix_tuning: number of virtual tokens")
+    reft_rank: int = field(4, "loreft: rank r of each intervention")
+    reft_layers: list[int] = field([], "loreft: blocks whose outputs are edited (negative = from the top; empty = all)")
     completion_only_loss: bool = field(True, "compute the loss only on the assistant completion")
     max_length: int = field(512, "truncate examples to this many tokens")
     max_train_samples: Optional[int] = field(None, "use at most this many training examples")
@@ -50,6 +52,7 @@ class SFTStageConfig(TrainingConfig):
         require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
         require(self.freeze_trainable_layers >= 1, "config key 'freeze_trainable_layers' must be >= 1")
         require(self.num_virtual_tokens >= 1, "config key 'num_virtual_tokens' must be >= 1")
+        require(self.reft_rank >= 1, "config key 'reft_rank' must be >= 1")
         require(0 <= self.eval_fraction < 1, "config key 'eval_fraction' must be in [0, 1)")
         require(self.eval_steps >= 1, "config key 'eval_steps' must be >= 1")
         require(self.max_length >= 16, "config key 'max_length' must be >= 16")
@@ -108,7 +111,7 @@ def peft_config_for(cfg: SFTStageConfig):
 
 def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | None = None):
     """SFTTrainer for ``cfg`` writing into ``work_dir`` (data loaded and validated first)."""
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     dataset = load_sft_dataset(cfg.dataset_name)
@@ -118,10 +121,16 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
         train = train.select(range(min(cfg.max_train_samples, len(train))))
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
+    set_seed(cfg.seed)  # adapter / intervention initialisation is part of the run
     device = pick_device()
     model = load_base_model(cfg.model_name_or_path, dtype=pick_dtype(cfg.precision, device), device=device)
     if cfg.method == "freeze":
         freeze_lower_layers(model, cfg.freeze_trainable_layers)
+    if cfg.method == "loreft":
+        n_blocks = len(decoder_layers(model)[1])
+        if any(not -n_blocks <= i < n_blocks for i in cfg.reft_layers):
+            raise ConfigError(f"config key 'reft_layers' must index the model's {n_blocks} blocks")
+        attach_reft(model, cfg.reft_layers or list(range(n_blocks)), cfg.reft_rank)
 
     kwargs = trainer_kwargs(cfg, str(work_dir / "trainer"), evaluation is not None, cfg.eval_steps)
     callbacks = [LoggerCallback(logger)] if logger else []
@@ -183,7 +192,10 @@ def run_sft(cfg: SFTStageConfig) -> dict:
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
             metrics["eval_examples"] = len(trainer.eval_dataset)
         logger.close()
-        trainer.save_model(str(work))
+        if cfg.method == "loreft":
+            save_reft(trainer.model, work)
+        else:
+            trainer.save_model(str(work))
         trainer.processing_class.save_pretrained(str(work))
         shutil.rmtree(work / "trainer", ignore_errors=True)
         metrics["wall_time_s"] = watch.seconds

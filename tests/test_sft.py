@@ -42,7 +42,7 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "freeze", "prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["lora", "full", "freeze", "prompt_tuning", "prefix_tuning", "loreft"])
 def test_trainable_parameters_change_frozen_do_not(method, tiny_model_dir, sft_data, tmp_path):
     cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, method=method)
     trainer = build_trainer(cfg, tmp_path / "work")
@@ -63,6 +63,8 @@ def test_trainable_parameters_change_frozen_do_not(method, tiny_model_dir, sft_d
     elif method == "freeze":
         assert any(".layers.1." in n for n in trainable) and not any(".layers.0." in n for n in trainable)
         assert any("lm_head" in n for n in trainable) and any("embed_tokens" in n for n in frozen)
+    elif method == "loreft":
+        assert all(n.startswith("reft_interventions.") for n in trainable)
     else:  # adapters: every base weight is frozen
         assert all(("lora_" in n or "prompt_encoder" in n) for n in trainable)
 
@@ -136,3 +138,28 @@ def test_bad_dataset_leaves_nothing(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match="messages"):
         run_sft(cfg)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.incomplete").exists()
+
+
+def test_loreft_starts_as_identity_and_reloads(tiny_model_dir, sft_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import load_model
+    from rlhf.reft import save_reft
+
+    ids = torch.randint(0, 500, (2, 10))
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, method="loreft", reft_layers=[0, -1], reft_rank=2)
+    trainer = build_trainer(cfg, tmp_path / "work")
+    with torch.no_grad():  # W = R, b = 0 at initialisation: the edit is zero
+        assert (trainer.model(input_ids=ids).logits - base_logits).abs().max() < 1e-5
+    trainer.train()
+    with torch.no_grad():
+        trained = trainer.model.eval()(input_ids=ids).logits
+    assert (trained - base_logits).abs().max() > 1e-4
+    save_reft(trainer.model, tmp_path / "saved")
+    reloaded = load_model(tiny_model_dir, adapter=str(tmp_path / "saved"))
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - trained).abs().max() < 1e-5
+    metrics = run_sft(cfg)
+    assert metrics["method"] == "loreft" and (tmp_path / "out" / "reft_config.json").is_file()
