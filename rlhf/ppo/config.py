@@ -1,0 +1,165 @@
+"""Options of ``rlhf ppo``: :class:`PPOStageConfig`.
+
+Batch arithmetic (checked in ``__post_init__``)::
+
+    rollout_batch_size = num_mini_batches * mini_batch_size
+    mini_batch_size    = gradient_accumulation_steps * per_device_train_batch_size
+
+One PPO step = one rollout of ``rollout_batch_size`` prompts, then
+``ppo_epochs`` passes over it in ``num_mini_batches`` optimizer steps each.
+``max_steps`` counts PPO steps (rollouts), so ``warmup_steps`` and the
+learning-rate schedule do too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from rlhf.config import Literal, Optional, TrainingConfig, field, require
+from rlhf.errors import ConfigError
+
+
+@dataclasses.dataclass
+class PPOStageConfig(TrainingConfig):
+    """Options of ``rlhf ppo`` (PPO with LoRA adapters against a reward model)."""
+
+    # inputs / outputs
+    dataset_name: str = field("sample:prompts", "prompts (`prompt` column: string or message list)")
+    output_dir: str = field("outputs/ppo", "folder for the aligned adapter, checkpoints/, logs/, metrics.json")
+    sft_adapter: Optional[str] = field(
+        None, "SFT LoRA adapter folder: becomes the frozen reference and the starting point of the policy"
+    )
+    reward_model: Optional[str] = field(None, "reward-model folder written by `rlhf reward`")
+    max_prompts: Optional[int] = field(None, "use at most this many prompts")
+    max_prompt_length: int = field(256, "prompts longer than this many tokens are truncated from the left")
+    overwrite_output_dir: bool = field(False, "start afresh even if output_dir already holds checkpoints")
+
+    # batch layout
+    rollout_batch_size: int = field(8, "prompts (= rollouts) per PPO step")
+    num_mini_batches: int = field(1, "optimizer steps per PPO epoch; rollout_batch_size must divide by it")
+    ppo_epochs: int = field(2, "passes over each rollout batch")
+    per_device_train_batch_size: Optional[int] = field(
+        None, "micro-batch for forward/backward; null = mini-batch / gradient_accumulation_steps"
+    )
+    per_device_eval_batch_size: int = field(8, "batch of the no-grad passes (generation, log-probs, values, rewards)")
+
+    # optimisation (learning_rate etc. come from TrainingConfig)
+    learning_rate: float = field(5e-5, "peak learning rate of the policy and value adapters")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
+        "linear", "learning-rate schedule over PPO steps"
+    )
+    cliprange: float = field(0.2, "PPO ratio clip epsilon")
+    cliprange_value: float = field(0.2, "value clip epsilon (around the rollout-time values)")
+    vf_coef: float = field(0.1, "weight of the value loss")
+    entropy_coef: float = field(0.0, "weight of an entropy bonus (0 = off)")
+    gamma: float = field(1.0, "discount factor")
+    lam: float = field(0.95, "GAE lambda")
+    whiten_advantages: bool = field(True, "normalise advantages over the batch (masked)")
+
+    # KL penalty
+    kl_coef: float = field(0.05, "per-token KL penalty coefficient (initial value if adaptive)")
+    kl_estimator: Literal["k1", "k2", "k3"] = field("k1", "KL estimator in the per-token penalty (k1 and k3 are logged)")
+    kl_controller: Literal["fixed", "adaptive"] = field("fixed", "fixed kl_coef or adaptive towards target_kl")
+    target_kl: float = field(6.0, "adaptive controller: target sequence KL (nats)")
+    kl_horizon: float = field(10000.0, "adaptive controller: horizon in rollouts")
+
+    # reward
+    reward_normalization: Literal["auto", "rm_stats", "batch", "none"] = field(
+        "auto", "rm_stats: (score - mean) / std with the RM's saved stats; batch: whiten per rollout; auto: rm_stats if available"
+    )
+    reward_clip: Optional[float] = field(10.0, "clip normalised scores to [-reward_clip, reward_clip] (null = off)")
+    missing_eos_penalty: Optional[float] = field(-1.0, "added to the score of responses without EOS (null = off)")
+
+    # sampling
+    temperature: float = field(0.7, "sampling temperature; log-probs are recomputed with the same temperature")
+    top_p: float = field(1.0, "nucleus sampling threshold (1 keeps the sampling distribution exact)")
+    max_new_tokens: int = field(48, "maximum new tokens per response")
+
+    # adapters and value model
+    lora_r: int = field(16, "LoRA rank of the policy and value adapters (ignored for the policy with sft_adapter)")
+    lora_alpha: int = field(32, "LoRA alpha")
+    lora_dropout: float = field(0.0, "LoRA dropout (0 keeps log-prob ratios exact)")
+    lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (names or all-linear)")
+    value_model: Literal["separate", "shared"] = field(
+        "separate", "separate: own 'value' LoRA adapter + head; shared: head on the policy's last hidden state"
+    )
+    value_head_init: Literal["reward", "zero"] = field(
+        "reward", "reward: copy the reward model's score head (and LoRA when it shares the base); zero: zeros"
+    )
+
+    # logging, checkpoints, guards
+    sample_every: int = field(5, "print and log a few sample responses every N steps (0 = never)")
+    num_samples: int = field(2, "responses shown each time samples are logged")
+    save_steps: int = field(10, "write a checkpoint every N PPO steps (0 = only at the end)")
+    save_total_limit: Optional[int] = field(3, "keep at most this many checkpoints (null = all)")
+    resume_from_checkpoint: Optional[str] = field(None, "checkpoint folder, or `latest` in output_dir/checkpoints")
+    max_ratio: float = field(100.0, "stop when a probability ratio exceeds this (exploding update; 0 = off)")
+    progress: bool = field(True, "show a progress bar")
+
+    def __post_init__(self):
+        require(self.gradient_accumulation_steps >= 1, "config key 'gradient_accumulation_steps' must be >= 1")
+        require(self.rollout_batch_size >= 1, "config key 'rollout_batch_size' must be >= 1")
+        require(self.num_mini_batches >= 1, "config key 'num_mini_batches' must be >= 1")
+        if self.rollout_batch_size % self.num_mini_batches:
+            raise ConfigError(
+                f"config key 'rollout_batch_size' ({self.rollout_batch_size}) must be divisible by "
+                f"'num_mini_batches' ({self.num_mini_batches})"
+            )
+        mini = self.mini_batch_size
+        if self.per_device_train_batch_size is None:
+            if mini % self.gradient_accumulation_steps:
+                raise ConfigError(
+                    f"config key 'gradient_accumulation_steps' ({self.gradient_accumulation_steps}) must divide "
+                    f"the mini-batch (rollout_batch_size / num_mini_batches = {mini})"
+                )
+            self.per_device_train_batch_size = mini // self.gradient_accumulation_steps
+        elif self.per_device_train_batch_size * self.gradient_accumulation_steps != mini:
+            raise ConfigError(
+                f"config key 'per_device_train_batch_size' ({self.per_device_train_batch_size}) x "
+                f"'gradient_accumulation_steps' ({self.gradient_accumulation_steps}) must equal the mini-batch "
+                f"rollout_batch_size / num_mini_batches = {mini}; or set per_device_train_batch_size: null"
+            )
+        super().__post_init__()
+        require(self.ppo_epochs >= 1, "config key 'ppo_epochs' must be >= 1")
+        require(self.cliprange > 0, "config key 'cliprange' must be > 0")
+        require(self.cliprange_value > 0, "config key 'cliprange_value' must be > 0")
+        require(self.vf_coef >= 0, "config key 'vf_coef' must be >= 0")
+        require(self.entropy_coef >= 0, "config key 'entropy_coef' must be >= 0")
+        require(0 < self.gamma <= 1, "config key 'gamma' must be in (0, 1]")
+        require(0 <= self.lam <= 1, "config key 'lam' must be in [0, 1]")
+        require(self.kl_coef >= 0, "config key 'kl_coef' must be >= 0")
+        if self.kl_controller == "adaptive":
+            require(self.target_kl > 0, "config key 'target_kl' must be > 0 with kl_controller: adaptive")
+            require(self.kl_horizon > 0, "config key 'kl_horizon' must be > 0")
+            require(self.kl_coef > 0, "config key 'kl_coef' must be > 0 with kl_controller: adaptive")
+        require(self.reward_clip is None or self.reward_clip > 0, "config key 'reward_clip' must be > 0 or null")
+        require(
+            self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
+            "config key 'missing_eos_penalty' must be a finite number or null",
+        )
+        require(self.temperature > 0, "config key 'temperature' must be > 0")
+        require(0 < self.top_p <= 1, "config key 'top_p' must be in (0, 1]")
+        require(self.max_new_tokens >= 1, "config key 'max_new_tokens' must be >= 1")
+        require(self.max_prompt_length >= 1, "config key 'max_prompt_length' must be >= 1")
+        require(self.max_prompts is None or self.max_prompts >= 1, "config key 'max_prompts' must be >= 1")
+        require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
+        require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
+        require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
+        require(self.sample_every >= 0, "config key 'sample_every' must be >= 0")
+        require(self.num_samples >= 1, "config key 'num_samples' must be >= 1")
+        require(self.save_steps >= 0, "config key 'save_steps' must be >= 0")
+        require(
+            self.save_total_limit is None or self.save_total_limit >= 1, "config key 'save_total_limit' must be >= 1"
+        )
+        require(self.max_ratio == 0 or self.max_ratio > 1, "config key 'max_ratio' must be > 1 (or 0 = off)")
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.rollout_batch_size // self.num_mini_batches
+
+    def total_steps(self, n_prompts: int) -> int:
+        """PPO steps of the run: ``max_steps``, else enough rollouts for ``num_train_epochs`` passes."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.num_train_epochs * n_prompts / self.rollout_batch_size))

@@ -1,0 +1,251 @@
+"""Policy, reference and value on ONE base model: named adapters on a ``PeftModel``.
+
+Adapters on the shared ``PeftModel`` (the base weights exist once):
+
+* ``policy``    trainable LoRA. With an SFT adapter it starts as an exact copy
+                of the SFT LoRA (same config), so the exported policy adapter
+                alone applies to the original base model.
+* ``reference`` the SFT LoRA, frozen. Without an SFT adapter the reference is
+                the base model with all adapters disabled.
+* ``value``     trainable LoRA (``value_model: separate``) read out by a scalar
+                head: V(s_t) = w . h_L(s_t) + b, h_L the final hidden state.
+                With ``value_model: shared`` there is no value adapter and the
+                head reads the policy's hidden state (one pass, coupled losses).
+* ``reward``    (optional) attached by a reward scorer that shares the base.
+
+Index convention for a sequence [prompt (P, left-padded) | response (R)]:
+the log-prob and value of response token t come from position P - 1 + t.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.errors import UserError
+from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
+
+POLICY, REFERENCE, VALUE = "policy", "reference", "value"
+Tensor = torch.Tensor
+
+
+# helper functions
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions as ``generate`` assigns them to a left-padded batch: cumsum(mask) - 1, 0 on pads. (B, L)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str]):
+    from peft import LoraConfig, TaskType
+
+    targets = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO ratios must compare the same function: no dropout anywhere."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+class ActorCritic:
+    """The shared ``PeftModel`` + value head, with forward helpers per role."""
+
+    def __init__(self, peft_model, has_reference_adapter: bool, value_model: str = "separate"):
+        self.peft = peft_model
+        self.base = peft_model.get_base_model()
+        self.decoder = self.base.get_decoder()
+        self.lm_head = self.base.get_output_embeddings()
+        self.has_reference_adapter = has_reference_adapter
+        self.value_model = value_model
+        hidden = self.base.config.get_text_config().hidden_size
+        device = self.lm_head.weight.device
+        self.value_head = nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self._refresh_trainable()
+
+    # adapters
+
+    def _refresh_trainable(self) -> None:
+        roles = [POLICY] + ([VALUE] if self.value_model == "separate" else [])
+        self.named_trainable = [
+            (n, p) for n, p in self.peft.named_parameters() if any(f".{role}." in n for role in roles)
+        ] + [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+        self._trainable_ids = {id(p) for _, p in self.named_trainable}
+        self.restore_grad_flags()
+
+    def restore_grad_flags(self) -> None:
+        """Only the policy/value adapters and the value head require grad (PEFT's set_adapter flips flags)."""
+        for p in self.peft.parameters():
+            p.requires_grad_(id(p) in self._trainable_ids)
+        self.value_head.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable]
+
+    @contextmanager
+    def use(self, role: str | None):
+        """Run the body with adapter ``role`` active; None = all adapters disabled (the bare base)."""
+        if role is None:
+            with self.peft.disable_adapter():
+                yield
+            self.restore_grad_flags()
+            return
+        if self.peft.active_adapter != role:
+            self.peft.set_adapter(role, inference_mode=True)
+            self.restore_grad_flags()
+        yield
+
+    def add_value_adapter(self, config=None, init_from: str | None = None) -> None:
+        """Add the ``value`` LoRA (a copy of adapter ``init_from``'s weights and config when given)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        if init_from is not None:
+            config = copy.deepcopy(self.peft.peft_config[init_from])
+            config.inference_mode = False
+        self.peft.add_adapter(VALUE, config)
+        if init_from is not None:
+            state = get_peft_model_state_dict(self.peft, adapter_name=init_from)
+            set_peft_model_state_dict(self.peft, state, adapter_name=VALUE)
+        self._refresh_trainable()
+
+    def init_value_head(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        with torch.no_grad():
+            self.value_head.weight.copy_(weight.reshape(1, -1).float())
+            self.value_head.bias.copy_(bias.reshape(1).float() if bias is not None else torch.zeros(1))
+
+    # forward helpers
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Final hidden states (B, L, H) under the active adapter."""
+        out = self.decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+        )
+        return out.last_hidden_state
+
+    def _response_hidden(self, input_ids, attention_mask, prompt_length: int) -> Tensor:
+        h = self.hidden_states(input_ids, attention_mask)           # (B, P + R, H)
+        return h[:, prompt_length - 1 : -1]                           # (B, R, H)
+
+    def _logprobs(self, h: Tensor, response_ids: Tensor, temperature: float, with_entropy: bool):
+        logits = self.lm_head(h).float() / temperature               # (B, R, V)
+        logp = logprobs_from_logits(logits, response_ids)             # (B, R)
+        entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+        return logp, entropy
+
+    def _values(self, h: Tensor) -> Tensor:
+        return self.value_head(h.float()).squeeze(-1)                 # (B, R)
+
+    def policy_forward(self, input_ids, attention_mask, response_ids, temperature: float,
+                       with_entropy: bool = False) -> dict:
+        """Policy log-probs (B, R) of ``response_ids``; ``values`` too when the value head is shared."""
+        P = input_ids.shape[1] - response_ids.shape[1]
+        with self.use(POLICY):
+            h = self._response_hidden(input_ids, attention_mask, P)
+            logp, entropy = self._logprobs(h, response_ids, temperature, with_entropy)
+            out = {"logprobs": logp, "entropy": entropy}
+            if self.value_model == "shared":
+                out["values"] = self._values(h)
+        return out
+
+    def value_forward(self, input_ids, attention_mask, prompt_length: int) -> Tensor:
+        """Values (B, R) from the value adapter (separate value model only)."""
+        with self.use(VALUE):
+            return self._values(self._response_hidden(input_ids, attention_mask, prompt_length))
+
+    def forward(self, input_ids, attention_mask, response_ids, temperature: float, with_entropy: bool = False) -> dict:
+        """``logprobs``, ``values`` (and ``entropy``) of the current policy and value model."""
+        out = self.policy_forward(input_ids, attention_mask, response_ids, temperature, with_entropy)
+        if self.value_model == "separate":
+            out["values"] = self.value_forward(input_ids, attention_mask, input_ids.shape[1] - response_ids.shape[1])
+        return out
+
+    @torch.no_grad()
+    def reference_logprobs(self, input_ids, attention_mask, response_ids, temperature: float) -> Tensor:
+        P = input_ids.shape[1] - response_ids.shape[1]
+        with self.use(REFERENCE if self.has_reference_adapter else None):
+            h = self._response_hidden(input_ids, attention_mask, P)
+            return self._logprobs(h, response_ids, temperature, False)[0]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, generate_kwargs: dict, pad_token_id: int,
+                 eos_token_id) -> Tensor:
+        """Sample responses (B, R) from the policy with the KV cache."""
+        with self.use(POLICY):
+            out = self.peft.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, **generate_kwargs,
+                pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+            )
+        return out[:, prompt_ids.shape[1]:]
+
+    # saving
+
+    def save_policy(self, out_dir: str | os.PathLike, base_name_or_path: str | None = None) -> None:
+        """The policy adapter in PEFT format at the top level of ``out_dir`` (files replaced atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".policy.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        config = self.peft.peft_config[POLICY]
+        saved = (config.base_model_name_or_path, config.inference_mode)
+        if base_name_or_path:
+            config.base_model_name_or_path = base_name_or_path
+        try:
+            self.peft.save_pretrained(str(tmp), selected_adapters=[POLICY])
+        finally:
+            config.base_model_name_or_path, config.inference_mode = saved
+        for f in (tmp / POLICY).iterdir():
+            os.replace(f, out / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_actor_critic(base_model, *, sft_adapter: str | None, lora, value_model: str = "separate",
+                       base_name_or_path: str | None = None) -> ActorCritic:
+    """Wrap ``base_model`` (modified in place, never copied) into an :class:`ActorCritic`.
+
+    ``lora`` is the LoraConfig of a fresh policy adapter (without ``sft_adapter``)
+    and of the value adapter; the value adapter is added here as a fresh LoRA.
+    """
+    from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    disable_dropout(base_model)
+    if sft_adapter:
+        path = Path(sft_adapter)
+        if not (path / "adapter_config.json").is_file():
+            raise UserError(f"sft_adapter folder {sft_adapter} has no adapter_config.json")
+        peft = PeftModel.from_pretrained(base_model, str(path), adapter_name=REFERENCE, is_trainable=False)
+        ref_config = peft.peft_config[REFERENCE]
+        if ref_config.peft_type.value != "LORA":
+            raise UserError(
+                f"sft_adapter {sft_adapter} is a {ref_config.peft_type.value} adapter; PPO needs a LoRA adapter "
+                "(for a full or merged SFT model pass it as model_name_or_path)"
+            )
+        config = copy.deepcopy(ref_config)
+        config.inference_mode = False
+        config.lora_dropout = 0.0
+        peft.add_adapter(POLICY, config)
+        state = get_peft_model_state_dict(peft, adapter_name=REFERENCE)
+        set_peft_model_state_dict(peft, state, adapter_name=POLICY)
+    else:
+        peft = get_peft_model(base_model, copy.deepcopy(lora), adapter_name=POLICY)
+    if base_name_or_path:
+        peft.peft_config[POLICY].base_model_name_or_path = base_name_or_path
+    peft.set_adapter(POLICY, inference_mode=True)
+    peft.eval()
+    actor = ActorCritic(peft, has_reference_adapter=bool(sft_adapter), value_model=value_model)
+    return actor

@@ -1,0 +1,233 @@
+"""Rollouts: sample responses, score them, and turn scores into PPO targets.
+
+One PPO step's data flow (B rollouts, P prompt tokens, R response tokens)::
+
+    prompts --generate(policy, KV cache)--> response_ids (B, R)
+            --eos_truncation_mask--> response_mask (B, R), has_eos (B,)
+            --policy / value / reference passes (no grad)--> logprobs, values, ref_logprobs (B, R)
+            --scorer--> raw scores (B,) --process_scores--> scores (B,)
+            --shape_rewards (per-token KL penalty)--> rewards (B, R)
+            --compute_gae (+ whitening)--> advantages, returns (B, R)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf.generation import decode_responses, encode_prompts
+from rlhf.ppo.losses import (
+    compute_gae,
+    eos_truncation_mask,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    penalize_missing_eos,
+    shape_rewards,
+)
+from rlhf.ppo.scorers import ScoreInput
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Rollout:
+    """Everything one PPO step trains on; tensors are (B, ...) on the model's device."""
+
+    prompts: list[Any]
+    responses: list[str]
+    input_ids: Tensor        # (B, P + R) left-padded prompt + response (pads after EOS)
+    attention_mask: Tensor   # (B, P + R)
+    response_ids: Tensor     # (B, R)
+    response_mask: Tensor    # (B, R) float, 1 up to and including the first EOS
+    has_eos: Tensor          # (B,) bool
+    logprobs: Tensor         # (B, R) policy log-probs at sampling time (temperature applied)
+    ref_logprobs: Tensor     # (B, R)
+    values: Tensor           # (B, R)
+    entropy: Tensor          # (B, R)
+    raw_scores: Tensor       # (B,) scorer output
+    scores: Tensor | None = None      # (B,) after normalisation, clipping, EOS penalty
+    rewards: Tensor | None = None     # (B, R) shaped per-token rewards
+    kl: Tensor | None = None          # (B, R) per-token KL in the penalty
+    advantages: Tensor | None = None  # (B, R)
+    returns: Tensor | None = None     # (B, R)
+
+    @property
+    def size(self) -> int:
+        return self.response_ids.shape[0]
+
+    def select(self, idx: Tensor) -> dict[str, Tensor]:
+        """The training tensors of rows ``idx``."""
+        keys = ("input_ids", "attention_mask", "response_ids", "response_mask", "logprobs", "values",
+                "advantages", "returns")
+        return {k: getattr(self, k)[idx] for k in keys}
+
+
+# helper functions
+
+
+def _pad_to(t: Tensor, width: int, value: int, left: bool) -> Tensor:
+    extra = width - t.shape[1]
+    if extra <= 0:
+        return t
+    pad = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+class PromptStream:
+    """Endless prompt batches: a seeded permutation per epoch; the position is resumable state."""
+
+    def __init__(self, n_prompts: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n_prompts, batch_size, seed
+        self.epoch, self.offset = 0, 0
+
+    def _order(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def next_indices(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            order = self._order()
+            take = order[self.offset : self.offset + self.batch_size - len(out)]
+            out += take
+            self.offset += len(take)
+            if self.offset >= self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def process_scores(raw: Tensor, has_eos: Tensor, *, normalization: str, stats: dict | None,
+                   clip: float | None, missing_eos_penalty: float | None) -> Tensor:
+    """Scores entering the reward, in this order (B,) -> (B,):
+
+    rm_stats: s = (raw - stats.mean) / stats.std;  batch: s = (raw - mean_B) / (std_B + 1e-8);  none: s = raw
+    s = clip(s, -clip, clip)                     (if clip)
+    s = s + missing_eos_penalty * (no EOS)       (if missing_eos_penalty)
+    """
+    s = raw.float()
+    if normalization == "rm_stats":
+        s = (s - float(stats["mean"])) / max(float(stats["std"]), 1e-8)
+    elif normalization == "batch" and s.numel() > 1:
+        s = (s - s.mean()) / (s.std() + 1e-8)
+    if clip is not None:
+        s = s.clamp(-clip, clip)
+    if missing_eos_penalty is not None:
+        s = penalize_missing_eos(s, has_eos.to(s.device), missing_eos_penalty)
+    return s
+
+
+# rollout
+
+
+@torch.no_grad()
+def generate(actor, tokenizer, prompts: list, *, generate_kwargs: dict, max_prompt_length: int, chunk: int):
+    """Sample one response per prompt in chunks. Returns (prompt_ids (B, P), prompt_mask, response_ids (B, R))."""
+    device = actor.lm_head.weight.device
+    parts = []
+    for sl in _chunks(len(prompts), chunk):
+        enc = encode_prompts(tokenizer, prompts[sl], device)
+        ids, mask = enc["input_ids"][:, -max_prompt_length:], enc["attention_mask"][:, -max_prompt_length:]
+        resp = actor.generate(ids, mask, generate_kwargs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        parts.append((ids, mask, resp))
+    P = max(p[0].shape[1] for p in parts)
+    R = max(p[2].shape[1] for p in parts)
+    pad = tokenizer.pad_token_id
+    prompt_ids = torch.cat([_pad_to(p[0], P, pad, left=True) for p in parts])
+    prompt_mask = torch.cat([_pad_to(p[1], P, 0, left=True) for p in parts])
+    response_ids = torch.cat([_pad_to(p[2], R, pad, left=False) for p in parts])
+    return prompt_ids, prompt_mask, response_ids
+
+
+@torch.no_grad()
+def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: float, generate_kwargs: dict,
+                    max_prompt_length: int, chunk: int, timings: dict) -> Rollout:
+    """Generate, truncate after EOS, run the no-grad passes and score. Fills ``timings`` (seconds)."""
+    import time
+
+    t0 = time.perf_counter()
+    prompt_ids, prompt_mask, response_ids = generate(
+        actor, tokenizer, prompts, generate_kwargs=generate_kwargs, max_prompt_length=max_prompt_length, chunk=chunk
+    )
+    t1 = time.perf_counter()
+    eos = tokenizer.eos_token_id
+    mask, has_eos = eos_truncation_mask(response_ids, eos, tokenizer.pad_token_id)
+    width = int(mask.sum(dim=1).max().clamp(min=1))                  # drop all-pad columns
+    mask, response_ids = mask[:, :width], response_ids[:, :width]
+    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)         # (B, P + R)
+    attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+
+    logprobs, ref_logprobs, values, entropy = [], [], [], []
+    for sl in _chunks(len(prompts), chunk):
+        out = actor.forward(input_ids[sl], attention_mask[sl], response_ids[sl], temperature, with_entropy=True)
+        logprobs.append(out["logprobs"])
+        values.append(out["values"])
+        entropy.append(out["entropy"])
+        ref_logprobs.append(actor.reference_logprobs(input_ids[sl], attention_mask[sl], response_ids[sl], temperature))
+    t2 = time.perf_counter()
+    responses = decode_responses(tokenizer, response_ids)
+    batch = ScoreInput(prompts, responses, input_ids, attention_mask, response_ids, mask, prompt_ids.shape[1])
+    raw = scorer.score_batch(batch).float().reshape(-1).to(input_ids.device)
+    if raw.shape[0] != len(prompts):
+        raise ValueError(f"the scorer returned {raw.shape[0]} scores for {len(prompts)} responses")
+    t3 = time.perf_counter()
+    timings.update(generation_s=t1 - t0, forward_s=t2 - t1, scoring_s=t3 - t2)
+    return Rollout(
+        prompts=prompts, responses=responses, input_ids=input_ids, attention_mask=attention_mask,
+        response_ids=response_ids, response_mask=mask.float(), has_eos=has_eos,
+        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float(),
+        entropy=torch.cat(entropy), raw_scores=raw,
+    )
+
+
+def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_estimator: str, gamma: float,
+                    lam: float, whiten_advantages: bool) -> Rollout:
+    """Fill rewards, kl, advantages and returns of ``rollout`` (in place) and return it."""
+    m = rollout.response_mask
+    rollout.scores = scores
+    rollout.rewards, rollout.kl = shape_rewards(
+        scores, rollout.logprobs, rollout.ref_logprobs, m, kl_coef, kl_estimator
+    )
+    adv, ret = compute_gae(rollout.rewards, rollout.values, m, gamma, lam)
+    rollout.advantages = masked_whiten(adv, m) if whiten_advantages else adv
+    rollout.returns = ret
+    return rollout
+
+
+def rollout_stats(r: Rollout) -> dict[str, float]:
+    """Per-step statistics of a rollout with targets (plain floats)."""
+    m = r.response_mask
+    k1 = masked_sum(kl_k1(r.logprobs, r.ref_logprobs), m, dim=1)   # (B,) sequence KL
+    k3 = masked_sum(kl_k3(r.logprobs, r.ref_logprobs), m, dim=1)
+    shaped = masked_sum(r.rewards, m, dim=1)
+    lengths = m.sum(dim=1)
+    std = lambda x: float(x.std()) if x.numel() > 1 else 0.0  # noqa: E731
+    return {
+        "reward/mean": float(r.scores.mean()),
+        "reward/std": std(r.scores),
+        "score/raw_mean": float(r.raw_scores.mean()),
+        "score/raw_std": std(r.raw_scores),
+        "reward/shaped_total_mean": float(shaped.mean()),
+        "kl/k1": float(k1.mean()),
+        "kl/k3": float(k3.mean()),
+        "policy/entropy": float(masked_mean(r.entropy, m)),
+        "response/length_mean": float(lengths.mean()),
+        "response/missing_eos_frac": float((~r.has_eos).float().mean()),
+        "value/mean": float(masked_mean(r.values, m)),
+    }

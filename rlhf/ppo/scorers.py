@@ -1,0 +1,105 @@
+"""Reward scorers: what the PPO loop asks for a score of each rollout.
+
+The loop never imports a reward-model implementation. It calls
+``scorer.score_batch(batch) -> Tensor (B,)`` on a :class:`ScoreInput`, which
+holds both the texts and the token ids, so a scorer can work on whichever
+suits it:
+
+* :class:`TokenScorer` wraps a reward model attached to the policy's own
+  ``PeftModel`` (same base weights, same tokenizer): it scores the token ids
+  directly with ``rm.score_tokens(input_ids, attention_mask)``.
+* :class:`TextScorer` wraps a standalone reward model (another base or
+  tokenizer): it re-tokenises the texts with ``rm.score(prompts, responses)``.
+* :class:`TokenCountScorer` and :class:`FunctionScorer` are programmatic
+  rewards for tests, smoke runs and rule-based objectives.
+
+``stats`` is ``{"mean", "std"}`` of the reward model's scores on its training
+data when known (used by ``reward_normalization: rm_stats``), else None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ScoreInput:
+    """One rollout batch as a scorer sees it.
+
+    input_ids / attention_mask: (B, P + R) left-padded prompt followed by the
+    response; response positions after the first EOS hold the pad token and
+    have attention 0, so the last attended token of each row is its EOS (or
+    its last generated token when it has none).
+    """
+
+    prompts: list[Any]          # B prompts (message lists)
+    responses: list[str]        # B decoded responses (up to the first EOS)
+    input_ids: Tensor           # (B, P + R)
+    attention_mask: Tensor      # (B, P + R)
+    response_ids: Tensor        # (B, R)
+    response_mask: Tensor       # (B, R)
+    prompt_length: int          # P
+
+
+class Scorer:
+    """Base class: subclasses implement :meth:`score_batch`."""
+
+    stats: dict | None = None
+
+    def score_batch(self, batch: ScoreInput) -> Tensor:
+        """Scores (B,) float32 on CPU or the batch's device; no gradient."""
+        raise NotImplementedError
+
+
+class TokenScorer(Scorer):
+    """A reward model sharing the policy's base model and tokenizer (``rm.score_tokens``)."""
+
+    def __init__(self, rm):
+        self.rm = rm
+        self.stats = getattr(rm, "stats", None)
+
+    @torch.no_grad()
+    def score_batch(self, batch: ScoreInput) -> Tensor:
+        scores = self.rm.score_tokens(batch.input_ids, batch.attention_mask)
+        return torch.as_tensor(scores).detach().float().reshape(-1)
+
+
+class TextScorer(Scorer):
+    """A standalone reward model that tokenises texts itself (``rm.score(prompts, responses)``)."""
+
+    def __init__(self, rm):
+        self.rm = rm
+        self.stats = getattr(rm, "stats", None)
+
+    @torch.no_grad()
+    def score_batch(self, batch: ScoreInput) -> Tensor:
+        return torch.tensor(list(self.rm.score(batch.prompts, batch.responses)), dtype=torch.float32)
+
+
+class FunctionScorer(Scorer):
+    """``fn(prompts, responses) -> list[float]`` on texts (rule-based rewards)."""
+
+    def __init__(self, fn: Callable[[list, list[str]], Sequence[float]], stats: dict | None = None):
+        self.fn = fn
+        self.stats = stats
+
+    def score_batch(self, batch: ScoreInput) -> Tensor:
+        return torch.tensor([float(s) for s in self.fn(batch.prompts, batch.responses)], dtype=torch.float32)
+
+
+class TokenCountScorer(Scorer):
+    """score[b] = scale * #{t : m[b, t] = 1 and response_ids[b, t] in token_ids}."""
+
+    def __init__(self, token_ids: int | Sequence[int], scale: float = 1.0):
+        self.token_ids = torch.tensor([token_ids] if isinstance(token_ids, int) else list(token_ids))
+        self.scale = float(scale)
+
+    def score_batch(self, batch: ScoreInput) -> Tensor:
+        ids = batch.response_ids
+        hit = torch.isin(ids, self.token_ids.to(ids.device)) & batch.response_mask.bool()
+        return self.scale * hit.sum(dim=1).float().cpu()

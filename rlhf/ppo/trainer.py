@@ -1,0 +1,317 @@
+"""The PPO loop (:class:`PPOTrainer`) and the ``rlhf ppo`` stage (:func:`run_ppo`).
+
+One step: collect a rollout (rollout.py), shape rewards and compute GAE
+targets, then ``ppo_epochs`` x ``num_mini_batches`` clipped policy/value
+updates with gradient accumulation, log, and checkpoint every ``save_steps``.
+Guards stop the run on non-finite rewards, losses or gradients and on
+exploding probability ratios, naming the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.data import prompt_text
+from rlhf.errors import UserError
+from rlhf.ppo import checkpoint as ckpt
+from rlhf.ppo.config import PPOStageConfig
+from rlhf.ppo.losses import explained_variance, make_kl_controller, masked_mean, policy_loss, value_loss
+from rlhf.ppo.policy import disable_dropout
+from rlhf.ppo.rollout import PromptStream, Rollout, collect_rollout, compute_targets, process_scores, rollout_stats
+
+__all__ = ["PPOGuardError", "PPOStageConfig", "PPOTrainer", "run_ppo"]
+
+
+class PPOGuardError(UserError):
+    """A guard stopped the run (non-finite values or an exploding ratio)."""
+
+
+class PPOTrainer:
+    """Runs PPO steps on an :class:`~rlhf.ppo.policy.ActorCritic` against a scorer, writing into ``out_dir``."""
+
+    def __init__(self, cfg: PPOStageConfig, actor, tokenizer, scorer, prompts: list, out_dir, logger=None,
+                 base_name_or_path: str | None = None):
+        from transformers import get_scheduler
+
+        self.cfg, self.actor, self.tokenizer, self.scorer, self.prompts = cfg, actor, tokenizer, scorer, prompts
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.logger = logger
+        self.base_name_or_path = base_name_or_path
+        self.total_steps = cfg.total_steps(len(prompts))
+        self.params = actor.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        self.kl_ctl = make_kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.stream = PromptStream(len(prompts), cfg.rollout_batch_size, cfg.seed)
+        self.normalization = self._resolve_normalization()
+        self.generate_kwargs = {"do_sample": True, "max_new_tokens": cfg.max_new_tokens,
+                                "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+        self.step = 0
+        self.history: list[dict] = []
+        self.last_checkpoint: Path | None = None
+        self.saved_step: int | None = None
+        disable_dropout(actor.peft)
+        if cfg.gradient_checkpointing:
+            actor.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _resolve_normalization(self) -> str:
+        mode, stats = self.cfg.reward_normalization, getattr(self.scorer, "stats", None)
+        if mode == "auto":
+            return "rm_stats" if stats else "none"
+        if mode == "rm_stats" and not stats:
+            raise UserError("reward_normalization: rm_stats, but the reward model has no saved score stats")
+        return mode
+
+    # guards
+
+    def _stop(self, cause: str):
+        where = (f"last good checkpoint: {self.last_checkpoint} (resume with --resume_from_checkpoint "
+                 f"{self.last_checkpoint})") if self.last_checkpoint else "no checkpoint was written yet"
+        raise PPOGuardError(f"PPO stopped at step {self.step + 1}: {cause}; {where}")
+
+    # one step
+
+    def ppo_step(self) -> dict:
+        cfg = self.cfg
+        prompts = [self.prompts[i] for i in self.stream.next_indices()]
+        timings: dict = {}
+        start = time.perf_counter()
+        self.actor.peft.eval()
+        rollout = collect_rollout(self.actor, self.tokenizer, self.scorer, prompts, temperature=cfg.temperature,
+                                  generate_kwargs=self.generate_kwargs, max_prompt_length=cfg.max_prompt_length,
+                                  chunk=cfg.per_device_eval_batch_size, timings=timings)
+        bad = (~torch.isfinite(rollout.raw_scores)).sum().item()
+        if bad:
+            self._stop(f"the reward scorer returned NaN/inf for {bad} of {rollout.size} responses")
+        scores = process_scores(rollout.raw_scores, rollout.has_eos, normalization=self.normalization,
+                                stats=getattr(self.scorer, "stats", None), clip=cfg.reward_clip,
+                                missing_eos_penalty=cfg.missing_eos_penalty)
+        if not torch.isfinite(scores).all():
+            self._stop("normalised rewards are NaN/inf (check the reward model's saved stats)")
+        kl_coef = self.kl_ctl.value
+        compute_targets(rollout, scores, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma,
+                        lam=cfg.lam, whiten_advantages=cfg.whiten_advantages)
+        stats = rollout_stats(rollout)
+        if not math.isfinite(stats["kl/k1"]):
+            self._stop("the KL to the reference is NaN/inf")
+        stats["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
+                                                                     rollout.response_mask))
+        t_train = time.perf_counter()
+        stats.update(self.update(rollout))
+        timings["training_s"] = time.perf_counter() - t_train
+        self.kl_ctl.update(stats["kl/k1"], rollout.size)
+        stats["kl/coef"] = kl_coef
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        timings["step_s"] = time.perf_counter() - start
+        stats.update({f"time/{k}": v for k, v in timings.items()})
+        self.step += 1
+        self._maybe_log_samples(rollout)
+        return stats
+
+    def update(self, r: Rollout) -> dict:
+        """PPO epochs x mini-batches x micro-batches on one rollout. Returns mean training stats."""
+        cfg = self.cfg
+        if cfg.gradient_checkpointing:
+            self.actor.peft.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        acc: dict[str, list[float]] = {}
+        device = r.input_ids.device
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(r.size, generator=gen)
+            for mb in order.split(cfg.mini_batch_size):
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in mb.split(cfg.per_device_train_batch_size):
+                    for k, v in self._micro_step(r.select(micro.to(device))).items():
+                        acc.setdefault(k, []).append(v)
+                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                if not torch.isfinite(norm):
+                    self._stop("the gradient norm is NaN/inf")
+                acc.setdefault("train/grad_norm", []).append(float(norm))
+                self.optimizer.step()
+        self.actor.peft.eval()
+        out = {k: (max(v) if k == "policy/ratio_max" else sum(v) / len(v)) for k, v in acc.items()}
+        return out
+
+    def _micro_step(self, d: dict) -> dict:
+        """Forward/backward of one micro-batch; the loss is scaled for gradient accumulation."""
+        cfg, actor = self.cfg, self.actor
+        m = d["response_mask"]
+        scale = 1.0 / cfg.gradient_accumulation_steps
+        out = actor.policy_forward(d["input_ids"], d["attention_mask"], d["response_ids"], cfg.temperature,
+                                   with_entropy=cfg.entropy_coef > 0)
+        pg_loss, pg_stats = policy_loss(out["logprobs"], d["logprobs"], d["advantages"], m, cfg.cliprange)
+        ratio_max = float(pg_stats["ratio_max"])
+        if cfg.max_ratio and ratio_max > cfg.max_ratio:
+            self._stop(f"exploding probability ratio {ratio_max:.3g} > max_ratio {cfg.max_ratio:g}")
+        loss = pg_loss
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * masked_mean(out["entropy"], m)
+        stats = {"policy/loss": float(pg_loss.detach()), "policy/clipfrac": float(pg_stats["clipfrac"]),
+                 "policy/approx_kl": float(pg_stats["approx_kl"]), "policy/ratio_max": ratio_max}
+        if actor.value_model == "separate":  # two graphs, freed one after the other
+            self._backward(loss * scale, "policy loss")
+            values = actor.value_forward(d["input_ids"], d["attention_mask"], d["input_ids"].shape[1] - m.shape[1])
+            vf_loss, vf_stats = value_loss(values, d["values"], d["returns"], m, cfg.cliprange_value)
+            self._backward(cfg.vf_coef * vf_loss * scale, "value loss")
+        else:
+            vf_loss, vf_stats = value_loss(out["values"], d["values"], d["returns"], m, cfg.cliprange_value)
+            self._backward((loss + cfg.vf_coef * vf_loss) * scale, "loss")
+        stats.update({"value/loss": float(vf_loss.detach()), "value/clipfrac": float(vf_stats["vf_clipfrac"])})
+        return stats
+
+    def _backward(self, loss, what: str) -> None:
+        if not torch.isfinite(loss):
+            self._stop(f"the {what} is NaN/inf")
+        loss.backward()
+
+    # logging, checkpoints
+
+    def _maybe_log_samples(self, r: Rollout) -> None:
+        every = self.cfg.sample_every
+        if not every or (self.step % every and self.step != 1):
+            return
+        rows = [{"step": self.step, "prompt": prompt_text(r.prompts[i]), "response": r.responses[i],
+                 "score": float(r.raw_scores[i])} for i in range(min(self.cfg.num_samples, r.size))]
+        lines = [f"[step {self.step}] score {x['score']:.3f} | {x['prompt']!r} -> {x['response']!r}" for x in rows]
+        tqdm.write("\n".join(lines), file=sys.stderr)
+        with open(self.out_dir / "logs" / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in rows)
+        if self.logger is not None:
+            table = "| score | prompt | response |\n|---|---|---|\n" + "\n".join(
+                f"| {x['score']:.3f} | {x['prompt']} | {x['response']} |" for x in rows)
+            self.logger.text(self.step, "samples", table)
+
+    def state(self) -> dict:
+        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "stream": self.stream.state_dict(),
+                "history": self.history, "total_steps": self.total_steps}
+
+    def save(self) -> Path:
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.ckpt_dir, self.step, actor=self.actor, optimizer=self.optimizer, scheduler=self.scheduler,
+            state=self.state(), base_name_or_path=self.base_name_or_path, keep=self.cfg.save_total_limit)
+        self.saved_step = self.step
+        return self.last_checkpoint
+
+    def resume(self, path) -> None:
+        state = ckpt.load_checkpoint(path, actor=self.actor, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step = int(state["step"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        if state["stream"].get("n") != len(self.prompts):
+            raise UserError(f"checkpoint {path} was made with {state['stream'].get('n')} prompts, "
+                            f"this run has {len(self.prompts)}")
+        self.stream.load_state_dict(state["stream"])
+        self.history = list(state.get("history", []))
+        self.last_checkpoint = Path(path)
+        self.saved_step = self.step
+        _truncate_jsonl(self.out_dir / "logs" / "metrics.jsonl", self.step)
+        _truncate_jsonl(self.out_dir / "logs" / "samples.jsonl", self.step)
+
+    def train(self) -> dict:
+        """Run until ``total_steps``; returns the summary written to metrics.json."""
+        cfg = self.cfg
+        ckpt.clean_stale(self.ckpt_dir)
+        if cfg.resume_from_checkpoint:
+            path = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.ckpt_dir)
+            self.resume(path)
+            tqdm.write(f"resumed from {path} at step {self.step}", file=sys.stderr)
+        watch = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", unit="step", disable=not cfg.progress)
+        while self.step < self.total_steps:
+            stats = self.ppo_step()
+            self.history.append({k: stats[k] for k in ("reward/mean", "score/raw_mean", "kl/k1")})
+            if self.logger is not None:
+                self.logger.log(self.step, stats)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/k1']:.3f}")
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self.save()
+        bar.close()
+        if self.saved_step != self.step:
+            self.save()
+        return self._summary(time.perf_counter() - watch)
+
+    def _summary(self, seconds: float) -> dict:
+        h = self.history
+        k = min(5, len(h))
+        mean = lambda rows, key: sum(r[key] for r in rows) / max(len(rows), 1)  # noqa: E731
+        return {
+            "steps": self.step,
+            "rollouts": self.step * self.cfg.rollout_batch_size,
+            "reward_first_steps": mean(h[:k], "reward/mean"),
+            "reward_last_steps": mean(h[-k:], "reward/mean"),
+            "score_first_steps": mean(h[:k], "score/raw_mean"),
+            "score_last_steps": mean(h[-k:], "score/raw_mean"),
+            "kl_last": h[-1]["kl/k1"] if h else 0.0,
+            "kl_coef_final": self.kl_ctl.value,
+            "reward_normalization": self.normalization,
+            "wall_time_s": round(seconds, 2),
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+        }
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop lines logged after ``max_step`` by a run that was interrupted later."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# the stage
+
+
+def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
+    """``rlhf ppo``: train the policy adapter; write ``output_dir`` (adapter, checkpoints/, logs/, metrics.json).
+
+    ``scorer`` (tests, custom rewards): a :class:`~rlhf.ppo.scorers.Scorer`, or a callable
+    ``(actor, tokenizer) -> Scorer`` for scorers that attach to the shared model. None loads
+    ``cfg.reward_model``.
+    """
+    from transformers import set_seed
+
+    from rlhf.config import save_config
+    from rlhf.data import fingerprint, load_prompts
+    from rlhf.models import count_parameters
+    from rlhf.outputs import write_json
+    from rlhf.ppo import wiring
+    from rlhf.ppo.scorers import Scorer
+    from rlhf.tracking import MetricsLogger
+
+    set_seed(cfg.seed)
+    prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
+    out = wiring.prepare_output_dir(cfg)
+    tokenizer, actor, base_path = wiring.load_actor(cfg)
+    if scorer is None:
+        scorer = wiring.load_reward_scorer(cfg, actor, tokenizer)
+    elif not isinstance(scorer, Scorer) and callable(scorer):
+        scorer = scorer(actor, tokenizer)
+    wiring.init_value_model(cfg, actor, scorer)
+    set_seed(cfg.seed)  # the same RNG stream whatever the set-up consumed
+    save_config(cfg, out / "run_config.yaml")
+    logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard")
+    trainable = sum(p.numel() for p in actor.trainable_parameters())
+    total = count_parameters(actor.peft)[1] + actor.value_head.weight.numel() + 1
+    wiring.notice(f"PPO: {len(prompts)} prompts, {trainable:,} of {total:,} parameters trainable")
+    try:
+        trainer = PPOTrainer(cfg, actor, tokenizer, scorer, prompts, out, logger, base_name_or_path=base_path)
+        summary = trainer.train()
+    finally:
+        logger.close()
+    actor.save_policy(out, base_path)
+    tokenizer.save_pretrained(str(out))
+    metrics = {**summary, "trainable_parameters": trainable, "total_parameters": total,
+               "dataset_fingerprint": fingerprint(cfg.dataset_name)}
+    write_json(out / "metrics.json", metrics)
+    wiring.notice(f"PPO done in {summary['wall_time_s']:.0f}s: reward {summary['reward_first_steps']:.3f} -> "
+                  f"{summary['reward_last_steps']:.3f}; adapter in {out}")
+    return metrics

@@ -1,0 +1,97 @@
+"""Thin wiring of the PPO stage: load the base once, build adapters, attach the reward model.
+
+This is the only module of ``rlhf.ppo`` that imports the ``reward`` package
+(lazily, in :func:`load_reward_scorer`); the loop only sees a
+:class:`~rlhf.ppo.scorers.Scorer`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from rlhf.errors import ConfigError, UserError
+from rlhf.models import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from rlhf.ppo.checkpoint import list_checkpoints
+from rlhf.ppo.config import PPOStageConfig
+from rlhf.ppo.policy import ActorCritic, build_actor_critic, lora_config
+from rlhf.ppo.scorers import Scorer, TextScorer, TokenScorer
+
+REWARD_ADAPTER = "reward"
+
+
+def notice(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def prepare_output_dir(cfg: PPOStageConfig) -> Path:
+    """Create ``output_dir``; refuse to mix a fresh run into old checkpoints unless asked."""
+    out = Path(cfg.output_dir).expanduser()
+    if not cfg.resume_from_checkpoint and list_checkpoints(out / "checkpoints"):
+        if not cfg.overwrite_output_dir:
+            raise UserError(
+                f"output_dir {out} already holds checkpoints: resume with --resume_from_checkpoint latest, "
+                "or pass --overwrite_output_dir true, or choose another output_dir"
+            )
+        for sub in ("checkpoints", "logs"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_actor(cfg: PPOStageConfig):
+    """(tokenizer, actor, resolved base path): one base model in memory, policy (+ reference) adapters on it."""
+    base_path = resolve_model_path(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(base_path, padding_side="left")
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of {cfg.model_name_or_path} has no EOS token")
+    device = pick_device()
+    base = load_base_model(base_path, dtype=pick_dtype(cfg.precision, device), device=device)
+    lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora, value_model=cfg.value_model,
+                               base_name_or_path=base_path)
+    return tokenizer, actor, base_path
+
+
+def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer) -> Scorer:
+    """The reward model of ``cfg.reward_model``: attached to the shared base when compatible, else standalone."""
+    if not cfg.reward_model:
+        raise ConfigError("config key 'reward_model' must be set (a folder written by `rlhf reward`)")
+    if not Path(cfg.reward_model).expanduser().exists():
+        raise UserError(f"reward_model folder not found: {cfg.reward_model}")
+    try:
+        from reward import RewardScorer
+    except ImportError as exc:
+        raise UserError(f"cannot import the reward package ({exc})") from None
+    check = getattr(RewardScorer, "compatible_with", None)
+    shared = check(cfg.reward_model, actor.peft, tokenizer) if check else True
+    if shared:
+        rm = RewardScorer.attach(actor.peft, tokenizer, cfg.reward_model, adapter_name=REWARD_ADAPTER)
+        actor.restore_grad_flags()
+        return TokenScorer(rm)
+    notice(f"reward model {cfg.reward_model} has another base or tokenizer: loading it separately")
+    return TextScorer(RewardScorer.from_pretrained(cfg.reward_model))
+
+
+def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) -> None:
+    """Add the value adapter and initialise the value head (from the reward model when asked and possible)."""
+    rm = getattr(scorer, "rm", None)
+    shares_rm = isinstance(scorer, TokenScorer) and REWARD_ADAPTER in actor.peft.peft_config
+    if cfg.value_model == "separate":
+        reward_cfg = actor.peft.peft_config.get(REWARD_ADAPTER)
+        if cfg.value_head_init == "reward" and shares_rm and reward_cfg.peft_type.value == "LORA":
+            actor.add_value_adapter(init_from=REWARD_ADAPTER)
+        else:
+            actor.add_value_adapter(lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules))
+    if cfg.value_head_init != "reward":
+        return
+    head = getattr(rm, "head_weight", None)
+    if head is None:
+        notice("value_head_init: reward, but the scorer has no reward head: the value head starts at zero")
+        return
+    weight, bias = head()
+    if weight.numel() != actor.value_head.weight.numel():
+        notice("the reward head has another hidden size than the policy: the value head starts at zero")
+        return
+    actor.init_value_head(weight, bias)
