@@ -1,0 +1,204 @@
+"""The Gradio labeling UI.
+
+Every handler takes the user from the request session (``gr.Request.username``)
+and works through :mod:`feedback_ui.tasks`; the Blocks hold no user data
+(the current task token lives in per-session ``gr.State``). Prompts and
+responses are shown in read-only textboxes, so HTML/JS in them is plain text.
+The public API (for ``gradio_client``) is ``/next_task``, ``/vote``, ``/rank``,
+``/skip``, ``/history`` and ``/admin_stats``; UI events are private.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import gradio as gr
+
+from feedback_ui import tasks
+from feedback_ui.stats import LABELER_COLUMNS, collect_stats, labeler_table
+from feedback_ui.store import Store
+from rlhf.errors import UserError
+
+MAX_RANK = 8  # ranking slots in the UI
+PAIR_BUTTONS = [("A is better", "A", "btn-a"), ("B is better", "B", "btn-b"), ("Tie", "tie", "btn-tie"),
+                ("Both bad", "both_bad", "btn-both-bad")]  # fmt: skip
+STRENGTHS = ["slightly better", "much better"]
+
+# 1/2/3/4 = the four pair buttons, s = skip; ignored while typing in a text field
+SHORTCUTS_HEAD = """<script>
+(() => {
+  const keys = {"1": "btn-a", "2": "btn-b", "3": "btn-tie", "4": "btn-both-bad", "s": "btn-skip"};
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const t = e.target;
+    const typing = t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
+      (t.tagName === "INPUT" && !["radio", "checkbox", "button", "submit"].includes(t.type)));
+    if (typing) return;
+    const btn = document.getElementById(keys[(e.key || "").toLowerCase()]);
+    if (btn && btn.offsetParent !== null && !btn.disabled) { e.preventDefault(); btn.click(); }
+  });
+})();
+</script>"""
+
+
+def _user_error(fn):
+    """Run ``fn``; report a UserError as a Gradio error (shown in the UI, raised by gradio_client)."""
+    try:
+        return fn()
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str = "Preference labeling") -> gr.Blocks:
+    """The labeling Blocks for ``store`` (a :class:`Store` or a database URL/path)."""
+    if isinstance(store, str):
+        from feedback_ui.store import open_store
+
+        store = open_store(store)
+    rate = tasks.gold_rate_of(store) if gold_rate is None else gold_rate
+
+    # public API: plain values in, a task dict out
+
+    def next_task(request: gr.Request) -> dict:
+        """The caller's current task: token, kind (pair|rank), prompt, responses (display order), done, total."""
+        return _user_error(lambda: tasks.serve(store, request.username, rate))
+
+    def vote(token: str, choice: str, strength: str = "", rationale: str = "", edit: str = "",
+             request: gr.Request = None) -> dict:  # fmt: skip
+        """Answer a pair task: choice A, B, tie or both_bad; optional strength (slightly|much), rationale, edit."""
+        return _user_error(lambda: tasks.answer(store, request.username, token, rate, choice=choice,
+                                                strength=strength, rationale=rationale, edit=edit))  # fmt: skip
+
+    def rank(token: str, positions: list[int], rationale: str = "", edit: str = "", request: gr.Request = None) -> dict:
+        """Answer a ranking task: display positions (0-based) from best to worst."""
+        return _user_error(lambda: tasks.answer(store, request.username, token, rate, positions=[int(p) for p in positions],
+                                                rationale=rationale, edit=edit))  # fmt: skip
+
+    def skip(token: str, request: gr.Request = None) -> dict:
+        """Skip the current task (it will not come back)."""
+        return _user_error(lambda: tasks.skip(store, request.username, token, rate))
+
+    def history(request: gr.Request) -> list[list]:
+        """The caller's own latest votes."""
+        return _user_error(lambda: tasks.history(store, request.username))
+
+    def admin_stats(request: gr.Request) -> dict:
+        """Progress, per-labeler numbers and agreement (admins only)."""
+        return _user_error(lambda: (tasks.current_user(store, request.username, role="admin"), collect_stats(store))[1])
+
+    with gr.Blocks(title=title) as demo:
+        token = gr.State("")
+        with gr.Tabs():
+            with gr.Tab("Label"):
+                progress = gr.Markdown(elem_id="progress")
+                status = gr.Markdown(elem_id="status")
+                prompt = gr.Textbox(label="Prompt", interactive=False, lines=2, max_lines=12, elem_id="prompt")
+                with gr.Group(visible=False) as pair_box:
+                    with gr.Row():
+                        resp_a = gr.Textbox(label="A", interactive=False, lines=6, max_lines=30, elem_id="resp-a")
+                        resp_b = gr.Textbox(label="B", interactive=False, lines=6, max_lines=30, elem_id="resp-b")
+                    strength = gr.Radio(STRENGTHS, value=None, label="How much better? (optional)")
+                    with gr.Row():
+                        pair_buttons = [gr.Button(f"{text}", elem_id=eid, variant="primary") for text, _, eid in PAIR_BUTTONS]
+                with gr.Group(visible=False) as rank_box:
+                    slots, slot_texts, slot_ranks = [], [], []
+                    for i in range(MAX_RANK):
+                        with gr.Row(visible=False) as slot:
+                            slot_texts.append(gr.Textbox(label=f"Response {i + 1}", interactive=False, lines=4,
+                                                         max_lines=20, scale=4, elem_id=f"rank-text-{i}"))  # fmt: skip
+                            slot_ranks.append(gr.Radio([], label="Rank (1 = best)", scale=1, elem_id=f"rank-{i}"))
+                        slots.append(slot)
+                    rank_button = gr.Button("Submit ranking", variant="primary", elem_id="btn-rank")
+                rationale = gr.Textbox(label="Rationale (optional)", lines=1, elem_id="rationale")
+                edit = gr.Textbox(label="Improved version of the better answer (optional)", lines=3, elem_id="edit")
+                skip_button = gr.Button("Skip", elem_id="btn-skip")
+                gr.Markdown("Keys: **1** A is better, **2** B is better, **3** Tie, **4** Both bad, **s** Skip.")
+            with gr.Tab("My history"):
+                history_button = gr.Button("Refresh")
+                history_table = gr.Dataframe(headers=["time", "prompt", "answer", "seconds"],
+                                             datatype=["str", "str", "str", "number"], interactive=False)  # fmt: skip
+            with gr.Tab("Admin", visible=False) as admin_tab:
+                admin_button = gr.Button("Refresh", elem_id="btn-admin")
+                admin_summary = gr.Markdown()
+                admin_table = gr.Dataframe(headers=[t for _, t in LABELER_COLUMNS], interactive=False)
+
+        task_outputs = [token, progress, status, prompt, pair_box, resp_a, resp_b, rank_box,
+                        *slots, *slot_texts, *slot_ranks, strength, rationale, edit]  # fmt: skip
+
+        def render(view: dict) -> list:
+            k, is_pair = len(view["responses"]), view["kind"] == "pair"
+            done = f"**{view['done']} of {view['total']} done**"
+            if not view["token"]:
+                done += " - nothing left to label for you right now."
+            responses = view["responses"] + [""] * MAX_RANK
+            choices = [str(r) for r in range(1, k + 1)]
+            ranked = view["kind"] == "rank"
+            return [
+                view["token"], done, view.get("status", ""), view["prompt"],
+                gr.update(visible=is_pair), responses[0] if is_pair else "", responses[1] if is_pair else "",
+                gr.update(visible=ranked),
+                *[gr.update(visible=ranked and i < k) for i in range(MAX_RANK)],
+                *[responses[i] if ranked else "" for i in range(MAX_RANK)],
+                *[gr.update(choices=choices if ranked and i < k else [], value=None) for i in range(MAX_RANK)],
+                gr.update(value=None), "", "",
+            ]  # fmt: skip
+
+        def keep(message: str) -> list:
+            """Leave the task on screen and show ``message``."""
+            return [gr.update() for _ in task_outputs[:2]] + [message] + [gr.update() for _ in task_outputs[3:]]
+
+        def ui(call):
+            try:
+                return render(call())
+            except UserError as exc:
+                return keep(f"**Not saved:** {exc}")
+
+        def on_load(request: gr.Request):
+            user = tasks.current_user(store, request.username)
+            return [*ui(lambda: tasks.serve(store, user.name, rate)), gr.update(visible=user.role == "admin")]
+
+        def on_pair(choice):
+            def handler(tok, strength_value, why, better, request: gr.Request):
+                return ui(lambda: tasks.answer(store, request.username, tok, rate, choice=choice,
+                                               strength=strength_value, rationale=why, edit=better))  # fmt: skip
+            return handler
+
+        def on_rank(request: gr.Request, tok, why, better, *ranks):  # request first: *ranks ends the positionals
+            chosen = {int(r): i for i, r in enumerate(ranks) if r}
+            if len(chosen) != sum(1 for r in ranks if r):
+                return keep("**Not saved:** give each response a different rank")
+            return ui(lambda: tasks.answer(store, request.username, tok, rate, positions=[chosen[r] for r in sorted(chosen)],
+                                           rationale=why, edit=better))  # fmt: skip
+
+        private = {"api_visibility": "private"}
+        demo.load(on_load, None, [*task_outputs, admin_tab], **private)
+        for button, (_, choice, _) in zip(pair_buttons, PAIR_BUTTONS):
+            button.click(on_pair(choice), [token, strength, rationale, edit], task_outputs, **private)
+        rank_button.click(on_rank, [token, rationale, edit, *slot_ranks], task_outputs, **private)
+
+        def on_skip(tok, request: gr.Request):
+            return ui(lambda: tasks.skip(store, request.username, tok, rate))
+
+        skip_button.click(on_skip, [token], task_outputs, **private)
+        history_button.click(history, None, history_table, api_name="ui_history", **private)
+
+        def on_admin(request: gr.Request):
+            s = admin_stats(request)
+            c, a = s["counts"], s["agreement"]
+            text = (f"**{c['votes']} votes**, {c['comparisons_complete']} of {c['comparisons']} comparisons complete, "
+                    f"{c['gold_items']} gold items. Agreement on {a['overlapping_items']} overlapping items: "
+                    f"Cohen's kappa {a['cohen_kappa']}, Krippendorff's alpha {a['krippendorff_alpha']}, "
+                    f"percent {a['percent_agreement']}.")  # fmt: skip
+            return text, labeler_table(s)
+
+        admin_button.click(on_admin, None, [admin_summary, admin_table], **private)
+        for fn in (next_task, vote, rank, skip, history, admin_stats):
+            gr.api(fn, api_name=fn.__name__)
+    return demo
+
+
+def launch(*args, **kwargs):
+    """Serve the app behind the login; see :func:`feedback_ui.server.launch`."""
+    from feedback_ui.server import launch as _launch
+
+    return _launch(*args, **kwargs)

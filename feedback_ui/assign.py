@@ -1,0 +1,140 @@
+"""Each labeler's task queue: overlap, hidden gold items, no repeats.
+
+A comparison wants ``overlap`` labelers. ``n_active`` counts its open and done
+assignments and is raised with a conditional ``UPDATE ... WHERE n_active <
+overlap`` so two labelers can never over-fill it, on SQLite or PostgreSQL. The
+unique (comparison, user) constraint means nobody gets a comparison twice.
+With probability ``gold_rate`` a task is a hidden gold item the labeler has not
+seen (gold items have no overlap limit). A labeler holds at most one open
+assignment, which is served again until it is voted on or skipped.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from typing import Optional
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from feedback_ui.store import Assignment, Comparison, utcnow
+
+CANDIDATE_WINDOW = 32  # comparisons fetched per attempt; the conditional UPDATE settles races
+
+
+def _seen_by(user_id: int):
+    return sa.select(Assignment.comparison_id).where(Assignment.user_id == user_id)
+
+
+def _available(user_id: int, *columns):
+    """SELECT ``columns`` over regular comparisons that still want labelers and are new to this user."""
+    return (
+        sa.select(*columns)
+        .select_from(Comparison)
+        .where(~Comparison.is_gold, Comparison.n_active < Comparison.overlap, Comparison.id.not_in(_seen_by(user_id)))
+    )
+
+
+def _new_assignment(session: Session, user_id: int, comparison: Comparison, rng: random.Random) -> Assignment:
+    order = list(comparison.response_ids)
+    rng.shuffle(order)  # randomised sides, recorded
+    a = Assignment(
+        comparison_id=comparison.id,
+        user_id=user_id,
+        token=secrets.token_hex(16),
+        order=order,
+        status="open",
+        is_gold=comparison.is_gold,
+    )
+    session.add(a)
+    session.flush()
+    return a
+
+
+def _assign_regular(session: Session, user_id: int, rng: random.Random) -> Optional[Assignment]:
+    """Fill comparisons that already have labelers first, so overlap sets complete early."""
+    rows = session.scalars(
+        _available(user_id, Comparison)
+        .order_by(Comparison.n_active.desc(), Comparison.id)
+        .limit(CANDIDATE_WINDOW)
+    ).all()
+    for c in rows:
+        taken = session.execute(
+            sa.update(Comparison)
+            .where(Comparison.id == c.id, Comparison.n_active < Comparison.overlap)
+            .values(n_active=Comparison.n_active + 1)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if taken == 1:
+            return _new_assignment(session, user_id, c, rng)
+    return None
+
+
+def _assign_gold(session: Session, user_id: int, rng: random.Random) -> Optional[Assignment]:
+    ids = session.scalars(
+        sa.select(Comparison.id).where(Comparison.is_gold, Comparison.id.not_in(_seen_by(user_id)))
+    ).all()
+    if not ids:
+        return None
+    return _new_assignment(session, user_id, session.get(Comparison, rng.choice(ids)), rng)
+
+
+def open_assignment(session: Session, user_id: int) -> Optional[Assignment]:
+    return session.scalar(
+        sa.select(Assignment).where(Assignment.user_id == user_id, Assignment.status == "open").order_by(Assignment.id)
+    )
+
+
+def next_task(
+    session: Session, user_id: int, *, gold_rate: float = 0.0, rng: Optional[random.Random] = None
+) -> Optional[Assignment]:
+    """The labeler's open assignment, else a new one (gold with probability ``gold_rate``); None when done.
+
+    Gold items are only mixed in while regular work remains, so a queue never
+    ends in a run of gold items. Call inside ``Store.write()``.
+    """
+    rng = rng or random.SystemRandom()
+    current = open_assignment(session, user_id)
+    if current is not None:
+        current.shown_at = utcnow()
+        return current
+    if gold_rate > 0 and rng.random() < gold_rate and session.scalar(_available(user_id, sa.func.count())):
+        gold = _assign_gold(session, user_id, rng)
+        if gold is not None:
+            return gold
+    return _assign_regular(session, user_id, rng)
+
+
+def skip_task(session: Session, user_id: int, token: str) -> bool:
+    """Close the labeler's open assignment without a vote; its overlap slot goes back to the pool."""
+    a = session.scalar(
+        sa.select(Assignment).where(
+            Assignment.token == token, Assignment.user_id == user_id, Assignment.status == "open"
+        )
+    )
+    if a is None:
+        return False
+    a.status, a.finished_at = "skipped", utcnow()
+    if not a.is_gold:
+        session.execute(
+            sa.update(Comparison)
+            .where(Comparison.id == a.comparison_id, Comparison.n_active > 0)
+            .values(n_active=Comparison.n_active - 1)
+            .execution_options(synchronize_session=False)
+        )
+    return True
+
+
+def progress(session: Session, user_id: int) -> tuple[int, int]:
+    """(done, total) for the labeler: total = done + open + regular comparisons still available to them."""
+    counts = dict(
+        session.execute(
+            sa.select(Assignment.status, sa.func.count())
+            .where(Assignment.user_id == user_id)
+            .group_by(Assignment.status)
+        ).all()
+    )
+    available = session.scalar(_available(user_id, sa.func.count()))
+    done = counts.get("done", 0)
+    return done, done + counts.get("open", 0) + (available or 0)

@@ -1,0 +1,221 @@
+"""Candidates: K responses per prompt from a policy, gold items, and the comparisons built on them.
+
+Re-running is additive and never duplicates: prompts are keyed by a hash of
+their messages, responses by (prompt, hash of the text), comparisons by a hash
+of their kind and response ids; a prompt that already has K responses from
+the same policy is not sampled again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from feedback_ui.config import LabelCandidatesConfig
+from feedback_ui.store import Comparison, Prompt, Response, Store, init_db, set_setting, sha256_hex
+from rlhf.data import to_messages
+from rlhf.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+# helper functions
+
+
+def prompt_display_text(messages: list[dict]) -> str:
+    """The text labelers read and export writes: the content of a lone user turn, else a transcript."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def policy_identity(model_name_or_path: str, adapter: Optional[str]) -> str:
+    return model_name_or_path + (f" + adapter {Path(adapter).resolve()}" if adapter else "")
+
+
+# rows
+
+
+def get_or_add_prompt(session: Session, prompt: Any) -> Prompt:
+    messages = to_messages(prompt)
+    key = sha256_hex(json.dumps(messages, sort_keys=True, ensure_ascii=False))
+    row = session.scalar(sa.select(Prompt).where(Prompt.key == key))
+    if row is None:
+        row = Prompt(key=key, text=prompt_display_text(messages), messages=messages)
+        session.add(row)
+        session.flush()
+    return row
+
+
+def add_response(session: Session, prompt_id: int, text: str, *, source: str, **fields) -> Response:
+    """The response with this text for this prompt, created if new (``fields``: policy, settings, author_id, parent_id)."""
+    key = sha256_hex(text)
+    row = session.scalar(sa.select(Response).where(Response.prompt_id == prompt_id, Response.text_key == key))
+    if row is None:
+        row = Response(prompt_id=prompt_id, text=text, text_key=key, source=source, **fields)
+        session.add(row)
+        session.flush()
+    return row
+
+
+def add_comparison(
+    session: Session,
+    prompt_id: int,
+    response_ids: list[int],
+    *,
+    overlap: int = 1,
+    gold_ranking: Optional[list[int]] = None,
+) -> Optional[Comparison]:
+    """A pair (2 ids) or K-wise ranking comparison; None when it already exists or has < 2 distinct ids."""
+    ids = sorted(set(response_ids))
+    if len(ids) < 2:
+        return None
+    kind = "pair" if len(ids) == 2 else "rank"
+    key = sha256_hex(f"{kind}:{ids}:{'gold' if gold_ranking else 'task'}")
+    if session.scalar(sa.select(Comparison.id).where(Comparison.key == key)) is not None:
+        return None
+    row = Comparison(
+        prompt_id=prompt_id,
+        kind=kind,
+        response_ids=ids,
+        key=key,
+        overlap=overlap,
+        is_gold=gold_ranking is not None,
+        gold_ranking=gold_ranking,
+    )
+    session.add(row)
+    return row
+
+
+def build_comparisons(session: Session, prompt_id: int, response_ids: list[int], mode: str, overlap: int) -> int:
+    """pairwise: every pair of the responses; ranking: one comparison of all of them. Returns how many are new."""
+    ids = sorted(set(response_ids))
+    groups = itertools.combinations(ids, 2) if mode == "pairwise" else [ids]
+    return sum(add_comparison(session, prompt_id, list(g), overlap=overlap) is not None for g in groups)
+
+
+def add_candidates(
+    store: Store,
+    prompt: Any,
+    responses: list[str],
+    *,
+    policy: str,
+    settings: Optional[dict] = None,
+    mode: str = "pairwise",
+    overlap: int = 1,
+) -> int:
+    """Store one prompt's responses from ``policy`` and build its comparisons; returns new comparisons."""
+    with store.write() as s:
+        p = get_or_add_prompt(s, prompt)
+        for text in responses:
+            add_response(s, p.id, text, source="policy", policy=policy, settings=settings)
+        ids = s.scalars(
+            sa.select(Response.id).where(
+                Response.prompt_id == p.id, Response.source == "policy", Response.policy == policy
+            )
+        ).all()
+        return build_comparisons(s, p.id, list(ids), mode, overlap)
+
+
+def import_gold(store: Store, path: str) -> int:
+    """Hidden gold items from JSONL rows ``{prompt, chosen, rejected}``; returns how many are new."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"gold file not found: {file}")
+    rows = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{file}:{n} is not valid JSON") from None
+        if not isinstance(row, dict) or "prompt" not in row or not all(
+            isinstance(row.get(k), str) for k in ("chosen", "rejected")
+        ):
+            raise DataError(f"{file}:{n} needs string 'chosen' and 'rejected' and a 'prompt'")
+        if row["chosen"] == row["rejected"]:
+            raise DataError(f"{file}:{n} has the same text as chosen and rejected")
+        rows.append(row)
+    created = 0
+    with store.write() as s:
+        for row in rows:
+            p = get_or_add_prompt(s, row["prompt"])
+            chosen = add_response(s, p.id, row["chosen"], source="gold")
+            rejected = add_response(s, p.id, row["rejected"], source="gold")
+            ranking = [chosen.id, rejected.id]
+            created += add_comparison(s, p.id, ranking, gold_ranking=ranking) is not None
+    return created
+
+
+# the stage
+
+
+def _existing_counts(store: Store, prompts: list[Any], policy: str) -> list[int]:
+    with store.read() as s:
+        counts = dict(
+            s.execute(
+                sa.select(Prompt.key, sa.func.count(Response.id))
+                .join(Response, Response.prompt_id == Prompt.id)
+                .where(Response.source == "policy", Response.policy == policy)
+                .group_by(Prompt.key)
+            ).all()
+        )
+    keys = [sha256_hex(json.dumps(to_messages(p), sort_keys=True, ensure_ascii=False)) for p in prompts]
+    return [counts.get(k, 0) for k in keys]
+
+
+def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
+    """Generate the missing responses (K per prompt per policy), store them, build comparisons."""
+    from rlhf.data import load_prompts
+
+    store = init_db(cfg.db)
+    prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
+    if not prompts:
+        raise DataError(f"dataset {cfg.dataset_name} has no prompts")
+    policy = policy_identity(cfg.model_name_or_path, cfg.adapter)
+    settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+    settings["dataset_name"] = cfg.dataset_name
+    need = [max(0, cfg.num_candidates - have) for have in _existing_counts(store, prompts, policy)]
+    generated: dict[int, list[str]] = {}
+    if any(need):
+        from rlhf.generation import generate_responses
+        from rlhf.models import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
+        model = load_model(cfg.model_name_or_path, adapter=cfg.adapter)
+        for k in sorted(set(n for n in need if n)):
+            idx = [i for i, n in enumerate(need) if n == k]
+            outs = generate_responses(
+                model, tokenizer, [prompts[i] for i in idx], num_return_sequences=k,
+                max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, progress=True,
+            )  # fmt: skip
+            generated.update(zip(idx, outs))
+    new_comparisons = 0
+    for i, prompt in enumerate(prompts):
+        new_comparisons += add_candidates(
+            store, prompt, generated.get(i, []), policy=policy, settings=settings, mode=cfg.mode, overlap=cfg.overlap
+        )
+    gold = import_gold(store, cfg.gold_file) if cfg.gold_file else 0
+    with store.write() as s:
+        set_setting(s, "gold_rate", cfg.gold_rate)
+    summary = {
+        "prompts": len(prompts),
+        "responses_generated": sum(len(v) for v in generated.values()),
+        "new_comparisons": new_comparisons,
+        "new_gold": gold,
+        "policy": policy,
+    }
+    store.close()
+    print(
+        f"{summary['prompts']} prompts, {summary['responses_generated']} new responses, "
+        f"{new_comparisons} new comparisons, {gold} new gold items -> {cfg.db}"
+    )
+    return summary

@@ -1,0 +1,173 @@
+"""The ``rlhf label ...`` command tree (argparse only; the work lives in the other modules).
+
+``add_label_parser(subparsers)`` adds ``label`` with the subcommands ``init``,
+``user add``, ``user list``, ``candidates``, ``serve``, ``export`` and
+``stats``. Each leaf sets ``func``, a callable taking the parsed Namespace;
+user mistakes raise :class:`rlhf.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+
+from rlhf.config import add_config_arguments, config_from_namespace
+from rlhf.errors import UserError
+
+DEFAULT_DB = "label.db"
+
+
+# helper functions
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=DEFAULT_DB, help="database: a file path or sqlite:///FILE (SQLite, WAL) "
+                        f"or postgresql://... [default: {DEFAULT_DB}]")  # fmt: skip
+
+
+def read_password() -> str:
+    """From ``RLHF_PASSWORD``, else a prompt (typed twice) on a terminal, else one line of stdin."""
+    password = os.environ.get("RLHF_PASSWORD")
+    if password is None:
+        if sys.stdin.isatty():
+            password = getpass.getpass("password: ")
+            if getpass.getpass("again: ") != password:
+                raise UserError("the two passwords differ")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UserError("no password given: set RLHF_PASSWORD or type it on stdin (never on the command line)")
+    return password
+
+
+# commands
+
+
+def cmd_init(args) -> None:
+    from feedback_ui.store import init_db
+
+    store = init_db(args.db)
+    print(f"database ready: {store.url}")
+
+
+def cmd_user_add(args) -> None:
+    from feedback_ui.auth import add_user
+    from feedback_ui.store import open_store
+
+    add_user(open_store(args.db), args.name, read_password(), args.role)
+    print(f"user {args.name} ({args.role}) added")
+
+
+def cmd_user_list(args) -> None:
+    from feedback_ui.auth import list_users
+    from feedback_ui.store import open_store
+
+    for u in list_users(open_store(args.db)):
+        print(f"{u.name}\t{u.role}\t{u.created_at:%Y-%m-%d %H:%M}")
+
+
+def cmd_candidates(args) -> None:
+    from feedback_ui.candidates import run_label_candidates
+    from feedback_ui.config import LabelCandidatesConfig
+
+    run_label_candidates(config_from_namespace(LabelCandidatesConfig, args))
+
+
+def cmd_serve(args) -> None:
+    from feedback_ui.server import launch
+
+    if args.gold_rate is not None and not 0 <= args.gold_rate < 1:
+        raise UserError("--gold_rate must be in [0, 1)")
+    launch(args.db, host=args.host, port=args.port, gold_rate=args.gold_rate, concurrency=args.concurrency)
+
+
+def cmd_export(args) -> None:
+    from feedback_ui.export import export_preferences
+    from feedback_ui.store import open_store
+
+    keep = [k.strip() for k in args.keep.split(",") if k.strip()]
+    counts = export_preferences(
+        open_store(args.db), args.out, strategy=args.strategy, aggregation=args.aggregate, keep=keep,
+        test_fraction=args.test_fraction, seed=args.seed, margin_slightly=args.margin_slightly,
+        margin_much=args.margin_much,
+    )  # fmt: skip
+    line = f"{counts['rows']} preference rows from {counts['comparisons']} comparisons -> {counts['out']}"
+    if "test_out" in counts:
+        line += f"; {counts['test_rows']} held-out rows -> {counts['test_out']}"
+    print(line)
+
+
+def cmd_stats(args) -> None:
+    from feedback_ui.stats import collect_stats, format_stats
+    from feedback_ui.store import open_store
+
+    stats = collect_stats(open_store(args.db))
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+
+
+# the parser
+
+
+def add_label_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``label`` command and its subcommands to an argparse ``subparsers`` object."""
+    from feedback_ui.config import LabelCandidatesConfig
+    from feedback_ui.pairs import AGGREGATIONS, STRATEGIES
+
+    label = subparsers.add_parser("label", help="preference labeling: database, users, candidates, app, export, stats",
+                                  description="Collect human preferences between model responses.")  # fmt: skip
+    label.set_defaults(func=lambda _args: label.print_help())
+    sub = label.add_subparsers(dest="label_command", metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create the database schema (safe to repeat)")
+    _add_db(p)
+    p.set_defaults(func=cmd_init)
+
+    user = sub.add_parser("user", help="manage accounts: user add NAME, user list")
+    user.set_defaults(func=lambda _args: user.print_help())
+    users = user.add_subparsers(dest="user_command", metavar="ACTION")
+    p = users.add_parser("add", help="create an account; password from RLHF_PASSWORD or stdin, never argv")
+    p.add_argument("name", help="login name (letters, digits, _ . @ -)")
+    p.add_argument("--role", choices=["labeler", "admin"], default="labeler", help="labeler or admin [default: labeler]")
+    _add_db(p)
+    p.set_defaults(func=cmd_user_add)
+    p = users.add_parser("list", help="list accounts and roles")
+    _add_db(p)
+    p.set_defaults(func=cmd_user_list)
+
+    p = sub.add_parser("candidates", help="generate K responses per prompt from a policy and build comparisons")
+    add_config_arguments(p, LabelCandidatesConfig)
+    p.set_defaults(func=cmd_candidates)
+
+    p = sub.add_parser("serve", help="the Gradio labeling app (login required)")
+    _add_db(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on [default: 127.0.0.1]")
+    p.add_argument("--port", type=int, default=7860, help="port [default: 7860]")
+    p.add_argument("--gold_rate", type=float, default=None,
+                   help="share of tasks drawn from gold items [default: the value stored by 'label candidates']")
+    p.add_argument("--concurrency", type=int, default=16, help="requests handled at once [default: 16]")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="votes -> preference JSONL (prompt, chosen, rejected, margin, provenance)")
+    _add_db(p)
+    p.add_argument("--out", default="prefs.jsonl", help="output JSONL; with --test_fraction the held-out prompts go "
+                   "to the sibling OUT_STEM.test.jsonl (prefs.jsonl -> prefs.test.jsonl) [default: prefs.jsonl]")
+    p.add_argument("--strategy", choices=STRATEGIES, default="all-pairs",
+                   help="rankings -> pairs: every ordered pair, or the best against each other [default: all-pairs]")
+    p.add_argument("--aggregate", choices=AGGREGATIONS, default="majority",
+                   help="several labelers on one comparison: strict-majority pairs, or every vote [default: majority]")
+    p.add_argument("--keep", default="", help="also export these outcomes: tie, both_bad or tie,both_bad [default: none]")
+    p.add_argument("--test_fraction", type=float, default=0.0,
+                   help="share of prompts held out (split by prompt, never by row) [default: 0]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt split [default: 0]")
+    p.add_argument("--margin_slightly", type=float, default=1.0, help="margin of 'slightly better' [default: 1.0]")
+    p.add_argument("--margin_much", type=float, default=3.0, help="margin of 'much better' [default: 3.0]")
+    p.set_defaults(func=cmd_export)  # fmt: skip
+
+    p = sub.add_parser("stats", help="progress, per-labeler counts, agreement (Cohen's kappa, Krippendorff's alpha)")
+    _add_db(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table [default: off]")
+    p.set_defaults(func=cmd_stats)
+    return label

@@ -1,0 +1,48 @@
+"""Config dataclasses of the labeling stages (see ``rlhf.config`` for YAML + overrides)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from rlhf.config import field, require
+
+
+@dataclasses.dataclass
+class LabelCandidatesConfig:
+    """``rlhf label candidates``: K responses per prompt from a policy, then comparisons."""
+
+    db: str = field("label.db", "database: a file path or sqlite:///FILE (SQLite, WAL) or postgresql://...")
+    model_name_or_path: str = field(
+        "smollm2-135m-instruct", "policy base model: HF folder, hub id, or the alias smollm2-135m-instruct"
+    )
+    adapter: Optional[str] = field(None, "optional PEFT adapter folder on top of the base model")
+    dataset_name: str = field("sample:prompts", "prompts: a file/folder with a 'prompt' column (string or messages)")
+    max_prompts: Optional[int] = field(None, "use only the first N prompts (null = all)")
+    num_candidates: int = field(2, "K responses generated per prompt (K >= 2; ranking mode needs K >= 3)")
+    max_new_tokens: int = field(64, "new tokens per response")
+    temperature: float = field(0.8, "sampling temperature")
+    top_p: float = field(1.0, "nucleus sampling probability mass")
+    batch_size: int = field(8, "prompts per generation batch")
+    seed: int = field(42, "random seed for sampling")
+    mode: Literal["pairwise", "ranking"] = field(
+        "pairwise", "pairwise: every pair of a prompt's K responses; ranking: one K-wise comparison per prompt"
+    )
+    overlap: int = field(1, "labelers who see each comparison (>= 2 gives agreement numbers)")
+    gold_file: Optional[str] = field(None, "JSONL of hidden gold items with known answers (prompt, chosen, rejected)")
+    gold_rate: float = field(0.0, "share of tasks drawn from gold items, in [0, 1); stored in the database")
+
+    def __post_init__(self):
+        require(bool(self.db), "config key 'db' must not be empty")
+        require(self.num_candidates >= 2, "config key 'num_candidates' must be >= 2")
+        require(
+            self.mode != "ranking" or self.num_candidates >= 3,
+            "config key 'num_candidates' must be >= 3 when mode is 'ranking'",
+        )
+        require(self.max_prompts is None or self.max_prompts >= 1, "config key 'max_prompts' must be >= 1 or null")
+        require(self.max_new_tokens >= 1, "config key 'max_new_tokens' must be >= 1")
+        require(self.temperature > 0, "config key 'temperature' must be > 0")
+        require(0 < self.top_p <= 1, "config key 'top_p' must be in (0, 1]")
+        require(self.batch_size >= 1, "config key 'batch_size' must be >= 1")
+        require(self.overlap >= 1, "config key 'overlap' must be >= 1")
+        require(0 <= self.gold_rate < 1, "config key 'gold_rate' must be in [0, 1)")

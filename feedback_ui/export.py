@@ -1,0 +1,129 @@
+"""Votes in the database -> preference JSONL (``prompt``, ``chosen``, ``rejected``, ``margin`` + provenance).
+
+The rows are TRL's explicit-prompt preference format (string columns), so
+``rlhf reward`` and TRL's RewardTrainer read them as they are; the extra
+columns (annotator, comparison_id, ...) are provenance. Gold items are never
+exported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Optional
+
+import sqlalchemy as sa
+
+from feedback_ui.pairs import Judgement, PrefPair, aggregate, split_by_prompt, strength_to_margin
+from feedback_ui.store import Comparison, Prompt, Response, Store, User, Vote
+from rlhf.errors import UserError
+
+
+def test_path(out: str | os.PathLike) -> Path:
+    """Sibling file for the held-out prompts: ``prefs.jsonl`` -> ``prefs.test.jsonl``."""
+    p = Path(out)
+    return p.with_name(f"{p.stem}.test{p.suffix or '.jsonl'}")
+
+
+def load_judgements(store: Store, margin_slightly: float = 1.0, margin_much: float = 3.0) -> dict[int, dict]:
+    """Per non-gold comparison: its prompt text and the list of :class:`Judgement` (one per vote)."""
+    with store.read() as s:
+        rows = s.execute(
+            sa.select(Vote, User.name, Comparison.prompt_id, Prompt.text)
+            .join(User, User.id == Vote.user_id)
+            .join(Comparison, Comparison.id == Vote.comparison_id)
+            .join(Prompt, Prompt.id == Comparison.prompt_id)
+            .where(~Comparison.is_gold)
+            .order_by(Vote.comparison_id, Vote.id)
+        ).all()
+    items: dict[int, dict] = {}
+    for vote, name, prompt_id, prompt_text in rows:
+        item = items.setdefault(vote.comparison_id, {"prompt_id": prompt_id, "prompt": prompt_text, "judgements": []})
+        item["judgements"].append(
+            Judgement(
+                annotator=name,
+                outcome=vote.outcome,
+                ranking=tuple(vote.ranking),
+                margin=strength_to_margin(vote.strength, margin_slightly, margin_much),
+                edit=vote.edited_response_id,
+                created_at=vote.created_at.isoformat(timespec="seconds") + "Z",
+            )
+        )
+    return items
+
+
+def _texts(store: Store, ids: Iterable[int]) -> dict[int, str]:
+    ids = sorted(set(ids))
+    out: dict[int, str] = {}
+    with store.read() as s:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            out.update(s.execute(sa.select(Response.id, Response.text).where(Response.id.in_(chunk))).all())
+    return out
+
+
+def _row(item: dict, comparison_id: int, p: PrefPair, texts: dict[int, str]) -> dict:
+    return {
+        "prompt": item["prompt"],
+        "chosen": texts[p.chosen],
+        "rejected": texts[p.rejected],
+        "margin": float(p.margin),
+        "annotator": ",".join(p.annotators),
+        "comparison_id": comparison_id,
+        "prompt_id": item["prompt_id"],
+        "chosen_id": p.chosen,
+        "rejected_id": p.rejected,
+        "outcome": p.outcome,
+        "n_votes": len(item["judgements"]),
+        "created_at": p.created_at,
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def export_preferences(
+    store: Store,
+    out: str,
+    *,
+    strategy: str = "all-pairs",
+    aggregation: str = "majority",
+    keep: Iterable[str] = (),
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    margin_slightly: float = 1.0,
+    margin_much: float = 3.0,
+) -> dict:
+    """Write preference rows; returns counts. ``keep`` may add ``tie`` and/or ``both_bad`` rows."""
+    keep = set(keep)
+    if keep - {"tie", "both_bad"}:
+        raise UserError(f"--keep takes tie and/or both_bad, got {', '.join(sorted(keep))}")
+    if not 0 <= test_fraction < 1:
+        raise UserError("--test_fraction must be in [0, 1)")
+    out_path = Path(out)
+    if not out_path.parent.is_dir():
+        raise UserError(f"folder of output file {out_path} does not exist")
+    items = load_judgements(store, margin_slightly, margin_much)
+    pairs: list[tuple[int, PrefPair]] = []
+    for cid, item in items.items():
+        for p in aggregate(item["judgements"], strategy, aggregation):
+            if p.outcome == "ranked" or p.outcome in keep:
+                pairs.append((cid, p))
+    texts = _texts(store, [i for _, p in pairs for i in (p.chosen, p.rejected)])
+    rows = [_row(items[cid], cid, p, texts) for cid, p in pairs]
+    held_out = split_by_prompt([r["prompt"] for r in rows], test_fraction, seed)
+    train = [r for r in rows if r["prompt"] not in held_out]
+    test = [r for r in rows if r["prompt"] in held_out]
+    _write_jsonl(out_path, train)
+    counts = {"comparisons": len(items), "rows": len(train), "out": str(out_path)}
+    if test_fraction > 0:
+        _write_jsonl(test_path(out_path), test)
+        counts.update(test_rows=len(test), test_out=str(test_path(out_path)))
+    return counts

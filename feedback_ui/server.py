@@ -1,0 +1,103 @@
+"""Serving the labeling app: Gradio's login page in front of every route.
+
+Gradio's ``auth=`` protects the page, ``/config`` and the API routes; a few of
+its routes answer without a session (``/gradio_api/cancel``, ``/reset``,
+``/heartbeat``, ``/app_id``, ``/manifest.json``, ...). The outer app therefore
+adds one rule: without a valid session cookie only the login page and its
+static assets are served; anything else gets 401 and no data.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Optional
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from gradio.routes import App
+
+from feedback_ui.app import SHORTCUTS_HEAD, build_app
+from feedback_ui.auth import check_login
+from feedback_ui.store import Store, open_store
+
+# reachable before login: the login page itself, the login form target and static files
+OPEN_EXACT = {"/", "/login", "/login/", "/logout", "/logout/", "/theme.css", "/favicon.ico", "/robots.txt"}
+OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/login_check")
+
+
+def _session_user(gradio_app: App, request: Request) -> Optional[str]:
+    token = request.cookies.get(f"access-token-{gradio_app.cookie_id}") or request.cookies.get(
+        f"access-token-unsecure-{gradio_app.cookie_id}"
+    )
+    return gradio_app.tokens.get(token) if token else None
+
+
+def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concurrency: int = 16) -> FastAPI:
+    """A FastAPI app serving the labeling Blocks at ``/`` behind the login."""
+    blocks = build_app(store, gold_rate=gold_rate)
+    blocks.queue(default_concurrency_limit=concurrency)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        auth=lambda name, password: check_login(store, name, password),
+        auth_message="Log in with the account your project admin created.",
+        head=SHORTCUTS_HEAD,
+        footer_links=[],
+        run_history=False,
+        ssr_mode=False,
+        mcp_server=False,
+        show_error=True,
+    )
+    gradio_app = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), App))
+
+    @app.middleware("http")
+    async def require_login(request: Request, call_next):
+        path = request.url.path
+        if path in OPEN_EXACT or path.startswith(OPEN_PREFIXES) or _session_user(gradio_app, request):
+            return await call_next(request)
+        return JSONResponse({"detail": {"error": "Not authenticated", "auth_message": None}}, status_code=401)
+
+    return app
+
+
+class Server:
+    """The app on ``host:port`` in a background thread (``start()`` / ``stop()``); used by tests and benches."""
+
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0, **app_kwargs):
+        if port == 0:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}/"
+        config = uvicorn.Config(create_server_app(store, **app_kwargs), host=host, port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 60.0) -> "Server":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the labeling app did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def launch(db: str, host: str = "127.0.0.1", port: int = 7860, gold_rate: Optional[float] = None,
+           concurrency: int = 16) -> None:  # fmt: skip
+    """Serve until interrupted (``rlhf label serve``)."""
+    store = open_store(db)
+    print(f"labeling app on http://{host}:{port}/ (database {store.url}); Ctrl+C stops it", flush=True)
+    app = create_server_app(store, gold_rate=gold_rate, concurrency=concurrency)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,267 @@
+"""Database schema, engine set-up and schema versioning.
+
+SQLite is the default (a plain file path or ``sqlite:///FILE``): WAL journal,
+``synchronous=FULL`` (a committed vote survives a killed process and a crashed
+OS), foreign keys on. Write transactions begin with ``BEGIN IMMEDIATE`` and are
+serialised inside the process by a lock owned by the :class:`Store`, so
+concurrent labelers queue for the writer instead of spinning on
+``SQLITE_BUSY``. PostgreSQL works by URL (``postgresql://...``); there the
+assignment counters are updated with conditional ``UPDATE`` statements so the
+same code is safe without the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import sqlalchemy as sa
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from rlhf.errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+# helper functions
+
+
+def utcnow() -> datetime:
+    """Naive UTC (SQLite keeps no time zone; every timestamp in the database is UTC)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def normalize_url(db: str) -> str:
+    """A file path or database URL -> a SQLAlchemy URL (file paths become absolute ``sqlite:///``)."""
+    if not db:
+        raise UserError("no database given (set --db to a file path or a database URL)")
+    if "://" in db:
+        if db.startswith("sqlite:///") or db.startswith(("postgresql", "postgres://")):
+            return db.replace("postgres://", "postgresql://", 1)
+        raise UserError(f"unsupported database URL '{db}': use a file path, sqlite:///FILE or postgresql://...")
+    path = Path(db).expanduser().resolve()
+    if not path.parent.is_dir():
+        raise UserError(f"folder of database file {path} does not exist")
+    return f"sqlite:///{path}"
+
+
+# schema
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Setting(Base):
+    """Project-wide settings written by ``rlhf label candidates`` (e.g. ``gold_rate``)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # labeler | admin
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the canonical messages JSON
+    text: Mapped[str] = mapped_column(Text)  # what labelers read and what export writes
+    messages: Mapped[Any] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Response(Base):
+    __tablename__ = "responses"
+    __table_args__ = (UniqueConstraint("prompt_id", "text_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    text_key: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))  # policy | gold | edit
+    policy: Mapped[Optional[str]] = mapped_column(String(1024))  # base model [+ adapter]
+    settings: Mapped[Optional[Any]] = mapped_column(JSON)  # generation settings
+    author_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))  # edits
+    parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("responses.id"))  # the edited response
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Comparison(Base):
+    __tablename__ = "comparisons"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # pair | rank
+    response_ids: Mapped[Any] = mapped_column(JSON)  # canonical order (ascending ids)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    overlap: Mapped[int] = mapped_column(default=1)  # labelers wanted
+    n_active: Mapped[int] = mapped_column(default=0)  # open + done assignments
+    is_gold: Mapped[bool] = mapped_column(default=False, index=True)
+    gold_ranking: Mapped[Optional[Any]] = mapped_column(JSON)  # known answer, best first
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Assignment(Base):
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("comparison_id", "user_id"),  # nobody gets a comparison twice
+        Index("ix_assignments_user_status", "user_id", "status"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    order: Mapped[Any] = mapped_column(JSON)  # response ids in display order (A, B, ...)
+    status: Mapped[str] = mapped_column(String(8), default="open")  # open | done | skipped
+    is_gold: Mapped[bool] = mapped_column(default=False)
+    assigned_at: Mapped[datetime] = mapped_column(default=utcnow)
+    shown_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[Optional[datetime]] = mapped_column()
+
+
+class Vote(Base):
+    __tablename__ = "votes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    outcome: Mapped[str] = mapped_column(String(12))  # ranked | tie | both_bad
+    ranking: Mapped[Any] = mapped_column(JSON)  # response ids best first (display order for tie/both_bad)
+    picked_position: Mapped[Optional[int]] = mapped_column()  # display slot of the best (0 = A)
+    strength: Mapped[Optional[str]] = mapped_column(String(12))  # slightly | much
+    rationale: Mapped[Optional[str]] = mapped_column(Text)
+    edited_response_id: Mapped[Optional[int]] = mapped_column(ForeignKey("responses.id"))
+    seconds: Mapped[float] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# engine and sessions
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
+
+
+def make_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=32
+        )
+        _configure_sqlite(engine)
+        return engine
+    try:
+        return sa.create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        raise UserError(f"cannot open {url.split('://')[0]} database: driver {exc.name} is not installed") from None
+
+
+class Store:
+    """An open database: ``read()`` and ``write()`` give sessions; ``write()`` commits on success."""
+
+    def __init__(self, db: str):
+        self.url = normalize_url(db)
+        self.engine = make_engine(self.url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._sessions() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """A transaction that is committed (durably) before the block's result is used."""
+        with self._write_lock, self._sessions() as session:
+            session.connection(execution_options={"immediate": True})
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _stored_version(store: Store) -> Optional[int]:
+    if not sa.inspect(store.engine).has_table("schema_version"):
+        return None
+    with store.read() as s:
+        return s.scalar(sa.select(sa.func.max(SchemaVersion.version)))
+
+
+def _check_version(version: Optional[int], url: str) -> None:
+    if version is not None and version > SCHEMA_VERSION:
+        raise UserError(
+            f"database {url} has schema version {version}, newer than this toolkit supports ({SCHEMA_VERSION}); "
+            "upgrade the toolkit"
+        )
+
+
+def init_db(db: str) -> Store:
+    """Create the schema (idempotent) and record the schema version."""
+    store = Store(db)
+    version = _stored_version(store)
+    _check_version(version, store.url)
+    Base.metadata.create_all(store.engine)
+    if version is None:
+        with store.write() as s:
+            s.add(SchemaVersion(version=SCHEMA_VERSION))
+    return store
+
+
+def open_store(db: str) -> Store:
+    """Open an initialised database; a missing schema or a newer version is a clear error."""
+    store = Store(db)
+    version = _stored_version(store)
+    if version is None:
+        store.close()
+        raise UserError(f"database {store.url} is not initialised: run 'rlhf label init --db {db}'")
+    _check_version(version, store.url)
+    if version < SCHEMA_VERSION:
+        raise UserError(f"database {store.url} has schema version {version}; run 'rlhf label init --db {db}'")
+    return store
+
+
+def get_setting(session: Session, key: str, default: Any = None) -> Any:
+    row = session.get(Setting, key)
+    return default if row is None else row.value
+
+
+def set_setting(session: Session, key: str, value: Any) -> None:
+    session.merge(Setting(key=key, value=value))
