@@ -1,0 +1,81 @@
+"""``rlhf reward evaluate``: accuracy and margins of a reward model on a preference file."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from reward.losses import preference_metrics
+from reward.pairs_format import PreferencePair
+from rlhf.config import Literal, Optional, field, require
+from rlhf.outputs import write_json
+
+
+@dataclasses.dataclass
+class RewardEvalConfig:
+    """Options of ``rlhf reward evaluate``."""
+
+    reward_model: str = field("", "reward-model folder written by `rlhf reward`")
+    dataset_name: str = field("", "preference data (prompt/chosen/rejected, HH-style dialogues or message lists)")
+    out: Optional[str] = field(None, "write the metrics as JSON to this file")
+    batch_size: int = field(16, "sequences per forward pass")
+    max_pairs: Optional[int] = field(None, "evaluate at most this many pairs (the first ones)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field("auto", "numeric precision")
+
+    def __post_init__(self):
+        require(bool(self.reward_model), "config key 'reward_model' must be set (a folder written by `rlhf reward`)")
+        require(bool(self.dataset_name), "config key 'dataset_name' must be set (a preference file)")
+        require(self.batch_size >= 1, "config key 'batch_size' must be >= 1")
+        require(self.max_pairs is None or self.max_pairs >= 1, "config key 'max_pairs' must be >= 1")
+
+
+def score_pairs(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> dict:
+    """Score both responses of every pair: rewards and response token lengths per side."""
+    prompts = [p.prompt_messages for p in pairs]
+    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    seqs, lengths = scorer.encode(prompts + prompts, texts)
+    rewards = scorer.score_ids(seqs, batch_size)
+    n = len(pairs)
+    return {
+        "chosen": rewards[:n],
+        "rejected": rewards[n:],
+        "chosen_len": lengths[:n],
+        "rejected_len": lengths[n:],
+        "margins": [p.margin for p in pairs],
+    }
+
+
+def evaluate_pairs(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> dict:
+    """:func:`reward.losses.preference_metrics` of ``scorer`` on ``pairs``."""
+    s = score_pairs(scorer, pairs, batch_size)
+    return preference_metrics(s["chosen"], s["rejected"], s["margins"], s["chosen_len"], s["rejected_len"])
+
+
+def format_summary(metrics: dict) -> str:
+    corr = metrics.get("length_correlation")
+    corr_text = "n/a" if corr is None else f"{corr:+.3f}"
+    return (
+        f"pairs {metrics['n']}  accuracy {metrics['accuracy']:.4f}  mean margin {metrics['mean_margin']:+.4f}  "
+        f"loss {metrics['loss']:.4f}  reward {metrics['reward_mean']:+.3f} ± {metrics['reward_std']:.3f}  "
+        f"length corr {corr_text}"
+    )
+
+
+def run_reward_evaluate(cfg: RewardEvalConfig) -> dict:
+    """Score every pair of ``cfg.dataset_name`` with ``cfg.reward_model``; print and optionally write the metrics."""
+    from reward.data import load_pairs
+    from reward.scorer import RewardScorer
+
+    pairs = load_pairs(cfg.dataset_name)
+    if cfg.max_pairs:
+        pairs = pairs[: cfg.max_pairs]
+    scorer = RewardScorer.from_pretrained(cfg.reward_model, precision=cfg.precision)
+    metrics = evaluate_pairs(scorer, pairs, cfg.batch_size)
+    metrics.update(reward_model=str(cfg.reward_model), dataset=cfg.dataset_name)
+    print(format_summary(metrics))
+    if cfg.out:
+        Path(cfg.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(cfg.out).expanduser(), metrics)
+        print(f"metrics written to {cfg.out}", file=sys.stderr)
+    return metrics

@@ -1,0 +1,229 @@
+"""What the reward model sees and how one scalar comes out of it.
+
+Input (the same in training, ``RewardScorer.score`` and PPO's ``score_tokens``)::
+
+    ids = tokenize(chat_template(prompt, add_generation_prompt=True)) + tokenize(response) + [eos]
+
+left-truncated to ``max_length`` tokens, so the response and its EOS are always kept. This is
+exactly the token layout of a policy rollout (left-padded chat prompt, then the sampled tokens
+up to and including EOS).
+
+Reward::
+
+    h = trunk(ids, attention_mask, position_ids = cumsum(mask) - 1).last_hidden_state   # (B, T, H)
+    r = head(h[b, last attended position of row b])                                      # (B,)
+
+The pooled position comes from the attention mask, not from ``input_ids != pad_token_id``:
+tokenizers whose pad token is their EOS (SmolLM2, the test tokenizer) would otherwise pool the
+token *before* EOS. ``transformers``' own ``*ForSequenceClassification.forward`` uses the latter
+rule, so always score through this module (or ``RewardScorer``).
+
+The folder a trained RM lives in is described by ``reward_model.json`` (see :func:`write_metadata`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf.data import to_messages
+from rlhf.errors import ConfigError, UserError
+
+METADATA_FILE = "reward_model.json"
+STATS_FILE = "reward_stats.json"
+SFT_COPY = "sft_adapter"
+FORMAT = "rlhf-reward-model"
+INPUT_FORMAT = "chat_template(prompt, add_generation_prompt=True) + response + eos, left-truncated to max_length"
+POOLING = "last attended token (attention_mask), position_ids = cumsum(mask) - 1"
+
+# encoding
+
+
+def encode_pairs_texts(
+    tokenizer, prompts: list[Any], responses: list[str], max_length: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids the RM scores for each (prompt, response), and each response's length in tokens.
+
+    ``prompts`` are strings or message lists; the template is applied with the generation prompt.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    if tokenizer.eos_token_id is None:
+        raise UserError("the reward model's tokenizer has no EOS token")
+    cache: dict[str, list[int]] = {}
+    prompt_ids = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(to_messages(prompt), add_generation_prompt=True, tokenize=False)
+        if text not in cache:
+            cache[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids.append(cache[text])
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+    seqs = [(p + r + [tokenizer.eos_token_id])[-max_length:] for p, r in zip(prompt_ids, response_ids)]
+    return seqs, [len(r) for r in response_ids]
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (B, T)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# pooling
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended position of each row (right or left padding): (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only, so left padding does not shift them: (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pooled_rewards(trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per row: ``head(trunk(...)[b, last_token_index[b]])``; (B, T) -> (B,) float32."""
+    out = trunk(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)
+    return head(last.to(_param_dtype(head, last.dtype))).squeeze(-1).float()  # (B,)
+
+
+def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return default
+
+
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder trunk, score head) of a ``*ForSequenceClassification`` model, PEFT-wrapped or not."""
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    trunk = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    head = getattr(base, "score", None)
+    if trunk is None or head is None:
+        raise UserError(f"{type(base).__name__} has no decoder trunk and 'score' head to build a reward model on")
+    return trunk, head
+
+
+def head_linear(head: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` behind a head (unwrapping PEFT's modules_to_save wrapper)."""
+    copies = getattr(head, "modules_to_save", None)
+    if copies is not None:
+        active = getattr(head, "active_adapters", None) or list(copies.keys())
+        return copies[active[0]]
+    return head
+
+
+# building
+
+
+def build_reward_model(base: str, sft_adapter: str | None, dtype: torch.dtype, device: torch.device, seed: int):
+    """``AutoModelForSequenceClassification`` (num_labels=1) on ``base``, with a LoRA SFT adapter merged first.
+
+    The score head is initialised after ``transformers.set_seed(seed)``, so runs are reproducible.
+    """
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    from rlhf.models import load_model, resolve_model_path
+
+    path = resolve_model_path(base)
+    set_seed(seed)
+    try:
+        with suppress_seqcls_warning():
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    except OSError as exc:
+        raise UserError(f"cannot load model {base}: {str(exc).splitlines()[0]}") from None
+    if sft_adapter:
+        check_lora_adapter(sft_adapter)
+        merged = load_model(base, adapter=sft_adapter, dtype=dtype, device=torch.device("cpu"), merge=True)
+        trunk, _ = trunk_and_head(model)
+        trunk.load_state_dict(getattr(merged, merged.base_model_prefix).state_dict())
+        del merged
+    return model.to(device)
+
+
+def check_lora_adapter(adapter: str) -> dict:
+    """The adapter_config of a LoRA adapter folder; ConfigError for anything else."""
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"config key 'sft_adapter': {adapter} has no adapter_config.json")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ConfigError(
+            f"config key 'sft_adapter': only LoRA adapters can be merged, {adapter} is {config.get('peft_type')}; "
+            "for a fully fine-tuned SFT model pass its folder as model_name_or_path instead"
+        )
+    return config
+
+
+def adapter_digest(adapter: str | Path) -> str:
+    """SHA-256 of an adapter's weight file(s): identifies an SFT adapter wherever it was copied to."""
+    digest = hashlib.sha256()
+    files = sorted(Path(adapter).glob("adapter_model.*"))
+    if not files:
+        raise UserError(f"adapter folder {adapter} has no adapter_model weights")
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+# the saved folder
+
+
+def write_metadata(folder: Path, *, base: str, base_path: str, sft_adapter: str | None, max_length: int, hidden_size: int):
+    """Write ``reward_model.json``: what a loader needs to rebuild the exact scoring model."""
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "base_model": base,
+        "base_model_path": base_path,
+        "sft_adapter": SFT_COPY if sft_adapter else None,
+        "sft_adapter_source": str(Path(sft_adapter).resolve()) if sft_adapter else None,
+        "sft_adapter_sha256": adapter_digest(sft_adapter) if sft_adapter else None,
+        "sft_merged": bool(sft_adapter),
+        "max_length": max_length,
+        "hidden_size": hidden_size,
+        "input": INPUT_FORMAT,
+        "pooling": POOLING,
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def read_metadata(folder: str | Path) -> dict:
+    """``reward_model.json`` of a reward-model folder (UserError naming what is missing)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"reward model folder not found: {folder}")
+    meta_file = folder / METADATA_FILE
+    if not meta_file.is_file() or not (folder / "adapter_config.json").is_file():
+        raise UserError(f"{folder} is not a reward model written by `rlhf reward` (no {METADATA_FILE} / adapter_config.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{meta_file} is not a {FORMAT} description")
+    return meta
+
+
+def read_stats(folder: str | Path) -> dict:
+    path = Path(folder) / STATS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"mean": 0.0, "std": 1.0, "n": 0}

@@ -1,0 +1,338 @@
+"""Reward-model training on the tiny model, the saved folder, standalone and attached scoring."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from reward import RewardScorer
+from reward.data import load_pairs
+from reward.evaluate import evaluate_pairs
+from reward.modeling import build_reward_model, read_metadata
+from reward.train import RewardStageConfig, build_trainer, load_splits, run_reward
+from rlhf.errors import ConfigError, UserError
+from rlhf.testing import write_jsonl
+
+WORDS = ["sun", "tree", "river", "cloud", "stone", "bird", "road", "city", "rain", "light"]
+
+
+def easy_rows(n: int, seed: int = 0) -> list[dict]:
+    """Chosen = rejected + ' thanks': the RM must learn to like the word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+        rows.append({"prompt": f"Say something about the {rng.choice(WORDS)} {i}.", "chosen": body + " thanks", "rejected": body})
+    return rows
+
+
+def rm_config(tiny_model_dir, tmp, **overrides) -> RewardStageConfig:
+    values = dict(
+        model_name_or_path=tiny_model_dir,
+        dataset_name=str(write_jsonl(Path(tmp) / "prefs.jsonl", easy_rows(64))),
+        output_dir=str(Path(tmp) / "rm"),
+        max_steps=24,
+        learning_rate=5e-3,
+        per_device_train_batch_size=8,
+        eval_fraction=0.25,
+        lora_r=4,
+        lora_alpha=8,
+        logging_steps=8,
+        report_to="none",
+        stats_max_pairs=16,
+    )
+    values.update(overrides)
+    return RewardStageConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rm")
+    cfg = rm_config(tiny_model_dir, tmp)
+    return cfg, run_reward(cfg)
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA causal-LM adapter with non-zero weights, as `rlhf sft` would save it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("sft")
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def policy_model(tiny_model_dir):
+    """The policy as PPO holds it: base causal LM + a trainable LoRA adapter 'policy' (non-zero), train mode."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.models import load_base_model
+
+    base = load_base_model(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    model = get_peft_model(
+        base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="policy"
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.train()
+    return model
+
+
+def some_texts(n=6):
+    rows = easy_rows(n, seed=7)
+    return [r["prompt"] for r in rows], [r["chosen"] if i % 2 else r["rejected"] for i, r in enumerate(rows)]
+
+
+# training
+
+
+def test_training_raises_held_out_accuracy(trained, tiny_model_dir):
+    cfg, metrics = trained
+    _, held = load_splits(cfg)
+    untrained = build_reward_model(tiny_model_dir, None, torch.float32, torch.device("cpu"), seed=cfg.seed)
+    tokenizer = RewardScorer.from_pretrained(cfg.output_dir).tokenizer
+    before = evaluate_pairs(RewardScorer.from_model(untrained, tokenizer, cfg.max_length), held)["accuracy"]
+    assert metrics["eval_accuracy"] >= 0.9 > before
+    assert metrics["eval_pairs"] == 16 and metrics["train_pairs"] == 48
+    for key in ("eval_mean_margin", "eval_reward_mean", "eval_reward_std", "eval_length_correlation",
+                "train_pairs_per_s", "wall_time_s", "train_reward_mean", "train_reward_std"):
+        assert metrics[key] is not None, key
+
+
+def test_lora_trains_adapter_and_head_but_not_base(tiny_model_dir, tmp_path):
+    cfg = rm_config(tiny_model_dir, tmp_path, max_steps=3)
+    train, held = load_splits(cfg)
+    trainer = build_trainer(cfg, tmp_path, train, held, None)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "nothing was trained"
+    assert all("lora_" in n or "score.modules_to_save" in n for n in changed), sorted(changed)[:5]
+    assert any("score.modules_to_save" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_saved_folder_layout(trained):
+    cfg, metrics = trained
+    out = Path(cfg.output_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "reward_model.json",
+                 "reward_stats.json", "run_config.yaml", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert (out / "logs" / "metrics.jsonl").is_file()
+    assert not (out / "trainer").exists() and not Path(str(out) + ".incomplete").exists()
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+    meta = read_metadata(out)
+    assert meta["sft_merged"] is False and meta["max_length"] == cfg.max_length
+    stats = json.loads((out / "reward_stats.json").read_text())
+    assert stats["n"] == 32 and stats["std"] > 0
+    assert json.loads((out / "metrics.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
+
+
+def test_failed_run_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch):
+    from reward import trainer as trainer_module
+
+    cfg = rm_config(tiny_model_dir, tmp_path, max_steps=2)
+
+    def boom(self, *a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(trainer_module.PairwiseRewardTrainer, "train", boom)
+    with pytest.raises(RuntimeError):
+        run_reward(cfg)
+    assert not Path(cfg.output_dir).exists() and not Path(cfg.output_dir + ".incomplete").exists()
+
+
+def test_config_validation(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="sft_adapter"):
+        rm_config(tiny_model_dir, tmp_path, sft_adapter=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="eval_steps"):
+        rm_config(tiny_model_dir, tmp_path, eval_steps=5, eval_fraction=0.0)
+    with pytest.raises(ConfigError, match="lora_top_layers"):
+        rm_config(tiny_model_dir, tmp_path, lora_top_layers=-1)
+
+
+# scoring
+
+
+def test_standalone_load_reproduces_scores(trained):
+    cfg, metrics = trained
+    scorer = RewardScorer.from_pretrained(cfg.output_dir)
+    _, held = load_splits(cfg)
+    again = evaluate_pairs(scorer, held)
+    assert again["accuracy"] == metrics["eval_accuracy"]
+    assert again["mean_margin"] == pytest.approx(metrics["eval_mean_margin"], abs=1e-5)
+    assert scorer.stats["mean"] == pytest.approx(metrics["train_reward_mean"])
+    assert set(scorer.stats) >= {"mean", "std"}
+    prompts, responses = some_texts()
+    scores = scorer.score(prompts, responses, batch_size=4)
+    assert len(scores) == 6 and all(isinstance(s, float) for s in scores)
+    assert scorer.score(prompts[:1], responses[:1]) == pytest.approx(scores[:1], abs=1e-5)  # batching-independent
+
+
+def test_score_tokens_left_and_right_padding_agree(trained):
+    cfg, _ = trained
+    scorer = RewardScorer.from_pretrained(cfg.output_dir)
+    prompts, responses = some_texts(4)
+    seqs, _ = scorer.encode(prompts, responses)
+    width, pad = max(map(len, seqs)), scorer.tokenizer.pad_token_id
+    left = torch.full((4, width), pad)
+    mask = torch.zeros((4, width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        left[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    out = scorer.score_tokens(left, mask)
+    assert out.shape == (4,) and out.dtype == torch.float32
+    assert out.tolist() == pytest.approx(scorer.score(prompts, responses), abs=1e-5)
+
+
+def test_attach_matches_standalone_and_shares_base(trained, tiny_model_dir):
+    cfg, _ = trained
+    standalone = RewardScorer.from_pretrained(cfg.output_dir)
+    policy = policy_model(tiny_model_dir)
+    tokenizer = standalone.tokenizer
+    scorer = RewardScorer.attach(policy, tokenizer, cfg.output_dir)
+    prompts, responses = some_texts()
+    assert scorer.score(prompts, responses) == pytest.approx(standalone.score(prompts, responses), abs=1e-5)
+    shared = policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert scorer.trunk.layers[0].self_attn.q_proj.base_layer.weight.data_ptr() == shared.data_ptr()
+    w, b = scorer.head_weight()
+    w0, b0 = standalone.head_weight()
+    assert w.shape == (1, 32) and torch.allclose(w, w0) and b is None and b0 is None
+    assert scorer.stats == standalone.stats
+
+
+def test_attach_restores_active_adapter_flags_and_modes(trained, tiny_model_dir):
+    cfg, _ = trained
+    policy = policy_model(tiny_model_dir)
+    tokenizer = RewardScorer.from_pretrained(cfg.output_dir).tokenizer
+    grads_before = {n: p.requires_grad for n, p in policy.named_parameters()}
+    modes_before = {n: m.training for n, m in policy.named_modules()}
+    scorer = RewardScorer.attach(policy, tokenizer, cfg.output_dir, adapter_name="rm")
+    assert policy.active_adapters == ["policy"]
+    new = {n: p.requires_grad for n, p in policy.named_parameters() if n not in grads_before}
+    assert new and not any(new.values()), "the reward adapter must be frozen"
+    assert {n: p.requires_grad for n, p in policy.named_parameters() if n in grads_before} == grads_before
+
+    prompts, responses = some_texts(3)
+    first = scorer.score(prompts, responses)
+    assert policy.active_adapters == ["policy"]
+    assert {n: p.requires_grad for n, p in policy.named_parameters() if n in grads_before} == grads_before
+    assert not any(p.requires_grad for n, p in policy.named_parameters() if ".rm." in n)
+    assert {n: m.training for n, m in policy.named_modules() if n in modes_before} == modes_before
+
+    # inside disable_adapter (PPO's reference pass) the RM adapter is still used, and the context survives
+    with policy.disable_adapter():
+        assert scorer.score(prompts, responses) == pytest.approx(first, abs=1e-6)
+    assert policy.active_adapters == ["policy"]
+
+    # the policy adapter really is the active one again: its output differs from the bare base
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        with_adapter = policy(input_ids=ids).logits
+        with policy.disable_adapter():
+            bare = policy(input_ids=ids).logits
+    assert not torch.allclose(with_adapter, bare)
+
+
+def test_attach_with_sft_merged_reward_model(tiny_model_dir, tmp_path, sft_adapter):
+    cfg = rm_config(tiny_model_dir, tmp_path, sft_adapter=sft_adapter, max_steps=4, eval_fraction=0.0)
+    run_reward(cfg)
+    meta = read_metadata(cfg.output_dir)
+    assert meta["sft_merged"] and meta["sft_adapter"] == "sft_adapter" and meta["sft_adapter_sha256"]
+    assert (Path(cfg.output_dir) / "sft_adapter" / "adapter_config.json").is_file()
+    standalone = RewardScorer.from_pretrained(cfg.output_dir)
+    plain = build_reward_model(tiny_model_dir, None, torch.float32, torch.device("cpu"), seed=0)
+    merged = build_reward_model(tiny_model_dir, sft_adapter, torch.float32, torch.device("cpu"), seed=0)
+    assert not torch.equal(plain.model.layers[0].mlp.up_proj.weight, merged.model.layers[0].mlp.up_proj.weight)
+
+    policy = policy_model(tiny_model_dir)
+    scorer = RewardScorer.attach(policy, standalone.tokenizer, cfg.output_dir)
+    assert scorer.metadata["attached_adapters"] == ["reward_sft", "reward"]
+    prompts, responses = some_texts()
+    assert scorer.score(prompts, responses) == pytest.approx(standalone.score(prompts, responses), abs=1e-5)
+    assert policy.active_adapters == ["policy"]
+
+
+def test_compatibility_checks(trained, tiny_model_dir, tmp_path, sft_adapter):
+    from rlhf.testing import build_tiny_model
+
+    cfg, _ = trained
+    tokenizer = RewardScorer.from_pretrained(cfg.output_dir).tokenizer
+    assert RewardScorer.compatible_with(cfg.output_dir, tiny_model_dir, tokenizer)
+    # a policy whose base weights already have an SFT adapter merged in: this RM was trained without it
+    assert not RewardScorer.compatible_with(cfg.output_dir, tiny_model_dir, tokenizer, merged_sft_adapter=sft_adapter)
+    other = str(build_tiny_model(tmp_path / "other", seed=1))
+    assert "base" in RewardScorer.incompatibility(cfg.output_dir, other, tokenizer)
+    tokenizer_copy = RewardScorer.from_pretrained(cfg.output_dir).tokenizer
+    tokenizer_copy.chat_template = "{{ messages[0]['content'] }}"
+    assert "chat template" in RewardScorer.incompatibility(cfg.output_dir, tiny_model_dir, tokenizer_copy)
+    with pytest.raises(UserError, match="standalone"):
+        RewardScorer.attach(policy_model(tiny_model_dir), tokenizer_copy, cfg.output_dir)
+    with pytest.raises(UserError, match="not a reward model"):
+        RewardScorer.from_pretrained(tiny_model_dir)
+
+
+def test_lora_on_top_layers_only_trains_and_attaches(tiny_model_dir, tmp_path):
+    cfg = rm_config(tiny_model_dir, tmp_path, lora_top_layers=1, max_steps=3, eval_fraction=0.0)
+    run_reward(cfg)
+    adapter = json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == [1]
+    standalone = RewardScorer.from_pretrained(cfg.output_dir)
+    policy = policy_model(tiny_model_dir)
+    scorer = RewardScorer.attach(policy, standalone.tokenizer, cfg.output_dir)
+    assert not any(".reward." in n for n, _ in policy.named_parameters() if ".layers.0." in n)
+    prompts, responses = some_texts(3)
+    assert scorer.score(prompts, responses) == pytest.approx(standalone.score(prompts, responses), abs=1e-5)
+
+
+def test_margin_column_is_used(tiny_model_dir, tmp_path):
+    rows = [dict(r, margin=1.0) for r in easy_rows(24)]
+    data = write_jsonl(tmp_path / "margin.jsonl", rows)
+    cfg = rm_config(tiny_model_dir, tmp_path, dataset_name=str(data), max_steps=2, eval_fraction=0.0)
+    assert run_reward(cfg)["margin_used"] is True
+    assert [p.margin for p in load_pairs(str(data))][:2] == [1.0, 1.0]
+    cfg = rm_config(tiny_model_dir, tmp_path, dataset_name=str(data), max_steps=2, eval_fraction=0.0, use_margin=False)
+    assert run_reward(cfg)["margin_used"] is False
+
+
+def test_trl_reward_trainer_computes_the_same_loss(tiny_model_dir, tmp_path):
+    """On sequences that end in a non-pad token TRL's pooling and ours agree, so must the losses."""
+    import datasets
+    from trl import RewardConfig, RewardTrainer
+
+    from reward.losses import bradley_terry_loss
+    from reward.trainer import PairwiseRewardTrainer
+    from rlhf.models import load_tokenizer
+
+    model = build_reward_model(tiny_model_dir, None, torch.float32, torch.device("cpu"), seed=0)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = {"chosen_ids": [[5, 6, 7, 8], [9, 10, 11]], "rejected_ids": [[5, 6, 12], [9, 13, 14, 15, 16]], "margin": [0.5, -1.0]}
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=None, use_cpu=True)
+    for with_margin in (False, True):
+        data = datasets.Dataset.from_dict(rows if with_margin else {k: v for k, v in rows.items() if k != "margin"})
+        trl_trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        ours = PairwiseRewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        batch = trl_trainer.data_collator([data[i] for i in range(2)])
+        with torch.no_grad():
+            trl_loss = trl_trainer.compute_loss(model, dict(batch))
+            our_loss = ours.compute_loss(model, dict(batch))
+            chosen, rejected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
+        expected = bradley_terry_loss(chosen, rejected, torch.tensor(rows["margin"]) if with_margin else None)
+        assert trl_loss.item() == pytest.approx(expected.item(), abs=1e-6)
+        assert our_loss.item() == pytest.approx(expected.item(), abs=1e-6)
