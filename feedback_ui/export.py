@@ -21,7 +21,7 @@ from feedback_ui.store import Comparison, Prompt, Response, Store, User, Vote
 from rlhf.errors import UserError
 
 
-def test_path(out: str | os.PathLike) -> Path:
+def held_out_path(out: str | os.PathLike) -> Path:
     """Sibling file for the held-out prompts: ``prefs.jsonl`` -> ``prefs.test.jsonl``."""
     p = Path(out)
     return p.with_name(f"{p.stem}.test{p.suffix or '.jsonl'}")
@@ -124,6 +124,6 @@ def export_preferences(
     _write_jsonl(out_path, train)
     counts = {"comparisons": len(items), "rows": len(train), "out": str(out_path)}
     if test_fraction > 0:
-        _write_jsonl(test_path(out_path), test)
-        counts.update(test_rows=len(test), test_out=str(test_path(out_path)))
+        _write_jsonl(held_out_path(out_path), test)
+        counts.update(test_rows=len(test), test_out=str(held_out_path(out_path)))
     return counts

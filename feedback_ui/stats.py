@@ -1,7 +1,9 @@
 """Progress, per-labeler numbers and agreement, read from the database.
 
-A vote's nominal label (for agreement) is ``tie`` / ``both_bad``, or the id of
-the response it put first. Agreement uses regular comparisons with at least
+A vote's nominal label (for agreement) is ``tie`` / ``both_bad``, or the
+position of the response it put first in the comparison's canonical order
+(``best:0`` = the first stored response, whatever side it was shown on), so
+categories mean the same on every item. Agreement uses regular comparisons with at least
 two votes; gold items are scored against their known answer instead.
 """
 
@@ -18,8 +20,8 @@ from feedback_ui.agreement import cohen_kappa, krippendorff_alpha_nominal, perce
 from feedback_ui.store import Assignment, Comparison, Prompt, Response, Store, User, Vote
 
 
-def vote_label(outcome: str, ranking: list[int]) -> str:
-    return outcome if outcome != "ranked" else f"best:{ranking[0]}"
+def vote_label(outcome: str, ranking: list[int], response_ids: list[int]) -> str:
+    return outcome if outcome != "ranked" else f"best:{response_ids.index(ranking[0])}"
 
 
 def _round(x: Optional[float], nd: int = 3) -> Optional[float]:
@@ -93,7 +95,7 @@ def collect_stats(store: Store) -> dict:
         votes = s.execute(
             sa.select(
                 Vote.user_id, Vote.comparison_id, Vote.outcome, Vote.ranking, Vote.picked_position,
-                Vote.seconds, Comparison.kind, Comparison.is_gold, Comparison.gold_ranking,
+                Vote.seconds, Comparison.kind, Comparison.response_ids, Comparison.is_gold, Comparison.gold_ranking,
             ).join(Comparison, Comparison.id == Vote.comparison_id)
         ).all()  # fmt: skip
         status = s.execute(
@@ -110,7 +112,7 @@ def collect_stats(store: Store) -> dict:
     for v in votes:
         mine[v.user_id].append(v)
         if not v.is_gold:
-            labels[v.comparison_id][names[v.user_id]] = vote_label(v.outcome, v.ranking)
+            labels[v.comparison_id][names[v.user_id]] = vote_label(v.outcome, v.ranking, v.response_ids)
     overall, agree_per_user = _agreement(labels)
     labelers = []
     for uid, name, role in users:

@@ -1,0 +1,240 @@
+"""Database, accounts, task assignment and voting of the labeling app."""
+
+import random
+import threading
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from feedback_ui import tasks
+from feedback_ui.assign import next_task, progress, skip_task
+from feedback_ui.auth import add_user, check_login, hash_password, verify_password
+from feedback_ui.store import Assignment, Comparison, Response, SchemaVersion, User, Vote, init_db, open_store
+from feedback_ui.testing import PASSWORD, make_project
+from feedback_ui.voting import VoteError, record_vote
+from rlhf.errors import UserError
+
+
+def uid(store, name):
+    with store.read() as s:
+        return s.scalar(sa.select(User.id).where(User.name == name))
+
+
+def count(store, model, *where):
+    with store.read() as s:
+        return s.scalar(sa.select(sa.func.count()).select_from(model).where(*where))
+
+
+def label_all(store, user_id, *, gold_rate=0.0, rng=None, choice="A"):
+    """Vote on everything the user is given; returns the comparison ids seen."""
+    seen = []
+    while True:
+        with store.write() as s:
+            a = next_task(s, user_id, gold_rate=gold_rate, rng=rng)
+            if a is None:
+                return seen
+            seen.append(a.comparison_id)
+            kind = s.get(Comparison, a.comparison_id).kind
+            positions = list(range(len(a.order)))
+            record_vote(s, user_id, a.token, **({"choice": choice} if kind == "pair" else {"positions": positions}))
+
+
+# store
+
+
+def test_init_is_idempotent_and_uses_wal(tmp_path):
+    db = str(tmp_path / "x.db")
+    init_db(db)
+    store = init_db(db)
+    with store.read() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(SchemaVersion)) == 1
+        assert s.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+    assert open_store(f"sqlite:///{tmp_path / 'x.db'}").url == store.url
+
+
+def test_uninitialised_and_newer_schema_are_refused(tmp_path):
+    with pytest.raises(UserError, match="not initialised"):
+        open_store(str(tmp_path / "empty.db"))
+    with pytest.raises(UserError, match="does not exist"):
+        open_store(str(tmp_path / "no" / "such.db"))
+    store = init_db(str(tmp_path / "x.db"))
+    with store.write() as s:
+        s.add(SchemaVersion(version=99))
+    with pytest.raises(UserError, match="schema version 99, newer"):
+        open_store(str(tmp_path / "x.db"))
+    with pytest.raises(UserError, match="newer"):
+        init_db(str(tmp_path / "x.db"))
+
+
+# accounts
+
+
+def test_password_hashing():
+    h1, h2 = hash_password("secret pass", n=2**10), hash_password("secret pass", n=2**10)
+    assert h1.startswith("scrypt$1024$8$1$") and h1 != h2  # salted
+    assert verify_password("secret pass", h1) and not verify_password("secret pasS", h1)
+    assert not verify_password("x", "garbage") and not verify_password("x", "md5$1$1$1$00$00")
+
+
+def test_users_and_login(tmp_path):
+    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler", "root": "admin"}, n_pairs=0)
+    assert check_login(store, "ann", PASSWORD)
+    assert not check_login(store, "ann", "wrong password")
+    assert not check_login(store, "nobody", PASSWORD)
+    with pytest.raises(UserError, match="already exists"):
+        add_user(store, "ann", PASSWORD)
+    with pytest.raises(UserError, match="invalid role"):
+        add_user(store, "cy", PASSWORD, "boss")
+    with pytest.raises(UserError, match="invalid user name"):
+        add_user(store, "<b>", PASSWORD)
+    with pytest.raises(UserError, match="at least 8"):
+        add_user(store, "cy", "short")
+    with store.read() as s:
+        stored = s.scalar(sa.select(User.password_hash).where(User.name == "ann"))
+    assert PASSWORD not in stored
+
+
+# assignment
+
+
+def test_overlap_is_exact_and_nobody_sees_a_comparison_twice(tmp_path):
+    names = {f"u{i}": "labeler" for i in range(3)}
+    store = make_project(str(tmp_path / "x.db"), names, n_pairs=4, overlap=2)
+    seen = {n: label_all(store, uid(store, n)) for n in names}
+    for n, ids in seen.items():
+        assert len(ids) == len(set(ids)), f"{n} got a comparison twice"
+    with store.read() as s:
+        per_comparison = s.execute(sa.select(Vote.comparison_id, sa.func.count()).group_by(Vote.comparison_id)).all()
+        assert sorted(n for _, n in per_comparison) == [2, 2, 2, 2]
+        assert all(c.n_active == 2 for c in s.scalars(sa.select(Comparison)))
+    assert progress_of(store, "u0") == (len(seen["u0"]), len(seen["u0"]))
+
+
+def progress_of(store, name):
+    with store.read() as s:
+        return progress(s, uid(store, name))
+
+
+def test_concurrent_labelers_never_overfill(tmp_path):
+    names = {f"u{i}": "labeler" for i in range(8)}
+    store = make_project(str(tmp_path / "x.db"), names, n_pairs=12, overlap=3)
+    errors = []
+
+    def work(name):
+        try:
+            label_all(store, uid(store, name))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with store.read() as s:
+        counts = [n for _, n in s.execute(sa.select(Vote.comparison_id, sa.func.count()).group_by(Vote.comparison_id))]
+    assert counts == [3] * 12
+
+
+def test_gold_items_are_mixed_in_at_the_rate_and_never_repeated(tmp_path):
+    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=60, n_gold=40)
+    seen = label_all(store, uid(store, "ann"), gold_rate=0.25, rng=random.Random(0))
+    with store.read() as s:
+        gold_ids = set(s.scalars(sa.select(Comparison.id).where(Comparison.is_gold)))
+    gold_seen = [c for c in seen if c in gold_ids]
+    assert len(seen) == len(set(seen))
+    assert len(seen) - len(gold_seen) == 60  # all regular work done
+    # Bernoulli(0.25) per task while regular work remains: ~20 gold among ~80 tasks
+    assert 8 <= len(gold_seen) <= 32
+    # no gold after the regular work ran out, none at rate 0
+    assert seen[-1] not in gold_ids
+    store2 = make_project(str(tmp_path / "y.db"), {"ann": "labeler"}, n_pairs=5, n_gold=5)
+    seen2 = label_all(store2, uid(store2, "ann"), gold_rate=0.0)
+    with store2.read() as s:
+        assert len(seen2) == 5 and not set(seen2) & set(s.scalars(sa.select(Comparison.id).where(Comparison.is_gold)))
+
+
+def test_open_task_is_served_again_and_skip_frees_the_slot(tmp_path):
+    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler", "bob": "labeler"}, n_pairs=1, overlap=1)
+    ann, bob = uid(store, "ann"), uid(store, "bob")
+    with store.write() as s:
+        first = next_task(s, ann)
+        again = next_task(s, ann)
+        assert again.token == first.token
+        assert next_task(s, bob) is None  # the only slot is taken
+        assert skip_task(s, ann, first.token)
+        assert not skip_task(s, ann, first.token)
+        assert next_task(s, ann) is None  # skipped: never again for ann
+        assert next_task(s, bob) is not None  # the slot went back to the pool
+
+
+def test_sides_are_randomised_and_recorded(tmp_path):
+    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=40)
+    label_all(store, uid(store, "ann"), rng=random.Random(1))
+    with store.read() as s:
+        orders = [(a.order, c.response_ids) for a, c in s.execute(sa.select(Assignment, Comparison).join(Comparison))]
+    swapped = sum(order != ids for order, ids in orders)
+    assert 5 <= swapped <= 35
+
+
+# voting
+
+
+def test_same_submission_twice_is_stored_once(tmp_path):
+    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=3)
+    first = tasks.serve(store, "ann", 0.0)
+    after = tasks.answer(store, "ann", first["token"], 0.0, choice="A", strength="much better")
+    again = tasks.answer(store, "ann", first["token"], 0.0, choice="A", strength="much better")
+    assert after["status"] == "saved" and again["status"] == "already recorded"
+    assert again["token"] == after["token"] and (again["done"], again["total"]) == (1, 3)
+    assert count(store, Vote) == 1
+    with store.read() as s:
+        vote = s.scalar(sa.select(Vote))
+        assert (vote.idempotency_key, vote.strength, vote.picked_position) == (first["token"], "much", 0)
+        # the database itself refuses a second row with the same key
+        s.add(Vote(assignment_id=vote.assignment_id + 1, comparison_id=vote.comparison_id, user_id=vote.user_id,
+                   idempotency_key=vote.idempotency_key, outcome="tie", ranking=[], seconds=0.0))  # fmt: skip
+        with pytest.raises(IntegrityError):
+            s.flush()
+
+
+def test_votes_belong_to_their_labeler(tmp_path):
+    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler", "bob": "labeler"}, n_pairs=3)
+    ann_task = tasks.serve(store, "ann", 0.0)
+    with pytest.raises(VoteError, match="unknown task"):
+        tasks.answer(store, "bob", ann_task["token"], 0.0, choice="A")
+    with pytest.raises(tasks.NotAllowed):
+        tasks.serve(store, "mallory", 0.0)
+    with pytest.raises(tasks.NotAllowed, match="admins only"):
+        tasks.current_user(store, "ann", role="admin")
+    assert count(store, Vote) == 0
+    tasks.answer(store, "ann", ann_task["token"], 0.0, choice="B")
+    assert [row[2] for row in tasks.history(store, "ann")] == ["B is better"]
+    assert tasks.history(store, "bob") == []
+
+
+def test_vote_validation_and_edit(tmp_path):
+    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=2, n_rank=1, k_rank=3)
+    view = tasks.serve(store, "ann", 0.0)
+    for bad, match in [({"choice": "C"}, "choice must be"), ({"choice": "tie", "strength": "much"}, "strength"),
+                       ({"choice": "A", "strength": "huge"}, "strength must"), ({"positions": [0, 1]}, "needs a choice"),
+                       ({"choice": "both_bad", "edit": "better"}, "edit improves")]:  # fmt: skip
+        with pytest.raises(VoteError, match=match):
+            tasks.answer(store, "ann", view["token"], 0.0, **bad)
+    nxt = tasks.answer(store, "ann", view["token"], 0.0, choice="B", edit="  a much better answer  ", rationale="why")
+    with store.read() as s:
+        vote = s.scalar(sa.select(Vote))
+        edited = s.get(Response, vote.edited_response_id)
+        assert (edited.text, edited.source, edited.parent_id) == ("a much better answer", "edit", vote.ranking[0])
+        assert vote.rationale == "why" and vote.seconds >= 0
+    nxt = tasks.answer(store, "ann", nxt["token"], 0.0, choice="tie")
+    assert nxt["kind"] == "rank" and len(nxt["responses"]) == 3
+    with pytest.raises(VoteError, match="order all 3"):
+        tasks.answer(store, "ann", nxt["token"], 0.0, positions=[0, 0, 1])
+    done = tasks.answer(store, "ann", nxt["token"], 0.0, positions=[2, 0, 1])
+    assert done["token"] == "" and (done["done"], done["total"]) == (3, 3)
+    with store.read() as s:
+        vote, a = s.execute(sa.select(Vote, Assignment).join(Assignment).order_by(Vote.id.desc())).first()
+        assert vote.ranking == [a.order[2], a.order[0], a.order[1]] and vote.picked_position == 2
