@@ -180,5 +180,5 @@ def load_checkpoint(path: str | os.PathLike, *, actor, optimizer, scheduler) -> 
     device = actor.lm_head.weight.device
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())

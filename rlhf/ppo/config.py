@@ -30,7 +30,9 @@ class PPOStageConfig(TrainingConfig):
     sft_adapter: Optional[str] = field(
         None, "SFT LoRA adapter folder: becomes the frozen reference and the starting point of the policy"
     )
-    reward_model: Optional[str] = field(None, "reward-model folder written by `rlhf reward`")
+    reward_model: Optional[str] = field(
+        None, "reward-model folder written by `rlhf reward`, or `rule` (reward.rules: concise answers ending in '.')"
+    )
     max_prompts: Optional[int] = field(None, "use at most this many prompts")
     max_prompt_length: int = field(256, "prompts longer than this many tokens are truncated from the left")
     overwrite_output_dir: bool = field(False, "start afresh even if output_dir already holds checkpoints")

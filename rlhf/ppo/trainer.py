@@ -292,7 +292,7 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     out = wiring.prepare_output_dir(cfg)
     tokenizer, actor, base_path = wiring.load_actor(cfg)
     if scorer is None:
-        scorer = wiring.load_reward_scorer(cfg, actor, tokenizer)
+        scorer = wiring.load_reward_scorer(cfg, actor, tokenizer, base_path)
     elif not isinstance(scorer, Scorer) and callable(scorer):
         scorer = scorer(actor, tokenizer)
     wiring.init_value_model(cfg, actor, scorer)

@@ -16,7 +16,7 @@ from rlhf.models import load_base_model, load_tokenizer, pick_device, pick_dtype
 from rlhf.ppo.checkpoint import list_checkpoints
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.policy import ActorCritic, build_actor_critic, lora_config
-from rlhf.ppo.scorers import Scorer, TextScorer, TokenScorer
+from rlhf.ppo.scorers import FunctionScorer, Scorer, TextScorer, TokenScorer
 
 REWARD_ADAPTER = "reward"
 
@@ -54,24 +54,33 @@ def load_actor(cfg: PPOStageConfig):
     return tokenizer, actor, base_path
 
 
-def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer) -> Scorer:
-    """The reward model of ``cfg.reward_model``: attached to the shared base when compatible, else standalone."""
+def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer, base_path: str) -> Scorer:
+    """The reward of ``cfg.reward_model``.
+
+    A reward-model folder is attached to the shared base (its LoRA as a frozen ``reward`` adapter,
+    token ids scored directly) when ``RewardScorer.incompatibility`` finds no reason against it;
+    otherwise it is loaded standalone and scores re-tokenised texts. ``rule`` is the transparent
+    rule of ``reward.rules`` (concise answers that end with a full stop), for demos and benchmarks.
+    """
     if not cfg.reward_model:
-        raise ConfigError("config key 'reward_model' must be set (a folder written by `rlhf reward`)")
+        raise ConfigError("config key 'reward_model' must be set (a folder written by `rlhf reward`, or `rule`)")
+    if cfg.reward_model == "rule":
+        from reward.rules import rule_score
+
+        return FunctionScorer(lambda prompts, responses: [rule_score(p, r) for p, r in zip(prompts, responses)])
     if not Path(cfg.reward_model).expanduser().exists():
         raise UserError(f"reward_model folder not found: {cfg.reward_model}")
     try:
         from reward import RewardScorer
     except ImportError as exc:
         raise UserError(f"cannot import the reward package ({exc})") from None
-    check = getattr(RewardScorer, "compatible_with", None)
-    shared = check(cfg.reward_model, actor.peft, tokenizer) if check else True
-    if shared:
+    reason = RewardScorer.incompatibility(cfg.reward_model, base_path, tokenizer)
+    if reason is None:
         rm = RewardScorer.attach(actor.peft, tokenizer, cfg.reward_model, adapter_name=REWARD_ADAPTER)
         actor.restore_grad_flags()
         return TokenScorer(rm)
-    notice(f"reward model {cfg.reward_model} has another base or tokenizer: loading it separately")
-    return TextScorer(RewardScorer.from_pretrained(cfg.reward_model))
+    notice(f"reward model {cfg.reward_model} loaded separately: {reason}")
+    return TextScorer(RewardScorer.from_pretrained(cfg.reward_model, precision=cfg.precision))
 
 
 def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) -> None:
@@ -79,8 +88,9 @@ def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) ->
     rm = getattr(scorer, "rm", None)
     shares_rm = isinstance(scorer, TokenScorer) and REWARD_ADAPTER in actor.peft.peft_config
     if cfg.value_model == "separate":
-        reward_cfg = actor.peft.peft_config.get(REWARD_ADAPTER)
-        if cfg.value_head_init == "reward" and shares_rm and reward_cfg.peft_type.value == "LORA":
+        # the RM's LoRA is a fair start for the value trunk unless it sits on a merged SFT adapter
+        plain_rm = shares_rm and f"{REWARD_ADAPTER}_sft" not in actor.peft.peft_config
+        if cfg.value_head_init == "reward" and plain_rm:
             actor.add_value_adapter(init_from=REWARD_ADAPTER)
         else:
             actor.add_value_adapter(lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules))

@@ -1,0 +1,142 @@
+"""One base model for policy, reference, value and reward; rollout log-probs; the real RM wiring."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.ppo import wiring
+from rlhf.ppo.policy import POLICY, REFERENCE, VALUE, build_actor_critic, lora_config
+from rlhf.ppo.rollout import collect_rollout
+from rlhf.ppo.scorers import ScoreInput, TokenCountScorer, TokenScorer
+from rlhf.ppo.trainer import run_ppo
+from test_ppo_stage import _one_thread, make_sft_adapter, ppo_config  # noqa: F401  (fixture re-used)
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny reward model trained for a few steps by `rlhf reward` (skipped without the reward package)."""
+    train = pytest.importorskip("reward.train")
+    from rlhf.testing import write_jsonl
+
+    tmp = tmp_path_factory.mktemp("rm")
+    rows = [{"prompt": f"Say something {i}.", "chosen": "sun river thanks", "rejected": "sun river"} for i in range(16)]
+    cfg = train.RewardStageConfig(
+        model_name_or_path=tiny_model_dir, dataset_name=str(write_jsonl(tmp / "prefs.jsonl", rows)),
+        output_dir=str(tmp / "rm"), max_steps=3, learning_rate=5e-3, per_device_train_batch_size=8,
+        eval_fraction=0.25, lora_r=4, lora_alpha=8, report_to="none", stats_max_pairs=8,
+    )
+    train.run_reward(cfg)
+    return tmp / "rm"
+
+
+def _built(tiny_model_dir, tmp_path, reward_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import load_tokenizer
+
+    sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", sft_adapter=str(sft), reward_model=str(reward_dir))
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {n: p.data_ptr() for n, p in base.named_parameters()}
+    actor = build_actor_critic(base, sft_adapter=str(sft), lora=lora_config(4, 8, 0.0, ["all-linear"]),
+                               base_name_or_path=str(Path(tiny_model_dir).resolve()))
+    scorer = wiring.load_reward_scorer(cfg, actor, tokenizer, str(Path(tiny_model_dir).resolve()))
+    wiring.init_value_model(cfg, actor, scorer)
+    return cfg, tokenizer, actor, scorer, before
+
+
+def test_policy_reference_value_and_reward_share_base_storage(tiny_model_dir, tmp_path, reward_dir):
+    cfg, tokenizer, actor, scorer, before = _built(tiny_model_dir, tmp_path, reward_dir)
+    assert isinstance(scorer, TokenScorer)                       # attached, not a second model
+    assert set(actor.peft.peft_config) == {POLICY, REFERENCE, VALUE, "reward"}
+
+    # every non-adapter parameter is the original base tensor (same storage), none was copied
+    base_params = {n: p for n, p in actor.peft.named_parameters() if "lora_" not in n}
+    assert len(base_params) == len(before)
+    assert {p.data_ptr() for p in base_params.values()} == set(before.values())
+    assert scorer.rm.trunk is actor.decoder
+
+    # each role's forward runs through the very same base weight, with its own adapter active
+    layer = actor.decoder.layers[0].self_attn.q_proj
+    seen = []
+    hook = layer.base_layer.register_forward_hook(
+        lambda mod, inp, out: seen.append((mod.weight.data_ptr(), tuple(layer.active_adapters))))
+    ids = torch.tensor([[3, 7, 11, 13, 17, 19], [0, 0, 5, 6, 7, 8]])
+    mask = (ids != 0).long()
+    resp = ids[:, -2:]
+    actor.policy_forward(ids, mask, resp, 1.0)
+    actor.reference_logprobs(ids, mask, resp, 1.0)
+    actor.value_forward(ids, mask, 4)
+    scorer.score_batch(ScoreInput([], [], ids, mask, resp, torch.ones_like(resp), 4))
+    hook.remove()
+    ptr = before["model.layers.0.self_attn.q_proj.weight"]
+    assert seen == [(ptr, (POLICY,)), (ptr, (REFERENCE,)), (ptr, (VALUE,)), (ptr, ("reward",))]
+
+    # trainable: policy + value adapters and the value head only; scoring left the flags alone
+    names = [n for n, p in actor.peft.named_parameters() if p.requires_grad]
+    assert names and all(".policy." in n or ".value." in n for n in names)
+
+
+def test_value_model_starts_from_the_reward_model(tiny_model_dir, tmp_path, reward_dir):
+    cfg, tokenizer, actor, scorer, _ = _built(tiny_model_dir, tmp_path, reward_dir)
+    weight, bias = scorer.rm.head_weight()
+    assert torch.equal(actor.value_head.weight, weight.float())
+    ids = torch.tensor([[3, 7, 11, 13, 17, 19]])
+    mask = torch.ones_like(ids)
+    values = actor.value_forward(ids, mask, 1)       # (1, 5): prompt of 1 token, response of 5
+    for t in range(values.shape[1]):                 # V before response token t reads position P - 1 + t = t
+        reward = scorer.rm.score_tokens(ids[:, : t + 1], mask[:, : t + 1])
+        assert torch.allclose(values[0, t], reward[0], atol=1e-5)   # at the start V(prefix) == RM(prefix)
+
+
+def test_run_with_reward_model_folder(tiny_model_dir, tmp_path, reward_dir):
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=2, reward_model=str(reward_dir))
+    metrics = run_ppo(cfg)
+    assert metrics["reward_normalization"] == "rm_stats" and metrics["steps"] == 2
+
+
+def test_rm_sees_the_layout_it_was_trained_on(tiny_model_dir, tmp_path, reward_dir):
+    """A rollout's token layout scores like the RM's own encoding of the same texts."""
+    from reward import RewardScorer
+
+    from rlhf.generation import encode_prompts
+
+    _, tokenizer, actor, scorer, _ = _built(tiny_model_dir, tmp_path, reward_dir)
+    prompts = [[{"role": "user", "content": "Say something 1."}], [{"role": "user", "content": "Hi?"}]]
+    responses = ["sun river thanks", "sun"]
+    enc = encode_prompts(tokenizer, prompts, "cpu")
+    rows = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    R = max(map(len, rows))
+    resp = torch.tensor([r + [tokenizer.pad_token_id] * (R - len(r)) for r in rows])
+    rmask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in rows])
+    batch = ScoreInput(prompts, responses, torch.cat([enc["input_ids"], resp], 1),
+                       torch.cat([enc["attention_mask"], rmask], 1), resp, rmask, enc["input_ids"].shape[1])
+    standalone = RewardScorer.from_pretrained(reward_dir, device="cpu").score(prompts, responses)
+    assert torch.allclose(scorer.score_batch(batch), torch.tensor(standalone), atol=1e-4)
+
+
+def test_rollout_logprobs_match_training_forward(tiny_model_dir, tmp_path):
+    """Same temperature in sampling and recomputation: the first PPO ratio is exactly 1 (up to fp noise)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
+    actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=None,
+                               lora=lora_config(4, 8, 0.0, ["all-linear"]))
+    actor.add_value_adapter(lora_config(4, 8, 0.0, ["all-linear"]))
+    prompts = [[{"role": "user", "content": t}] for t in ("Hi", "What is the capital of France?", "Name a color.")]
+    torch.manual_seed(0)
+    r = collect_rollout(actor, tokenizer, TokenCountScorer([5]), prompts, temperature=0.6,
+                        generate_kwargs={"do_sample": True, "max_new_tokens": 7, "temperature": 0.6, "top_k": 0},
+                        max_prompt_length=64, chunk=2, timings={})
+    assert r.response_ids.shape == r.response_mask.shape == r.logprobs.shape
+    again = actor.policy_forward(r.input_ids[1:], r.attention_mask[1:], r.response_ids[1:], 0.6)["logprobs"]
+    m = r.response_mask[1:].bool()
+    assert (again - r.logprobs[1:])[m].abs().max() < 1e-5
+    # without an SFT adapter and with LoRA B = 0 the reference equals the policy
+    assert (r.ref_logprobs - r.logprobs)[r.response_mask.bool()].abs().max() < 1e-5
+    # the recomputation uses the sampling temperature: logits / 0.6
+    hot = actor.policy_forward(r.input_ids, r.attention_mask, r.response_ids, 1.0)["logprobs"]
+    assert (hot - r.logprobs)[r.response_mask.bool()].abs().max() > 1e-3

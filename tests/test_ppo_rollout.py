@@ -1,0 +1,64 @@
+"""Pure pieces of the rollout: score processing, the resumable prompt stream, targets."""
+import torch
+
+from rlhf.ppo.rollout import PromptStream, Rollout, _pad_to, compute_targets, process_scores
+
+RAW = torch.tensor([1.0, 3.0, 5.0])
+EOS = torch.tensor([True, False, True])
+
+
+def test_process_scores_rm_stats_clip_then_penalty():
+    # (raw - 3) / 2 = [-1, 0, 1]; clip 0.5 -> [-0.5, 0, 0.5]; row 1 has no EOS: + (-1)
+    out = process_scores(RAW, EOS, normalization="rm_stats", stats={"mean": 3.0, "std": 2.0}, clip=0.5,
+                         missing_eos_penalty=-1.0)
+    assert torch.allclose(out, torch.tensor([-0.5, -1.0, 0.5]))
+
+
+def test_process_scores_batch_and_none():
+    # batch: mean 3, unbiased std 2 -> [-1, 0, 1]
+    out = process_scores(RAW, EOS, normalization="batch", stats=None, clip=None, missing_eos_penalty=None)
+    assert torch.allclose(out, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6)
+    out = process_scores(RAW, EOS, normalization="none", stats=None, clip=4.0, missing_eos_penalty=None)
+    assert torch.equal(out, torch.tensor([1.0, 3.0, 4.0]))
+    assert torch.equal(RAW, torch.tensor([1.0, 3.0, 5.0]))          # input not mutated
+
+
+def test_prompt_stream_covers_each_epoch_and_resumes():
+    s = PromptStream(5, 2, seed=3)
+    batches = [s.next_indices() for _ in range(5)]                  # 10 indices = 2 epochs of 5
+    flat = sum(batches, [])
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:]) == list(range(5))
+    s2 = PromptStream(5, 2, seed=3)
+    for _ in range(3):
+        s2.next_indices()
+    state = s2.state_dict()
+    s3 = PromptStream(5, 2, seed=3)
+    s3.load_state_dict(state)
+    assert [s3.next_indices() for _ in range(2)] == batches[3:]
+
+
+def test_pad_to_left_and_right():
+    t = torch.tensor([[1, 2]])
+    assert _pad_to(t, 4, 0, left=True).tolist() == [[0, 0, 1, 2]]
+    assert _pad_to(t, 3, 9, left=False).tolist() == [[1, 2, 9]]
+    assert _pad_to(t, 2, 9, left=False) is t
+
+
+def test_compute_targets_reward_at_last_token_and_whitening():
+    B, R = 2, 3
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    zeros = torch.zeros(B, R)
+    r = Rollout(prompts=[], responses=[], input_ids=torch.zeros(B, 5, dtype=torch.long),
+                attention_mask=torch.ones(B, 5, dtype=torch.long), response_ids=torch.zeros(B, R, dtype=torch.long),
+                response_mask=mask, has_eos=torch.tensor([True, False]), logprobs=zeros.clone(),
+                ref_logprobs=zeros.clone(), values=zeros.clone(), entropy=zeros.clone(), raw_scores=torch.zeros(B))
+    compute_targets(r, torch.tensor([1.0, 2.0]), kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=1.0,
+                    whiten_advantages=False)
+    # KL = 0 and V = 0, gamma = lam = 1: every token's advantage is its row's score
+    assert torch.equal(r.rewards, torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]))
+    assert torch.equal(r.advantages, torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]]))
+    assert torch.equal(r.returns, r.advantages)
+    compute_targets(r, torch.tensor([1.0, 2.0]), kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=1.0,
+                    whiten_advantages=True)
+    m = mask.bool()
+    assert abs(float(r.advantages[m].mean())) < 1e-6 and float(r.advantages[~m].abs().sum()) == 0.0

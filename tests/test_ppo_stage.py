@@ -1,0 +1,244 @@
+"""PPO stage end to end on a tiny random Llama: learning, export, guards, CLI."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.ppo.config import PPOStageConfig
+from rlhf.ppo.policy import POLICY, REFERENCE
+from rlhf.ppo.scorers import FunctionScorer, TokenCountScorer
+from rlhf.ppo.trainer import PPOGuardError, run_ppo
+
+# LoRA on lm_head too: the tiny random model's logits are nearly flat and only
+# an adapter on the output layer can make them peaked within a few steps.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+REWARDED = list(range(10, 42))   # reward = number of response tokens with an id in 10..41
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # tiny matrices: threads only add overhead and contention
+    yield
+    torch.set_num_threads(threads)
+
+
+def ppo_config(model_dir, out, **overrides) -> PPOStageConfig:
+    values = dict(
+        model_name_or_path=model_dir, dataset_name="sample:prompts", output_dir=str(out), max_steps=4,
+        rollout_batch_size=4, num_mini_batches=2, ppo_epochs=2, max_new_tokens=6, temperature=1.0,
+        learning_rate=3e-3, lr_scheduler_type="linear", lora_r=4, lora_alpha=8, lora_target_modules=TARGETS,
+        missing_eos_penalty=None, kl_coef=0.01, report_to="none", progress=False, sample_every=0, save_steps=0,
+    )
+    values.update(overrides)
+    return PPOStageConfig(**values)
+
+
+class Capture:
+    """A scorer factory that keeps the actor run_ppo builds (to inspect the trained model)."""
+
+    def __init__(self, scorer):
+        self.scorer, self.actor = scorer, None
+
+    def __call__(self, actor, tokenizer):
+        self.actor = actor
+        return self.scorer
+
+
+def read_jsonl(path):
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# learning
+
+
+def test_programmatic_reward_rises_and_kl_stays_finite(tiny_model_dir, tmp_path):
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=24, rollout_batch_size=16, max_new_tokens=8,
+                     learning_rate=5e-3, lr_scheduler_type="constant", report_to="tensorboard", sample_every=10)
+    metrics = run_ppo(cfg, scorer=TokenCountScorer(REWARDED))
+    rows = read_jsonl(tmp_path / "run" / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    first = sum(r["reward/mean"] for r in rows[:5]) / 5
+    last = sum(r["reward/mean"] for r in rows[-5:]) / 5
+    assert last > first + 1.5, (first, last)          # out of a maximum of 8
+    assert all(torch.isfinite(torch.tensor([r["kl/k1"], r["kl/k3"]])).all() for r in rows)
+    assert rows[-1]["kl/k3"] >= 0
+    for key in ("reward/std", "score/raw_mean", "kl/coef", "policy/entropy", "policy/clipfrac", "value/clipfrac",
+                "policy/approx_kl", "value/explained_variance", "response/length_mean",
+                "response/missing_eos_frac", "time/generation_s", "time/training_s"):
+        assert key in rows[-1], key
+    assert metrics["reward_last_steps"] > metrics["reward_first_steps"]
+    out = tmp_path / "run"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "run_config.yaml"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").glob("events.out.tfevents*"))
+    samples = read_jsonl(out / "logs" / "samples.jsonl")
+    assert {s["step"] for s in samples} == {1, 10, 20} and all("response" in s for s in samples)
+    assert (out / "checkpoints" / "step-000024" / "COMPLETE").is_file()
+
+
+def test_shared_value_head_runs(tiny_model_dir, tmp_path):
+    cap = Capture(TokenCountScorer(REWARDED))
+    run_ppo(ppo_config(tiny_model_dir, tmp_path / "run", max_steps=2, value_model="shared"), scorer=cap)
+    assert not any(".value." in n for n, _ in cap.actor.named_trainable)
+    assert cap.actor.value_head.weight.abs().sum() > 0   # trained from zero
+
+
+# export
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def _check_export(model_dir, out, actor, sft_dir=None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 11, 7], [8, 9, 10, 11, 12, 13, 14, 15]])
+    with actor.use(POLICY):
+        trained = _logits(actor.peft, ids)
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out)).eval()
+    assert (trained - _logits(exported, ids)).abs().max() < 1e-5
+    plain = _logits(AutoModelForCausalLM.from_pretrained(model_dir), ids)
+    assert (trained - plain).abs().max() > 1e-3          # the policy did move away from the base
+    if sft_dir:                                          # the reference is still exactly the SFT model
+        with actor.use(REFERENCE):
+            ref = _logits(actor.peft, ids)
+        sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(sft_dir)).eval()
+        assert (ref - _logits(sft, ids)).abs().max() < 1e-6
+        assert (trained - ref).abs().max() > 1e-4
+
+
+def make_sft_adapter(model_dir, folder, seed=1):
+    """A LoRA 'SFT' adapter with random B weights (so it changes the model)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def test_export_reproduces_policy_logits(tiny_model_dir, tmp_path):
+    cap = Capture(TokenCountScorer(REWARDED))
+    out = tmp_path / "run"
+    run_ppo(ppo_config(tiny_model_dir, out, max_steps=2), scorer=cap)
+    _check_export(tiny_model_dir, out, cap.actor)
+
+
+def test_export_stacked_on_sft_adapter(tiny_model_dir, tmp_path):
+    import json
+
+    sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
+    cap = Capture(TokenCountScorer(REWARDED))
+    out = tmp_path / "run"
+    run_ppo(ppo_config(tiny_model_dir, out, max_steps=2, sft_adapter=str(sft)), scorer=cap)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == sorted(["q_proj", "v_proj", "down_proj", "lm_head"])
+    assert Path(config["base_model_name_or_path"]) == Path(tiny_model_dir).resolve()
+    _check_export(tiny_model_dir, out, cap.actor, sft_dir=sft)
+
+
+def test_policy_starts_as_exact_copy_of_sft(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.ppo.policy import build_actor_critic, lora_config
+
+    sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
+    actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=str(sft),
+                               lora=lora_config(4, 8, 0.0, ["all-linear"]))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with actor.use(POLICY):
+        pol = _logits(actor.peft, ids)
+    with actor.use(REFERENCE):
+        ref = _logits(actor.peft, ids)
+    assert torch.equal(pol, ref)
+    assert all(p.requires_grad for _, p in actor.named_trainable)
+    assert not any(p.requires_grad for n, p in actor.peft.named_parameters() if ".reference." in n)
+
+
+# guards
+
+
+def test_nan_reward_stops_with_message(tiny_model_dir, tmp_path):
+    calls = []
+
+    def flaky(prompts, responses):
+        calls.append(1)
+        return [float("nan") if len(calls) == 3 else 1.0] * len(responses)
+
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=5, save_steps=2)
+    with pytest.raises(PPOGuardError) as err:
+        run_ppo(cfg, scorer=FunctionScorer(flaky))
+    msg = str(err.value)
+    assert "step 3" in msg and "reward scorer returned NaN" in msg and "step-000002" in msg
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_nan_reward_before_any_checkpoint(tiny_model_dir, tmp_path):
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=2)
+    with pytest.raises(PPOGuardError, match="NaN/inf for 4 of 4 .* no checkpoint was written yet"):
+        run_ppo(cfg, scorer=FunctionScorer(lambda p, r: [float("inf")] * len(r)))
+
+
+def test_exploding_ratio_stops(tiny_model_dir, tmp_path):
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=2, learning_rate=0.5, max_ratio=1.01)
+    with pytest.raises(PPOGuardError, match="exploding probability ratio"):
+        run_ppo(cfg, scorer=TokenCountScorer(REWARDED))
+
+
+# config and CLI
+
+
+def test_config_rejects_indivisible_batches():
+    from rlhf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'rollout_batch_size'.*'num_mini_batches'"):
+        PPOStageConfig(rollout_batch_size=6, num_mini_batches=4)
+    with pytest.raises(ConfigError, match="'gradient_accumulation_steps'"):
+        PPOStageConfig(rollout_batch_size=8, num_mini_batches=2, gradient_accumulation_steps=3)
+    with pytest.raises(ConfigError, match="'per_device_train_batch_size'"):
+        PPOStageConfig(rollout_batch_size=8, per_device_train_batch_size=3)
+    cfg = PPOStageConfig(rollout_batch_size=8, num_mini_batches=2, gradient_accumulation_steps=2)
+    assert cfg.per_device_train_batch_size == 2 and cfg.mini_batch_size == 4
+    with pytest.raises(ConfigError, match="'kl_coef'"):
+        PPOStageConfig(kl_controller="adaptive", kl_coef=0.0)
+
+
+def test_shipped_config_parses():
+    from rlhf.config import parse_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = parse_config(PPOStageConfig, ["--config", str(root / "configs" / "ppo.yaml"), "--max_steps", "3"])
+    assert cfg.max_steps == 3 and cfg.rollout_batch_size % cfg.num_mini_batches == 0
+
+
+def test_cli_unknown_key_and_missing_reward_model(tiny_model_dir, tmp_path, capsys):
+    from rlhf.cli import main
+
+    assert main(["ppo", "--no_such_key", "1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    rc = main(["ppo", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "o"),
+               "--max_steps", "1", "--report_to", "none"])
+    assert rc == 2 and "reward_model" in capsys.readouterr().err
+
+
+def test_refuses_to_mix_into_existing_checkpoints(tiny_model_dir, tmp_path):
+    from rlhf.errors import UserError
+
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=1)
+    run_ppo(cfg, scorer=TokenCountScorer(REWARDED))
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        run_ppo(cfg, scorer=TokenCountScorer(REWARDED))
+    cfg.overwrite_output_dir = True
+    assert run_ppo(cfg, scorer=TokenCountScorer(REWARDED))["steps"] == 1
