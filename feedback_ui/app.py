@@ -116,11 +116,12 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
             with gr.Tab("My history"):
                 history_button = gr.Button("Refresh")
                 history_table = gr.Dataframe(headers=["time", "prompt", "answer", "seconds"],
-                                             datatype=["str", "str", "str", "number"], interactive=False)  # fmt: skip
+                                             datatype=["str", "str", "str", "number"], interactive=False,
+                                             elem_id="history")  # fmt: skip
             with gr.Tab("Admin", visible=False) as admin_tab:
                 admin_button = gr.Button("Refresh", elem_id="btn-admin")
                 admin_summary = gr.Markdown()
-                admin_table = gr.Dataframe(headers=[t for _, t in LABELER_COLUMNS], interactive=False)
+                admin_table = gr.Dataframe(headers=[t for _, t in LABELER_COLUMNS], interactive=False, elem_id="admin-table")
 
         task_outputs = [token, progress, status, prompt, pair_box, resp_a, resp_b, rank_box,
                         *slots, *slot_texts, *slot_ranks, strength, rationale, edit]  # fmt: skip

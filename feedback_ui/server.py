@@ -29,11 +29,28 @@ OPEN_EXACT = {"/", "/login", "/login/", "/logout", "/logout/", "/theme.css", "/f
 OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/login_check")
 
 
-def _session_user(gradio_app: App, request: Request) -> Optional[str]:
-    token = request.cookies.get(f"access-token-{gradio_app.cookie_id}") or request.cookies.get(
-        f"access-token-unsecure-{gradio_app.cookie_id}"
-    )
-    return gradio_app.tokens.get(token) if token else None
+class LoginRequired:
+    """ASGI middleware: without a valid Gradio session cookie only ``OPEN_*`` paths are served."""
+
+    def __init__(self, app, gradio_app: App):
+        self.app, self.gradio_app = app, gradio_app
+
+    def user(self, scope) -> Optional[str]:
+        cookies = Request(scope).cookies
+        cid = self.gradio_app.cookie_id
+        token = cookies.get(f"access-token-{cid}") or cookies.get(f"access-token-unsecure-{cid}")
+        return self.gradio_app.tokens.get(token) if token else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path in OPEN_EXACT or path.startswith(OPEN_PREFIXES) or self.user(scope):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        refused = JSONResponse({"detail": {"error": "Not authenticated", "auth_message": None}}, status_code=401)
+        await refused(scope, receive, send)
 
 
 def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concurrency: int = 16) -> FastAPI:
@@ -55,14 +72,7 @@ def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concur
         show_error=True,
     )
     gradio_app = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), App))
-
-    @app.middleware("http")
-    async def require_login(request: Request, call_next):
-        path = request.url.path
-        if path in OPEN_EXACT or path.startswith(OPEN_PREFIXES) or _session_user(gradio_app, request):
-            return await call_next(request)
-        return JSONResponse({"detail": {"error": "Not authenticated", "auth_message": None}}, status_code=401)
-
+    app.add_middleware(LoginRequired, gradio_app=gradio_app)
     return app
 
 
@@ -76,7 +86,8 @@ class Server:
                 port = sock.getsockname()[1]
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}/"
-        config = uvicorn.Config(create_server_app(store, **app_kwargs), host=host, port=port, log_level="warning")
+        app = create_server_app(store, **app_kwargs)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -90,7 +101,7 @@ class Server:
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.should_exit = self.server.force_exit = True  # open event streams do not hold shutdown
         self.thread.join(timeout=10)
 
 

@@ -29,8 +29,10 @@ def make_project(
     for name, role in (users or {}).items():
         add_user(store, name, password, role)
     for i in range(n_pairs):
-        responses = HOSTILE if hostile and i == 0 else [f"answer {i}.a", f"answer {i}.b"]
-        add_candidates(store, f"pair prompt {i}", responses, policy="fixture", overlap=overlap)
+        hostile_item = hostile and i == 0
+        responses = HOSTILE if hostile_item else [f"answer {i}.a", f"answer {i}.b"]
+        prompt = f"pair prompt {i}" + (" <b>not bold</b><script>window.__pwned=2</script>" if hostile_item else "")
+        add_candidates(store, prompt, responses, policy="fixture", overlap=overlap)
     for i in range(n_rank):
         responses = [f"ranked answer {i}.{j}" for j in range(k_rank)]
         add_candidates(store, f"rank prompt {i}", responses, policy="fixture", mode="ranking", overlap=overlap)

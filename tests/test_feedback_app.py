@@ -1,0 +1,120 @@
+"""The labeling app over HTTP: gradio_client with a login, and raw requests without one."""
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from gradio_client import Client
+
+from feedback_ui.server import Server
+from feedback_ui.store import User, Vote
+from feedback_ui.testing import PASSWORD, make_project
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    db = str(tmp_path_factory.mktemp("app") / "app.db")
+    store = make_project(db, {"ann": "labeler", "bob": "labeler", "root": "admin"}, n_pairs=6, n_rank=1, hostile=True)
+    server = Server(store).start()
+    yield server, store
+    server.stop()
+
+
+def client(server, name, password=PASSWORD):
+    return Client(server.url, auth=(name, password), verbose=False, download_files=False)
+
+
+def votes(store, name=None):
+    with store.read() as s:
+        q = sa.select(sa.func.count()).select_from(Vote)
+        if name:
+            q = q.join(User, User.id == Vote.user_id).where(User.name == name)
+        return s.scalar(q)
+
+
+def test_vote_through_the_api_is_stored_once(app):
+    server, store = app
+    ann = client(server, "ann")
+    task = ann.predict(api_name="/next_task")
+    assert task["kind"] == "pair" and len(task["responses"]) == 2 and task["done"] == 0
+    before = votes(store, "ann")
+    nxt = ann.predict(task["token"], "B", "slightly", "clearer", "", api_name="/vote")
+    again = ann.predict(task["token"], "B", "slightly", "clearer", "", api_name="/vote")  # a retried submission
+    assert nxt["status"] == "saved" and again["status"] == "already recorded" and again["token"] == nxt["token"]
+    assert votes(store, "ann") == before + 1 and nxt["done"] == 1
+    skipped = ann.predict(nxt["token"], api_name="/skip")
+    assert skipped["status"] == "skipped" and skipped["token"] != nxt["token"]
+    assert ann.predict(api_name="/history")[0][2] == "B is better"
+
+
+def test_each_labeler_has_their_own_queue(app):
+    server, store = app
+    ann, bob = client(server, "ann"), client(server, "bob")
+    a_task, b_task = ann.predict(api_name="/next_task"), bob.predict(api_name="/next_task")
+    assert a_task["token"] != b_task["token"]
+    before = votes(store)
+    with pytest.raises(Exception, match="unknown task"):
+        bob.predict(a_task["token"], "A", api_name="/vote")
+    assert votes(store) == before
+    assert len(bob.predict(api_name="/history")) == votes(store, "bob")  # only bob's own votes
+    assert ann.predict(api_name="/next_task")["token"] == a_task["token"]  # untouched by bob
+
+
+def test_ranking_task_through_the_api(app):
+    server, store = app
+    bob = client(server, "bob")
+    task = bob.predict(api_name="/next_task")
+    while task["kind"] != "rank":
+        task = bob.predict(task["token"], "tie", api_name="/vote")
+    with pytest.raises(Exception, match="order all 3"):
+        bob.predict(task["token"], [0, 1], api_name="/rank")
+    done = bob.predict(task["token"], [2, 1, 0], api_name="/rank")
+    assert done["status"] == "saved"
+
+
+def test_admin_view_is_for_admins_only(app):
+    server, _ = app
+    with pytest.raises(Exception, match="admins only"):
+        client(server, "ann").predict(api_name="/admin_stats")
+    stats = client(server, "root").predict(api_name="/admin_stats")
+    assert {u["name"] for u in stats["labelers"]} == {"ann", "bob", "root"}
+
+
+def test_wrong_password_is_refused(app):
+    server, _ = app
+    with pytest.raises(Exception):
+        client(server, "ann", "wrong password")
+
+
+ROUTES = [
+    ("GET", "config"), ("GET", "gradio_api/info"), ("GET", "gradio_api/openapi.json"), ("GET", "gradio_api/app_id"),
+    ("GET", "gradio_api/heartbeat/abc"), ("GET", "gradio_api/startup-events"), ("GET", "gradio_api/queue/data"),
+    ("GET", "gradio_api/file=/etc/hostname"), ("GET", "gradio_api/user"), ("GET", "manifest.json"),
+    ("POST", "gradio_api/queue/join"), ("POST", "gradio_api/call/vote"), ("POST", "gradio_api/call/next_task"),
+    ("POST", "gradio_api/run/vote"), ("POST", "gradio_api/api/vote"), ("POST", "gradio_api/run/predict"),
+    ("POST", "gradio_api/cancel"), ("POST", "gradio_api/reset"), ("POST", "gradio_api/upload"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cookies", [{}, {"access-token": "forged", "access-token-unsecure": "forged"}])
+def test_unauthenticated_requests_get_nothing_and_change_nothing(app, cookies):
+    server, store = app
+    before = votes(store)
+    with httpx.Client(base_url=server.url, cookies=cookies, timeout=10) as http:
+        token = "0" * 32
+        body = {"data": [token, "A", "", "", ""], "fn_index": 0, "session_hash": "s", "event_id": "e"}
+        for method, path in ROUTES:
+            r = http.request(method, path, json=body if method == "POST" else None)
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert "prompt" not in r.text and "answer" not in r.text
+        page = http.get("")
+        assert page.status_code == 200 and "pair prompt" not in page.text and "answer 1." not in page.text
+    assert votes(store) == before
+
+
+def test_login_form_opens_the_routes(app):
+    server, _ = app
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.post("login", data={"username": "ann", "password": "nope"}).status_code == 400
+        assert http.post("login", data={"username": "ann", "password": PASSWORD}).status_code == 200
+        assert http.get("config").status_code == 200
+        assert "next_task" in http.get("gradio_api/info").text
