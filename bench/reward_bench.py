@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import platform
 import random
 import resource
@@ -37,7 +38,9 @@ def sample_responses(prompts_name: str, k: int, max_new_tokens: int, temperature
     from rlhf.generation import generate_responses
     from rlhf.models import load_model, load_tokenizer, rlhf_home
 
-    key = hashlib.sha256(json.dumps([MODEL, prompts_name, k, max_new_tokens, temperature, seed]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([MODEL, prompts_name, k, max_new_tokens, temperature, seed]).encode()).hexdigest()[
+        :12
+    ]
     cache = rlhf_home() / "bench" / f"reward_samples_{key}.jsonl"
     if cache.is_file():
         print(f"using cached samples {cache}", file=sys.stderr)
@@ -47,8 +50,14 @@ def sample_responses(prompts_name: str, k: int, max_new_tokens: int, temperature
     model = load_model(MODEL, dtype=torch.float32)
     start = time.perf_counter()
     responses = generate_responses(
-        model, tokenizer, prompts, num_return_sequences=k, max_new_tokens=max_new_tokens,
-        temperature=temperature, batch_size=8, seed=seed,
+        model,
+        tokenizer,
+        prompts,
+        num_return_sequences=k,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=8,
+        seed=seed,
     )
     print(f"sampled {len(prompts)} x {k} responses in {time.perf_counter() - start:.0f}s", file=sys.stderr)
     rows = [{"prompt": prompt_text(p), "responses": r} for p, r in zip(prompts, responses)]
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/bench_reward")
     parser.add_argument("--samples_only", action="store_true", help="only sample (and cache) the responses")
+    parser.add_argument("--baseline", action="store_true", help="also report the untrained RM's held-out accuracy")
     parser.add_argument("--config", default="configs/reward.yaml", help="reward-stage defaults (YAML); '' for none")
     parser.add_argument("overrides", nargs="*", help="extra reward-stage keys as key=value")
     args = parser.parse_args(argv)
@@ -124,26 +134,59 @@ def main(argv: list[str] | None = None) -> int:
     metrics = run_reward(cfg)
     elapsed = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = untrained_accuracy(cfg) if args.baseline else None
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {torch.get_num_threads()}",
+        "machine": machine(),
         "command": "python bench/reward_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "pairs": len(pairs),
         "train_pairs": metrics["train_pairs"],
         "eval_pairs": metrics["eval_pairs"],
         "eval_prompts": metrics["eval_prompts"],
         "eval_accuracy": metrics.get("eval_accuracy"),
+        "eval_accuracy_untrained": baseline,
         "eval_mean_margin": metrics.get("eval_mean_margin"),
         "eval_length_correlation": metrics.get("eval_length_correlation"),
         "train_runtime_s": metrics["train_runtime_s"],
         "train_pairs_per_s": metrics["train_pairs_per_s"],
         "stage_wall_time_s": round(elapsed, 1),
         "peak_rss_mb": round(peak_rss_mb),
+        "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
         "config": {k: v for k, v in values.items() if k not in ("dataset_name", "output_dir")},
     }
     (out / "bench_result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
+
+
+def untrained_accuracy(cfg) -> float:
+    """Held-out accuracy of the same RM before training (LoRA at zero, randomly initialised head)."""
+    import torch
+
+    from reward.evaluate import evaluate_pairs
+    from reward.modeling import build_reward_model
+    from reward.scorer import RewardScorer
+    from reward.train import load_splits
+    from rlhf.models import load_tokenizer
+
+    _, held = load_splits(cfg)
+    model = build_reward_model(cfg.model_name_or_path, cfg.sft_adapter, torch.float32, torch.device("cpu"), cfg.seed)
+    scorer = RewardScorer.from_model(model, load_tokenizer(cfg.model_name_or_path), cfg.max_length)
+    return evaluate_pairs(scorer, held, cfg.eval_batch_size)["accuracy"]
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} threads {torch.get_num_threads()}, {platform.system()}"
 
 
 def yaml_value(text: str):

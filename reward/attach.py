@@ -41,7 +41,9 @@ def split_head(weights: dict[str, torch.Tensor], head_names: list[str]) -> tuple
 def frozen_head(head_weights: dict[str, torch.Tensor], like: torch.Tensor) -> nn.Linear:
     """A frozen ``nn.Linear(H, 1)`` from saved ``weight`` (1, H) and optional ``bias`` (1,)."""
     if "weight" not in head_weights:
-        raise UserError("the reward adapter holds no score-head weight (was it trained with modules_to_save=['score']?)")
+        raise UserError(
+            "the reward adapter holds no score-head weight (was it trained with modules_to_save=['score']?)"
+        )
     weight = head_weights["weight"]
     head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_weights)
     with torch.no_grad():
@@ -100,7 +102,9 @@ def adapters_active(peft_model, adapter_names: list[str]):
         peft_model.eval()
         for m, _ in disabled:
             m._disable_adapters = False
-        peft_model.base_model.set_adapter(adapter_names if len(adapter_names) > 1 else adapter_names[0], inference_mode=True)
+        peft_model.base_model.set_adapter(
+            adapter_names if len(adapter_names) > 1 else adapter_names[0], inference_mode=True
+        )
         yield
     finally:
         peft_model.base_model.set_adapter(previous)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reward.modeling import encode_pairs_texts
+from reward.modeling import encode_for_reward
 from reward.pairs_format import LAYOUT_COLUMNS, PreferencePair, detect_layout, normalize_rows
 from rlhf.data import load_table
 
@@ -21,8 +21,8 @@ def load_pairs(dataset_name: str) -> list[PreferencePair]:
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> dict[str, list]:
     """Columns ``chosen_ids``, ``rejected_ids``, ``chosen_len``, ``rejected_len`` (response tokens)."""
     prompts = [p.prompt_messages for p in pairs]
-    chosen, chosen_len = encode_pairs_texts(tokenizer, prompts, [p.chosen for p in pairs], max_length)
-    rejected, rejected_len = encode_pairs_texts(tokenizer, prompts, [p.rejected for p in pairs], max_length)
+    chosen, chosen_len = encode_for_reward(tokenizer, prompts, [p.chosen for p in pairs], max_length)
+    rejected, rejected_len = encode_for_reward(tokenizer, prompts, [p.rejected for p in pairs], max_length)
     return {"chosen_ids": chosen, "rejected_ids": rejected, "chosen_len": chosen_len, "rejected_len": rejected_len}
 
 

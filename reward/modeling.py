@@ -44,7 +44,7 @@ POOLING = "last attended token (attention_mask), position_ids = cumsum(mask) - 1
 # encoding
 
 
-def encode_pairs_texts(
+def encode_for_reward(
     tokenizer, prompts: list[Any], responses: list[str], max_length: int
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids the RM scores for each (prompt, response), and each response's length in tokens.
@@ -92,7 +92,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def pooled_rewards(trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def pooled_rewards(
+    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """One scalar per row: ``head(trunk(...)[b, last_token_index[b]])``; (B, T) -> (B,) float32."""
     out = trunk(
         input_ids=input_ids,
@@ -190,7 +192,9 @@ def adapter_digest(adapter: str | Path) -> str:
 # the saved folder
 
 
-def write_metadata(folder: Path, *, base: str, base_path: str, sft_adapter: str | None, max_length: int, hidden_size: int):
+def write_metadata(
+    folder: Path, *, base: str, base_path: str, sft_adapter: str | None, max_length: int, hidden_size: int
+):
     """Write ``reward_model.json``: what a loader needs to rebuild the exact scoring model."""
     meta = {
         "format": FORMAT,
@@ -217,7 +221,9 @@ def read_metadata(folder: str | Path) -> dict:
         raise UserError(f"reward model folder not found: {folder}")
     meta_file = folder / METADATA_FILE
     if not meta_file.is_file() or not (folder / "adapter_config.json").is_file():
-        raise UserError(f"{folder} is not a reward model written by `rlhf reward` (no {METADATA_FILE} / adapter_config.json)")
+        raise UserError(
+            f"{folder} is not a reward model written by `rlhf reward` (no {METADATA_FILE} / adapter_config.json)"
+        )
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_file} is not a {FORMAT} description")

@@ -63,8 +63,12 @@ def _messages(value: Any, what: str) -> list[dict]:
     """A string or a message list -> a clean message list (string = one user turn)."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if isinstance(value, (list, tuple)) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
     ):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise DataError(f"column '{what}' must hold a string or a non-empty list of {{role, content}} messages")

@@ -24,7 +24,7 @@ from torch import nn
 from reward.modeling import (
     SFT_COPY,
     adapter_digest,
-    encode_pairs_texts,
+    encode_for_reward,
     head_linear,
     pad_right,
     pooled_rewards,
@@ -62,7 +62,7 @@ class RewardScorer:
     # construction
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device=None, precision: str = "auto") -> "RewardScorer":
+    def from_pretrained(cls, path: str | Path, *, device=None, precision: str = "auto") -> RewardScorer:
         """Load a reward model folder written by ``rlhf reward`` on its own."""
         from peft import PeftModel
 
@@ -83,7 +83,7 @@ class RewardScorer:
         )
 
     @classmethod
-    def from_model(cls, model: nn.Module, tokenizer, max_length: int, stats: dict | None = None) -> "RewardScorer":
+    def from_model(cls, model: nn.Module, tokenizer, max_length: int, stats: dict | None = None) -> RewardScorer:
         """Wrap an in-memory ``*ForSequenceClassification`` model (PEFT or not), e.g. right after training."""
         trunk, head = trunk_and_head(model)
         return cls(trunk, head, tokenizer, max_length=max_length, stats=stats, owner=model)
@@ -115,11 +115,10 @@ class RewardScorer:
         if (rm_tok.chat_template or "") != (tokenizer.chat_template or ""):
             return "the reward model's chat template differs from the policy's"
         rm_sft = meta.get("sft_adapter_sha256")
-        if merged_sft_adapter is not None:
-            if adapter_digest(merged_sft_adapter) != rm_sft:
-                return (
-                    "the policy's base weights have an SFT adapter merged in that the reward model was not trained on"
-                )
+        if merged_sft_adapter is not None and adapter_digest(merged_sft_adapter) != rm_sft:
+            return (
+                "the policy's base weights have an SFT adapter merged in that the reward model was not trained on"
+            )
         return None
 
     @classmethod
@@ -136,7 +135,7 @@ class RewardScorer:
         adapter_name: str = "reward",
         *,
         merged_sft_adapter: str | None = None,
-    ) -> "RewardScorer":
+    ) -> RewardScorer:
         """Load the RM as a frozen adapter (+ frozen head) onto the policy's LoRA ``PeftModel``.
 
         Supported also when the RM was trained on base + merged SFT adapter: that adapter is loaded
@@ -147,7 +146,7 @@ class RewardScorer:
         """
         from peft import PeftModel
 
-        from reward.attach import add_frozen_lora, adapters_active, frozen_head, lora_weights, split_head
+        from reward.attach import adapters_active, add_frozen_lora, frozen_head, lora_weights, split_head
 
         if not isinstance(peft_model, PeftModel):
             raise UserError("RewardScorer.attach needs a peft.PeftModel (the policy with its LoRA adapter)")
@@ -200,7 +199,7 @@ class RewardScorer:
 
     def encode(self, prompts: list[Any], responses: list[str]) -> tuple[list[list[int]], list[int]]:
         """Token ids exactly as in training, and each response's length in tokens."""
-        return encode_pairs_texts(self.tokenizer, prompts, responses, self.max_length)
+        return encode_for_reward(self.tokenizer, prompts, responses, self.max_length)
 
     def _context(self):
         if self._scope is not None:

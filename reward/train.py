@@ -38,7 +38,9 @@ LENGTH_WARNING = 0.5  # |Pearson(reward, response tokens)| above this is reporte
 class RewardStageConfig(TrainingConfig):
     """Options of ``rlhf reward``."""
 
-    dataset_name: str = field("outputs/prefs.jsonl", "preference pairs: prompt/chosen/rejected[/margin], HH-style or message lists")
+    dataset_name: str = field(
+        "outputs/prefs.jsonl", "preference pairs: prompt/chosen/rejected[/margin], HH-style or message lists"
+    )
     output_dir: str = field("outputs/reward", "folder for the reward model, reward_stats.json, metrics.json")
     learning_rate: float = field(2e-4, "peak learning rate")
     sft_adapter: Optional[str] = field(None, "LoRA SFT adapter merged into the base before the RM LoRA is added")
@@ -53,7 +55,9 @@ class RewardStageConfig(TrainingConfig):
     keep_dropout: bool = field(False, "keep dropout active while training (TRL's disable_dropout=false)")
     max_length: int = field(512, "keep at most the last N tokens of prompt + response + EOS")
     use_margin: bool = field(True, "subtract the data's `margin` column inside the loss when present")
-    center_rewards_coefficient: Optional[float] = field(None, "weight of the mean((r_c + r_r)^2) penalty (centres rewards)")
+    center_rewards_coefficient: Optional[float] = field(
+        None, "weight of the mean((r_c + r_r)^2) penalty (centres rewards)"
+    )
     max_train_samples: Optional[int] = field(None, "use at most this many training pairs")
     stats_max_pairs: int = field(256, "training pairs scored for reward_stats.json (both responses each)")
     eval_batch_size: int = field(16, "sequences per forward pass when scoring held-out pairs and stats")
@@ -68,7 +72,9 @@ class RewardStageConfig(TrainingConfig):
         require(0 <= self.eval_fraction < 1, "config key 'eval_fraction' must be in [0, 1)")
         require(self.eval_steps >= 0, "config key 'eval_steps' must be >= 0")
         require(self.max_length >= 16, "config key 'max_length' must be >= 16")
-        require(self.max_train_samples is None or self.max_train_samples >= 1, "config key 'max_train_samples' must be >= 1")
+        require(
+            self.max_train_samples is None or self.max_train_samples >= 1, "config key 'max_train_samples' must be >= 1"
+        )
         require(self.stats_max_pairs >= 1, "config key 'stats_max_pairs' must be >= 1")
         require(self.eval_batch_size >= 1, "config key 'eval_batch_size' must be >= 1")
         if self.sft_adapter:
@@ -203,7 +209,9 @@ def run_reward(cfg: RewardStageConfig) -> dict:
             result = trainer.train()
             runtime = result.metrics.get("train_runtime", 0.0)
             pairs_seen = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-            pairs_seen = min(pairs_seen, round(len(train_pairs) * cfg.num_train_epochs)) if cfg.max_steps < 0 else pairs_seen
+            pairs_seen = (
+                min(pairs_seen, round(len(train_pairs) * cfg.num_train_epochs)) if cfg.max_steps < 0 else pairs_seen
+            )
             metrics = {
                 "train_loss": result.metrics.get("train_loss"),
                 "train_pairs": len(train_pairs),

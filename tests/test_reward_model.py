@@ -24,7 +24,13 @@ def easy_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for i in range(n):
         body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": f"Say something about the {rng.choice(WORDS)} {i}.", "chosen": body + " thanks", "rejected": body})
+        rows.append(
+            {
+                "prompt": f"Say something about the {rng.choice(WORDS)} {i}.",
+                "chosen": body + " thanks",
+                "rejected": body,
+            }
+        )
     return rows
 
 
@@ -108,8 +114,16 @@ def test_training_raises_held_out_accuracy(trained, tiny_model_dir):
     before = evaluate_pairs(RewardScorer.from_model(untrained, tokenizer, cfg.max_length), held)["accuracy"]
     assert metrics["eval_accuracy"] >= 0.9 > before
     assert metrics["eval_pairs"] == 16 and metrics["train_pairs"] == 48
-    for key in ("eval_mean_margin", "eval_reward_mean", "eval_reward_std", "eval_length_correlation",
-                "train_pairs_per_s", "wall_time_s", "train_reward_mean", "train_reward_std"):
+    for key in (
+        "eval_mean_margin",
+        "eval_reward_mean",
+        "eval_reward_std",
+        "eval_length_correlation",
+        "train_pairs_per_s",
+        "wall_time_s",
+        "train_reward_mean",
+        "train_reward_std",
+    ):
         assert metrics[key] is not None, key
 
 
@@ -130,8 +144,15 @@ def test_lora_trains_adapter_and_head_but_not_base(tiny_model_dir, tmp_path):
 def test_saved_folder_layout(trained):
     cfg, metrics = trained
     out = Path(cfg.output_dir)
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "reward_model.json",
-                 "reward_stats.json", "run_config.yaml", "metrics.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "reward_model.json",
+        "reward_stats.json",
+        "run_config.yaml",
+        "metrics.json",
+    ):
         assert (out / name).is_file(), name
     assert (out / "logs" / "metrics.jsonl").is_file()
     assert not (out / "trainer").exists() and not Path(str(out) + ".incomplete").exists()
@@ -194,8 +215,8 @@ def test_score_tokens_left_and_right_padding_agree(trained):
     left = torch.full((4, width), pad)
     mask = torch.zeros((4, width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        left[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
+        left[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
     out = scorer.score_tokens(left, mask)
     assert out.shape == (4,) and out.dtype == torch.float32
     assert out.tolist() == pytest.approx(scorer.score(prompts, responses), abs=1e-5)
@@ -322,7 +343,11 @@ def test_trl_reward_trainer_computes_the_same_loss(tiny_model_dir, tmp_path):
 
     model = build_reward_model(tiny_model_dir, None, torch.float32, torch.device("cpu"), seed=0)
     tokenizer = load_tokenizer(tiny_model_dir)
-    rows = {"chosen_ids": [[5, 6, 7, 8], [9, 10, 11]], "rejected_ids": [[5, 6, 12], [9, 13, 14, 15, 16]], "margin": [0.5, -1.0]}
+    rows = {
+        "chosen_ids": [[5, 6, 7, 8], [9, 10, 11]],
+        "rejected_ids": [[5, 6, 12], [9, 13, 14, 15, 16]],
+        "margin": [0.5, -1.0],
+    }
     args = RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=None, use_cpu=True)
     for with_margin in (False, True):
         data = datasets.Dataset.from_dict(rows if with_margin else {k: v for k, v in rows.items() if k != "margin"})
@@ -332,7 +357,9 @@ def test_trl_reward_trainer_computes_the_same_loss(tiny_model_dir, tmp_path):
         with torch.no_grad():
             trl_loss = trl_trainer.compute_loss(model, dict(batch))
             our_loss = ours.compute_loss(model, dict(batch))
-            chosen, rejected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
+            chosen, rejected = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
+            )
         expected = bradley_terry_loss(chosen, rejected, torch.tensor(rows["margin"]) if with_margin else None)
         assert trl_loss.item() == pytest.approx(expected.item(), abs=1e-6)
         assert our_loss.item() == pytest.approx(expected.item(), abs=1e-6)

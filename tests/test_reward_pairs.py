@@ -82,7 +82,12 @@ def test_multi_turn_dialogue_prompt_is_the_shared_prefix():
     assert (pair.chosen, pair.rejected) == ("Rome.", "Milan, I think.")
     # responses that start alike still split at the last shared Assistant mark
     (pair,) = normalize_rows(
-        [{"chosen": "\n\nHuman: q\n\nAssistant: The answer is 4.", "rejected": "\n\nHuman: q\n\nAssistant: The answer is 5."}],
+        [
+            {
+                "chosen": "\n\nHuman: q\n\nAssistant: The answer is 4.",
+                "rejected": "\n\nHuman: q\n\nAssistant: The answer is 5.",
+            }
+        ],
         ["chosen", "rejected"],
     )
     assert (pair.chosen, pair.rejected) == ("The answer is 4.", "The answer is 5.")
@@ -104,7 +109,9 @@ def test_missing_columns_are_named(tmp_path):
 def test_malformed_values_name_row_and_column():
     cols = ["prompt", "chosen", "rejected"]
     with pytest.raises(DataError, match=r"row 1: column 'rejected' is empty"):
-        normalize_rows([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": None}], cols)
+        normalize_rows(
+            [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": None}], cols
+        )
     with pytest.raises(DataError, match="column 'chosen': the last message must have role 'assistant'"):
         normalize_rows([{"prompt": "q", "chosen": _user("a"), "rejected": _assistant("b")}], cols)
     with pytest.raises(DataError, match="margin"):
