@@ -1,0 +1,315 @@
+"""``rlhf pipeline``: every stage end to end from one config.
+
+SFT -> candidates -> labeling app (started for real) -> simulated labelers
+voting through the app's HTTP API -> export of preference pairs -> reward
+model -> PPO -> export -> eval. A stage whose output already exists is skipped
+unless ``force`` is set, so an interrupted pipeline continues where it stopped
+and a pipeline stopped after candidate generation (``stop_after: candidates``)
+can continue once human labelers have voted.
+
+This module wires stages together and is, with ``rlhf.cli``, the only place in
+``rlhf`` that imports ``reward`` and ``feedback_ui``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from rlhf.config import Literal, Optional, build_config, field, require
+from rlhf.errors import ConfigError
+from rlhf.outputs import write_json
+
+STAGE_NAMES = ("sft", "candidates", "label", "prefs", "reward", "ppo", "export", "eval")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Options of ``rlhf pipeline``; per-stage sections take that stage's config keys."""
+
+    work_dir: str = field("outputs/demo", "folder holding every stage's output")
+    model_name_or_path: str = field("smollm2-135m-instruct", "base model for every stage")
+    seed: int = field(42, "random seed for every stage")
+    force: bool = field(False, "re-run stages whose output already exists")
+    stop_after: Optional[Literal["sft", "candidates", "label", "prefs", "reward", "ppo", "export", "eval"]] = field(
+        None, "stop after this stage (e.g. candidates, to let people label with `rlhf label serve`)"
+    )
+    simulated_labelers: int = field(
+        3, "number of simulated labelers voting by `rule` through the app's API (0 = use the votes already in the db)"
+    )
+    rule: str = field("concise_rule", "transparent rule the simulated labelers vote by (reward/rules.py)")
+    rule_noise: float = field(0.0, "probability that a simulated labeler votes against the rule")
+    sft: dict = field({}, "keys for `rlhf sft`")
+    candidates: dict = field({}, "keys for `rlhf label candidates`")
+    prefs: dict = field({}, "keys for `rlhf label export`")
+    reward: dict = field({}, "keys for `rlhf reward`")
+    ppo: dict = field({}, "keys for `rlhf ppo`")
+    export: dict = field({}, "keys for `rlhf export`")
+    eval: dict = field({}, "keys for `rlhf eval`")
+
+    def __post_init__(self):
+        require(self.simulated_labelers >= 0, "config key 'simulated_labelers' must be >= 0")
+        require(0.0 <= self.rule_noise < 0.5, "config key 'rule_noise' must be in [0, 0.5)")
+
+    def path(self, name: str) -> Path:
+        return Path(self.work_dir) / name
+
+
+def stage_config(cls, pipeline: PipelineConfig, section: str, derived: dict):
+    """Build a stage config: derived paths and shared keys first, then the section's own keys."""
+    values = dict(derived)
+    values.update(getattr(pipeline, section))
+    try:
+        return build_config(cls, values)
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline section '{section}': {exc}") from None
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    done: Callable[[], bool]
+    run: Callable[[], object]
+
+
+def run_steps(steps: list[Step], force: bool, stop_after: str | None) -> list[dict]:
+    """Run each step unless its output exists; returns one summary row per step."""
+    rows = []
+    for step in steps:
+        if step.done() and not force:
+            print(f"[pipeline] {step.name}: output exists, skipped", file=sys.stderr)
+            rows.append({"stage": step.name, "status": "skipped", "seconds": 0.0})
+        else:
+            print(f"[pipeline] {step.name} ...", file=sys.stderr)
+            start = time.perf_counter()
+            step.run()
+            rows.append({"stage": step.name, "status": "ran", "seconds": round(time.perf_counter() - start, 1)})
+        if step.name == stop_after:
+            break
+    return rows
+
+
+# the stages
+
+
+def _exists(folder: Path, marker: str = "metrics.json") -> Callable[[], bool]:
+    return lambda: (folder / marker).is_file()
+
+
+def sft_step(cfg: PipelineConfig) -> Step:
+    from rlhf.sft import SFTStageConfig, run_sft
+
+    out = cfg.path("sft")
+    derived = {"model_name_or_path": cfg.model_name_or_path, "seed": cfg.seed, "output_dir": str(out)}
+    stage = stage_config(SFTStageConfig, cfg, "sft", derived)
+
+    return Step("sft", _exists(out), lambda: run_sft(stage))
+
+
+def reward_step(cfg: PipelineConfig) -> Step:
+    from reward.train import RewardStageConfig, run_reward
+
+    out = cfg.path("reward")
+    derived = {
+        "model_name_or_path": cfg.model_name_or_path,
+        "seed": cfg.seed,
+        "output_dir": str(out),
+        "dataset_name": str(cfg.path("prefs.jsonl")),
+    }
+    if prefs_options(cfg)["test_fraction"] > 0:  # held out by prompt at export time
+        derived["eval_dataset_name"] = str(cfg.path("prefs.test.jsonl"))
+    stage = stage_config(RewardStageConfig, cfg, "reward", derived)
+
+    return Step("reward", _exists(out), lambda: run_reward(stage))
+
+
+def ppo_step(cfg: PipelineConfig) -> Step:
+    from rlhf.ppo.config import PPOStageConfig
+    from rlhf.ppo.trainer import run_ppo
+
+    out = cfg.path("ppo")
+    derived = {
+        "model_name_or_path": cfg.model_name_or_path,
+        "seed": cfg.seed,
+        "output_dir": str(out),
+        "sft_adapter": str(cfg.path("sft")),
+        "reward_model": str(cfg.path("reward")),
+        "overwrite_output_dir": True,
+    }
+    stage = stage_config(PPOStageConfig, cfg, "ppo", derived)
+
+    return Step("ppo", _exists(out), lambda: run_ppo(stage))
+
+
+def export_step(cfg: PipelineConfig) -> Step:
+    from rlhf.export import ExportConfig, run_export
+
+    out = cfg.path("export")
+    derived = {"adapter": str(cfg.path("ppo")), "mode": "adapter", "out": str(out)}
+    stage = stage_config(ExportConfig, cfg, "export", derived)
+    return Step("export", _exists(out, "README.md"), lambda: run_export(stage))
+
+
+def eval_step(cfg: PipelineConfig) -> Step:
+    from rlhf.evaluate import EvalConfig, run_eval
+
+    out = cfg.path("eval")
+    derived = {
+        "policy": str(cfg.path("ppo")),
+        "baseline": str(cfg.path("sft")),
+        "reward_model": str(cfg.path("reward")),
+        "rule": cfg.rule,
+        "ppo_logs": str(cfg.path("ppo") / "logs"),
+        "out_dir": str(out),
+        "seed": cfg.seed,
+    }
+    stage = stage_config(EvalConfig, cfg, "eval", derived)
+
+    return Step("eval", _exists(out, "eval.json"), lambda: run_eval(stage))
+
+
+def candidates_step(cfg: PipelineConfig) -> Step:
+    from feedback_ui.candidates import run_label_candidates
+    from feedback_ui.config import LabelCandidatesConfig
+
+    derived = {
+        "db": str(cfg.path("labels.db")),
+        "model_name_or_path": cfg.model_name_or_path,
+        "adapter": str(cfg.path("sft")),
+        "seed": cfg.seed,
+    }
+    stage = stage_config(LabelCandidatesConfig, cfg, "candidates", derived)
+
+    def run():
+        write_json(cfg.path("candidates.json"), run_label_candidates(stage))
+
+    return Step("candidates", _exists(cfg.path(""), "candidates.json"), run)
+
+
+def label_step(cfg: PipelineConfig) -> Step:
+    """Start the labeling app on loopback and let the simulated labelers vote through its API."""
+
+    def run():
+        import secrets
+
+        from feedback_ui.auth import add_user, get_user
+        from feedback_ui.server import Server
+        from feedback_ui.simulate import run_simulated_labelers
+        from feedback_ui.store import open_store
+        from rlhf.evaluate import load_rule
+
+        if cfg.simulated_labelers == 0:
+            print("[pipeline] label: simulated_labelers is 0, using the votes already in the database", file=sys.stderr)
+            return
+        store = open_store(str(cfg.path("labels.db")))
+        accounts = []
+        for i in range(1, cfg.simulated_labelers + 1):
+            name = f"sim-labeler-{i}"
+            if get_user(store, name) is None:
+                password = secrets.token_urlsafe(12)
+                add_user(store, name, password, "labeler")
+                (cfg.path(".sim-passwords")).mkdir(exist_ok=True)
+                (cfg.path(".sim-passwords") / name).write_text(password)
+            accounts.append((name, (cfg.path(".sim-passwords") / name).read_text()))
+        server = Server(store).start()
+        print(f"[pipeline] labeling app started on {server.url}; {len(accounts)} simulated labelers voting by rule "
+              f"'{cfg.rule}'", file=sys.stderr)
+        try:
+            votes = run_simulated_labelers(server.url, accounts, load_rule(cfg.rule), noise=cfg.rule_noise, seed=cfg.seed)
+        finally:
+            server.stop()
+        write_json(cfg.path("label.json"), {"votes": votes, "rule": cfg.rule, "url": server.url})
+
+    return Step("label", lambda: cfg.path("label.json").is_file(), run)
+
+
+def prefs_options(cfg: PipelineConfig) -> dict:
+    """Keyword arguments of ``export_preferences``: a held-out split by prompt unless configured otherwise."""
+    return {"test_fraction": 0.15, "seed": cfg.seed, **cfg.prefs}
+
+
+def prefs_step(cfg: PipelineConfig) -> Step:
+    def run():
+        from feedback_ui.export import export_preferences
+        from feedback_ui.store import open_store
+
+        try:
+            counts = export_preferences(open_store(str(cfg.path("labels.db"))), str(cfg.path("prefs.jsonl")),
+                                        **prefs_options(cfg))
+        except TypeError as exc:
+            raise ConfigError(f"pipeline section 'prefs': {exc}") from None
+        if counts["rows"] == 0:
+            raise ConfigError("no preference pairs to export: nobody has voted yet (see `rlhf label serve`)")
+        print(f"[pipeline] exported {counts['rows']} preference pairs ({counts.get('test_rows', 0)} held out)",
+              file=sys.stderr)
+
+    return Step("prefs", lambda: cfg.path("prefs.jsonl").is_file(), run)
+
+
+# summary
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summarize(cfg: PipelineConfig, rows: list[dict]) -> dict:
+    """The headline numbers, read from what the stages wrote (so skipped stages count too)."""
+    reward = _read_json(cfg.path("reward") / "metrics.json")
+    ppo = _read_json(cfg.path("ppo") / "metrics.json")
+    ev = _read_json(cfg.path("eval") / "eval.json")
+    return {
+        "stages": rows,
+        "total_seconds": round(sum(r["seconds"] for r in rows), 1),
+        "rm_heldout_accuracy": reward.get("eval_accuracy"),
+        "ppo_reward_first_steps": ppo.get("reward_first_steps"),
+        "ppo_reward_last_steps": ppo.get("reward_last_steps"),
+        "win_rate_vs_sft_rm": ev.get("reward_model", {}).get("win_rate"),
+        "win_rate_vs_sft_rule": ev.get("rule", {}).get("win_rate"),
+        "kl_to_sft": ev.get("kl_policy_to_baseline"),
+        "aligned_adapter": str(cfg.path("export")) if cfg.path("export").is_dir() else None,
+        "plots": ev.get("plots", []),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["", "stage        status    seconds"]
+    lines += [f"{r['stage']:<12} {r['status']:<9} {r['seconds']:>7.1f}" for r in summary["stages"]]
+    lines += [f"{'total':<22} {summary['total_seconds']:>7.1f}", ""]
+    for label, key in [
+        ("reward model held-out accuracy", "rm_heldout_accuracy"),
+        ("PPO reward, first -> last steps", None),
+        ("win rate vs SFT under the RM", "win_rate_vs_sft_rm"),
+        ("win rate vs SFT under the rule", "win_rate_vs_sft_rule"),
+        ("KL(aligned || SFT) per response", "kl_to_sft"),
+        ("aligned adapter", "aligned_adapter"),
+    ]:
+        value = (f"{fmt(summary['ppo_reward_first_steps'])} -> {fmt(summary['ppo_reward_last_steps'])}"
+                 if key is None else fmt(summary[key]))  # fmt: skip
+        lines.append(f"{label:<34} {value}")
+    for plot in summary["plots"]:
+        lines.append(f"{'plot':<34} {plot}")
+    print("\n".join(lines))
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    builders = [sft_step, candidates_step, label_step, prefs_step, reward_step, ppo_step, export_step, eval_step]
+    steps = [build(cfg) for build in builders]  # every config is validated before anything runs
+    rows = run_steps(steps, cfg.force, cfg.stop_after)
+    summary = summarize(cfg, rows)
+    write_json(cfg.path("summary.json"), summary)
+    print_summary(summary)
+    if cfg.stop_after == "candidates":
+        print(f"\nCandidates are in {cfg.path('labels.db')}. Let people label with\n"
+              f"  rlhf label user add NAME --role labeler --db {cfg.path('labels.db')}\n"
+              f"  rlhf label serve --db {cfg.path('labels.db')}\n"
+              "then continue with the same pipeline command and simulated_labelers: 0.")
+    return summary

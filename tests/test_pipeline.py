@@ -1,0 +1,80 @@
+"""The whole pipeline on a tiny model: SFT -> candidates -> app + simulated labelers -> prefs -> RM -> PPO -> export -> eval."""
+
+import json
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from rlhf.cli import main
+from rlhf.testing import write_jsonl
+
+
+@pytest.fixture
+def pipeline_yaml(tmp_path, tiny_model_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me fact number {i}."} for i in range(12)])
+    cfg = {
+        "work_dir": str(tmp_path / "run"),
+        "model_name_or_path": tiny_model_dir,
+        "simulated_labelers": 2,
+        "rule": "rule_score",
+        "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "report_to": "none", "lora_r": 4},
+        "candidates": {"dataset_name": str(prompts), "num_candidates": 3, "max_new_tokens": 12, "overlap": 2},
+        "prefs": {"test_fraction": 0.25},
+        "reward": {"max_steps": 3, "per_device_train_batch_size": 4, "lora_r": 4, "report_to": "none"},
+        "ppo": {"dataset_name": str(prompts), "max_steps": 2, "rollout_batch_size": 4, "max_new_tokens": 8,
+                "lora_r": 4, "report_to": "none", "save_steps": 1, "progress": False},
+        "eval": {"dataset_name": str(prompts), "max_prompts": 4, "max_new_tokens": 8},
+    }
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
+    assert main(["pipeline", "--config", str(pipeline_yaml)]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["sft", "candidates", "label", "prefs", "reward", "ppo", "export", "eval"]
+    assert all(r["status"] == "ran" for r in summary["stages"])
+    # the simulated labelers voted through the app: every comparison got 2 votes (overlap 2)
+    engine = sa.create_engine(f"sqlite:///{run / 'labels.db'}")
+    with engine.connect() as conn:
+        n_votes = conn.execute(sa.text("select count(*) from votes")).scalar()
+        n_comparisons = conn.execute(sa.text("select count(*) from comparisons")).scalar()
+        voters = {r[0] for r in conn.execute(sa.text("select u.name from votes v join users u on u.id = v.user_id"))}
+    assert n_comparisons == 12 * 3 and n_votes == 2 * n_comparisons  # C(3, 2) pairs per prompt
+    assert voters == {"sim-labeler-1", "sim-labeler-2"}
+    label = json.loads((run / "label.json").read_text())
+    assert sum(label["votes"].values()) == n_votes
+    assert (run / "prefs.jsonl").read_text() and (run / "prefs.test.jsonl").is_file()
+    assert (run / "export" / "adapter_config.json").is_file() and (run / "export" / "README.md").is_file()
+    assert summary["rm_heldout_accuracy"] is not None and summary["win_rate_vs_sft_rule"] is not None
+    assert (run / "eval" / "win_rate.png").is_file()
+    out = capsys.readouterr().out
+    assert "win rate vs SFT under the RM" in out
+
+    # a second run skips every finished stage
+    assert main(["pipeline", "--config", str(pipeline_yaml)]) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert all(r["status"] == "skipped" for r in again["stages"])
+
+
+def test_pipeline_stops_after_candidates_for_human_labelers(pipeline_yaml, tmp_path, capsys):
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--stop_after", "candidates"]) == 0
+    run = tmp_path / "run"
+    assert (run / "labels.db").is_file() and not (run / "prefs.jsonl").exists()
+    assert "rlhf label serve --db" in capsys.readouterr().out
+    # nobody voted: continuing without simulated labelers stops with a clear message
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--simulated_labelers", "0"]) == 2
+    assert "nobody has voted" in capsys.readouterr().err
+
+
+def test_bad_stage_key_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys):
+    cfg = yaml.safe_load(pipeline_yaml.read_text())
+    cfg["ppo"]["not_a_key"] = 1
+    pipeline_yaml.write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", "--config", str(pipeline_yaml)]) == 2
+    err = capsys.readouterr().err
+    assert "section 'ppo'" in err and "not_a_key" in err
+    assert not (tmp_path / "run" / "sft").exists()
