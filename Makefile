@@ -26,7 +26,7 @@ browser:
 	  echo "chromium not installed: browser tests will be skipped"; }
 
 demo: install
-	$(VENV)/bin/rlhf sft --config configs/sft.yaml
+	$(VENV)/bin/rlhf pipeline --config configs/demo.yaml
 
 # CI (CI=true) also runs the slow tests that use the real embedded model
 test: install browser

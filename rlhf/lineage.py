@@ -18,8 +18,9 @@ from rlhf.data import fingerprint
 LINK_KEYS = ("sft_adapter", "reward_model", "adapter", "policy", "baseline")
 # metrics worth showing per stage, in order
 HEADLINE = (
-    "eval_loss", "train_loss", "accuracy", "eval_accuracy", "heldout_accuracy", "mean_margin",
-    "reward_mean", "kl", "final_reward_mean", "final_kl", "win_rate", "steps", "wall_time_s",
+    "eval_loss", "train_loss", "accuracy", "eval_accuracy", "eval_mean_margin", "length_correlation",
+    "reward_first_steps", "reward_last_steps", "score_first_steps", "score_last_steps", "kl_last",
+    "steps", "wall_time_s",
 )
 
 

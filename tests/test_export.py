@@ -50,7 +50,7 @@ def adapters(tiny_model_dir, tmp_path):
         yaml.safe_dump({"model_name_or_path": tiny_model_dir, "sft_adapter": sft, "reward_model": "", "kl_coef": 0.05,
                         "dataset_name": "sample:prompts"})
     )
-    (tmp_path / "ppo" / "metrics.json").write_text(json.dumps({"final_reward_mean": 0.5, "final_kl": 0.1}))
+    (tmp_path / "ppo" / "metrics.json").write_text(json.dumps({"reward_last_steps": 0.5, "kl_last": 0.1}))
     return sft, aligned
 
 
@@ -65,7 +65,7 @@ def test_adapter_export_reloads_with_plain_peft(adapters, tiny_model_dir, tmp_pa
     assert torch.allclose(logits_of(tiny_model_dir, str(out)), logits_of(tiny_model_dir, aligned), atol=1e-6)
     card = (out / "README.md").read_text()
     assert tiny_model_dir in card and "sample:sft" in card and "sample:prompts" in card
-    assert "eval_loss: 1.25" in card and "final_kl: 0.1" in card and "mode: `adapter`" in card
+    assert "eval_loss: 1.25" in card and "kl_last: 0.1" in card and "mode: `adapter`" in card
 
 
 def test_merged_export_matches_base_plus_adapter(adapters, tiny_model_dir, tmp_path):
