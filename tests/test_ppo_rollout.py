@@ -62,3 +62,18 @@ def test_compute_targets_reward_at_last_token_and_whitening():
                     whiten_advantages=True)
     m = mask.bool()
     assert abs(float(r.advantages[m].mean())) < 1e-6 and float(r.advantages[~m].abs().sum()) == 0.0
+
+
+def test_select_drops_columns_that_are_padding_in_all_selected_rows():
+    zeros = torch.zeros(3, 3)
+    r = Rollout(prompts=[], responses=[],
+                input_ids=torch.tensor([[0, 0, 7, 1, 2, 0], [0, 5, 7, 3, 0, 0], [6, 5, 7, 4, 4, 4]]),
+                attention_mask=torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]),
+                response_ids=torch.tensor([[1, 2, 0], [3, 0, 0], [4, 4, 4]]),
+                response_mask=torch.tensor([[1.0, 1, 0], [1, 0, 0], [1, 1, 1]]), has_eos=torch.ones(3).bool(),
+                logprobs=zeros, ref_logprobs=zeros, values=zeros, entropy=zeros, raw_scores=torch.zeros(3),
+                advantages=zeros, returns=zeros)
+    d = r.select(torch.tensor([1, 0]))
+    assert d["input_ids"].tolist() == [[5, 7, 3, 0], [0, 7, 1, 2]]      # prompt col 0 and response col 2 dropped
+    assert d["response_ids"].tolist() == [[3, 0], [1, 2]] and d["logprobs"].shape == (2, 2)
+    assert r.select(torch.tensor([2]))["input_ids"].shape == (1, 6)

@@ -61,10 +61,17 @@ class Rollout:
         return self.response_ids.shape[0]
 
     def select(self, idx: Tensor) -> dict[str, Tensor]:
-        """The training tensors of rows ``idx``."""
-        keys = ("input_ids", "attention_mask", "response_ids", "response_mask", "logprobs", "values",
-                "advantages", "returns")
-        return {k: getattr(self, k)[idx] for k in keys}
+        """The training tensors of rows ``idx``, without the columns that are padding in all of them
+        (leading prompt pads, trailing response pads): less compute, same positions and results."""
+        d = {k: getattr(self, k)[idx] for k in ("input_ids", "attention_mask")}
+        P = d["input_ids"].shape[1] - self.response_ids.shape[1]
+        used = d["attention_mask"][:, :P].sum(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        width = max(1, int(self.response_mask[idx].sum(dim=1).max()))
+        d = {k: v[:, start : P + width] for k, v in d.items()}
+        for k in ("response_ids", "response_mask", "logprobs", "values", "advantages", "returns"):
+            d[k] = getattr(self, k)[idx][:, :width]
+        return d
 
 
 # helper functions
