@@ -172,7 +172,7 @@ def untrained_accuracy(cfg) -> float:
     _, held = load_splits(cfg)
     model = build_reward_model(cfg.model_name_or_path, cfg.sft_adapter, torch.float32, torch.device("cpu"), cfg.seed)
     scorer = RewardScorer.from_model(model, load_tokenizer(cfg.model_name_or_path), cfg.max_length)
-    return evaluate_pairs(scorer, held, cfg.eval_batch_size)["accuracy"]
+    return evaluate_pairs(scorer, held, cfg.per_device_eval_batch_size)["accuracy"]
 
 
 def machine() -> str:
@@ -186,7 +186,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} threads {torch.get_num_threads()}, {platform.system()}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} threads {threads}, {platform.system()}"
 
 
 def yaml_value(text: str):

@@ -27,7 +27,7 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> dic
 
 
 def pairs_to_dataset(tokenizer, pairs: list[PreferencePair], max_length: int, with_margin: bool):
-    """A ``datasets.Dataset`` already tokenised for TRL's RewardTrainer (``chosen_ids``, ``rejected_ids``[, ``margin``])."""
+    """A ``datasets.Dataset`` tokenised for TRL's RewardTrainer: ``chosen_ids``, ``rejected_ids``[, ``margin``]."""
     import datasets
 
     enc = encode_pairs(tokenizer, pairs, max_length)

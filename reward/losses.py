@@ -18,7 +18,7 @@ import torch.nn.functional as F
 def bradley_terry_loss(
     chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, reduction: str = "mean"
 ) -> torch.Tensor:
-    """``-log sigmoid(r_c - r_r - m)``; ``chosen``, ``rejected``, ``margin``: (B,) -> () or (B,) for ``reduction="none"``."""
+    """``-log sigmoid(r_c - r_r - m)``; ``chosen``, ``rejected``, ``margin``: (B,) -> () (or (B,) unreduced)."""
     diff = chosen - rejected  # (B,)
     if margin is not None:
         diff = diff - margin.to(diff.dtype)

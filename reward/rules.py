@@ -38,7 +38,7 @@ def rule_score(prompt: Any, response: str, target_words: int = TARGET_WORDS) -> 
 def rule_prefers(
     prompt: Any, a: str, b: str, min_gap: float = MIN_GAP, target_words: int = TARGET_WORDS
 ) -> Literal["a", "b"] | None:
-    """``"a"`` or ``"b"``, whichever has the higher :func:`rule_score`; None when they differ by less than ``min_gap``."""
+    """``"a"`` or ``"b"``, whichever has the higher :func:`rule_score`; None if they differ by < ``min_gap``."""
     diff = rule_score(prompt, a, target_words) - rule_score(prompt, b, target_words)
     if abs(diff) < min_gap or diff == 0:
         return None

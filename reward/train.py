@@ -60,7 +60,6 @@ class RewardStageConfig(TrainingConfig):
     )
     max_train_samples: Optional[int] = field(None, "use at most this many training pairs")
     stats_max_pairs: int = field(256, "training pairs scored for reward_stats.json (both responses each)")
-    eval_batch_size: int = field(16, "sequences per forward pass when scoring held-out pairs and stats")
 
     def __post_init__(self):
         super().__post_init__()
@@ -76,7 +75,6 @@ class RewardStageConfig(TrainingConfig):
             self.max_train_samples is None or self.max_train_samples >= 1, "config key 'max_train_samples' must be >= 1"
         )
         require(self.stats_max_pairs >= 1, "config key 'stats_max_pairs' must be >= 1")
-        require(self.eval_batch_size >= 1, "config key 'eval_batch_size' must be >= 1")
         if self.sft_adapter:
             require(Path(self.sft_adapter).is_dir(), f"config key 'sft_adapter': folder not found: {self.sft_adapter}")
         require(
@@ -179,9 +177,29 @@ def training_stats(scorer, pairs, max_pairs: int, seed: int, batch_size: int) ->
     return {"mean": mean, "std": std, "n": len(rewards), "source": "training pairs (chosen and rejected responses)"}
 
 
+def final_evaluation(cfg: RewardStageConfig, scorer, train_pairs, held_pairs) -> tuple[dict, dict]:
+    """(``eval_*`` metrics on the held-out pairs, reward statistics of training responses); prints a summary."""
+    from reward.evaluate import evaluate_pairs, format_summary
+
+    metrics = {}
+    if held_pairs:
+        held = evaluate_pairs(scorer, held_pairs, cfg.per_device_eval_batch_size)
+        metrics = {f"eval_{k}": v for k, v in held.items() if k != "n"}
+        print("held-out: " + format_summary(held), file=sys.stderr)
+        corr = held.get("length_correlation")
+        if corr is not None and abs(corr) > LENGTH_WARNING:
+            print(
+                f"warning: held-out rewards correlate with response length (Pearson {corr:+.2f}); "
+                "the RM may be rewarding length itself",
+                file=sys.stderr,
+            )
+    stats = training_stats(scorer, train_pairs, cfg.stats_max_pairs, cfg.seed, cfg.per_device_eval_batch_size)
+    metrics.update(train_reward_mean=stats["mean"], train_reward_std=stats["std"])
+    return metrics, stats
+
+
 def run_reward(cfg: RewardStageConfig) -> dict:
     """Train the RM and write ``cfg.output_dir``; returns the metrics written to ``metrics.json``."""
-    from reward.evaluate import evaluate_pairs, format_summary
     from reward.modeling import SFT_COPY, write_metadata
     from reward.scorer import RewardScorer
     from rlhf.data import fingerprint
@@ -229,20 +247,9 @@ def run_reward(cfg: RewardStageConfig) -> dict:
             }
             model = trainer.model
             scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length)
-            if held_pairs:
-                held = evaluate_pairs(scorer, held_pairs, cfg.eval_batch_size)
-                metrics.update({f"eval_{k}": v for k, v in held.items() if k != "n"})
-                logger.log(trainer.state.global_step, {f"final/eval_{k}": v for k, v in held.items()})
-                print("held-out: " + format_summary(held), file=sys.stderr)
-                corr = held.get("length_correlation")
-                if corr is not None and abs(corr) > LENGTH_WARNING:
-                    print(
-                        f"warning: held-out rewards correlate with response length (Pearson {corr:+.2f}); "
-                        "the RM may be rewarding length itself",
-                        file=sys.stderr,
-                    )
-            stats = training_stats(scorer, train_pairs, cfg.stats_max_pairs, cfg.seed, cfg.eval_batch_size)
-            metrics.update(train_reward_mean=stats["mean"], train_reward_std=stats["std"])
+            held_metrics, stats = final_evaluation(cfg, scorer, train_pairs, held_pairs)
+            metrics.update(held_metrics)
+            logger.log(trainer.state.global_step, {f"final/{k}": v for k, v in held_metrics.items()})
         finally:
             logger.close()
 
