@@ -43,6 +43,7 @@ class PipelineConfig:
     )
     rule: str = field("concise_rule", "transparent rule the simulated labelers vote by (reward/rules.py)")
     rule_noise: float = field(0.0, "probability that a simulated labeler votes against the rule")
+    rule_min_gap: float = field(0.1, "simulated labelers call a pair a tie when the rule scores differ by less")
     sft: dict = field({}, "keys for `rlhf sft`")
     candidates: dict = field({}, "keys for `rlhf label candidates`")
     prefs: dict = field({}, "keys for `rlhf label export`")
@@ -54,6 +55,7 @@ class PipelineConfig:
     def __post_init__(self):
         require(self.simulated_labelers >= 0, "config key 'simulated_labelers' must be >= 0")
         require(0.0 <= self.rule_noise < 0.5, "config key 'rule_noise' must be in [0, 0.5)")
+        require(self.rule_min_gap >= 0.0, "config key 'rule_min_gap' must be >= 0")
 
     def path(self, name: str) -> Path:
         return Path(self.work_dir) / name
@@ -219,7 +221,8 @@ def label_step(cfg: PipelineConfig) -> Step:
         print(f"[pipeline] labeling app started on {server.url}; {len(accounts)} simulated labelers voting by rule "
               f"'{cfg.rule}'", file=sys.stderr)
         try:
-            votes = run_simulated_labelers(server.url, accounts, load_rule(cfg.rule), noise=cfg.rule_noise, seed=cfg.seed)
+            votes = run_simulated_labelers(server.url, accounts, load_rule(cfg.rule), min_gap=cfg.rule_min_gap,
+                                           noise=cfg.rule_noise, seed=cfg.seed)
         finally:
             server.stop()
         write_json(cfg.path("label.json"), {"votes": votes, "rule": cfg.rule, "url": server.url})
