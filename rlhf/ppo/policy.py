@@ -32,6 +32,7 @@ from rlhf.errors import UserError
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
+VOCAB_ROWS = 2  # sequences per vocabulary projection in no-grad passes
 Tensor = torch.Tensor
 
 
@@ -143,10 +144,20 @@ class ActorCritic:
         return h[:, prompt_length - 1 : -1]                           # (B, R, H)
 
     def _logprobs(self, h: Tensor, response_ids: Tensor, temperature: float, with_entropy: bool):
-        logits = self.lm_head(h).float() / temperature               # (B, R, V)
-        logp = logprobs_from_logits(logits, response_ids)             # (B, R)
-        entropy = entropy_from_logits(logits.detach()) if with_entropy else None
-        return logp, entropy
+        """Log-probs (B, R) of ``response_ids`` under softmax(lm_head(h) / temperature), and the entropy.
+
+        Without grad the (rows, R, V) logits are built for ``VOCAB_ROWS`` rows at a time: the
+        vocabulary-sized temporaries dominate the no-grad passes' memory otherwise.
+        """
+        rows = h.shape[0] if torch.is_grad_enabled() else VOCAB_ROWS
+        logps, entropies = [], []
+        for s in range(0, h.shape[0], rows):
+            logits = self.lm_head(h[s : s + rows]).float() / temperature   # (rows, R, V)
+            logps.append(logprobs_from_logits(logits, response_ids[s : s + rows]))
+            if with_entropy:
+                entropies.append(entropy_from_logits(logits.detach()))
+            del logits
+        return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
     def _values(self, h: Tensor) -> Tensor:
         return self.value_head(h.float()).squeeze(-1)                 # (B, R)

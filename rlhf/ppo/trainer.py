@@ -139,8 +139,8 @@ class PPOTrainer:
                 acc.setdefault("train/grad_norm", []).append(float(norm))
                 self.optimizer.step()
         self.actor.peft.eval()
-        out = {k: (max(v) if k == "policy/ratio_max" else sum(v) / len(v)) for k, v in acc.items()}
-        return out
+        reduce = {"policy/ratio_max": max, "train/tokens": sum, "train/response_tokens": sum}
+        return {k: reduce.get(k, lambda x: sum(x) / len(x))(v) for k, v in acc.items()}
 
     def _micro_step(self, d: dict) -> dict:
         """Forward/backward of one micro-batch; the loss is scaled for gradient accumulation."""
@@ -157,7 +157,8 @@ class PPOTrainer:
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * masked_mean(out["entropy"], m)
         stats = {"policy/loss": float(pg_loss.detach()), "policy/clipfrac": float(pg_stats["clipfrac"]),
-                 "policy/approx_kl": float(pg_stats["approx_kl"]), "policy/ratio_max": ratio_max}
+                 "policy/approx_kl": float(pg_stats["approx_kl"]), "policy/ratio_max": ratio_max,
+                 "train/tokens": d["input_ids"].numel(), "train/response_tokens": m.numel()}  # per forward pass
         if actor.value_model == "separate":  # two graphs, freed one after the other
             self._backward(loss * scale, "policy loss")
             values = actor.value_forward(d["input_ids"], d["attention_mask"], d["input_ids"].shape[1] - m.shape[1])
