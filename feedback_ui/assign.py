@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from feedback_ui.store import Assignment, Comparison, utcnow
 
-CANDIDATE_WINDOW = 32  # comparisons fetched per attempt; the conditional UPDATE settles races
+CANDIDATE_WINDOW = 16  # comparison ids fetched per attempt; the conditional UPDATE settles races
 
 
 def _seen_by(user_id: int):
@@ -54,20 +54,20 @@ def _new_assignment(session: Session, user_id: int, comparison: Comparison, rng:
 
 def _assign_regular(session: Session, user_id: int, rng: random.Random) -> Optional[Assignment]:
     """Fill comparisons that already have labelers first, so overlap sets complete early."""
-    rows = session.scalars(
-        _available(user_id, Comparison)
+    ids = session.scalars(
+        _available(user_id, Comparison.id)
         .order_by(Comparison.n_active.desc(), Comparison.id)
         .limit(CANDIDATE_WINDOW)
     ).all()
-    for c in rows:
+    for cid in ids:
         taken = session.execute(
             sa.update(Comparison)
-            .where(Comparison.id == c.id, Comparison.n_active < Comparison.overlap)
+            .where(Comparison.id == cid, Comparison.n_active < Comparison.overlap)
             .values(n_active=Comparison.n_active + 1)
             .execution_options(synchronize_session=False)
         ).rowcount
         if taken == 1:
-            return _new_assignment(session, user_id, c, rng)
+            return _new_assignment(session, user_id, session.get(Comparison, cid), rng)
     return None
 
 

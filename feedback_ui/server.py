@@ -30,10 +30,15 @@ OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/login_check")
 
 
 class LoginRequired:
-    """ASGI middleware: without a valid Gradio session cookie only ``OPEN_*`` paths are served."""
+    """The served ASGI app: without a valid Gradio session cookie only ``OPEN_*`` paths are served.
 
-    def __init__(self, app, gradio_app: App):
-        self.app, self.gradio_app = app, gradio_app
+    Requests go straight to the Gradio app (one routing and middleware stack
+    instead of two); ``lifespan`` goes to the FastAPI parent, which starts
+    Gradio's queue.
+    """
+
+    def __init__(self, parent: FastAPI, gradio_app: App):
+        self.parent, self.gradio_app = parent, gradio_app
 
     def user(self, scope) -> Optional[str]:
         cookies = Request(scope).cookies
@@ -43,20 +48,20 @@ class LoginRequired:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
+            return await self.parent(scope, receive, send)
         path = scope["path"]
         if path in OPEN_EXACT or path.startswith(OPEN_PREFIXES) or self.user(scope):
-            return await self.app(scope, receive, send)
+            return await self.gradio_app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
         refused = JSONResponse({"detail": {"error": "Not authenticated", "auth_message": None}}, status_code=401)
         await refused(scope, receive, send)
 
 
-def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concurrency: int = 16) -> FastAPI:
-    """A FastAPI app serving the labeling Blocks at ``/`` behind the login."""
+def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concurrency: int = 16) -> LoginRequired:
+    """An ASGI app serving the labeling Blocks at ``/`` behind the login."""
     blocks = build_app(store, gold_rate=gold_rate)
-    blocks.queue(default_concurrency_limit=concurrency)
+    blocks.queue(default_concurrency_limit=concurrency, status_update_rate=5)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     gr.mount_gradio_app(
         app,
@@ -72,8 +77,7 @@ def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concur
         show_error=True,
     )
     gradio_app = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), App))
-    app.add_middleware(LoginRequired, gradio_app=gradio_app)
-    return app
+    return LoginRequired(app, gradio_app)
 
 
 class Server:
@@ -111,4 +115,4 @@ def launch(db: str, host: str = "127.0.0.1", port: int = 7860, gold_rate: Option
     store = open_store(db)
     print(f"labeling app on http://{host}:{port}/ (database {store.url}); Ctrl+C stops it", flush=True)
     app = create_server_app(store, gold_rate=gold_rate, concurrency=concurrency)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

@@ -24,14 +24,18 @@ class NotAllowed(UserError):
     """Not logged in, or not allowed to see this."""
 
 
-def current_user(store: Store, name: Optional[str], role: Optional[str] = None) -> User:
-    with store.read() as s:
-        user = s.scalar(sa.select(User).where(User.name == name)) if name else None
+def _user(s, name: Optional[str], role: Optional[str] = None) -> User:
+    user = s.scalar(sa.select(User).where(User.name == name)) if name else None
     if user is None:
         raise NotAllowed("not logged in")
     if role and user.role != role:
         raise NotAllowed(f"this view is for {role}s only")
     return user
+
+
+def current_user(store: Store, name: Optional[str], role: Optional[str] = None) -> User:
+    with store.read() as s:
+        return _user(s, name, role)
 
 
 def gold_rate_of(store: Store) -> float:
@@ -57,8 +61,8 @@ def _view(s, a: Optional[Assignment], user_id: int) -> dict:
 
 def serve(store: Store, name: str, gold_rate: float, status: str = "") -> dict:
     """The user's current task (a new one is assigned if none is open) with progress."""
-    user = current_user(store, name)
     with store.write() as s:
+        user = _user(s, name)
         view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
     return {**view, "status": status}
 
@@ -69,9 +73,9 @@ def answer(store: Store, name: str, token: str, gold_rate: float, **vote) -> dic
     A repeated submission of the same task is stored once and answered with
     the current task and status 'already recorded'.
     """
-    user = current_user(store, name)
     try:
         with store.write() as s:
+            user = _user(s, name)
             stored = record_vote(s, user.id, token, **vote)
             view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
     except IntegrityError:  # a concurrent duplicate won the race (PostgreSQL)
@@ -80,8 +84,8 @@ def answer(store: Store, name: str, token: str, gold_rate: float, **vote) -> dic
 
 
 def skip(store: Store, name: str, token: str, gold_rate: float) -> dict:
-    user = current_user(store, name)
     with store.write() as s:
+        user = _user(s, name)
         skipped = skip_task(s, user.id, token)
         view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
     return {**view, "status": "skipped" if skipped else "nothing to skip"}
@@ -89,8 +93,8 @@ def skip(store: Store, name: str, token: str, gold_rate: float) -> dict:
 
 def history(store: Store, name: str, limit: int = 50) -> list[list]:
     """The user's own latest votes: [time, prompt, answer, seconds]."""
-    user = current_user(store, name)
     with store.read() as s:
+        user = _user(s, name)
         rows = s.execute(
             sa.select(Vote.created_at, Prompt.text, Vote.outcome, Vote.picked_position, Comparison.kind, Vote.seconds)
             .join(Comparison, Comparison.id == Vote.comparison_id)

@@ -1,0 +1,192 @@
+"""Load benchmark of the labeling app: concurrent simulated labelers through gradio_client.
+
+Starts ``rlhf label serve`` in a subprocess on a fresh SQLite database (WAL,
+synchronous=FULL), then runs ``--labelers`` threads on loopback, each with its
+own logged-in ``gradio_client.Client``, each casting at most
+``ceil(votes / labelers)`` votes (bounded loops, no think time: the worst
+case). Every call of ``/vote`` returns the next task, so its latency is the
+vote -> next task latency. Afterwards the database is checked: every
+acknowledged vote is stored exactly once.
+
+    python bench/label_load.py --labelers 32 --votes 2000
+
+Target: p95 <= 150 ms on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from feedback_ui.testing import PASSWORD, make_project  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db: str, port: int, concurrency: int) -> subprocess.Popen:
+    """``rlhf label serve`` as a child process; returns once the login page answers."""
+    cmd = [sys.executable, "-m", "rlhf.cli", "label", "serve", "--db", db, "--port", str(port),
+           "--concurrency", str(concurrency)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def connect(url: str, names: list[str]):
+    """One logged-in Client per labeler (created in parallel)."""
+    from gradio_client import Client
+
+    clients: dict[str, object] = {}
+
+    def make(name):
+        # plain http on loopback: ssl_verify=False only stops gradio_client from building a TLS context
+        # (CA bundle load, ~60 ms CPU) for every request; nothing is encrypted either way
+        clients[name] = Client(url, auth=(name, PASSWORD), verbose=False, download_files=False, ssl_verify=False)
+
+    threads = [threading.Thread(target=make, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [clients[n] for n in names]
+
+
+def labeler_loop(client, max_votes: int, acked: list, latencies: list, errors: list, stop: threading.Event,
+                 think: float = 0.0, seed: int = 0, retries: int = 2):  # fmt: skip
+    """Read for ``think`` s (uniform 0.5x-1.5x), vote A/B/tie in turn; until ``max_votes``, an empty queue
+    or ``stop``. Records acknowledged tokens and vote -> next task latencies."""
+    rng = random.Random(seed)
+    try:
+        task = client.predict(api_name="/next_task")
+        for i in range(max_votes):
+            if think:
+                stop.wait(think * rng.uniform(0.5, 1.5))
+            if not task["token"] or stop.is_set():
+                return
+            choice = ("A", "B", "tie")[i % 3]
+            t0 = time.perf_counter()
+            for attempt in range(retries + 1):  # a lost answer is retried with the same token (idempotent)
+                try:
+                    nxt = client.submit(task["token"], choice, api_name="/vote").result(timeout=30)
+                    break
+                except Exception as exc:
+                    if attempt == retries:
+                        raise
+                    errors.append(f"retried: {exc!r}"[:200])
+            latencies.append(time.perf_counter() - t0)
+            acked.append(task["token"])
+            task = nxt
+    except Exception as exc:  # reported by the caller (the crash bench expects these)
+        errors.append(repr(exc)[:200])
+
+
+def check_db(db: str, acked: list[str]) -> dict:
+    con = sqlite3.connect(db)
+    keys = [k for (k,) in con.execute("SELECT idempotency_key FROM votes")]
+    integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
+    con.close()
+    stored = set(keys)
+    return {
+        "votes_in_db": len(keys),
+        "duplicates_in_db": len(keys) - len(stored),
+        "acknowledged": len(acked),
+        "acknowledged_missing": sum(t not in stored for t in acked),
+        "integrity_check": integrity,
+    }
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--labelers", type=int, default=32)
+    ap.add_argument("--votes", type=int, default=2000, help="total votes (each labeler casts votes/labelers)")
+    ap.add_argument("--overlap", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=16, help="server --concurrency")
+    ap.add_argument("--think", type=float, default=0.0, help="mean seconds a labeler reads before voting (0 = none)")
+    ap.add_argument("--db", default=None, help="database file (default: a temporary one)")
+    ap.add_argument("--json", default=None, help="write the summary here")
+    args = ap.parse_args(argv)
+    db = args.db or str(Path(tempfile.mkdtemp(prefix="label_load_")) / "load.db")
+    per_labeler = math.ceil(args.votes / args.labelers)
+    names = [f"labeler{i:02d}" for i in range(args.labelers)]
+    n_pairs = math.ceil(per_labeler * args.labelers / args.overlap) + args.labelers
+    make_project(db, {n: "labeler" for n in names}, n_pairs=n_pairs, overlap=args.overlap).close()
+    port = free_port()
+    server = start_server(db, port, args.concurrency)
+    try:
+        clients = connect(f"http://127.0.0.1:{port}/", names)
+        acked, latencies, errors, stop = [], [], [], threading.Event()
+        threads = [threading.Thread(target=labeler_loop, args=(c, per_labeler, acked, latencies, errors, stop,
+                                                               args.think, i)) for i, c in enumerate(clients)]  # fmt: skip
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        for c in clients:
+            c.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    summary = {
+        "labelers": args.labelers,
+        "overlap": args.overlap,
+        "server_concurrency": args.concurrency,
+        "think_s": args.think,
+        "votes_per_s": round(len(acked) / wall, 1),
+        "latency_p50_ms": round(1000 * statistics.median(latencies), 1),
+        "latency_p95_ms": round(1000 * pct(latencies, 0.95), 1),
+        "latency_max_ms": round(1000 * max(latencies), 1),
+        "wall_s": round(wall, 1),
+        "retried": sum(e.startswith("retried") for e in errors),
+        "failed_labelers": sum(not e.startswith("retried") for e in errors),
+        **check_db(db, acked),
+        "cpus": os.cpu_count(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.python_version()}".strip(),
+    }
+    print(json.dumps(summary, indent=2))
+    if errors:
+        print("first errors:", errors[:3], file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
