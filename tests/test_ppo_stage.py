@@ -242,3 +242,11 @@ def test_refuses_to_mix_into_existing_checkpoints(tiny_model_dir, tmp_path):
         run_ppo(cfg, scorer=TokenCountScorer(REWARDED))
     cfg.overwrite_output_dir = True
     assert run_ppo(cfg, scorer=TokenCountScorer(REWARDED))["steps"] == 1
+
+
+def test_gradient_checkpointing_and_logging_steps(tiny_model_dir, tmp_path):
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=5, gradient_checkpointing=True, logging_steps=2,
+                     gradient_accumulation_steps=2)
+    assert cfg.per_device_train_batch_size == 1
+    assert run_ppo(cfg, scorer=TokenCountScorer(REWARDED))["steps"] == 5
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "logs" / "metrics.jsonl")] == [1, 2, 4, 5]

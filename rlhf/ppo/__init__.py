@@ -1,0 +1,13 @@
+"""PPO for RLHF with LoRA adapters on one shared base model.
+
+Modules (each small, one concept):
+
+* ``losses``     pure PPO math (KL estimators, reward shaping, GAE, clipped losses, KL controllers)
+* ``config``     :class:`~rlhf.ppo.config.PPOStageConfig`, the options of ``rlhf ppo``
+* ``policy``     :class:`~rlhf.ppo.policy.ActorCritic`: policy / reference / value adapters on one ``PeftModel``
+* ``scorers``    the reward interface the loop sees (:class:`~rlhf.ppo.scorers.Scorer`) and adapters to it
+* ``rollout``    generate, score, shape rewards, GAE targets
+* ``checkpoint`` atomic checkpoints and exact resume
+* ``trainer``    :class:`~rlhf.ppo.trainer.PPOTrainer` (the loop) and :func:`~rlhf.ppo.trainer.run_ppo` (the stage)
+* ``wiring``     loading the base once, attaching the reward model (the only place that imports ``reward``)
+"""

@@ -91,6 +91,7 @@ class PPOStageConfig(TrainingConfig):
     )
 
     # logging, checkpoints, guards
+    logging_steps: int = field(1, "write metrics every N PPO steps (and at the first and last step)")
     sample_every: int = field(5, "print and log a few sample responses every N steps (0 = never)")
     num_samples: int = field(2, "responses shown each time samples are logged")
     save_steps: int = field(10, "write a checkpoint every N PPO steps (0 = only at the end)")

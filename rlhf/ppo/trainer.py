@@ -230,7 +230,7 @@ class PPOTrainer:
         while self.step < self.total_steps:
             stats = self.ppo_step()
             self.history.append({k: stats[k] for k in ("reward/mean", "score/raw_mean", "kl/k1")})
-            if self.logger is not None:
+            if self.logger is not None and (self.step % cfg.logging_steps == 0 or self.step in (1, self.total_steps)):
                 self.logger.log(self.step, stats)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/k1']:.3f}")
