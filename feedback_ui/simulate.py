@@ -40,7 +40,8 @@ def label_until_done(url: str, name: str, password: str, rule: RuleScore, *, min
     """Log in as ``name`` and vote on every task in its queue; returns the number of votes cast."""
     from gradio_client import Client
 
-    client = Client(url, auth=(name, password), verbose=False)
+    # ssl_verify only matters for https; off for plain http it spares a TLS context (~60 ms CPU) per request
+    client = Client(url, auth=(name, password), verbose=False, ssl_verify=not url.startswith("http://"))
     rng = random.Random(f"{seed}-{name}")
     task = client.predict(api_name="/next_task")
     votes = 0

@@ -110,6 +110,8 @@ def test_label_with_mouse_and_keyboard(browser, app):
     page.get_by_role("tab", name="My history").click()
     page.get_by_role("button", name="Refresh").click()
     page.wait_for_selector("#history >> text=B is better")
+    assert page.locator("#history").get_by_text("<b>not bold</b><script>", exact=False).count() >= 1
+    assert page.locator("#history b, #history script").count() == 0
     assert page.evaluate("typeof window.__pwned") == "undefined"
     assert page.locator("img[src='x']").count() == 0
     page.close()
