@@ -246,7 +246,10 @@ def prefs_step(cfg: PipelineConfig) -> Step:
         except TypeError as exc:
             raise ConfigError(f"pipeline section 'prefs': {exc}") from None
         if counts["rows"] == 0:
-            raise ConfigError("no preference pairs to export: nobody has voted yet (see `rlhf label serve`)")
+            raise ConfigError(
+                f"no preference pairs to export from {counts['comparisons']} answered comparisons "
+                "(ties and 'both bad' are left out; with none answered, nobody has voted yet: see `rlhf label serve`)"
+            )
         print(f"[pipeline] exported {counts['rows']} preference pairs ({counts.get('test_rows', 0)} held out)",
               file=sys.stderr)
 

@@ -18,6 +18,7 @@ def pipeline_yaml(tmp_path, tiny_model_dir):
         "model_name_or_path": tiny_model_dir,
         "simulated_labelers": 2,
         "rule": "rule_score",
+        "rule_min_gap": 0.0,  # a random tiny model writes gibberish: its rule scores are close
         "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "report_to": "none", "lora_r": 4},
         "candidates": {"dataset_name": str(prompts), "num_candidates": 3, "max_new_tokens": 12, "overlap": 2},
         "prefs": {"test_fraction": 0.25},
@@ -67,7 +68,7 @@ def test_pipeline_stops_after_candidates_for_human_labelers(pipeline_yaml, tmp_p
     assert "rlhf label serve --db" in capsys.readouterr().out
     # nobody voted: continuing without simulated labelers stops with a clear message
     assert main(["pipeline", "--config", str(pipeline_yaml), "--simulated_labelers", "0"]) == 2
-    assert "nobody has voted" in capsys.readouterr().err
+    assert "from 0 answered comparisons" in capsys.readouterr().err
 
 
 def test_bad_stage_key_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys):
