@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from label_load import check_db, connect, free_port, start_server  # noqa: E402
+from label_load import check_db, connect, free_port, start_server
 
-from feedback_ui.testing import make_project  # noqa: E402
+from feedback_ui.testing import make_project
 
 
 def run_until_killed(url: str, names: list[str], kill_after: int, server, acked: list) -> dict:

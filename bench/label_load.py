@@ -151,8 +151,10 @@ def main(argv=None) -> dict:
     try:
         clients = connect(f"http://127.0.0.1:{port}/", names)
         acked, latencies, errors, stop = [], [], [], threading.Event()
-        threads = [threading.Thread(target=labeler_loop, args=(c, per_labeler, acked, latencies, errors, stop,
-                                                               args.think, i)) for i, c in enumerate(clients)]  # fmt: skip
+        threads = [
+            threading.Thread(target=labeler_loop, args=(c, per_labeler, acked, latencies, errors, stop, args.think, i))
+            for i, c in enumerate(clients)
+        ]
         t0 = time.perf_counter()
         for t in threads:
             t.start()

@@ -41,10 +41,10 @@ SHORTCUTS_HEAD = """<script>
 </script>"""
 
 
-def _user_error(fn):
-    """Run ``fn``; report a UserError as a Gradio error (shown in the UI, raised by gradio_client)."""
+def _api(fn, *args, **kwargs):
+    """Call ``fn``; a UserError becomes a Gradio error (shown in the UI, raised by gradio_client)."""
     try:
-        return fn()
+        return fn(*args, **kwargs)
     except UserError as exc:
         raise gr.Error(str(exc)) from None
 
@@ -61,30 +61,35 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
 
     def next_task(request: gr.Request) -> dict:
         """The caller's current task: token, kind (pair|rank), prompt, responses (display order), done, total."""
-        return _user_error(lambda: tasks.serve(store, request.username, rate))
+        return _api(tasks.serve, store, request.username, rate)
 
-    def vote(token: str, choice: str, strength: str = "", rationale: str = "", edit: str = "",
-             request: gr.Request = None) -> dict:  # fmt: skip
+    def vote(
+        token: str, choice: str, strength: str = "", rationale: str = "", edit: str = "", request: gr.Request = None
+    ) -> dict:
         """Answer a pair task: choice A, B, tie or both_bad; optional strength (slightly|much), rationale, edit."""
-        return _user_error(lambda: tasks.answer(store, request.username, token, rate, choice=choice,
-                                                strength=strength, rationale=rationale, edit=edit))  # fmt: skip
+        return _api(
+            tasks.answer, store, request.username, token, rate,
+            choice=choice, strength=strength, rationale=rationale, edit=edit,
+        )  # fmt: skip
 
     def rank(token: str, positions: list[int], rationale: str = "", edit: str = "", request: gr.Request = None) -> dict:
         """Answer a ranking task: display positions (0-based) from best to worst."""
-        return _user_error(lambda: tasks.answer(store, request.username, token, rate, positions=[int(p) for p in positions],
-                                                rationale=rationale, edit=edit))  # fmt: skip
+        positions = [int(p) for p in positions]
+        name = request.username
+        return _api(tasks.answer, store, name, token, rate, positions=positions, rationale=rationale, edit=edit)
 
     def skip(token: str, request: gr.Request = None) -> dict:
         """Skip the current task (it will not come back)."""
-        return _user_error(lambda: tasks.skip(store, request.username, token, rate))
+        return _api(tasks.skip, store, request.username, token, rate)
 
     def history(request: gr.Request) -> list[list]:
         """The caller's own latest votes."""
-        return _user_error(lambda: tasks.history(store, request.username))
+        return _api(tasks.history, store, request.username)
 
     def admin_stats(request: gr.Request) -> dict:
         """Progress, per-labeler numbers and agreement (admins only)."""
-        return _user_error(lambda: (tasks.current_user(store, request.username, role="admin"), collect_stats(store))[1])
+        _api(tasks.current_user, store, request.username, role="admin")
+        return collect_stats(store)
 
     with gr.Blocks(title=title) as demo:
         token = gr.State("")
@@ -99,7 +104,9 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
                         resp_b = gr.Textbox(label="B", interactive=False, lines=6, max_lines=30, elem_id="resp-b")
                     strength = gr.Radio(STRENGTHS, value=None, label="How much better? (optional)")
                     with gr.Row():
-                        pair_buttons = [gr.Button(f"{text}", elem_id=eid, variant="primary") for text, _, eid in PAIR_BUTTONS]
+                        pair_buttons = [
+                            gr.Button(text, elem_id=eid, variant="primary") for text, _, eid in PAIR_BUTTONS
+                        ]
                 with gr.Group(visible=False) as rank_box:
                     slots, slot_texts, slot_ranks = [], [], []
                     for i in range(MAX_RANK):
@@ -121,7 +128,8 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
             with gr.Tab("Admin", visible=False) as admin_tab:
                 admin_button = gr.Button("Refresh", elem_id="btn-admin")
                 admin_summary = gr.Markdown()
-                admin_table = gr.Dataframe(headers=[t for _, t in LABELER_COLUMNS], interactive=False, elem_id="admin-table")
+                headers = [title for _, title in LABELER_COLUMNS]
+                admin_table = gr.Dataframe(headers=headers, interactive=False, elem_id="admin-table")
 
         task_outputs = [token, progress, status, prompt, pair_box, resp_a, resp_b, rank_box,
                         *slots, *slot_texts, *slot_ranks, strength, rationale, edit]  # fmt: skip
@@ -148,28 +156,30 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
             """Leave the task on screen and show ``message``."""
             return [gr.update() for _ in task_outputs[:2]] + [message] + [gr.update() for _ in task_outputs[3:]]
 
-        def ui(call):
+        def ui(fn, *args, **kwargs) -> list:
+            """Run a task function for the UI: the next task, or the current one kept with the error shown."""
             try:
-                return render(call())
+                return render(fn(store, *args, **kwargs))
             except UserError as exc:
                 return keep(f"**Not saved:** {exc}")
 
         def on_load(request: gr.Request):
             user = tasks.current_user(store, request.username)
-            return [*ui(lambda: tasks.serve(store, user.name, rate)), gr.update(visible=user.role == "admin")]
+            return [*ui(tasks.serve, user.name, rate), gr.update(visible=user.role == "admin")]
 
         def on_pair(choice):
             def handler(tok, strength_value, why, better, request: gr.Request):
-                return ui(lambda: tasks.answer(store, request.username, tok, rate, choice=choice,
-                                               strength=strength_value, rationale=why, edit=better))  # fmt: skip
+                return ui(tasks.answer, request.username, tok, rate, choice=choice, strength=strength_value,
+                          rationale=why, edit=better)  # fmt: skip
+
             return handler
 
         def on_rank(request: gr.Request, tok, why, better, *ranks):  # request first: *ranks ends the positionals
             chosen = {int(r): i for i, r in enumerate(ranks) if r}
             if len(chosen) != sum(1 for r in ranks if r):
                 return keep("**Not saved:** give each response a different rank")
-            return ui(lambda: tasks.answer(store, request.username, tok, rate, positions=[chosen[r] for r in sorted(chosen)],
-                                           rationale=why, edit=better))  # fmt: skip
+            positions = [chosen[r] for r in sorted(chosen)]
+            return ui(tasks.answer, request.username, tok, rate, positions=positions, rationale=why, edit=better)
 
         private = {"api_visibility": "private"}
         demo.load(on_load, None, [*task_outputs, admin_tab], **private)
@@ -178,7 +188,7 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
         rank_button.click(on_rank, [token, rationale, edit, *slot_ranks], task_outputs, **private)
 
         def on_skip(tok, request: gr.Request):
-            return ui(lambda: tasks.skip(store, request.username, tok, rate))
+            return ui(tasks.skip, request.username, tok, rate)
 
         skip_button.click(on_skip, [token], task_outputs, **private)
         history_button.click(history, None, history_table, api_name="ui_history", **private)

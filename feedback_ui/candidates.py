@@ -54,7 +54,10 @@ def get_or_add_prompt(session: Session, prompt: Any) -> Prompt:
 
 
 def add_response(session: Session, prompt_id: int, text: str, *, source: str, **fields) -> Response:
-    """The response with this text for this prompt, created if new (``fields``: policy, settings, author_id, parent_id)."""
+    """This prompt's response with this text, created if new.
+
+    ``fields``: policy, settings, author_id, parent_id (used only when created).
+    """
     key = sha256_hex(text)
     row = session.scalar(sa.select(Response).where(Response.prompt_id == prompt_id, Response.text_key == key))
     if row is None:

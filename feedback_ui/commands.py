@@ -130,7 +130,7 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     users = user.add_subparsers(dest="user_command", metavar="ACTION")
     p = users.add_parser("add", help="create an account; password from RLHF_PASSWORD or stdin, never argv")
     p.add_argument("name", help="login name (letters, digits, _ . @ -)")
-    p.add_argument("--role", choices=["labeler", "admin"], default="labeler", help="labeler or admin [default: labeler]")
+    p.add_argument("--role", choices=["labeler", "admin"], default="labeler", help="account role [default: labeler]")
     _add_db(p)
     p.set_defaults(func=cmd_user_add)
     p = users.add_parser("list", help="list accounts and roles")
@@ -158,7 +158,7 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
                    help="rankings -> pairs: every ordered pair, or the best against each other [default: all-pairs]")
     p.add_argument("--aggregate", choices=AGGREGATIONS, default="majority",
                    help="several labelers on one comparison: strict-majority pairs, or every vote [default: majority]")
-    p.add_argument("--keep", default="", help="also export these outcomes: tie, both_bad or tie,both_bad [default: none]")
+    p.add_argument("--keep", default="", help="comma list of extra outcomes to export: tie, both_bad [default: none]")
     p.add_argument("--test_fraction", type=float, default=0.0,
                    help="share of prompts held out (split by prompt, never by row) [default: 0]")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt split [default: 0]")

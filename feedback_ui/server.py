@@ -9,6 +9,7 @@ static assets are served; anything else gets 401 and no data.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -105,8 +106,15 @@ class Server:
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = self.server.force_exit = True  # open event streams do not hold shutdown
-        self.thread.join(timeout=10)
+        """Stop now: open event streams (browsers, gradio_client) are cancelled, not waited for."""
+        log = logging.getLogger("uvicorn.error")
+        level = log.level
+        log.setLevel(logging.CRITICAL)  # the cancelled streams would each log a CancelledError traceback
+        try:
+            self.server.should_exit = self.server.force_exit = True
+            self.thread.join(timeout=10)
+        finally:
+            log.setLevel(level)
 
 
 def launch(db: str, host: str = "127.0.0.1", port: int = 7860, gold_rate: Optional[float] = None,

@@ -128,7 +128,9 @@ def collect_stats(store: Store) -> dict:
                 "skipped": per_status[uid].get("skipped", 0),
                 "open": per_status[uid].get("open", 0),
                 "median_seconds": _round(statistics.median(v.seconds for v in vs), 2) if vs else None,
-                "side_a_rate": _round(sum(v.picked_position == 0 for v in decisive) / len(decisive)) if decisive else None,
+                "side_a_rate": _round(sum(v.picked_position == 0 for v in decisive) / len(decisive))
+                if decisive
+                else None,
                 "gold_items": len(gold),
                 "gold_accuracy": _round(gold_hits / len(gold)) if gold else None,
                 "agreement": agree_per_user.get(name),

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from feedback_ui.assign import next_task, progress, skip_task
 from feedback_ui.store import Assignment, Comparison, Prompt, Response, Store, User, Vote, get_setting
-from feedback_ui.voting import VoteError, record_vote
+from feedback_ui.voting import record_vote
 from rlhf.errors import UserError
 
 EMPTY_TASK = {"token": "", "kind": "", "prompt": "", "responses": []}
@@ -112,5 +112,3 @@ def history(store: Store, name: str, limit: int = 50) -> list[list]:
         out.append([created.strftime("%Y-%m-%d %H:%M:%S"), prompt[:120], said, round(seconds, 1)])
     return out
 
-
-__all__ = ["EMPTY_TASK", "NotAllowed", "VoteError", "answer", "current_user", "gold_rate_of", "history", "serve", "skip"]

@@ -60,7 +60,7 @@ def test_each_labeler_has_their_own_queue(app):
 
 
 def test_ranking_task_through_the_api(app):
-    server, store = app
+    server, _ = app
     bob = client(server, "bob")
     task = bob.predict(api_name="/next_task")
     while task["kind"] != "rank":
@@ -81,7 +81,7 @@ def test_admin_view_is_for_admins_only(app):
 
 def test_wrong_password_is_refused(app):
     server, _ = app
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="login"):
         client(server, "ann", "wrong password")
 
 

@@ -99,7 +99,8 @@ def test_label_with_mouse_and_keyboard(browser, app):
     wait_done(page, 4, 4)
 
     rows = ann_votes(store)
-    assert [(v.outcome, v.picked_position) for v, _ in rows] == [("ranked", 0), ("ranked", 1), ("tie", None), ("ranked", 1)]
+    outcomes = [(v.outcome, v.picked_position) for v, _ in rows]
+    assert outcomes == [("ranked", 0), ("ranked", 1), ("tie", None), ("ranked", 1)]
     first, second, _, ranked = rows
     assert first[0].ranking == first[1].order  # A = first shown
     assert second[0].ranking == second[1].order[::-1] and second[0].strength == "much" and second[0].rationale == "3"
@@ -118,7 +119,7 @@ def test_label_with_mouse_and_keyboard(browser, app):
 
 
 def test_admin_sees_the_admin_view(browser, app):
-    server, store = app
+    server, _ = app
     page = login(browser, server.url, "root")
     page.get_by_role("tab", name="Admin").click()
     page.locator("#btn-admin").click()

@@ -1,6 +1,8 @@
 """Export strategies, the prompt split, stats and the ``rlhf label`` commands."""
 
+import io
 import json
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -8,9 +10,10 @@ import sqlalchemy as sa
 from feedback_ui import tasks
 from feedback_ui.export import export_preferences, held_out_path
 from feedback_ui.stats import collect_stats, format_stats
-from feedback_ui.store import Comparison, Prompt, Response, Vote, open_store
+from feedback_ui.store import Assignment, Comparison, Prompt, Response, open_store
 from feedback_ui.testing import PASSWORD, make_project
 from rlhf.cli import main
+from rlhf.errors import UserError
 
 
 def label_with(store, name, decide, gold_rate=0.0):
@@ -20,7 +23,7 @@ def label_with(store, name, decide, gold_rate=0.0):
     view = tasks.serve(store, name, gold_rate)
     while view["token"]:
         with store.read() as s:
-            a = s.scalar(sa.select(tasks.Assignment).where(tasks.Assignment.token == view["token"]))
+            a = s.scalar(sa.select(Assignment).where(Assignment.token == view["token"]))
             ids = s.get(Comparison, a.comparison_id).response_ids
         answer, strength = decide(view["prompt"]), None
         if isinstance(answer, tuple):
@@ -83,14 +86,14 @@ def test_export_strategies_and_options(voted):
     assert export_preferences(store, out, aggregation="all", keep=["tie", "both_bad"])["rows"] == 15 + 2 + 1
     assert export_preferences(store, out, margin_much=5.0, margin_slightly=1.0)["rows"] == 4
     assert next(r for r in read_jsonl(out) if r["prompt"] == "pair prompt 0")["margin"] == 3.0
-    with pytest.raises(tasks.UserError, match="--keep"):
+    with pytest.raises(UserError, match="--keep"):
         export_preferences(store, out, keep=["maybe"])
 
 
 def test_export_split_by_prompt(voted):
     store, tmp = voted
     counts = export_preferences(store, str(tmp / "prefs.jsonl"), aggregation="all", test_fraction=0.5, seed=3)
-    assert held_out_path(tmp / "prefs.jsonl") == tmp / "prefs.test.jsonl" == __import__("pathlib").Path(counts["test_out"])
+    assert held_out_path(tmp / "prefs.jsonl") == tmp / "prefs.test.jsonl" == Path(counts["test_out"])
     train, test = read_jsonl(tmp / "prefs.jsonl"), read_jsonl(tmp / "prefs.test.jsonl")
     assert len(train) + len(test) == 15 and train and test
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
@@ -146,7 +149,7 @@ def test_label_commands(tmp_path, monkeypatch, capsys):
     assert main(["label", "user", "add", "ann", "--db", db]) == 2
     assert "already exists" in capsys.readouterr().err
     monkeypatch.delenv("RLHF_PASSWORD")
-    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("another password\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("another password\n"))
     assert main(["label", "user", "add", "root", "--role", "admin", "--db", db]) == 0
     capsys.readouterr()
     assert main(["label", "user", "list", "--db", db]) == 0
@@ -165,8 +168,8 @@ def test_label_commands(tmp_path, monkeypatch, capsys):
 
 def test_candidates_on_tiny_model(tmp_path, tiny_model_dir, capsys):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
-                               ["Say hi.", "Name a colour.", [{"role": "user", "content": "Count to 3."}]]))  # fmt: skip
+    rows = ["Say hi.", "Name a colour.", [{"role": "user", "content": "Count to 3."}]]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
     gold = tmp_path / "gold.jsonl"
     gold.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
     db = str(tmp_path / "c.db")

@@ -3,7 +3,14 @@
 import pytest
 
 from feedback_ui.agreement import cohen_kappa, krippendorff_alpha_nominal, percent_agreement
-from feedback_ui.pairs import Judgement, aggregate, judgement_pairs, ranking_to_pairs, split_by_prompt, strength_to_margin
+from feedback_ui.pairs import (
+    Judgement,
+    aggregate,
+    judgement_pairs,
+    ranking_to_pairs,
+    split_by_prompt,
+    strength_to_margin,
+)
 
 
 def test_cohen_kappa_hand_computed():

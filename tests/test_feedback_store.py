@@ -218,9 +218,14 @@ def test_votes_belong_to_their_labeler(tmp_path):
 def test_vote_validation_and_edit(tmp_path):
     store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=2, n_rank=1, k_rank=3)
     view = tasks.serve(store, "ann", 0.0)
-    for bad, match in [({"choice": "C"}, "choice must be"), ({"choice": "tie", "strength": "much"}, "strength"),
-                       ({"choice": "A", "strength": "huge"}, "strength must"), ({"positions": [0, 1]}, "needs a choice"),
-                       ({"choice": "both_bad", "edit": "better"}, "edit improves")]:  # fmt: skip
+    bad_answers = [
+        ({"choice": "C"}, "choice must be"),
+        ({"choice": "tie", "strength": "much"}, "strength"),
+        ({"choice": "A", "strength": "huge"}, "strength must"),
+        ({"positions": [0, 1]}, "needs a choice"),
+        ({"choice": "both_bad", "edit": "better"}, "edit improves"),
+    ]
+    for bad, match in bad_answers:
         with pytest.raises(VoteError, match=match):
             tasks.answer(store, "ann", view["token"], 0.0, **bad)
     nxt = tasks.answer(store, "ann", view["token"], 0.0, choice="B", edit="  a much better answer  ", rationale="why")
