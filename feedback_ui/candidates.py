@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +21,7 @@ from feedback_ui.store import Comparison, Prompt, Response, Store, init_db, set_
 from rlhf.data import to_messages
 from rlhf.errors import DataError
 
-log = logging.getLogger(__name__)
+STORE_EVERY_BATCHES = 8  # generation batches between database writes
 
 
 # helper functions
@@ -35,6 +34,11 @@ def prompt_display_text(messages: list[dict]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def prompt_key(prompt: Any) -> str:
+    """sha256 of the prompt's canonical messages JSON (a string prompt is one user message)."""
+    return sha256_hex(json.dumps(to_messages(prompt), sort_keys=True, ensure_ascii=False))
+
+
 def policy_identity(model_name_or_path: str, adapter: Optional[str]) -> str:
     return model_name_or_path + (f" + adapter {Path(adapter).resolve()}" if adapter else "")
 
@@ -43,10 +47,10 @@ def policy_identity(model_name_or_path: str, adapter: Optional[str]) -> str:
 
 
 def get_or_add_prompt(session: Session, prompt: Any) -> Prompt:
-    messages = to_messages(prompt)
-    key = sha256_hex(json.dumps(messages, sort_keys=True, ensure_ascii=False))
+    key = prompt_key(prompt)
     row = session.scalar(sa.select(Prompt).where(Prompt.key == key))
     if row is None:
+        messages = to_messages(prompt)
         row = Prompt(key=key, text=prompt_display_text(messages), messages=messages)
         session.add(row)
         session.flush()
@@ -112,18 +116,20 @@ def add_candidates(
     settings: Optional[dict] = None,
     mode: str = "pairwise",
     overlap: int = 1,
-) -> int:
-    """Store one prompt's responses from ``policy`` and build its comparisons; returns new comparisons."""
+) -> tuple[int, int]:
+    """Store one prompt's responses from ``policy``, build its comparisons; returns (new responses, new comparisons)."""
     with store.write() as s:
         p = get_or_add_prompt(s, prompt)
+        before = s.scalar(sa.select(sa.func.count()).select_from(Response).where(Response.prompt_id == p.id))
         for text in responses:
             add_response(s, p.id, text, source="policy", policy=policy, settings=settings)
+        after = s.scalar(sa.select(sa.func.count()).select_from(Response).where(Response.prompt_id == p.id))
         ids = s.scalars(
             sa.select(Response.id).where(
                 Response.prompt_id == p.id, Response.source == "policy", Response.policy == policy
             )
         ).all()
-        return build_comparisons(s, p.id, list(ids), mode, overlap)
+        return after - before, build_comparisons(s, p.id, list(ids), mode, overlap)
 
 
 def import_gold(store: Store, path: str) -> int:
@@ -170,12 +176,15 @@ def _existing_counts(store: Store, prompts: list[Any], policy: str) -> list[int]
                 .group_by(Prompt.key)
             ).all()
         )
-    keys = [sha256_hex(json.dumps(to_messages(p), sort_keys=True, ensure_ascii=False)) for p in prompts]
-    return [counts.get(k, 0) for k in keys]
+    return [counts.get(prompt_key(p), 0) for p in prompts]
 
 
 def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
-    """Generate the missing responses (K per prompt per policy), store them, build comparisons."""
+    """Sample the missing responses (K per prompt and policy), store them, build comparisons.
+
+    Work is stored after every chunk of prompts, so an interrupted run keeps
+    what it generated and a re-run continues where it stopped.
+    """
     from rlhf.data import load_prompts
 
     store = init_db(cfg.db)
@@ -186,39 +195,50 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
     settings["dataset_name"] = cfg.dataset_name
     need = [max(0, cfg.num_candidates - have) for have in _existing_counts(store, prompts, policy)]
-    generated: dict[int, list[str]] = {}
-    if any(need):
+    sampled = new_responses = new_comparisons = 0
+
+    def keep(i: int, texts: list[str]) -> None:
+        nonlocal sampled, new_responses, new_comparisons
+        n_resp, n_comp = add_candidates(store, prompts[i], texts, policy=policy, settings=settings, mode=cfg.mode,
+                                        overlap=cfg.overlap)  # fmt: skip
+        sampled, new_responses, new_comparisons = sampled + len(texts), new_responses + n_resp, new_comparisons + n_comp
+
+    todo = [i for i, n in enumerate(need) if n]
+    if todo:
         from rlhf.generation import generate_responses
         from rlhf.models import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
         model = load_model(cfg.model_name_or_path, adapter=cfg.adapter)
-        for k in sorted(set(n for n in need if n)):
-            idx = [i for i, n in enumerate(need) if n == k]
-            outs = generate_responses(
-                model, tokenizer, [prompts[i] for i in idx], num_return_sequences=k,
-                max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-                top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed, progress=True,
-            )  # fmt: skip
-            generated.update(zip(idx, outs))
-    new_comparisons = 0
-    for i, prompt in enumerate(prompts):
-        new_comparisons += add_candidates(
-            store, prompt, generated.get(i, []), policy=policy, settings=settings, mode=cfg.mode, overlap=cfg.overlap
-        )
+        chunk = cfg.batch_size * STORE_EVERY_BATCHES
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            for k in sorted({need[i] for i in part}):
+                idx = [i for i in part if need[i] == k]
+                outs = generate_responses(
+                    model, tokenizer, [prompts[i] for i in idx], num_return_sequences=k,
+                    max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                    top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed + start, progress=True,
+                )  # fmt: skip
+                for i, texts in zip(idx, outs):
+                    keep(i, texts)  # stored right away: an interrupted run keeps its work
+    for i, n in enumerate(need):
+        if not n:
+            keep(i, [])  # comparisons over stored responses (e.g. the other mode)
     gold = import_gold(store, cfg.gold_file) if cfg.gold_file else 0
     with store.write() as s:
         set_setting(s, "gold_rate", cfg.gold_rate)
+    store.close()
     summary = {
         "prompts": len(prompts),
-        "responses_generated": sum(len(v) for v in generated.values()),
+        "responses_sampled": sampled,
+        "new_responses": new_responses,
         "new_comparisons": new_comparisons,
         "new_gold": gold,
         "policy": policy,
     }
-    store.close()
     print(
-        f"{summary['prompts']} prompts, {summary['responses_generated']} new responses, "
+        f"{len(prompts)} prompts: {summary['responses_sampled']} responses sampled, {new_responses} new responses, "
         f"{new_comparisons} new comparisons, {gold} new gold items -> {cfg.db}"
     )
     return summary

@@ -253,8 +253,6 @@ def open_store(db: str) -> Store:
         store.close()
         raise UserError(f"database {store.url} is not initialised: run 'rlhf label init --db {db}'")
     _check_version(version, store.url)
-    if version < SCHEMA_VERSION:
-        raise UserError(f"database {store.url} has schema version {version}; run 'rlhf label init --db {db}'")
     return store
 
 
