@@ -39,6 +39,15 @@ SETTINGS = dict(rollouts=8, max_new_tokens=48, ppo_epochs=2, num_mini_batches=2,
                 lora_alpha=32, kl_coef=0.05, vf_coef=0.1, learning_rate=5e-5, seed=42)
 
 
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -144,6 +153,19 @@ def cmd_ours(args) -> dict:
         gradient_accumulation_steps=args.grad_accum,
         report_to="none", progress=False, sample_every=0, save_steps=0, precision="fp32",
     )
+    from rlhf.ppo.trainer import PPOTrainer
+
+    cpu, real_train = {}, PPOTrainer.train
+
+    def timed_train(self):
+        start = cpu_seconds()
+        try:
+            return real_train(self)
+        finally:
+            cpu["loop"] = cpu_seconds() - start
+
+    PPOTrainer.train = timed_train
+    load0 = load_average()
     metrics = run_ppo(cfg)
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     total = lambda key: sum(r[key] for r in rows)  # noqa: E731
@@ -156,6 +178,7 @@ def cmd_ours(args) -> dict:
         "what": "ours", "value_model": args.value_model, "micro_batch": cfg.per_device_train_batch_size,
         "steps": metrics["steps"],
         "rollouts_per_s": metrics["rollouts"] / metrics["wall_time_s"], "loop_s": metrics["wall_time_s"],
+        "rollouts_per_cpu_s": metrics["rollouts"] / cpu["loop"], "load_avg": [load0, load_average()],
         "peak_rss_mb": peak_rss_mb(),
         "share_generation": total("time/generation_s") / step_s,
         "share_scoring_passes": (total("time/forward_s") + total("time/scoring_s")) / step_s,
@@ -222,10 +245,11 @@ def cmd_trl(args) -> dict:
                              task_type="CAUSAL_LM")
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
                          train_dataset=ds, eval_dataset=ds, value_model=value, peft_config=peft_config)
-    start = time.perf_counter()
+    load0, cpu0, start = load_average(), cpu_seconds(), time.perf_counter()
     trainer.train()
-    loop = time.perf_counter() - start
+    loop, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     return {"what": "trl", "steps": args.steps, "rollouts_per_s": args.steps * s["rollouts"] / loop, "loop_s": loop,
+            "rollouts_per_cpu_s": args.steps * s["rollouts"] / cpu, "load_avg": [load0, load_average()],
             "peak_rss_mb": peak_rss_mb(), "share_generation": gen_time[0] / loop}
 
 

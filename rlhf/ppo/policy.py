@@ -229,8 +229,9 @@ def build_actor_critic(base_model, *, sft_adapter: str | None, lora, value_model
                        base_name_or_path: str | None = None) -> ActorCritic:
     """Wrap ``base_model`` (modified in place, never copied) into an :class:`ActorCritic`.
 
-    ``lora`` is the LoraConfig of a fresh policy adapter (without ``sft_adapter``)
-    and of the value adapter; the value adapter is added here as a fresh LoRA.
+    ``lora`` is the LoraConfig of a fresh policy adapter (without ``sft_adapter``). The value
+    adapter is added afterwards with :meth:`ActorCritic.add_value_adapter` (a fresh LoRA or a copy
+    of the reward adapter, once the reward model is attached).
     """
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
