@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         values[key] = yaml_value(value)
     cfg = build_config(RewardStageConfig, values)
+    train_clock = clock_training()
     start = time.perf_counter()
     metrics = run_reward(cfg)
     elapsed = time.perf_counter() - start
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_runtime_s": metrics["train_runtime_s"],
         "train_pairs_per_s": metrics["train_pairs_per_s"],
         "stage_wall_time_s": round(elapsed, 1),
+        "train_cpu_s": round(train_clock["cpu_s"], 1),
+        "train_wall_s": round(train_clock["wall_s"], 1),
         "peak_rss_mb": round(peak_rss_mb),
         "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
         "config": {k: v for k, v in values.items() if k not in ("dataset_name", "output_dir")},
@@ -157,6 +160,33 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench_result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
+
+
+def clock_training() -> dict:
+    """Record wall time and process CPU time (user + system) spent inside ``trainer.train()``.
+
+    On a machine shared with other jobs the wall time grows with their load; CPU time / threads is
+    what the training would take on otherwise idle cores.
+    """
+    from reward.trainer import PairwiseRewardTrainer
+
+    clock = {"cpu_s": 0.0, "wall_s": 0.0}
+    original = PairwiseRewardTrainer.train
+
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def timed_train(self, *args, **kwargs):
+        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            clock["cpu_s"] += cpu_seconds() - cpu0
+            clock["wall_s"] += time.perf_counter() - wall0
+
+    PairwiseRewardTrainer.train = timed_train
+    return clock
 
 
 def untrained_accuracy(cfg) -> float:

@@ -151,6 +151,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         disable_dropout=not cfg.keep_dropout,
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         dataset_num_proc=None,
+        dataloader_pin_memory=device.type == "cuda",
     )
     num_layers = model.config.get_text_config().num_hidden_layers
     return PairwiseRewardTrainer(
