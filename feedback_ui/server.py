@@ -2,9 +2,10 @@
 
 Gradio's ``auth=`` protects the page, ``/config`` and the API routes; a few of
 its routes answer without a session (``/gradio_api/cancel``, ``/reset``,
-``/heartbeat``, ``/app_id``, ``/manifest.json``, ...). The outer app therefore
-adds one rule: without a valid session cookie only the login page and its
-static assets are served; anything else gets 401 and no data.
+``/heartbeat``, ``/app_id``, ``/manifest.json``, ...). The served ASGI app
+(:class:`LoginRequired`) therefore adds one rule in front of Gradio: without a
+valid session cookie only the login page and its static assets are served;
+anything else gets 401 and no data.
 """
 
 from __future__ import annotations
