@@ -88,7 +88,7 @@ class RewardStageConfig(TrainingConfig):
 
 def lora_config_for(cfg: RewardStageConfig, num_layers: int):
     """LoRA for sequence classification; the score head is trained in full and saved with the adapter."""
-    from peft import LoraConfig, TaskType
+    from rlhf.models import lora_config
 
     targets = cfg.lora_target_modules
     extra = {}
@@ -100,14 +100,8 @@ def lora_config_for(cfg: RewardStageConfig, num_layers: int):
         extra = {"layers_to_transform": list(range(num_layers - cfg.lora_top_layers, num_layers))}
         if targets == ["all-linear"]:  # layers_to_transform needs explicit names
             targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        modules_to_save=["score"],
-        **extra,
+    return lora_config(
+        cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, task_type="SEQ_CLS", modules_to_save=["score"], **extra
     )
 
 

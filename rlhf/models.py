@@ -196,3 +196,13 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM", **extra):
+    """The one place LoRA configs are built: ``target_modules == ["all-linear"]`` means PEFT's all-linear."""
+    from peft import LoraConfig, TaskType
+
+    targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+    return LoraConfig(
+        task_type=TaskType[task_type], r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, **extra
+    )

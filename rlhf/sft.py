@@ -13,7 +13,7 @@ from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_
 from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.hf_trainer import Stopwatch, trainer_kwargs
-from rlhf.models import count_parameters, load_base_model, load_tokenizer, pick_device, pick_dtype
+from rlhf.models import count_parameters, load_base_model, load_tokenizer, lora_config, pick_device, pick_dtype
 from rlhf.outputs import staged_output, write_json
 from rlhf.reft import attach_reft, save_reft
 from rlhf.tracking import LoggerCallback, MetricsLogger
@@ -91,17 +91,10 @@ def freeze_lower_layers(model: nn.Module, n_trainable: int) -> None:
 
 def peft_config_for(cfg: SFTStageConfig):
     """The PEFT config for adapter methods, None for full/freeze."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
 
     if cfg.method == "lora":
-        targets = cfg.lora_target_modules
-        return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules="all-linear" if targets == ["all-linear"] else targets,
-        )
+        return lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     if cfg.method == "prompt_tuning":
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
     if cfg.method == "prefix_tuning":

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rlhf.ppo import wiring
-from rlhf.ppo.policy import POLICY, REFERENCE, VALUE, build_actor_critic, lora_config
+from rlhf.models import lora_config
+from rlhf.ppo.policy import POLICY, REFERENCE, VALUE, build_actor_critic
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import ScoreInput, TokenCountScorer, TokenScorer
 from rlhf.ppo.trainer import run_ppo

@@ -152,7 +152,8 @@ def test_export_stacked_on_sft_adapter(tiny_model_dir, tmp_path):
 def test_policy_starts_as_exact_copy_of_sft(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlhf.ppo.policy import build_actor_critic, lora_config
+    from rlhf.models import lora_config
+    from rlhf.ppo.policy import build_actor_critic
 
     sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
     actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=str(sft),

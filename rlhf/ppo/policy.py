@@ -45,13 +45,6 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return pos.masked_fill(attention_mask == 0, 0)
 
 
-def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str]):
-    from peft import LoraConfig, TaskType
-
-    targets = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-
-
 def disable_dropout(model: nn.Module) -> None:
     """PPO ratios must compare the same function: no dropout anywhere."""
     for module in model.modules():

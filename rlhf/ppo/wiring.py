@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from rlhf.errors import ConfigError, UserError
-from rlhf.models import load_base_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from rlhf.models import load_base_model, load_tokenizer, lora_config, pick_device, pick_dtype, resolve_model_path
 from rlhf.ppo.checkpoint import list_checkpoints
 from rlhf.ppo.config import PPOStageConfig
-from rlhf.ppo.policy import ActorCritic, build_actor_critic, lora_config
+from rlhf.ppo.policy import ActorCritic, build_actor_critic
 from rlhf.ppo.scorers import FunctionScorer, Scorer, TextScorer, TokenScorer
 
 REWARD_ADAPTER = "reward"
