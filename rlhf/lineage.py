@@ -18,7 +18,7 @@ from rlhf.data import fingerprint
 LINK_KEYS = ("sft_adapter", "reward_model", "adapter", "policy", "baseline")
 # metrics worth showing per stage, in order
 HEADLINE = (
-    "eval_loss", "train_loss", "accuracy", "eval_accuracy", "eval_mean_margin", "length_correlation",
+    "eval_loss", "train_loss", "accuracy", "eval_accuracy", "eval_mean_margin", "eval_length_correlation",
     "reward_first_steps", "reward_last_steps", "score_first_steps", "score_last_steps", "kl_last",
     "steps", "wall_time_s",
 )
