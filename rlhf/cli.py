@@ -59,11 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         if not _available(spec[0]):
             continue
         stage = _stage_parser(subparsers, name, spec)
-        nested = {sub: s for (parent, sub), s in SUBSTAGES.items() if parent == name and _available(s[0])}
+        nested = [f"rlhf {name} {sub}: {s[3]}" for (parent, sub), s in SUBSTAGES.items() if parent == name]
         if nested:
-            children = stage.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
-            for sub, sub_spec in nested.items():
-                _stage_parser(children, sub, sub_spec)
+            stage.epilog = "subcommands (see their --help): " + "; ".join(nested)
         if name == "generate" and _available("feedback_ui.commands"):
             from feedback_ui.commands import add_label_parser
 
@@ -74,8 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        if len(argv) >= 2 and tuple(argv[:2]) in SUBSTAGES:  # e.g. `rlhf reward evaluate ...`
+            spec = SUBSTAGES[tuple(argv[:2])]
+            parser = _Parser(prog="rlhf")
+            leaf = _stage_parser(parser.add_subparsers(parser_class=_Parser), " ".join(argv[:2]), spec)
+            args = leaf.parse_args(argv[2:])
+        else:
+            parser = build_parser()
+            args = parser.parse_args(argv)
         if getattr(args, "_stage", None):
             module, cls_name, run_name = args._stage
             mod = importlib.import_module(module)

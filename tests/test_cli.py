@@ -81,3 +81,15 @@ def test_sft_config_smoke_run_and_generate(tmp_path, tiny_model_dir):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "rlhf.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "sft" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [["reward", "--bad_key", "value"], ["reward", "evaluate", "--bad_key", "value"]])
+def test_unknown_key_named_for_stage_with_subcommand(argv, capsys):
+    assert main(argv) == 2
+    assert "--bad_key" in capsys.readouterr().err
+
+
+def test_subcommand_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reward", "evaluate", "--help"])
+    assert exc.value.code == 0 and "--reward_model" in capsys.readouterr().out
