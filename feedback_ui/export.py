@@ -8,7 +8,6 @@ exported.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 from feedback_ui.pairs import Judgement, PrefPair, aggregate, split_by_prompt, strength_to_margin
 from feedback_ui.store import Comparison, Prompt, Response, Store, User, Vote
 from rlhf.errors import UserError
+from rlhf.outputs import write_jsonl
 
 
 def held_out_path(out: str | os.PathLike) -> Path:
@@ -80,14 +80,6 @@ def _row(item: dict, comparison_id: int, p: PrefPair, texts: dict[int, str]) -> 
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def export_preferences(
     store: Store,
     out: str,
@@ -120,9 +112,9 @@ def export_preferences(
     held_out = split_by_prompt([r["prompt"] for r in rows], test_fraction, seed)
     train = [r for r in rows if r["prompt"] not in held_out]
     test = [r for r in rows if r["prompt"] in held_out]
-    _write_jsonl(out_path, train)
+    write_jsonl(out_path, train)
     counts = {"comparisons": len(items), "rows": len(train), "out": str(out_path)}
     if test_fraction > 0:
-        _write_jsonl(held_out_path(out_path), test)
+        write_jsonl(held_out_path(out_path), test)
         counts.update(test_rows=len(test), test_out=str(held_out_path(out_path)))
     return counts

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.data import load_prompts, prompt_text
 from rlhf.generation import generate_responses
 from rlhf.models import load_model, load_tokenizer, pick_device, pick_dtype
+from rlhf.outputs import write_jsonl
 
 
 @dataclasses.dataclass
@@ -63,16 +60,6 @@ class GenerateConfig(SamplingConfig):
         require(bool(self.out), "config key 'out' must not be empty")
 
 
-def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def run_generate(cfg: GenerateConfig) -> list[dict]:
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
@@ -86,6 +73,6 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
         for p, group in zip(prompts, responses)
         for r in group
     ]
-    write_jsonl_atomic(cfg.out, rows)
+    write_jsonl(cfg.out, rows)
     print(f"wrote {len(rows)} responses to {cfg.out}", file=sys.stderr)
     return rows

@@ -206,3 +206,11 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], t
     return LoraConfig(
         task_type=TaskType[task_type], r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, **extra
     )
+
+
+def decoder_layers(model) -> tuple[str, "torch.nn.ModuleList"]:
+    """Name and module of the transformer blocks: the longest ``nn.ModuleList`` in the model."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise UserError("the model has no list of transformer blocks")
+    return max(lists, key=lambda item: len(item[1]))

@@ -44,3 +44,14 @@ def write_json(path: str | os.PathLike, data) -> None:
         json.dump(data, f, indent=2, default=float)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> None:
+    """Write one JSON object per line atomically (temp file + rename); creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from rlhf.models import decoder_layers
+
 CONFIG_FILE = "reft_config.json"
 WEIGHTS_FILE = "reft_interventions.safetensors"
 
@@ -44,11 +46,6 @@ class LoReFTIntervention(nn.Module):
         return h + edit @ r  # (..., d)
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return max(lists, key=len)
-
-
 def _hook(intervention: LoReFTIntervention):
     def apply(module, args, output):
         if isinstance(output, tuple):
@@ -64,7 +61,7 @@ def attach_reft(model: nn.Module, layers: list[int], rank: int) -> nn.ModuleDict
     The interventions live in ``model.reft_interventions`` so optimisers and
     ``named_parameters`` see them; every other parameter is frozen.
     """
-    blocks = _blocks(model)
+    blocks = decoder_layers(model)[1]
     resolved = sorted({i % len(blocks) for i in layers})
     model.requires_grad_(False)
     hidden = model.config.hidden_size

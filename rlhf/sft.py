@@ -13,7 +13,7 @@ from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_
 from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.hf_trainer import Stopwatch, trainer_kwargs
-from rlhf.models import count_parameters, load_base_model, load_tokenizer, lora_config, pick_device, pick_dtype
+from rlhf.models import count_parameters, decoder_layers, load_base_model, load_tokenizer, lora_config, pick_device, pick_dtype
 from rlhf.outputs import staged_output, write_json
 from rlhf.reft import attach_reft, save_reft
 from rlhf.tracking import LoggerCallback, MetricsLogger
@@ -65,14 +65,6 @@ class SFTStageConfig(TrainingConfig):
 
 
 # helper functions
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Name and module of the transformer blocks (the longest ``nn.ModuleList`` in the model)."""
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ConfigError("method 'freeze' needs a model with a list of transformer blocks")
-    return max(lists, key=lambda item: len(item[1]))
 
 
 def freeze_lower_layers(model: nn.Module, n_trainable: int) -> None:
