@@ -42,12 +42,16 @@ class EvalConfig(SamplingConfig):
     show_samples: int = field(3, "side-by-side samples printed")
     seed: int = field(0, "sampling seed (both policies use the same)")
     do_sample: bool = field(False, "sample (true) or greedy decoding (false)")
+    samples_per_prompt: int = field(1, "responses per prompt and policy (> 1 needs do_sample: more comparisons)")
 
     def __post_init__(self):
         super().__post_init__()
         require(bool(self.policy), "config key 'policy' is required")
         require(bool(self.baseline), "config key 'baseline' is required")
         require(bool(self.reward_model or self.rule), "config key 'reward_model' (or 'rule') is required")
+        require(self.samples_per_prompt >= 1, "config key 'samples_per_prompt' must be >= 1")
+        require(self.do_sample or self.samples_per_prompt == 1,
+                "config key 'samples_per_prompt' > 1 needs do_sample: true (greedy answers would repeat)")
 
 
 # pure statistics
@@ -185,7 +189,8 @@ def load_rule(name: str) -> Callable[[str, str], float]:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
+    # each prompt repeated: comparison i pairs the i-th sample of both policies for the same prompt
+    prompts = [p for p in load_prompts(cfg.dataset_name, cfg.max_prompts) for _ in range(cfg.samples_per_prompt)]
     settings = SamplingSettings(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
     temperature = cfg.temperature if cfg.do_sample else 1.0
     device = pick_device()
@@ -200,7 +205,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     kl = kl_to(models["baseline"], batches["policy"], temperature)
     del models
     result: dict = {
-        "n_prompts": len(prompts),
+        "n_prompts": len(prompts) // cfg.samples_per_prompt,
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "do_sample": cfg.do_sample,
+        "temperature": cfg.temperature if cfg.do_sample else None,
         "kl_policy_to_baseline": mean(kl),
         "response_words": {r: mean([len(t.split()) for t in texts[r]]) for r in texts},
     }

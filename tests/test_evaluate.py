@@ -5,6 +5,7 @@ import torch
 
 from rlhf import evaluate
 from rlhf.config import build_config
+from rlhf.errors import ConfigError
 from rlhf.evaluate import EvalConfig, plot_training_curves, run_eval, win_rate
 from rlhf.testing import write_jsonl
 
@@ -66,3 +67,17 @@ def test_identical_policies_have_zero_kl(tiny_model_dir, tmp_path, monkeypatch):
     result = run_eval(cfg)
     assert abs(result["kl_policy_to_baseline"]) < 1e-5
     assert result["rule"]["ties"] == 2 and result["rule"]["win_rate"] == 0.5
+
+
+def test_several_samples_per_prompt(tiny_model_dir, tmp_path, monkeypatch):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "yo"}])
+    monkeypatch.setattr(evaluate, "load_rule", lambda name: lambda prompt, response: float(len(response)))
+    values = {"policy": tiny_model_dir, "baseline": tiny_model_dir, "dataset_name": str(prompts), "rule": "x",
+              "out_dir": str(tmp_path / "eval"), "max_new_tokens": 8, "samples_per_prompt": 3}
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        build_config(EvalConfig, values)  # greedy decoding would give the same answer three times
+    result = run_eval(build_config(EvalConfig, {**values, "do_sample": True, "temperature": 1.0}))
+    assert result["n_prompts"] == 2 and result["rule"]["n"] == 6
+    assert [s["prompt"] for s in result["samples"]] == ["hi"] * 3 + ["yo"] * 3
+    # sampled, not repeated: a random tiny model gives different answers to the same prompt
+    assert len({s["policy"] for s in result["samples"][:3]}) > 1
