@@ -41,7 +41,7 @@ class PipelineConfig:
     simulated_labelers: int = field(
         3, "number of simulated labelers voting by `rule` through the app's API (0 = use the votes already in the db)"
     )
-    rule: str = field("concise_rule", "transparent rule the simulated labelers vote by (reward/rules.py)")
+    rule: str = field("rule_score", "transparent rule the simulated labelers vote by (reward/rules.py)")
     rule_noise: float = field(0.0, "probability that a simulated labeler votes against the rule")
     rule_min_gap: float = field(0.1, "simulated labelers call a pair a tie when the rule scores differ by less")
     sft: dict = field({}, "keys for `rlhf sft`")
@@ -56,6 +56,9 @@ class PipelineConfig:
         require(self.simulated_labelers >= 0, "config key 'simulated_labelers' must be >= 0")
         require(0.0 <= self.rule_noise < 0.5, "config key 'rule_noise' must be in [0, 0.5)")
         require(self.rule_min_gap >= 0.0, "config key 'rule_min_gap' must be >= 0")
+        from rlhf.evaluate import load_rule
+
+        load_rule(self.rule)  # an unknown rule stops here, before any stage runs
 
     def path(self, name: str) -> Path:
         return Path(self.work_dir) / name

@@ -79,3 +79,9 @@ def test_bad_stage_key_is_named_before_anything_runs(pipeline_yaml, tmp_path, ca
     err = capsys.readouterr().err
     assert "section 'ppo'" in err and "not_a_key" in err
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_unknown_rule_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys):
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--rule", "no_such_rule"]) == 2
+    assert "unknown rule 'no_such_rule'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
