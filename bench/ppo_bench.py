@@ -15,6 +15,7 @@ Subcommands::
     python bench/ppo_bench.py ours [--steps 4]     # one run of our PPO, prints a JSON line
     python bench/ppo_bench.py trl [--steps 4]      # one run of TRL's PPO (run with the TRL venv's python)
     python bench/ppo_bench.py compare --repeats 2  # all of the above, runs interleaved, one process each
+    python bench/ppo_bench.py alignment            # does PPO align? demo pipeline judged by the rule itself
 
 Every run is a fresh process, so ``peak_rss_mb`` (``ru_maxrss``) is that run's own peak.
 ``rollouts_per_s`` = rollouts / seconds of the training loop (model loading excluded on both sides).
@@ -289,9 +290,61 @@ def cmd_compare(args) -> dict:
     return result
 
 
+def cmd_alignment(args) -> dict:
+    """Does PPO align? The demo pipeline on the embedded model, judged by the labelling rule itself.
+
+    ``rlhf pipeline`` with ``args.config`` (default configs/demo.yaml): simulated labelers vote by the
+    rule through the real app, an RM trains on those votes, PPO optimises against the RM, and the
+    pipeline's eval compares aligned vs SFT answers on the held-out prompts under the RM and under the
+    rule (sampled, as the config says). A second, greedy eval of the same two adapters follows.
+    """
+    import yaml
+
+    work = Path(args.work)
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg["work_dir"] = str(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "bench_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rlhf = str(Path(sys.executable).with_name("rlhf"))
+    start = time.perf_counter()
+    subprocess.run([rlhf, "pipeline", "--config", str(work / "bench_config.yaml")], check=True)
+    pipeline_s = time.perf_counter() - start
+    greedy = work / "eval_greedy"
+    if not (greedy / "eval.json").is_file():
+        subprocess.run([rlhf, "eval", "--policy", str(work / "ppo"), "--baseline", str(work / "sft"),
+                        "--reward_model", str(work / "reward"), "--rule", cfg.get("rule", "rule_score"),
+                        "--dataset_name", cfg.get("eval", {}).get("dataset_name", "sample:prompts_test"),
+                        "--max_new_tokens", str(cfg.get("eval", {}).get("max_new_tokens", 48)),
+                        "--out_dir", str(greedy)], check=True)
+    summary = json.loads((work / "summary.json").read_text())
+    steps = [json.loads(line) for line in (work / "ppo" / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+    def judged(path: Path) -> dict:
+        ev = json.loads(path.read_text())
+        keep = ("n_prompts", "samples_per_prompt", "do_sample", "temperature", "kl_policy_to_baseline",
+                "response_words", "reward_model", "rule")
+        return {k: ev.get(k) for k in keep}
+
+    result = {
+        "what": "alignment", "config": args.config, "work": str(work), "pipeline_s": round(pipeline_s, 1),
+        "stages": summary["stages"], "rm_heldout_accuracy": summary["rm_heldout_accuracy"],
+        "ppo_steps": len(steps),
+        "ppo_curve": [{k: r.get(k) for k in ("step", "score/raw_mean", "reward/mean", "kl/k1", "kl/k3",
+                                              "response/length_mean", "response/missing_eos_frac")} for r in steps],
+        "eval_sampled": judged(work / "eval" / "eval.json"), "eval_greedy": judged(greedy / "eval.json"),
+        "plots": summary["plots"], "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": load_average(),
+    }
+    (work / "alignment.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("alignment", help="the demo pipeline, judged by the labelling rule (see cmd_alignment)")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--work", default="outputs/bench_alignment")
     for name in ("peak", "setup", "install-trl", "ours", "trl", "compare"):
         p = sub.add_parser(name)
         p.add_argument("--threads", type=int, default=2)
@@ -301,7 +354,7 @@ def main() -> None:
         p.add_argument("--grad_accum", type=int, default=1, help="ours: micro-batches per mini-batch (same math)")
     args = parser.parse_args()
     fn = {"peak": cmd_peak, "setup": cmd_setup, "install-trl": cmd_install_trl, "ours": cmd_ours, "trl": cmd_trl,
-          "compare": cmd_compare}[args.cmd]
+          "compare": cmd_compare, "alignment": cmd_alignment}[args.cmd]
     print(json.dumps(fn(args)))
 
 
