@@ -90,26 +90,44 @@ def cmd_peak(args) -> dict:
     return {"what": "fp32_matmul_peak", "threads": args.threads, "gflops": round(best, 1)}
 
 
+def reward_dir(top_layers: int) -> Path:
+    return WORK / ("rm" if top_layers else "rm-all")
+
+
+def shipped_reward_top_layers() -> int:
+    """``lora_top_layers`` of the shipped configs/reward.yaml (the RM shape users get by default)."""
+    import yaml
+
+    return int(yaml.safe_load((Path(__file__).parent.parent / "configs" / "reward.yaml").read_text())["lora_top_layers"])
+
+
 def cmd_setup(args) -> dict:
-    """Train a reward model for 2 steps on rule-labelled pairs: a valid RM folder for both sides' shapes."""
+    """Train reward models for 2 steps on rule-labelled pairs: valid RM folders for both sides' shapes.
+
+    Two shapes: LoRA on the top blocks as in the shipped configs/reward.yaml (``rm/``; the value model
+    copies it, so its lower blocks run once per rollout) and LoRA on all blocks (``rm-all/``).
+    """
     from reward.train import RewardStageConfig, run_reward
 
     from rlhf.models import resolve_model_path
     from rlhf.testing import write_jsonl
 
     resolve_model_path(MODEL)
-    rm = WORK / "rm"
-    if (rm / "reward_model.json").is_file():
-        return {"what": "setup", "reward_model": str(rm), "cached": True}
     WORK.mkdir(parents=True, exist_ok=True)
     rows = [{"prompt": json.loads(line)["prompt"], "chosen": "A short, complete answer.",
              "rejected": "a long rambling answer that never quite ends and goes on and on"}
             for line in prompts_file().read_text().splitlines()[:32]]
-    cfg = RewardStageConfig(model_name_or_path=MODEL, dataset_name=str(write_jsonl(WORK / "prefs.jsonl", rows)),
-                            output_dir=str(rm), max_steps=2, per_device_train_batch_size=8, eval_fraction=0.25,
-                            report_to="none", stats_max_pairs=16, max_length=256)
-    run_reward(cfg)
-    return {"what": "setup", "reward_model": str(rm)}
+    prefs = write_jsonl(WORK / "prefs.jsonl", rows)
+    made = {}
+    for top in (shipped_reward_top_layers(), 0):
+        rm = reward_dir(top)
+        if not (rm / "reward_model.json").is_file():
+            cfg = RewardStageConfig(model_name_or_path=MODEL, dataset_name=str(prefs), output_dir=str(rm), max_steps=2,
+                                    per_device_train_batch_size=8, eval_fraction=0.25, report_to="none",
+                                    stats_max_pairs=16, max_length=256, lora_top_layers=top)
+            run_reward(cfg)
+        made[f"lora_top_layers={top}"] = str(rm)
+    return {"what": "setup", "reward_models": made}
 
 
 def cmd_install_trl(args) -> dict:
@@ -146,7 +164,7 @@ def cmd_ours(args) -> dict:
     s = SETTINGS
     out = WORK / "runs" / f"ours-{os.getpid()}"
     cfg = PPOStageConfig(
-        model_name_or_path=MODEL, reward_model=str(WORK / "rm"), dataset_name=str(prompts_file()),
+        model_name_or_path=MODEL, reward_model=str(reward_dir(args.rm_top_layers)), dataset_name=str(prompts_file()),
         output_dir=str(out), max_steps=args.steps, rollout_batch_size=s["rollouts"],
         num_mini_batches=s["num_mini_batches"], ppo_epochs=s["ppo_epochs"], max_new_tokens=s["max_new_tokens"],
         temperature=s["temperature"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], kl_coef=s["kl_coef"],
@@ -156,9 +174,10 @@ def cmd_ours(args) -> dict:
     )
     from rlhf.ppo.trainer import PPOTrainer
 
-    cpu, real_train = {}, PPOTrainer.train
+    cpu, real_train, value_skip = {}, PPOTrainer.train, [0]
 
     def timed_train(self):
+        value_skip[0] = self.actor.value_skip
         start = cpu_seconds()
         try:
             return real_train(self)
@@ -172,11 +191,14 @@ def cmd_ours(args) -> dict:
     total = lambda key: sum(r[key] for r in rows)  # noqa: E731
     step_s = total("time/step_s")
     n_body, H, V = body_params(resolve_model_path(MODEL))
-    passes = 2 if args.value_model == "separate" else 1   # policy + value forward/backward per micro-batch
+    # policy + value forward/backward per micro-batch; the value pass runs only the blocks above value_skip
+    n_layers = int(json.loads((Path(resolve_model_path(MODEL)) / "config.json").read_text())["num_hidden_layers"])
+    passes = 1 + ((n_layers - value_skip[0]) / n_layers if args.value_model == "separate" else 0)
     # frozen base: backward = activation gradients only, about the forward's FLOPs -> 4 N per token
     train_flops = total("train/tokens") * 4 * n_body * passes + total("train/response_tokens") * 4 * H * V
     return {
-        "what": "ours", "value_model": args.value_model, "micro_batch": cfg.per_device_train_batch_size,
+        "what": "ours", "value_model": args.value_model, "rm_lora_top_layers": args.rm_top_layers,
+        "value_skip_blocks": value_skip[0], "micro_batch": cfg.per_device_train_batch_size,
         "steps": metrics["steps"],
         "rollouts_per_s": metrics["rollouts"] / metrics["wall_time_s"], "loop_s": metrics["wall_time_s"],
         "rollouts_per_cpu_s": metrics["rollouts"] / cpu["loop"], "load_avg": [load0, load_average()],
@@ -273,8 +295,9 @@ def cmd_compare(args) -> dict:
         _run(me + ["install-trl"])
     runs = []
     for i in range(args.repeats):
-        variants = {"ours": [], "ours-micro2": ["--grad_accum", "2"], "ours-shared": ["--value_model", "shared"]}
-        for side in ("ours", "trl", "ours-micro2", "ours-shared"):
+        variants = {"ours": [], "ours-rm-all": ["--rm_top_layers", "0"], "ours-micro2": ["--grad_accum", "2"],
+                    "ours-shared": ["--value_model", "shared"]}
+        for side in ("ours", "trl", "ours-rm-all", "ours-micro2", "ours-shared"):
             if side == "trl":
                 r = _run([str(TRL_VENV / "bin" / "python"), __file__, "trl"] + common)
             else:
@@ -352,7 +375,11 @@ def main() -> None:
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--value_model", default="separate", choices=["separate", "shared"])
         p.add_argument("--grad_accum", type=int, default=1, help="ours: micro-batches per mini-batch (same math)")
+        p.add_argument("--rm_top_layers", type=int, default=None,
+                       help="ours: the RM with LoRA on this many top blocks (default: as configs/reward.yaml; 0 = all)")
     args = parser.parse_args()
+    if getattr(args, "rm_top_layers", 0) is None:
+        args.rm_top_layers = shipped_reward_top_layers()
     fn = {"peak": cmd_peak, "setup": cmd_setup, "install-trl": cmd_install_trl, "ours": cmd_ours, "trl": cmd_trl,
           "compare": cmd_compare, "alignment": cmd_alignment}[args.cmd]
     print(json.dumps(fn(args)))

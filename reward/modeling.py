@@ -93,15 +93,22 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def pooled_rewards(
-    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    lower: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
-    """One scalar per row: ``head(trunk(...)[b, last_token_index[b]])``; (B, T) -> (B,) float32."""
-    out = trunk(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
+    """One scalar per row: ``head(trunk(...)[b, last_token_index[b]])``; (B, T) -> (B,) float32.
+
+    ``lower = (h, k)``: ``h`` (B, T, H) is already the input of block ``k`` (the caller guarantees the
+    active adapters leave blocks below ``k`` untouched); only blocks ``k`` and up are run.
+    """
+    from rlhf.models import block_range
+
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    if lower is None:
+        out = trunk(input_ids=input_ids, **kwargs)
+    else:
+        with block_range(trunk, lower[1], len(trunk.layers)):
+            out = trunk(inputs_embeds=lower[0], **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)

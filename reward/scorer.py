@@ -206,15 +206,27 @@ class RewardScorer:
             return self._scope()
         return _eval_mode(self._owner or self.trunk)
 
+    def untouched_blocks(self) -> int:
+        """Lowest blocks of the shared trunk that the attached RM adapters leave as the bare base (0 standalone)."""
+        from rlhf.models import untouched_blocks
+
+        names = self.metadata.get("attached_adapters")
+        return min(untouched_blocks(self.trunk, name) for name in names) if names else 0
+
     @torch.no_grad()
-    def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         """Rewards (B,) float32 for tokenised sequences (B, T), right- or left-padded (mask marks real tokens).
 
         Sequences should be laid out as in training: chat-templated prompt, response, EOS.
+        ``lower = (h, k)`` (attached RMs): ``h`` is the bare base's input of block ``k`` for these
+        sequences; when the RM adapters leave blocks below ``k`` untouched only the blocks above are run.
         """
         device = self.device
+        if lower is not None and not 0 < lower[1] <= self.untouched_blocks():
+            lower = None
         with self._context():
-            return pooled_rewards(self.trunk, self.head, input_ids.to(device), attention_mask.to(device))
+            return pooled_rewards(self.trunk, self.head, input_ids.to(device), attention_mask.to(device), lower)
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]], batch_size: int = 16) -> list[float]:

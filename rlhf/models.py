@@ -16,11 +16,13 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
 
 EMBEDDED_MODELS = {
     # alias: (python package, file inside it)
@@ -198,11 +200,25 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM", **extra):
-    """The one place LoRA configs are built: ``target_modules == ["all-linear"]`` means PEFT's all-linear."""
+BLOCK_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",
+                top_layers: int = 0, num_layers: int | None = None, **extra):
+    """The one place LoRA configs are built: ``target_modules == ["all-linear"]`` means PEFT's all-linear.
+
+    ``top_layers`` > 0 puts LoRA on the top ``top_layers`` of ``num_layers`` transformer blocks only
+    (backward stops below them); "all-linear" then means the attention and MLP projections of a block.
+    """
     from peft import LoraConfig, TaskType
 
     targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+    if top_layers:
+        if num_layers is None or top_layers > num_layers:
+            raise ConfigError(f"LoRA on the top {top_layers} blocks, but the model has {num_layers} blocks")
+        extra["layers_to_transform"] = list(range(num_layers - top_layers, num_layers))
+        if targets == "all-linear":  # layers_to_transform needs explicit names
+            targets = list(BLOCK_LINEAR_MODULES)
     return LoraConfig(
         task_type=TaskType[task_type], r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, **extra
     )
@@ -214,3 +230,36 @@ def decoder_layers(model) -> tuple[str, "torch.nn.ModuleList"]:
     if not lists:
         raise UserError("the model has no list of transformer blocks")
     return max(lists, key=lambda item: len(item[1]))
+
+
+def untouched_blocks(decoder: nn.Module, adapter: str) -> int:
+    """How many of the lowest blocks of ``decoder`` hold no weight of ``adapter`` (0 if it adapts anything
+    else in the decoder, e.g. the embeddings). Below that block the adapter's hidden states equal the bare
+    base model's. (Weights outside the decoder, e.g. on the LM head, do not touch hidden states.)
+    """
+    blocks = decoder.layers
+    where = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    first = len(blocks)
+    for name, param in decoder.named_parameters():
+        if f".{adapter}." in name:
+            if id(param) not in where:
+                return 0
+            first = min(first, where[id(param)])
+    return first
+
+
+@contextmanager
+def block_range(decoder: nn.Module, start: int, stop: int):
+    """Run ``decoder`` over blocks ``start..stop-1`` only; its final norm only when ``stop`` is the last block.
+
+    Fed ``inputs_embeds`` = the input of block ``start``, the decoder then returns the output of block
+    ``stop - 1`` (position ids and the attention mask are computed as for the whole model).
+    """
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = layers[start:stop]
+    if stop < len(layers):
+        decoder.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm

@@ -89,6 +89,9 @@ class PPOStageConfig(TrainingConfig):
     value_head_init: Literal["reward", "zero"] = field(
         "reward", "reward: copy the reward model's score head (and LoRA when it shares the base); zero: zeros"
     )
+    value_lora_top_layers: int = field(
+        0, "a fresh value LoRA on the top N blocks only: the blocks below run once per rollout (0 = all blocks)"
+    )
 
     # logging, checkpoints, guards
     logging_steps: int = field(1, "write metrics every N PPO steps (and at the first and last step)")
@@ -126,6 +129,7 @@ class PPOStageConfig(TrainingConfig):
         super().__post_init__()
         require(self.ppo_epochs >= 1, "config key 'ppo_epochs' must be >= 1")
         require(self.cliprange > 0, "config key 'cliprange' must be > 0")
+        require(self.value_lora_top_layers >= 0, "config key 'value_lora_top_layers' must be >= 0")
         require(self.cliprange_value > 0, "config key 'cliprange_value' must be > 0")
         require(self.vf_coef >= 0, "config key 'vf_coef' must be >= 0")
         require(self.entropy_coef >= 0, "config key 'entropy_coef' must be >= 0")

@@ -11,6 +11,10 @@ Adapters on the shared ``PeftModel`` (the base weights exist once):
                 head: V(s_t) = w . h_L(s_t) + b, h_L the final hidden state.
                 With ``value_model: shared`` there is no value adapter and the
                 head reads the policy's hidden state (one pass, coupled losses).
+                When the value LoRA leaves the lowest k blocks untouched (e.g. a
+                copy of a reward adapter trained with ``lora_top_layers``), the
+                input of block k is the bare base's: it is computed once per
+                rollout (``value_trunk``) and training runs only blocks k..L-1.
 * ``reward``    (optional) attached by a reward scorer that shares the base.
 
 Index convention for a sequence [prompt (P, left-padded) | response (R)]:
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import UserError
+from rlhf.models import block_range, untouched_blocks
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
@@ -66,6 +71,7 @@ class ActorCritic:
         self.lm_head = self.base.get_output_embeddings()
         self.has_reference_adapter = has_reference_adapter
         self.value_model = value_model
+        self.value_skip = 0  # lowest blocks the value adapter leaves untouched (see value_trunk)
         hidden = self.base.config.get_text_config().hidden_size
         device = self.lm_head.weight.device
         self.value_head = nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
@@ -117,6 +123,26 @@ class ActorCritic:
             state = get_peft_model_state_dict(self.peft, adapter_name=init_from)
             set_peft_model_state_dict(self.peft, state, adapter_name=VALUE)
         self._refresh_trainable()
+        self.value_skip = untouched_blocks(self.decoder, VALUE)
+        if self.value_skip and not self._split_matches_full():
+            self.value_skip = 0
+
+    @torch.no_grad()
+    def _split_matches_full(self) -> bool:
+        """Does the value pass split at ``value_skip`` (trunk, then the upper blocks) equal the full pass?
+
+        A probe on a few tokens: decoders whose blocks depend on more than their input hidden states,
+        position ids and mask (e.g. per-layer attention types indexed by position in the list) fail it
+        and keep the full pass.
+        """
+        device = self.lm_head.weight.device
+        ids = torch.arange(3, 11, device=device).reshape(2, 4) % self.base.config.get_text_config().vocab_size
+        mask = torch.ones_like(ids)
+        mask[1, 0] = 0
+        with self.use(VALUE):
+            full = self.hidden_states(ids, mask)
+            split = self._upper_hidden(self.value_trunk(ids, mask), mask, self.value_skip)
+        return bool(torch.allclose(full[mask.bool()], split[mask.bool()], rtol=1e-4, atol=1e-5))
 
     def init_value_head(self, weight: Tensor, bias: Tensor | None = None) -> None:
         with torch.no_grad():
@@ -130,6 +156,19 @@ class ActorCritic:
         out = self.decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
         )
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def value_trunk(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Input of block ``value_skip`` (B, L, H): the bare base's lower blocks, shared by every value pass."""
+        with self.use(None), block_range(self.decoder, 0, self.value_skip):
+            return self.hidden_states(input_ids, attention_mask)
+
+    def _upper_hidden(self, trunk: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        """Final hidden states (B, L, H) from the input ``trunk`` of block ``start`` (active adapter)."""
+        with block_range(self.decoder, start, len(self.decoder.layers)):
+            out = self.decoder(inputs_embeds=trunk, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask), use_cache=False)
         return out.last_hidden_state
 
     def _response_hidden(self, input_ids, attention_mask, prompt_length: int) -> Tensor:
@@ -167,16 +206,31 @@ class ActorCritic:
                 out["values"] = self._values(h)
         return out
 
-    def value_forward(self, input_ids, attention_mask, prompt_length: int) -> Tensor:
-        """Values (B, R) from the value adapter (separate value model only)."""
+    def value_forward(self, input_ids, attention_mask, prompt_length: int, trunk: Tensor | None = None) -> Tensor:
+        """Values (B, R) from the value adapter (separate value model only).
+
+        ``trunk``: :meth:`value_trunk` of the same batch, when already computed (blocks below
+        ``value_skip`` are then not run again).
+        """
+        if not self.value_skip:
+            with self.use(VALUE):
+                return self._values(self._response_hidden(input_ids, attention_mask, prompt_length))
+        if trunk is None:
+            trunk = self.value_trunk(input_ids, attention_mask)
         with self.use(VALUE):
-            return self._values(self._response_hidden(input_ids, attention_mask, prompt_length))
+            h = self._upper_hidden(trunk, attention_mask, self.value_skip)
+        return self._values(h[:, prompt_length - 1 : -1])
 
     def forward(self, input_ids, attention_mask, response_ids, temperature: float, with_entropy: bool = False) -> dict:
-        """``logprobs``, ``values`` (and ``entropy``) of the current policy and value model."""
+        """``logprobs``, ``values`` (and ``entropy``) of the current policy and value model; ``value_trunk``
+        too when the value adapter leaves lower blocks untouched (for the training passes to reuse)."""
         out = self.policy_forward(input_ids, attention_mask, response_ids, temperature, with_entropy)
         if self.value_model == "separate":
-            out["values"] = self.value_forward(input_ids, attention_mask, input_ids.shape[1] - response_ids.shape[1])
+            P = input_ids.shape[1] - response_ids.shape[1]
+            trunk = self.value_trunk(input_ids, attention_mask) if self.value_skip else None
+            out["values"] = self.value_forward(input_ids, attention_mask, P, trunk=trunk)
+            if trunk is not None:
+                out["value_trunk"] = trunk
         return out
 
     @torch.no_grad()

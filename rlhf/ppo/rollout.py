@@ -50,6 +50,7 @@ class Rollout:
     values: Tensor           # (B, R)
     entropy: Tensor          # (B, R)
     raw_scores: Tensor       # (B,) scorer output
+    value_trunk: Tensor | None = None  # (B, P + R, H) input of the value adapter's lowest block, if it skips any
     scores: Tensor | None = None      # (B,) after normalisation, clipping, EOS penalty
     rewards: Tensor | None = None     # (B, R) shaped per-token rewards
     kl: Tensor | None = None          # (B, R) per-token KL in the penalty
@@ -63,7 +64,8 @@ class Rollout:
     def select(self, idx: Tensor) -> dict[str, Tensor]:
         """The training tensors of rows ``idx``, without the columns that are padding in all of them
         (leading prompt pads, trailing response pads): less compute, same positions and results."""
-        d = {k: getattr(self, k)[idx] for k in ("input_ids", "attention_mask")}
+        columns = ("input_ids", "attention_mask") + (("value_trunk",) if self.value_trunk is not None else ())
+        d = {k: getattr(self, k)[idx] for k in columns}
         P = d["input_ids"].shape[1] - self.response_ids.shape[1]
         used = d["attention_mask"][:, :P].sum(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
@@ -180,16 +182,20 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)         # (B, P + R)
     attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
 
-    logprobs, ref_logprobs, values, entropy = [], [], [], []
+    logprobs, ref_logprobs, values, entropy, trunks = [], [], [], [], []
     for sl in _chunks(len(prompts), chunk):
         out = actor.forward(input_ids[sl], attention_mask[sl], response_ids[sl], temperature, with_entropy=True)
         logprobs.append(out["logprobs"])
         values.append(out["values"])
         entropy.append(out["entropy"])
+        if "value_trunk" in out:
+            trunks.append(out["value_trunk"])
         ref_logprobs.append(actor.reference_logprobs(input_ids[sl], attention_mask[sl], response_ids[sl], temperature))
     t2 = time.perf_counter()
     responses = decode_responses(tokenizer, response_ids)
-    batch = ScoreInput(prompts, responses, input_ids, attention_mask, response_ids, mask, prompt_ids.shape[1])
+    trunk = torch.cat(trunks) if trunks else None
+    batch = ScoreInput(prompts, responses, input_ids, attention_mask, response_ids, mask, prompt_ids.shape[1],
+                       trunk=trunk, trunk_blocks=actor.value_skip if trunks else 0)
     raw = scorer.score_batch(batch).float().reshape(-1).to(input_ids.device)
     if raw.shape[0] != len(prompts):
         raise ValueError(f"the scorer returned {raw.shape[0]} scores for {len(prompts)} responses")
@@ -199,7 +205,7 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
         prompts=prompts, responses=responses, input_ids=input_ids, attention_mask=attention_mask,
         response_ids=response_ids, response_mask=mask.float(), has_eos=has_eos,
         logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float(),
-        entropy=torch.cat(entropy), raw_scores=raw,
+        entropy=torch.cat(entropy), raw_scores=raw, value_trunk=trunk,
     )
 
 

@@ -7,7 +7,9 @@ suits it:
 
 * :class:`TokenScorer` wraps a reward model attached to the policy's own
   ``PeftModel`` (same base weights, same tokenizer): it scores the token ids
-  directly with ``rm.score_tokens(input_ids, attention_mask)``.
+  directly with ``rm.score_tokens(input_ids, attention_mask)``, starting from
+  the rollout's bare-base ``trunk`` when the RM's adapters leave those blocks
+  untouched.
 * :class:`TextScorer` wraps a standalone reward model (another base or
   tokenizer): it re-tokenises the texts with ``rm.score(prompts, responses)``.
 * :class:`TokenCountScorer` and :class:`FunctionScorer` are programmatic
@@ -44,6 +46,8 @@ class ScoreInput:
     response_ids: Tensor        # (B, R)
     response_mask: Tensor       # (B, R)
     prompt_length: int          # P
+    trunk: Tensor | None = None   # (B, P + R, H) the bare base's input of block ``trunk_blocks``, if computed
+    trunk_blocks: int = 0
 
 
 class Scorer:
@@ -65,7 +69,8 @@ class TokenScorer(Scorer):
 
     @torch.no_grad()
     def score_batch(self, batch: ScoreInput) -> Tensor:
-        scores = self.rm.score_tokens(batch.input_ids, batch.attention_mask)
+        lower = (batch.trunk, batch.trunk_blocks) if batch.trunk is not None else None
+        scores = self.rm.score_tokens(batch.input_ids, batch.attention_mask, lower=lower)
         return torch.as_tensor(scores).detach().float().reshape(-1)
 
 

@@ -161,7 +161,8 @@ class PPOTrainer:
                  "train/tokens": d["input_ids"].numel(), "train/response_tokens": m.numel()}  # per forward pass
         if actor.value_model == "separate":  # two graphs, freed one after the other
             self._backward(loss * scale, "policy loss")
-            values = actor.value_forward(d["input_ids"], d["attention_mask"], d["input_ids"].shape[1] - m.shape[1])
+            values = actor.value_forward(d["input_ids"], d["attention_mask"], d["input_ids"].shape[1] - m.shape[1],
+                                         trunk=d.get("value_trunk"))
             vf_loss, vf_stats = value_loss(values, d["values"], d["returns"], m, cfg.cliprange_value)
             self._backward(cfg.vf_coef * vf_loss * scale, "value loss")
         else:

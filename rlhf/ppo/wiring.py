@@ -93,7 +93,12 @@ def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) ->
         if cfg.value_head_init == "reward" and plain_rm:
             actor.add_value_adapter(init_from=REWARD_ADAPTER)
         else:
-            actor.add_value_adapter(lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules))
+            n = len(actor.decoder.layers)
+            if cfg.value_lora_top_layers > n:
+                raise ConfigError(f"config key 'value_lora_top_layers' is {cfg.value_lora_top_layers} but the model "
+                                  f"has {n} blocks")
+            actor.add_value_adapter(lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                                                top_layers=cfg.value_lora_top_layers, num_layers=n))
     if cfg.value_head_init != "reward":
         return
     head = getattr(rm, "head_weight", None)
