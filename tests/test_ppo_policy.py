@@ -13,21 +13,24 @@ from rlhf.ppo.trainer import run_ppo
 from test_ppo_stage import _one_thread, make_sft_adapter, ppo_config  # noqa: F401  (fixture re-used)
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tiny_model_dir, tmp_path_factory):
+def train_tiny_reward_model(tiny_model_dir, folder, **overrides):
     """A tiny reward model trained for a few steps by `rlhf reward` (skipped without the reward package)."""
     train = pytest.importorskip("reward.train")
     from rlhf.testing import write_jsonl
 
-    tmp = tmp_path_factory.mktemp("rm")
     rows = [{"prompt": f"Say something {i}.", "chosen": "sun river thanks", "rejected": "sun river"} for i in range(16)]
-    cfg = train.RewardStageConfig(
-        model_name_or_path=tiny_model_dir, dataset_name=str(write_jsonl(tmp / "prefs.jsonl", rows)),
-        output_dir=str(tmp / "rm"), max_steps=3, learning_rate=5e-3, per_device_train_batch_size=8,
+    values = dict(
+        model_name_or_path=tiny_model_dir, dataset_name=str(write_jsonl(folder / "prefs.jsonl", rows)),
+        output_dir=str(folder / "rm"), max_steps=3, learning_rate=5e-3, per_device_train_batch_size=8,
         eval_fraction=0.25, lora_r=4, lora_alpha=8, report_to="none", stats_max_pairs=8,
     )
-    train.run_reward(cfg)
-    return tmp / "rm"
+    train.run_reward(train.RewardStageConfig(**{**values, **overrides}))
+    return folder / "rm"
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory):
+    return train_tiny_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm"))
 
 
 def _built(tiny_model_dir, tmp_path, reward_dir):

@@ -4,11 +4,12 @@ import re
 import pytest
 import torch
 
-from rlhf.models import lora_config
-from rlhf.ppo.policy import VALUE, block_range, build_actor_critic, untouched_blocks
+from rlhf.models import block_range, lora_config, untouched_blocks
+from rlhf.ppo.policy import VALUE, build_actor_critic
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.trainer import run_ppo
+from test_ppo_policy import train_tiny_reward_model
 from test_ppo_stage import Capture, _one_thread, ppo_config  # noqa: F401  (fixture re-used)
 
 BLOCK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -124,18 +125,7 @@ def test_value_lora_top_layers_larger_than_the_model_is_named(tiny_model_dir, tm
 @pytest.fixture(scope="module")
 def top_reward_dir(tiny_model_dir, tmp_path_factory):
     """A tiny reward model with LoRA on the top block only (``lora_top_layers: 1``)."""
-    train = pytest.importorskip("reward.train")
-    from rlhf.testing import write_jsonl
-
-    tmp = tmp_path_factory.mktemp("rm_top")
-    rows = [{"prompt": f"Say something {i}.", "chosen": "sun river thanks", "rejected": "sun river"} for i in range(16)]
-    cfg = train.RewardStageConfig(
-        model_name_or_path=tiny_model_dir, dataset_name=str(write_jsonl(tmp / "prefs.jsonl", rows)),
-        output_dir=str(tmp / "rm"), max_steps=3, learning_rate=5e-3, per_device_train_batch_size=8,
-        eval_fraction=0.25, lora_r=4, lora_alpha=8, lora_top_layers=1, report_to="none", stats_max_pairs=8,
-    )
-    train.run_reward(cfg)
-    return tmp / "rm"
+    return train_tiny_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm_top"), lora_top_layers=1)
 
 
 def test_value_copied_from_a_top_layer_rm_and_the_rm_share_the_trunk(tiny_model_dir, tmp_path, top_reward_dir):
