@@ -15,6 +15,7 @@ Subcommands::
     python bench/ppo_bench.py ours [--steps 4]     # one run of our PPO, prints a JSON line
     python bench/ppo_bench.py trl [--steps 4]      # one run of TRL's PPO (run with the TRL venv's python)
     python bench/ppo_bench.py compare --repeats 2  # all of the above, runs interleaved, one process each
+                                                   # (--variants ours,trl,ours-rm-all,ours-micro2,ours-shared)
     python bench/ppo_bench.py alignment            # does PPO align? demo pipeline judged by the rule itself
 
 Every run is a fresh process, so ``peak_rss_mb`` (``ru_maxrss``) is that run's own peak.
@@ -294,10 +295,13 @@ def cmd_compare(args) -> dict:
     if not (TRL_VENV / "bin" / "python").exists():
         _run(me + ["install-trl"])
     runs = []
+    variants = {"ours": [], "trl": None, "ours-rm-all": ["--rm_top_layers", "0"], "ours-micro2": ["--grad_accum", "2"],
+                "ours-shared": ["--value_model", "shared"]}
+    unknown = set(args.variants.split(",")) - set(variants)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
     for i in range(args.repeats):
-        variants = {"ours": [], "ours-rm-all": ["--rm_top_layers", "0"], "ours-micro2": ["--grad_accum", "2"],
-                    "ours-shared": ["--value_model", "shared"]}
-        for side in ("ours", "trl", "ours-rm-all", "ours-micro2", "ours-shared"):
+        for side in args.variants.split(","):
             if side == "trl":
                 r = _run([str(TRL_VENV / "bin" / "python"), __file__, "trl"] + common)
             else:
@@ -375,6 +379,8 @@ def main() -> None:
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--value_model", default="separate", choices=["separate", "shared"])
         p.add_argument("--grad_accum", type=int, default=1, help="ours: micro-batches per mini-batch (same math)")
+        p.add_argument("--variants", default="ours,trl,ours-rm-all,ours-micro2,ours-shared",
+                       help="compare: runs per repeat, in this order")
         p.add_argument("--rm_top_layers", type=int, default=None,
                        help="ours: the RM with LoRA on this many top blocks (default: as configs/reward.yaml; 0 = all)")
     args = parser.parse_args()
