@@ -84,14 +84,17 @@ def test_policy_reference_value_and_reward_share_base_storage(tiny_model_dir, tm
 
 def test_value_model_starts_from_the_reward_model(tiny_model_dir, tmp_path, reward_dir):
     cfg, tokenizer, actor, scorer, _ = _built(tiny_model_dir, tmp_path, reward_dir)
-    weight, bias = scorer.rm.head_weight()
-    assert torch.equal(actor.value_head.weight, weight.float())
+    weight, _ = scorer.rm.head_weight()
+    stats = scorer.stats
+    assert stats["std"] != 1.0 and stats["mean"] != 0.0      # the RM saved real statistics
+    assert torch.allclose(actor.value_head.weight, weight.float() / stats["std"])
     ids = torch.tensor([[3, 7, 11, 13, 17, 19]])
     mask = torch.ones_like(ids)
     values = actor.value_forward(ids, mask, 1)       # (1, 5): prompt of 1 token, response of 5
     for t in range(values.shape[1]):                 # V before response token t reads position P - 1 + t = t
         reward = scorer.rm.score_tokens(ids[:, : t + 1], mask[:, : t + 1])
-        assert torch.allclose(values[0, t], reward[0], atol=1e-5)   # at the start V(prefix) == RM(prefix)
+        # at the start V(prefix) is the RM's score of the prefix, normalised as the PPO rewards are
+        assert torch.allclose(values[0, t], (reward[0] - stats["mean"]) / stats["std"], atol=1e-5)
 
 
 def test_run_with_reward_model_folder(tiny_model_dir, tmp_path, reward_dir):

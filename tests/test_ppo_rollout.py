@@ -1,7 +1,18 @@
 """Pure pieces of the rollout: score processing, the resumable prompt stream, targets."""
 import torch
 
-from rlhf.ppo.rollout import PromptStream, Rollout, _pad_to, compute_targets, process_scores
+import pytest
+
+from rlhf.errors import UserError
+from rlhf.ppo.rollout import (
+    PromptStream,
+    Rollout,
+    _pad_to,
+    compute_targets,
+    normalized_head,
+    process_scores,
+    resolve_normalization,
+)
 
 RAW = torch.tensor([1.0, 3.0, 5.0])
 EOS = torch.tensor([True, False, True])
@@ -12,6 +23,24 @@ def test_process_scores_rm_stats_clip_then_penalty():
     out = process_scores(RAW, EOS, normalization="rm_stats", stats={"mean": 3.0, "std": 2.0}, clip=0.5,
                          missing_eos_penalty=-1.0)
     assert torch.allclose(out, torch.tensor([-0.5, -1.0, 0.5]))
+
+
+def test_normalized_head_predicts_the_normalised_score():
+    # w = [2, 4], b = 1, mean 3, std 2: w' = [1, 2], b' = (1 - 3) / 2 = -1
+    w, b = normalized_head(torch.tensor([[2.0, 4.0]]), torch.tensor([1.0]), {"mean": 3.0, "std": 2.0})
+    assert torch.equal(w, torch.tensor([[1.0, 2.0]])) and torch.equal(b, torch.tensor([-1.0]))
+    h = torch.tensor([0.5, 1.0])                      # raw score 2*0.5 + 4*1 + 1 = 6 -> (6 - 3) / 2 = 1.5
+    assert float(w @ h + b) == 1.5
+    _, b0 = normalized_head(torch.tensor([[2.0, 4.0]]), None, {"mean": 3.0, "std": 2.0})
+    assert torch.equal(b0, torch.tensor([-1.5]))      # no bias: (0 - 3) / 2
+
+
+def test_resolve_normalization():
+    assert resolve_normalization("auto", {"mean": 0.0, "std": 1.0}) == "rm_stats"
+    assert resolve_normalization("auto", None) == "none"
+    assert resolve_normalization("batch", None) == "batch"
+    with pytest.raises(UserError, match="rm_stats"):
+        resolve_normalization("rm_stats", None)
 
 
 def test_process_scores_batch_and_none():

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rlhf.errors import UserError
 from rlhf.generation import decode_responses, encode_prompts
 from rlhf.ppo.losses import (
     compute_gae,
@@ -119,6 +120,26 @@ class PromptStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def resolve_normalization(mode: str, stats: dict | None) -> str:
+    """The reward normalisation in effect: ``auto`` is ``rm_stats`` when the scorer has saved stats, else ``none``."""
+    if mode == "auto":
+        return "rm_stats" if stats else "none"
+    if mode == "rm_stats" and not stats:
+        raise UserError("reward_normalization: rm_stats, but the reward model has no saved score stats")
+    return mode
+
+
+def normalized_head(weight: Tensor, bias: Tensor | None, stats: dict) -> tuple[Tensor, Tensor]:
+    """A linear score head whose output is normalised like the rewards: r' = (w.h + b - mean) / std.
+
+    (w (1, H), b (1,)) -> (w / std, (b - mean) / std); a value head initialised from it predicts the
+    normalised reward the PPO loop actually trains on.
+    """
+    std = max(float(stats["std"]), 1e-8)
+    b = bias if bias is not None else torch.zeros(1, dtype=weight.dtype)
+    return weight / std, (b - float(stats["mean"])) / std
 
 
 def process_scores(raw: Tensor, has_eos: Tensor, *, normalization: str, stats: dict | None,

@@ -24,7 +24,15 @@ from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.losses import explained_variance, make_kl_controller, masked_mean, policy_loss, value_loss
 from rlhf.ppo.policy import disable_dropout
-from rlhf.ppo.rollout import PromptStream, Rollout, collect_rollout, compute_targets, process_scores, rollout_stats
+from rlhf.ppo.rollout import (
+    PromptStream,
+    Rollout,
+    collect_rollout,
+    compute_targets,
+    process_scores,
+    resolve_normalization,
+    rollout_stats,
+)
 
 __all__ = ["PPOGuardError", "PPOStageConfig", "PPOTrainer", "run_ppo"]
 
@@ -64,12 +72,7 @@ class PPOTrainer:
             actor.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _resolve_normalization(self) -> str:
-        mode, stats = self.cfg.reward_normalization, getattr(self.scorer, "stats", None)
-        if mode == "auto":
-            return "rm_stats" if stats else "none"
-        if mode == "rm_stats" and not stats:
-            raise UserError("reward_normalization: rm_stats, but the reward model has no saved score stats")
-        return mode
+        return resolve_normalization(self.cfg.reward_normalization, getattr(self.scorer, "stats", None))
 
     # guards
 

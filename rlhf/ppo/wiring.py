@@ -16,6 +16,7 @@ from rlhf.models import load_base_model, load_tokenizer, lora_config, pick_devic
 from rlhf.ppo.checkpoint import list_checkpoints
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.policy import ActorCritic, build_actor_critic
+from rlhf.ppo.rollout import normalized_head, resolve_normalization
 from rlhf.ppo.scorers import FunctionScorer, Scorer, TextScorer, TokenScorer
 
 REWARD_ADAPTER = "reward"
@@ -109,4 +110,6 @@ def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) ->
     if weight.numel() != actor.value_head.weight.numel():
         notice("the reward head has another hidden size than the policy: the value head starts at zero")
         return
+    if resolve_normalization(cfg.reward_normalization, scorer.stats) == "rm_stats":
+        weight, bias = normalized_head(weight, bias, scorer.stats)  # predict the rewards PPO trains on
     actor.init_value_head(weight, bias)
