@@ -322,8 +322,9 @@ def cmd_alignment(args) -> dict:
 
     ``rlhf pipeline`` with ``args.config`` (default configs/demo.yaml): simulated labelers vote by the
     rule through the real app, an RM trains on those votes, PPO optimises against the RM, and the
-    pipeline's eval compares aligned vs SFT answers on the held-out prompts under the RM and under the
-    rule (sampled, as the config says). A second, greedy eval of the same two adapters follows.
+    pipeline's eval compares aligned vs SFT greedy answers on the held-out prompts under the RM and
+    under the rule. A second eval of the same two adapters samples 3 answers per prompt at the PPO
+    temperature (the distribution PPO trained), for more comparisons.
     """
     import yaml
 
@@ -336,13 +337,15 @@ def cmd_alignment(args) -> dict:
     start = time.perf_counter()
     subprocess.run([rlhf, "pipeline", "--config", str(work / "bench_config.yaml")], check=True)
     pipeline_s = time.perf_counter() - start
-    greedy = work / "eval_greedy"
-    if not (greedy / "eval.json").is_file():
+    sampled = work / "eval_sampled"
+    if not (sampled / "eval.json").is_file():
+        temperature = str(cfg.get("ppo", {}).get("temperature", 0.7))
         subprocess.run([rlhf, "eval", "--policy", str(work / "ppo"), "--baseline", str(work / "sft"),
                         "--reward_model", str(work / "reward"), "--rule", cfg.get("rule", "rule_score"),
                         "--dataset_name", cfg.get("eval", {}).get("dataset_name", "sample:prompts_test"),
                         "--max_new_tokens", str(cfg.get("eval", {}).get("max_new_tokens", 48)),
-                        "--out_dir", str(greedy)], check=True)
+                        "--do_sample", "true", "--temperature", temperature, "--samples_per_prompt", "3",
+                        "--seed", str(cfg.get("seed", 42)), "--out_dir", str(sampled)], check=True)
     summary = json.loads((work / "summary.json").read_text())
     steps = [json.loads(line) for line in (work / "ppo" / "logs" / "metrics.jsonl").read_text().splitlines()]
 
@@ -358,7 +361,7 @@ def cmd_alignment(args) -> dict:
         "ppo_steps": len(steps),
         "ppo_curve": [{k: r.get(k) for k in ("step", "score/raw_mean", "reward/mean", "kl/k1", "kl/k3",
                                               "response/length_mean", "response/missing_eos_frac")} for r in steps],
-        "eval_sampled": judged(work / "eval" / "eval.json"), "eval_greedy": judged(greedy / "eval.json"),
+        "eval_greedy": judged(work / "eval" / "eval.json"), "eval_sampled": judged(sampled / "eval.json"),
         "plots": summary["plots"], "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": load_average(),
     }
