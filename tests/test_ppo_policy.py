@@ -147,3 +147,40 @@ def test_rollout_logprobs_match_training_forward(tiny_model_dir, tmp_path):
     # the recomputation uses the sampling temperature: logits / 0.6
     hot = actor.policy_forward(r.input_ids, r.attention_mask, r.response_ids, 1.0)["logprobs"]
     assert (hot - r.logprobs)[r.response_mask.bool()].abs().max() > 1e-3
+
+
+def test_merged_policy_generates_like_the_adapter_and_restores_the_base(tiny_model_dir):
+    """merge_for_generation: same greedy tokens and logits; the base tensors come back untouched."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import merged_adapter
+
+    actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=None,
+                               lora=lora_config(4, 8, 0.0, ["all-linear"]))
+    with torch.no_grad():                                  # a policy LoRA that changes the outputs
+        for name, p in actor.peft.named_parameters():
+            if f".{POLICY}." in name:
+                p.normal_(0, 0.5)
+    base = {n: (p.data_ptr(), p.detach().clone()) for n, p in actor.peft.named_parameters() if "lora_" not in n}
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 7, 11, 13, 17]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+    kwargs = {"do_sample": False, "max_new_tokens": 6}
+    actor.merge_for_generation = False
+    plain = actor.generate(ids, mask, kwargs, 0, None)
+    with torch.no_grad(), actor.use(POLICY):
+        adapter_logits = actor.peft(input_ids=ids, attention_mask=mask).logits
+        with merged_adapter(actor.peft, POLICY):
+            merged_logits = actor.peft(input_ids=ids, attention_mask=mask).logits
+        with actor.peft.disable_adapter():
+            bare_logits = actor.peft(input_ids=ids, attention_mask=mask).logits
+    actor.merge_for_generation = True
+    merged = actor.generate(ids, mask, kwargs, 0, None)
+    assert torch.equal(plain, merged)
+    keep = mask.bool()
+    assert (adapter_logits[keep] - merged_logits[keep]).abs().max() < 1e-4
+    assert (adapter_logits[keep] - bare_logits[keep]).abs().max() > 1e-2   # the adapter matters
+    for n, p in actor.peft.named_parameters():
+        if "lora_" not in n:
+            assert p.data_ptr() == base[n][0] and torch.equal(p, base[n][1]), n
+    trainable = [n for n, p in actor.peft.named_parameters() if p.requires_grad]
+    assert trainable and all(f".{POLICY}." in n for n in trainable)

@@ -77,6 +77,10 @@ class PPOStageConfig(TrainingConfig):
     temperature: float = field(0.7, "sampling temperature; log-probs are recomputed with the same temperature")
     top_p: float = field(1.0, "nucleus sampling threshold (1 keeps the sampling distribution exact)")
     max_new_tokens: int = field(48, "maximum new tokens per response")
+    merge_for_generation: bool = field(
+        True, "sample with the policy LoRA folded into a temporary copy of the weights it adapts "
+        "(~25% faster sampling on CPU; that copy exists while sampling)"
+    )
 
     # adapters and value model
     lora_r: int = field(16, "LoRA rank of the policy and value adapters (ignored for the policy with sft_adapter)")

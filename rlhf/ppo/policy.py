@@ -26,14 +26,14 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlhf.errors import UserError
-from rlhf.models import block_range, untouched_blocks
+from rlhf.models import block_range, merged_adapter, untouched_blocks
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
@@ -72,6 +72,7 @@ class ActorCritic:
         self.has_reference_adapter = has_reference_adapter
         self.value_model = value_model
         self.value_skip = 0  # lowest blocks the value adapter leaves untouched (see value_trunk)
+        self.merge_for_generation = False  # sample with the policy LoRA folded into the weights (see generate)
         hidden = self.base.config.get_text_config().hidden_size
         device = self.lm_head.weight.device
         self.value_head = nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
@@ -243,12 +244,17 @@ class ActorCritic:
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, generate_kwargs: dict, pad_token_id: int,
                  eos_token_id) -> Tensor:
-        """Sample responses (B, R) from the policy with the KV cache."""
-        with self.use(POLICY):
+        """Sample responses (B, R) from the policy with the KV cache (policy LoRA merged when ``merge_for_generation``).
+
+        Log-probs are recomputed afterwards with the adapter unmerged, so merging changes sampling
+        only by floating-point rounding and never the PPO ratios.
+        """
+        with self.use(POLICY), (merged_adapter(self.peft, POLICY) if self.merge_for_generation else nullcontext()):
             out = self.peft.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, **generate_kwargs,
                 pad_token_id=pad_token_id, eos_token_id=eos_token_id,
             )
+        self.restore_grad_flags()
         return out[:, prompt_ids.shape[1]:]
 
     # saving

@@ -52,6 +52,7 @@ def load_actor(cfg: PPOStageConfig):
     lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora, value_model=cfg.value_model,
                                base_name_or_path=base_path)
+    actor.merge_for_generation = cfg.merge_for_generation
     return tokenizer, actor, base_path
 
 
