@@ -190,7 +190,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
             metavar=name.upper() if tp is not bool else "BOOL",
             nargs="?" if tp is bool else None,
             const="true" if tp is bool else None,
-            help=f"{help_text} [default: {default}]",
+            help=f"{help_text} [default: {default}]".replace("%", "%%"),  # argparse formats help with %
         )
 
 
