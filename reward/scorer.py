@@ -58,6 +58,7 @@ class RewardScorer:
         self._stats = dict(stats or {"mean": 0.0, "std": 1.0})
         self._scope = scope  # context manager factory run around every forward
         self._owner = owner  # the module that owns trunk/head (kept alive; switched to eval in scope)
+        self._untouched: int | None = None  # see untouched_blocks (the adapters do not change once attached)
 
     # construction
 
@@ -208,10 +209,12 @@ class RewardScorer:
 
     def untouched_blocks(self) -> int:
         """Lowest blocks of the shared trunk that the attached RM adapters leave as the bare base (0 standalone)."""
-        from rlhf.models import untouched_blocks
+        if self._untouched is None:
+            from rlhf.models import untouched_blocks
 
-        names = self.metadata.get("attached_adapters")
-        return min(untouched_blocks(self.trunk, name) for name in names) if names else 0
+            names = self.metadata.get("attached_adapters")
+            self._untouched = min(untouched_blocks(self.trunk, name) for name in names) if names else 0
+        return self._untouched
 
     @torch.no_grad()
     def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -90,10 +90,6 @@ def lora_config_for(cfg: RewardStageConfig, num_layers: int):
     """LoRA for sequence classification; the score head is trained in full and saved with the adapter."""
     from rlhf.models import lora_config
 
-    require(
-        cfg.lora_top_layers <= num_layers,
-        f"config key 'lora_top_layers' is {cfg.lora_top_layers} but the model has {num_layers} blocks",
-    )
     return lora_config(
         cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type="SEQ_CLS",
         top_layers=cfg.lora_top_layers, num_layers=num_layers, modules_to_save=["score"],

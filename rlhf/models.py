@@ -204,18 +204,20 @@ BLOCK_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",
-                top_layers: int = 0, num_layers: int | None = None, **extra):
+                top_layers: int = 0, num_layers: int | None = None, top_layers_key: str = "lora_top_layers",
+                **extra):
     """The one place LoRA configs are built: ``target_modules == ["all-linear"]`` means PEFT's all-linear.
 
     ``top_layers`` > 0 puts LoRA on the top ``top_layers`` of ``num_layers`` transformer blocks only
     (backward stops below them); "all-linear" then means the attention and MLP projections of a block.
+    ``top_layers_key`` names the config key in the error when the model has fewer blocks.
     """
     from peft import LoraConfig, TaskType
 
     targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
     if top_layers:
         if num_layers is None or top_layers > num_layers:
-            raise ConfigError(f"LoRA on the top {top_layers} blocks, but the model has {num_layers} blocks")
+            raise ConfigError(f"config key '{top_layers_key}' is {top_layers} but the model has {num_layers} blocks")
         extra["layers_to_transform"] = list(range(num_layers - top_layers, num_layers))
         if targets == "all-linear":  # layers_to_transform needs explicit names
             targets = list(BLOCK_LINEAR_MODULES)
@@ -234,10 +236,12 @@ def decoder_layers(model) -> tuple[str, "torch.nn.ModuleList"]:
 
 def untouched_blocks(decoder: nn.Module, adapter: str) -> int:
     """How many of the lowest blocks of ``decoder`` hold no weight of ``adapter`` (0 if it adapts anything
-    else in the decoder, e.g. the embeddings). Below that block the adapter's hidden states equal the bare
+    else in the decoder, e.g. the embeddings, or the decoder has no ``layers`` + ``norm``). Below that block the adapter's hidden states equal the bare
     base model's. (Weights outside the decoder, e.g. on the LM head, do not touch hidden states.)
     """
-    blocks = decoder.layers
+    blocks = getattr(decoder, "layers", None)
+    if not isinstance(blocks, nn.ModuleList) or not isinstance(getattr(decoder, "norm", None), nn.Module):
+        return 0  # not a decoder block_range can slice: always run it whole
     where = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
     first = len(blocks)
     for name, param in decoder.named_parameters():
@@ -272,18 +276,27 @@ def merged_adapter(peft_model, adapter: str):
     Inside, every adapter is disabled and each adapted layer computes with ``W + delta_W`` in one
     matmul (no per-layer LoRA calls: faster token-by-token sampling); afterwards the original weight
     tensors are put back untouched (same storage, same values). Costs one copy of the adapted
-    weights while the body runs. For inference only.
+    weights while the body runs. For inference only. When an adapted weight is shared by another
+    module (tied input/output embeddings), folding would change that module too: the body then runs
+    with the adapter unmerged, as the caller left it.
     """
     from peft.tuners.lora import LoraLayer
 
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+    owners: dict[int, int] = {}
+    for module in peft_model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    if any(owners.get(id(m.get_base_layer().weight), 0) > 1 for m in layers):
+        yield
+        return
     saved = []
     try:
         with torch.no_grad():
-            for module in peft_model.modules():
-                if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                    weight = module.get_base_layer().weight
-                    saved.append((weight, weight.data))
-                    weight.data = weight.data + module.get_delta_weight(adapter).to(weight.dtype)
+            for module in layers:
+                weight = module.get_base_layer().weight
+                saved.append((weight, weight.data))
+                weight.data = weight.data + module.get_delta_weight(adapter).to(weight.dtype)
         with peft_model.disable_adapter():
             yield
     finally:

@@ -184,3 +184,29 @@ def test_merged_policy_generates_like_the_adapter_and_restores_the_base(tiny_mod
             assert p.data_ptr() == base[n][0] and torch.equal(p, base[n][1]), n
     trainable = [n for n, p in actor.peft.named_parameters() if p.requires_grad]
     assert trainable and all(f".{POLICY}." in n for n in trainable)
+
+
+def test_merged_adapter_leaves_tied_weights_alone():
+    """LoRA on an LM head tied to the embeddings: folding it would change the embeddings, so it is not folded."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import merged_adapter
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    peft = get_peft_model(model, lora_config(2, 4, 0.0, ["q_proj", "lm_head"]), adapter_name=POLICY)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if f".{POLICY}." in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[3, 7, 11, 13]])
+    with torch.no_grad():
+        expected = peft(input_ids=ids).logits
+        embeddings = peft.get_input_embeddings().weight.detach().clone()
+        with merged_adapter(peft, POLICY):
+            assert torch.equal(peft.get_input_embeddings().weight, embeddings)   # nothing folded
+            inside = peft(input_ids=ids).logits
+    assert torch.allclose(inside, expected, atol=1e-6)

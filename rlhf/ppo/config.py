@@ -79,7 +79,7 @@ class PPOStageConfig(TrainingConfig):
     max_new_tokens: int = field(48, "maximum new tokens per response")
     merge_for_generation: bool = field(
         True, "sample with the policy LoRA folded into a temporary copy of the weights it adapts "
-        "(~25% faster sampling on CPU; that copy exists while sampling)"
+        "(no per-layer LoRA calls per sampled token; that copy exists while sampling)"
     )
 
     # adapters and value model

@@ -12,7 +12,15 @@ import sys
 from pathlib import Path
 
 from rlhf.errors import ConfigError, UserError
-from rlhf.models import load_base_model, load_tokenizer, lora_config, pick_device, pick_dtype, resolve_model_path
+from rlhf.models import (
+    decoder_layers,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    pick_device,
+    pick_dtype,
+    resolve_model_path,
+)
 from rlhf.ppo.checkpoint import list_checkpoints
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.policy import ActorCritic, build_actor_critic
@@ -95,12 +103,11 @@ def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) ->
         if cfg.value_head_init == "reward" and plain_rm:
             actor.add_value_adapter(init_from=REWARD_ADAPTER)
         else:
-            n = len(actor.decoder.layers)
-            if cfg.value_lora_top_layers > n:
-                raise ConfigError(f"config key 'value_lora_top_layers' is {cfg.value_lora_top_layers} but the model "
-                                  f"has {n} blocks")
-            actor.add_value_adapter(lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                                                top_layers=cfg.value_lora_top_layers, num_layers=n))
+            actor.add_value_adapter(lora_config(
+                cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                top_layers=cfg.value_lora_top_layers, num_layers=len(decoder_layers(actor.decoder)[1]),
+                top_layers_key="value_lora_top_layers",
+            ))
     if cfg.value_head_init != "reward":
         return
     head = getattr(rm, "head_weight", None)
