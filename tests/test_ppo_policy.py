@@ -138,10 +138,13 @@ def test_rollout_logprobs_match_training_forward(tiny_model_dir, tmp_path):
     r = collect_rollout(actor, tokenizer, TokenCountScorer([5]), prompts, temperature=0.6,
                         generate_kwargs={"do_sample": True, "max_new_tokens": 7, "temperature": 0.6, "top_k": 0},
                         max_prompt_length=64, chunk=2, timings={})
-    assert r.response_ids.shape == r.response_mask.shape == r.logprobs.shape
-    again = actor.policy_forward(r.input_ids[1:], r.attention_mask[1:], r.response_ids[1:], 0.6)["logprobs"]
+    assert r.response_ids.shape == r.response_mask.shape == r.logprobs.shape == r.entropy.shape
+    # the sampling pass's log-probs and entropies (KV cache, one token at a time) equal the training forward's
+    again = actor.policy_forward(r.input_ids[1:], r.attention_mask[1:], r.response_ids[1:], 0.6, with_entropy=True)
     m = r.response_mask[1:].bool()
-    assert (again - r.logprobs[1:])[m].abs().max() < 1e-5
+    assert (again["logprobs"] - r.logprobs[1:])[m].abs().max() < 1e-5
+    assert (again["entropy"] - r.entropy[1:])[m].abs().max() < 1e-5
+    assert r.entropy[r.response_mask.bool()].min() > 0
     # without an SFT adapter and with LoRA B = 0 the reference equals the policy
     assert (r.ref_logprobs - r.logprobs)[r.response_mask.bool()].abs().max() < 1e-5
     # the recomputation uses the sampling temperature: logits / 0.6
@@ -175,7 +178,8 @@ def test_merged_policy_generates_like_the_adapter_and_restores_the_base(tiny_mod
             bare_logits = actor.peft(input_ids=ids, attention_mask=mask).logits
     actor.merge_for_generation = True
     merged = actor.generate(ids, mask, kwargs, 0, None)
-    assert torch.equal(plain, merged)
+    assert torch.equal(plain.response_ids, merged.response_ids)
+    assert (plain.logprobs - merged.logprobs).abs().max() < 1e-4
     keep = mask.bool()
     assert (adapter_logits[keep] - merged_logits[keep]).abs().max() < 1e-4
     assert (adapter_logits[keep] - bare_logits[keep]).abs().max() > 1e-2   # the adapter matters

@@ -69,6 +69,24 @@ def test_split_value_pass_equals_the_full_pass(tiny_model_dir):
     assert torch.equal(split, reused)
 
 
+def test_bare_reference_reuses_the_trunk(tiny_model_dir):
+    """Without an SFT adapter the reference is the bare base: its lower blocks are the trunk, not run again."""
+    actor = _actor(tiny_model_dir, top_layers=[1])
+    assert actor.reference_uses_trunk
+    ids, mask = _batch()
+    resp = ids[:, 4:]
+    full = actor.reference_logprobs(ids, mask, resp, 0.8)
+    trunk = actor.value_trunk(ids, mask)
+    calls = []
+    hook = actor.decoder.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    shared = actor.reference_logprobs(ids, mask, resp, 0.8, trunk=trunk)
+    hook.remove()
+    assert calls == []
+    keep = mask[:, 4:].bool()
+    assert torch.allclose(shared[keep], full[keep], atol=1e-5)
+    assert not _actor(tiny_model_dir).reference_uses_trunk          # value LoRA on every block: no trunk
+
+
 def test_training_value_pass_skips_the_lower_blocks_and_gets_gradients(tiny_model_dir):
     actor = _actor(tiny_model_dir, top_layers=[1])
     ids, mask = _batch()

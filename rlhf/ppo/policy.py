@@ -15,6 +15,8 @@ Adapters on the shared ``PeftModel`` (the base weights exist once):
                 copy of a reward adapter trained with ``lora_top_layers``), the
                 input of block k is the bare base's: it is computed once per
                 rollout (``value_trunk``) and training runs only blocks k..L-1.
+                The reference reuses it too when it is the bare base (or its
+                LoRA also leaves those blocks untouched).
 * ``reward``    (optional) attached by a reward scorer that shares the base.
 
 Index convention for a sequence [prompt (P, left-padded) | response (R)]:
@@ -28,6 +30,7 @@ import os
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,6 +42,14 @@ from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
 VOCAB_ROWS = 2  # sequences per vocabulary projection in no-grad passes
 Tensor = torch.Tensor
+
+
+class Sample(NamedTuple):
+    """Responses sampled by :meth:`ActorCritic.generate`, with the sampling policy's log-probs."""
+
+    response_ids: Tensor  # (B, R); pads after a row's EOS
+    logprobs: Tensor      # (B, R) log softmax(logits / temperature)[token] of the policy that sampled it
+    entropy: Tensor       # (B, R) entropy of that distribution
 
 
 # helper functions
@@ -72,6 +83,7 @@ class ActorCritic:
         self.has_reference_adapter = has_reference_adapter
         self.value_model = value_model
         self.value_skip = 0  # lowest blocks the value adapter leaves untouched (see value_trunk)
+        self.reference_uses_trunk = False  # the reference leaves the value_skip lowest blocks untouched too
         self.merge_for_generation = False  # sample with the policy LoRA folded into the weights (see generate)
         hidden = self.base.config.get_text_config().hidden_size
         device = self.lm_head.weight.device
@@ -127,6 +139,8 @@ class ActorCritic:
         self.value_skip = untouched_blocks(self.decoder, VALUE)
         if self.value_skip and not self._split_matches_full():
             self.value_skip = 0
+        untouched = untouched_blocks(self.decoder, REFERENCE) if self.has_reference_adapter else self.value_skip
+        self.reference_uses_trunk = bool(self.value_skip) and untouched >= self.value_skip
 
     @torch.no_grad()
     def _split_matches_full(self) -> bool:
@@ -208,11 +222,15 @@ class ActorCritic:
         return out
 
     def value_forward(self, input_ids, attention_mask, prompt_length: int, trunk: Tensor | None = None) -> Tensor:
-        """Values (B, R) from the value adapter (separate value model only).
+        """Values (B, R): the value adapter's (or, with ``value_model: shared``, the policy's) hidden states read
+        out by the value head.
 
         ``trunk``: :meth:`value_trunk` of the same batch, when already computed (blocks below
         ``value_skip`` are then not run again).
         """
+        if self.value_model == "shared":
+            with self.use(POLICY):
+                return self._values(self._response_hidden(input_ids, attention_mask, prompt_length))
         if not self.value_skip:
             with self.use(VALUE):
                 return self._values(self._response_hidden(input_ids, attention_mask, prompt_length))
@@ -222,40 +240,44 @@ class ActorCritic:
             h = self._upper_hidden(trunk, attention_mask, self.value_skip)
         return self._values(h[:, prompt_length - 1 : -1])
 
-    def forward(self, input_ids, attention_mask, response_ids, temperature: float, with_entropy: bool = False) -> dict:
-        """``logprobs``, ``values`` (and ``entropy``) of the current policy and value model; ``value_trunk``
-        too when the value adapter leaves lower blocks untouched (for the training passes to reuse)."""
-        out = self.policy_forward(input_ids, attention_mask, response_ids, temperature, with_entropy)
-        if self.value_model == "separate":
-            P = input_ids.shape[1] - response_ids.shape[1]
-            trunk = self.value_trunk(input_ids, attention_mask) if self.value_skip else None
-            out["values"] = self.value_forward(input_ids, attention_mask, P, trunk=trunk)
-            if trunk is not None:
-                out["value_trunk"] = trunk
-        return out
-
     @torch.no_grad()
-    def reference_logprobs(self, input_ids, attention_mask, response_ids, temperature: float) -> Tensor:
+    def reference_logprobs(self, input_ids, attention_mask, response_ids, temperature: float,
+                           trunk: Tensor | None = None) -> Tensor:
+        """Reference log-probs (B, R). ``trunk``: :meth:`value_trunk` of the same batch; when the reference
+        leaves those blocks untouched too (``reference_uses_trunk``) they are not run again."""
         P = input_ids.shape[1] - response_ids.shape[1]
         with self.use(REFERENCE if self.has_reference_adapter else None):
-            h = self._response_hidden(input_ids, attention_mask, P)
+            if trunk is not None and self.reference_uses_trunk:
+                h = self._upper_hidden(trunk, attention_mask, self.value_skip)[:, P - 1 : -1]
+            else:
+                h = self._response_hidden(input_ids, attention_mask, P)
             return self._logprobs(h, response_ids, temperature, False)[0]
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, generate_kwargs: dict, pad_token_id: int,
-                 eos_token_id) -> Tensor:
-        """Sample responses (B, R) from the policy with the KV cache (policy LoRA merged when ``merge_for_generation``).
+                 eos_token_id) -> Sample:
+        """Sample responses from the policy with the KV cache (policy LoRA merged when ``merge_for_generation``).
 
-        Log-probs are recomputed afterwards with the adapter unmerged, so merging changes sampling
-        only by floating-point rounding and never the PPO ratios.
+        The log-probs and entropies come from the sampling pass itself: the raw logits of each step
+        divided by the sampling temperature (the same division as in the training passes), so the
+        rollout needs no separate policy pass. With the LoRA merged they equal the adapter's forward
+        up to floating-point rounding.
         """
+        temperature = float(generate_kwargs.get("temperature") or 1.0)
         with self.use(POLICY), (merged_adapter(self.peft, POLICY) if self.merge_for_generation else nullcontext()):
             out = self.peft.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, **generate_kwargs,
                 pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                output_logits=True, return_dict_in_generate=True,
             )
         self.restore_grad_flags()
-        return out[:, prompt_ids.shape[1]:]
+        response_ids = out.sequences[:, prompt_ids.shape[1]:]
+        logprobs, entropy = [], []
+        for t, logits in enumerate(out.logits):                           # (B, V) per step, unprocessed
+            z = logits.float().unsqueeze(1) / temperature
+            logprobs.append(logprobs_from_logits(z, response_ids[:, t : t + 1]))
+            entropy.append(entropy_from_logits(z))
+        return Sample(response_ids, torch.cat(logprobs, dim=1), torch.cat(entropy, dim=1))
 
     # saving
 

@@ -2,9 +2,9 @@
 
 One PPO step's data flow (B rollouts, P prompt tokens, R response tokens)::
 
-    prompts --generate(policy, KV cache)--> response_ids (B, R)
+    prompts --generate(policy, KV cache)--> response_ids, logprobs (B, R)
             --eos_truncation_mask--> response_mask (B, R), has_eos (B,)
-            --policy / value / reference passes (no grad)--> logprobs, values, ref_logprobs (B, R)
+            --value / reference passes (no grad)--> values, ref_logprobs (B, R)
             --scorer--> raw scores (B,) --process_scores--> scores (B,)
             --shape_rewards (per-token KL penalty)--> rewards (B, R)
             --compute_gae (+ whitening)--> advantages, returns (B, R)
@@ -167,31 +167,40 @@ def process_scores(raw: Tensor, has_eos: Tensor, *, normalization: str, stats: d
 
 @torch.no_grad()
 def generate(actor, tokenizer, prompts: list, *, generate_kwargs: dict, max_prompt_length: int, chunk: int):
-    """Sample one response per prompt in chunks. Returns (prompt_ids (B, P), prompt_mask, response_ids (B, R))."""
+    """Sample one response per prompt in chunks.
+
+    Returns (prompt_ids (B, P), prompt_mask, response_ids (B, R), logprobs (B, R), entropy (B, R)).
+    """
     device = actor.lm_head.weight.device
     parts = []
     for sl in _chunks(len(prompts), chunk):
         enc = encode_prompts(tokenizer, prompts[sl], device)
         ids, mask = enc["input_ids"][:, -max_prompt_length:], enc["attention_mask"][:, -max_prompt_length:]
-        resp = actor.generate(ids, mask, generate_kwargs, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        parts.append((ids, mask, resp))
+        sample = actor.generate(ids, mask, generate_kwargs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        parts.append((ids, mask, *sample))
     P = max(p[0].shape[1] for p in parts)
     R = max(p[2].shape[1] for p in parts)
     pad = tokenizer.pad_token_id
-    prompt_ids = torch.cat([_pad_to(p[0], P, pad, left=True) for p in parts])
-    prompt_mask = torch.cat([_pad_to(p[1], P, 0, left=True) for p in parts])
-    response_ids = torch.cat([_pad_to(p[2], R, pad, left=False) for p in parts])
-    return prompt_ids, prompt_mask, response_ids
+    return (
+        torch.cat([_pad_to(p[0], P, pad, left=True) for p in parts]),
+        torch.cat([_pad_to(p[1], P, 0, left=True) for p in parts]),
+        *(torch.cat([_pad_to(p[i], R, fill, left=False) for p in parts]) for i, fill in ((2, pad), (3, 0), (4, 0))),
+    )
 
 
 @torch.no_grad()
 def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: float, generate_kwargs: dict,
                     max_prompt_length: int, chunk: int, timings: dict) -> Rollout:
-    """Generate, truncate after EOS, run the no-grad passes and score. Fills ``timings`` (seconds)."""
+    """Generate, truncate after EOS, run the no-grad passes and score. Fills ``timings`` (seconds).
+
+    The policy's log-probs are the sampling pass's (``temperature`` must be the one in ``generate_kwargs``).
+    """
     import time
 
+    if float(generate_kwargs.get("temperature") or 1.0) != temperature:
+        raise ValueError("the log-prob temperature differs from the sampling temperature")
     t0 = time.perf_counter()
-    prompt_ids, prompt_mask, response_ids = generate(
+    prompt_ids, prompt_mask, response_ids, logprobs, entropy = generate(
         actor, tokenizer, prompts, generate_kwargs=generate_kwargs, max_prompt_length=max_prompt_length, chunk=chunk
     )
     t1 = time.perf_counter()
@@ -200,22 +209,24 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
     width = int(mask.sum(dim=1).max().clamp(min=1))                  # drop all-pad columns
     mask, response_ids = mask[:, :width], response_ids[:, :width]
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    logprobs = logprobs[:, :width].masked_fill(mask == 0, 0.0)
+    entropy = entropy[:, :width].masked_fill(mask == 0, 0.0)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)         # (B, P + R)
     attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    P = prompt_ids.shape[1]
 
-    logprobs, ref_logprobs, values, entropy, trunks = [], [], [], [], []
+    ref_logprobs, values, trunks = [], [], []
     for sl in _chunks(len(prompts), chunk):
-        out = actor.forward(input_ids[sl], attention_mask[sl], response_ids[sl], temperature, with_entropy=True)
-        logprobs.append(out["logprobs"])
-        values.append(out["values"])
-        entropy.append(out["entropy"])
-        if "value_trunk" in out:
-            trunks.append(out["value_trunk"])
-        ref_logprobs.append(actor.reference_logprobs(input_ids[sl], attention_mask[sl], response_ids[sl], temperature))
+        ids, am = input_ids[sl], attention_mask[sl]
+        trunk = actor.value_trunk(ids, am) if actor.value_skip else None
+        values.append(actor.value_forward(ids, am, P, trunk=trunk))
+        ref_logprobs.append(actor.reference_logprobs(ids, am, response_ids[sl], temperature, trunk=trunk))
+        if trunk is not None:
+            trunks.append(trunk)
     t2 = time.perf_counter()
     responses = decode_responses(tokenizer, response_ids)
     trunk = torch.cat(trunks) if trunks else None
-    batch = ScoreInput(prompts, responses, input_ids, attention_mask, response_ids, mask, prompt_ids.shape[1],
+    batch = ScoreInput(prompts, responses, input_ids, attention_mask, response_ids, mask, P,
                        trunk=trunk, trunk_blocks=actor.value_skip if trunks else 0)
     raw = scorer.score_batch(batch).float().reshape(-1).to(input_ids.device)
     if raw.shape[0] != len(prompts):
@@ -225,8 +236,8 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
     return Rollout(
         prompts=prompts, responses=responses, input_ids=input_ids, attention_mask=attention_mask,
         response_ids=response_ids, response_mask=mask.float(), has_eos=has_eos,
-        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float(),
-        entropy=torch.cat(entropy), raw_scores=raw, value_trunk=trunk,
+        logprobs=logprobs, ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float(),
+        entropy=entropy, raw_scores=raw, value_trunk=trunk,
     )
 
 
