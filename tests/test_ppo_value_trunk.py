@@ -10,16 +10,16 @@ from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.trainer import run_ppo
 from test_ppo_policy import train_tiny_reward_model
-from test_ppo_stage import Capture, _one_thread, ppo_config  # noqa: F401  (fixture re-used)
+from test_ppo_stage import Capture, _one_thread, make_sft_adapter, ppo_config  # noqa: F401  (fixture re-used)
 
 BLOCK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _actor(tiny_model_dir, top_layers=None):
+def _actor(tiny_model_dir, top_layers=None, sft_adapter=None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=None,
+    actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=sft_adapter,
                                lora=lora_config(4, 8, 0.0, ["all-linear"]))
     extra = {"layers_to_transform": top_layers} if top_layers is not None else {}
     actor.add_value_adapter(lora_config(4, 8, 0.0, BLOCK_TARGETS, **extra))
@@ -85,6 +85,19 @@ def test_bare_reference_reuses_the_trunk(tiny_model_dir):
     keep = mask[:, 4:].bool()
     assert torch.allclose(shared[keep], full[keep], atol=1e-5)
     assert not _actor(tiny_model_dir).reference_uses_trunk          # value LoRA on every block: no trunk
+
+
+def test_sft_reference_on_every_block_ignores_the_trunk(tiny_model_dir, tmp_path):
+    actor = _actor(tiny_model_dir, top_layers=[1], sft_adapter=str(make_sft_adapter(tiny_model_dir, tmp_path / "sft")))
+    assert actor.value_skip == 1 and not actor.reference_uses_trunk  # the SFT LoRA adapts block 0
+    ids, mask = _batch()
+    resp = ids[:, 4:]
+    full = actor.reference_logprobs(ids, mask, resp, 0.8)
+    given = actor.reference_logprobs(ids, mask, resp, 0.8, trunk=actor.value_trunk(ids, mask))
+    assert torch.equal(full, given)
+    actor.reference_uses_trunk = True                                  # forcing it would be wrong: the check bites
+    keep = mask[:, 4:].bool()
+    assert (actor.reference_logprobs(ids, mask, resp, 0.8, trunk=actor.value_trunk(ids, mask)) - full)[keep].abs().max() > 1e-4
 
 
 def test_training_value_pass_skips_the_lower_blocks_and_gets_gradients(tiny_model_dir):

@@ -47,9 +47,9 @@ Tensor = torch.Tensor
 class Sample(NamedTuple):
     """Responses sampled by :meth:`ActorCritic.generate`, with the sampling policy's log-probs."""
 
-    response_ids: Tensor  # (B, R); pads after a row's EOS
-    logprobs: Tensor      # (B, R) log softmax(logits / temperature)[token] of the policy that sampled it
-    entropy: Tensor       # (B, R) entropy of that distribution
+    response_ids: Tensor             # (B, R); pads after a row's EOS
+    logprobs: Tensor | None = None   # (B, R) log softmax(logits / temperature)[token] of the sampling pass
+    entropy: Tensor | None = None    # (B, R) entropy of that distribution
 
 
 # helper functions
@@ -255,23 +255,24 @@ class ActorCritic:
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, generate_kwargs: dict, pad_token_id: int,
-                 eos_token_id) -> Sample:
+                 eos_token_id, with_logprobs: bool = False) -> Sample:
         """Sample responses from the policy with the KV cache (policy LoRA merged when ``merge_for_generation``).
 
-        The log-probs and entropies come from the sampling pass itself: the raw logits of each step
-        divided by the sampling temperature (the same division as in the training passes), so the
-        rollout needs no separate policy pass. With the LoRA merged they equal the adapter's forward
-        up to floating-point rounding.
+        ``with_logprobs``: also the log-probs and entropies of the sampling pass itself, from each
+        step's raw logits divided by the sampling temperature (the same division as in the training
+        passes). With the LoRA merged they equal the adapter's forward up to floating-point rounding.
         """
         temperature = float(generate_kwargs.get("temperature") or 1.0)
         with self.use(POLICY), (merged_adapter(self.peft, POLICY) if self.merge_for_generation else nullcontext()):
             out = self.peft.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, **generate_kwargs,
                 pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                output_logits=True, return_dict_in_generate=True,
+                output_logits=with_logprobs, return_dict_in_generate=True,
             )
         self.restore_grad_flags()
         response_ids = out.sequences[:, prompt_ids.shape[1]:]
+        if not with_logprobs:
+            return Sample(response_ids)
         logprobs, entropy = [], []
         for t, logits in enumerate(out.logits):                           # (B, V) per step, unprocessed
             z = logits.float().unsqueeze(1) / temperature
