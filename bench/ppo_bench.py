@@ -15,7 +15,8 @@ Subcommands::
     python bench/ppo_bench.py ours [--steps 4]     # one run of our PPO, prints a JSON line
     python bench/ppo_bench.py trl [--steps 4]      # one run of TRL's PPO (run with the TRL venv's python)
     python bench/ppo_bench.py compare --repeats 2  # all of the above, runs interleaved, one process each
-                                                   # (--variants ours,trl,ours-rm-all,ours-micro2,ours-shared)
+                                                   # (--variants ours,trl,ours-sampling-lp,ours-rm-all,
+                                                   #  ours-micro2,ours-shared)
     python bench/ppo_bench.py alignment            # does PPO align? demo pipeline judged by the rule itself
 
 Every run is a fresh process, so ``peak_rss_mb`` (``ru_maxrss``) is that run's own peak.
@@ -170,7 +171,7 @@ def cmd_ours(args) -> dict:
         num_mini_batches=s["num_mini_batches"], ppo_epochs=s["ppo_epochs"], max_new_tokens=s["max_new_tokens"],
         temperature=s["temperature"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], kl_coef=s["kl_coef"],
         vf_coef=s["vf_coef"], learning_rate=s["learning_rate"], seed=s["seed"], value_model=args.value_model,
-        gradient_accumulation_steps=args.grad_accum,
+        gradient_accumulation_steps=args.grad_accum, rollout_logprobs=args.rollout_logprobs,
         report_to="none", progress=False, sample_every=0, save_steps=0, precision="fp32",
     )
     from rlhf.ppo.trainer import PPOTrainer
@@ -199,6 +200,7 @@ def cmd_ours(args) -> dict:
     train_flops = total("train/tokens") * 4 * n_body * passes + total("train/response_tokens") * 4 * H * V
     return {
         "what": "ours", "value_model": args.value_model, "rm_lora_top_layers": args.rm_top_layers,
+        "rollout_logprobs": args.rollout_logprobs,
         "value_skip_blocks": value_skip[0], "micro_batch": cfg.per_device_train_batch_size,
         "steps": metrics["steps"],
         "rollouts_per_s": metrics["rollouts"] / metrics["wall_time_s"], "loop_s": metrics["wall_time_s"],
@@ -296,7 +298,7 @@ def cmd_compare(args) -> dict:
         _run(me + ["install-trl"])
     runs = []
     variants = {"ours": [], "trl": None, "ours-rm-all": ["--rm_top_layers", "0"], "ours-micro2": ["--grad_accum", "2"],
-                "ours-shared": ["--value_model", "shared"]}
+                "ours-shared": ["--value_model", "shared"], "ours-sampling-lp": ["--rollout_logprobs", "sampling"]}
     unknown = set(args.variants.split(",")) - set(variants)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
@@ -382,7 +384,9 @@ def main() -> None:
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--value_model", default="separate", choices=["separate", "shared"])
         p.add_argument("--grad_accum", type=int, default=1, help="ours: micro-batches per mini-batch (same math)")
-        p.add_argument("--variants", default="ours,trl,ours-rm-all,ours-micro2,ours-shared",
+        p.add_argument("--rollout_logprobs", default="recompute", choices=["recompute", "sampling"],
+                       help="ours: recompute the policy log-probs, or take them from the sampling pass as TRL does")
+        p.add_argument("--variants", default="ours,trl,ours-sampling-lp,ours-rm-all,ours-shared",
                        help="compare: runs per repeat, in this order")
         p.add_argument("--rm_top_layers", type=int, default=None,
                        help="ours: the RM with LoRA on this many top blocks (default: as configs/reward.yaml; 0 = all)")
