@@ -15,9 +15,9 @@ Subcommands::
     python bench/ppo_bench.py ours [--steps 4]     # one run of our PPO, prints a JSON line
     python bench/ppo_bench.py trl [--steps 4]      # one run of TRL's PPO (run with the TRL venv's python)
     python bench/ppo_bench.py compare --repeats 2  # all of the above, runs interleaved, one process each
-                                                   # (--variants ours,trl,ours-sampling-lp,ours-rm-all,
-                                                   #  ours-micro2,ours-shared)
-    python bench/ppo_bench.py alignment            # does PPO align? demo pipeline judged by the rule itself
+                                                   # (--variants ours,trl,ours-rm-all,ours-micro2,ours-shared)
+    python bench/ppo_bench.py alignment            # does PPO align? demo pipeline (+ bench/alignment.yaml)
+                                                   # judged by the rule itself
 
 Every run is a fresh process, so ``peak_rss_mb`` (``ru_maxrss``) is that run's own peak.
 ``rollouts_per_s`` = rollouts / seconds of the training loop (model loading excluded on both sides).
@@ -171,7 +171,7 @@ def cmd_ours(args) -> dict:
         num_mini_batches=s["num_mini_batches"], ppo_epochs=s["ppo_epochs"], max_new_tokens=s["max_new_tokens"],
         temperature=s["temperature"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], kl_coef=s["kl_coef"],
         vf_coef=s["vf_coef"], learning_rate=s["learning_rate"], seed=s["seed"], value_model=args.value_model,
-        gradient_accumulation_steps=args.grad_accum, rollout_logprobs=args.rollout_logprobs,
+        gradient_accumulation_steps=args.grad_accum,
         report_to="none", progress=False, sample_every=0, save_steps=0, precision="fp32",
     )
     from rlhf.ppo.trainer import PPOTrainer
@@ -200,7 +200,6 @@ def cmd_ours(args) -> dict:
     train_flops = total("train/tokens") * 4 * n_body * passes + total("train/response_tokens") * 4 * H * V
     return {
         "what": "ours", "value_model": args.value_model, "rm_lora_top_layers": args.rm_top_layers,
-        "rollout_logprobs": args.rollout_logprobs,
         "value_skip_blocks": value_skip[0], "micro_batch": cfg.per_device_train_batch_size,
         "steps": metrics["steps"],
         "rollouts_per_s": metrics["rollouts"] / metrics["wall_time_s"], "loop_s": metrics["wall_time_s"],
@@ -298,7 +297,7 @@ def cmd_compare(args) -> dict:
         _run(me + ["install-trl"])
     runs = []
     variants = {"ours": [], "trl": None, "ours-rm-all": ["--rm_top_layers", "0"], "ours-micro2": ["--grad_accum", "2"],
-                "ours-shared": ["--value_model", "shared"], "ours-sampling-lp": ["--rollout_logprobs", "sampling"]}
+                "ours-shared": ["--value_model", "shared"]}
     unknown = set(args.variants.split(",")) - set(variants)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
@@ -322,7 +321,8 @@ def cmd_compare(args) -> dict:
 def cmd_alignment(args) -> dict:
     """Does PPO align? The demo pipeline on the embedded model, judged by the labelling rule itself.
 
-    ``rlhf pipeline`` with ``args.config`` (default configs/demo.yaml): simulated labelers vote by the
+    ``rlhf pipeline`` with ``args.config`` (default configs/demo.yaml) changed by ``args.overlay`` (default
+    bench/alignment.yaml: a larger RM and PPO budget than the 20-minute demo): simulated labelers vote by the
     rule through the real app, an RM trains on those votes, PPO optimises against the RM, and the
     pipeline's eval compares aligned vs SFT greedy answers on the held-out prompts under the RM and
     under the rule. A second eval of the same two adapters samples 3 answers per prompt at the PPO
@@ -332,6 +332,9 @@ def cmd_alignment(args) -> dict:
 
     work = Path(args.work)
     cfg = yaml.safe_load(Path(args.config).read_text())
+    if args.overlay:  # stage sections are updated key by key, top-level keys replaced
+        for key, value in yaml.safe_load(Path(args.overlay).read_text()).items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     cfg["work_dir"] = str(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "bench_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -358,7 +361,7 @@ def cmd_alignment(args) -> dict:
         return {k: ev.get(k) for k in keep}
 
     result = {
-        "what": "alignment", "config": args.config, "work": str(work), "pipeline_s": round(pipeline_s, 1),
+        "what": "alignment", "config": args.config, "overlay": args.overlay, "work": str(work), "pipeline_s": round(pipeline_s, 1),
         "stages": summary["stages"], "rm_heldout_accuracy": summary["rm_heldout_accuracy"],
         "ppo_steps": len(steps),
         "ppo_curve": [{k: r.get(k) for k in ("step", "score/raw_mean", "reward/mean", "kl/k1", "kl/k3",
@@ -376,6 +379,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("alignment", help="the demo pipeline, judged by the labelling rule (see cmd_alignment)")
     p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--overlay", default="bench/alignment.yaml",
+                   help="keys changed for the benchmark (none: '')")
     p.add_argument("--work", default="outputs/bench_alignment")
     for name in ("peak", "setup", "install-trl", "ours", "trl", "compare"):
         p = sub.add_parser(name)
@@ -384,9 +389,7 @@ def main() -> None:
         p.add_argument("--repeats", type=int, default=2)
         p.add_argument("--value_model", default="separate", choices=["separate", "shared"])
         p.add_argument("--grad_accum", type=int, default=1, help="ours: micro-batches per mini-batch (same math)")
-        p.add_argument("--rollout_logprobs", default="recompute", choices=["recompute", "sampling"],
-                       help="ours: recompute the policy log-probs, or take them from the sampling pass as TRL does")
-        p.add_argument("--variants", default="ours,trl,ours-sampling-lp,ours-rm-all,ours-shared",
+        p.add_argument("--variants", default="ours,trl,ours-rm-all,ours-micro2,ours-shared",
                        help="compare: runs per repeat, in this order")
         p.add_argument("--rm_top_layers", type=int, default=None,
                        help="ours: the RM with LoRA on this many top blocks (default: as configs/reward.yaml; 0 = all)")

@@ -74,17 +74,12 @@ class PPOStageConfig(TrainingConfig):
     missing_eos_penalty: Optional[float] = field(-1.0, "added to the score of responses without EOS (null = off)")
 
     # sampling
-    temperature: float = field(0.7, "sampling temperature; log-probs are computed with the same temperature")
+    temperature: float = field(0.7, "sampling temperature; log-probs are recomputed with the same temperature")
     top_p: float = field(1.0, "nucleus sampling threshold (1 keeps the sampling distribution exact)")
     max_new_tokens: int = field(48, "maximum new tokens per response")
     merge_for_generation: bool = field(
         True, "sample with the policy LoRA folded into a temporary copy of the weights it adapts "
         "(no per-layer LoRA calls per sampled token; that copy exists while sampling)"
-    )
-    rollout_logprobs: Literal["recompute", "sampling"] = field(
-        "recompute", "recompute: the rollout's policy log-probs come from a no-grad forward after sampling (the "
-        "first PPO ratio is exactly 1); sampling: from the sampling pass's own logits / temperature (one forward "
-        "pass fewer per step; equal up to floating-point rounding)"
     )
 
     # adapters and value model

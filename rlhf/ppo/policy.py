@@ -30,7 +30,6 @@ import os
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,14 +41,6 @@ from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
 VOCAB_ROWS = 2  # sequences per vocabulary projection in no-grad passes
 Tensor = torch.Tensor
-
-
-class Sample(NamedTuple):
-    """Responses sampled by :meth:`ActorCritic.generate`, with the sampling policy's log-probs."""
-
-    response_ids: Tensor             # (B, R); pads after a row's EOS
-    logprobs: Tensor | None = None   # (B, R) log softmax(logits / temperature)[token] of the sampling pass
-    entropy: Tensor | None = None    # (B, R) entropy of that distribution
 
 
 # helper functions
@@ -222,15 +213,11 @@ class ActorCritic:
         return out
 
     def value_forward(self, input_ids, attention_mask, prompt_length: int, trunk: Tensor | None = None) -> Tensor:
-        """Values (B, R): the value adapter's (or, with ``value_model: shared``, the policy's) hidden states read
-        out by the value head.
+        """Values (B, R) from the value adapter (separate value model only).
 
         ``trunk``: :meth:`value_trunk` of the same batch, when already computed (blocks below
         ``value_skip`` are then not run again).
         """
-        if self.value_model == "shared":
-            with self.use(POLICY):
-                return self._values(self._response_hidden(input_ids, attention_mask, prompt_length))
         if not self.value_skip:
             with self.use(VALUE):
                 return self._values(self._response_hidden(input_ids, attention_mask, prompt_length))
@@ -255,30 +242,19 @@ class ActorCritic:
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, generate_kwargs: dict, pad_token_id: int,
-                 eos_token_id, with_logprobs: bool = False) -> Sample:
-        """Sample responses from the policy with the KV cache (policy LoRA merged when ``merge_for_generation``).
+                 eos_token_id) -> Tensor:
+        """Sample responses (B, R) from the policy with the KV cache (policy LoRA merged when ``merge_for_generation``).
 
-        ``with_logprobs``: also the log-probs and entropies of the sampling pass itself, from each
-        step's raw logits divided by the sampling temperature (the same division as in the training
-        passes). With the LoRA merged they equal the adapter's forward up to floating-point rounding.
+        Log-probs are recomputed afterwards with the adapter unmerged, so merging changes sampling
+        only by floating-point rounding and never the PPO ratios.
         """
-        temperature = float(generate_kwargs.get("temperature") or 1.0)
         with self.use(POLICY), (merged_adapter(self.peft, POLICY) if self.merge_for_generation else nullcontext()):
             out = self.peft.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, **generate_kwargs,
                 pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                output_logits=with_logprobs, return_dict_in_generate=True,
             )
         self.restore_grad_flags()
-        response_ids = out.sequences[:, prompt_ids.shape[1]:]
-        if not with_logprobs:
-            return Sample(response_ids)
-        logprobs, entropy = [], []
-        for t, logits in enumerate(out.logits):                           # (B, V) per step, unprocessed
-            z = logits.float().unsqueeze(1) / temperature
-            logprobs.append(logprobs_from_logits(z, response_ids[:, t : t + 1]))
-            entropy.append(entropy_from_logits(z))
-        return Sample(response_ids, torch.cat(logprobs, dim=1), torch.cat(entropy, dim=1))
+        return out[:, prompt_ids.shape[1]:]
 
     # saving
 

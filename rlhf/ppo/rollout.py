@@ -5,7 +5,6 @@ One PPO step's data flow (B rollouts, P prompt tokens, R response tokens)::
     prompts --generate(policy, KV cache)--> response_ids (B, R)
             --eos_truncation_mask--> response_mask (B, R), has_eos (B,)
             --policy / value / reference passes (no grad)--> logprobs, values, ref_logprobs (B, R)
-              (policy log-probs from the sampling pass itself with ``rollout_logprobs: sampling``)
             --scorer--> raw scores (B,) --process_scores--> scores (B,)
             --shape_rewards (per-token KL penalty)--> rewards (B, R)
             --compute_gae (+ whitening)--> advantages, returns (B, R)
@@ -167,47 +166,33 @@ def process_scores(raw: Tensor, has_eos: Tensor, *, normalization: str, stats: d
 
 
 @torch.no_grad()
-def generate(actor, tokenizer, prompts: list, *, generate_kwargs: dict, max_prompt_length: int, chunk: int,
-             with_logprobs: bool = False):
-    """Sample one response per prompt in chunks.
-
-    Returns (prompt_ids (B, P), prompt_mask, response_ids (B, R), logprobs, entropy); the last two are
-    (B, R) from the sampling pass with ``with_logprobs``, else None.
-    """
+def generate(actor, tokenizer, prompts: list, *, generate_kwargs: dict, max_prompt_length: int, chunk: int):
+    """Sample one response per prompt in chunks. Returns (prompt_ids (B, P), prompt_mask, response_ids (B, R))."""
     device = actor.lm_head.weight.device
     parts = []
     for sl in _chunks(len(prompts), chunk):
         enc = encode_prompts(tokenizer, prompts[sl], device)
         ids, mask = enc["input_ids"][:, -max_prompt_length:], enc["attention_mask"][:, -max_prompt_length:]
-        sample = actor.generate(ids, mask, generate_kwargs, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                with_logprobs=with_logprobs)
-        parts.append((ids, mask, *sample))
+        resp = actor.generate(ids, mask, generate_kwargs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        parts.append((ids, mask, resp))
     P = max(p[0].shape[1] for p in parts)
     R = max(p[2].shape[1] for p in parts)
     pad = tokenizer.pad_token_id
-    right = [torch.cat([_pad_to(p[i], R, fill, left=False) for p in parts]) if parts[0][i] is not None else None
-             for i, fill in ((2, pad), (3, 0), (4, 0))]
-    return (torch.cat([_pad_to(p[0], P, pad, left=True) for p in parts]),
-            torch.cat([_pad_to(p[1], P, 0, left=True) for p in parts]), *right)
+    prompt_ids = torch.cat([_pad_to(p[0], P, pad, left=True) for p in parts])
+    prompt_mask = torch.cat([_pad_to(p[1], P, 0, left=True) for p in parts])
+    response_ids = torch.cat([_pad_to(p[2], R, pad, left=False) for p in parts])
+    return prompt_ids, prompt_mask, response_ids
 
 
 @torch.no_grad()
 def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: float, generate_kwargs: dict,
-                    max_prompt_length: int, chunk: int, timings: dict, logprobs_from: str = "recompute") -> Rollout:
-    """Generate, truncate after EOS, run the no-grad passes and score. Fills ``timings`` (seconds).
-
-    ``logprobs_from``: ``recompute`` (a no-grad policy forward at ``temperature``) or ``sampling`` (the
-    sampling pass's logits; ``temperature`` must then be the one in ``generate_kwargs``).
-    """
+                    max_prompt_length: int, chunk: int, timings: dict) -> Rollout:
+    """Generate, truncate after EOS, run the no-grad passes and score. Fills ``timings`` (seconds)."""
     import time
 
-    from_sampling = logprobs_from == "sampling"
-    if from_sampling and float(generate_kwargs.get("temperature") or 1.0) != temperature:
-        raise ValueError("the log-prob temperature differs from the sampling temperature")
     t0 = time.perf_counter()
-    prompt_ids, prompt_mask, response_ids, logprobs, entropy = generate(
-        actor, tokenizer, prompts, generate_kwargs=generate_kwargs, max_prompt_length=max_prompt_length, chunk=chunk,
-        with_logprobs=from_sampling,
+    prompt_ids, prompt_mask, response_ids = generate(
+        actor, tokenizer, prompts, generate_kwargs=generate_kwargs, max_prompt_length=max_prompt_length, chunk=chunk
     )
     t1 = time.perf_counter()
     eos = tokenizer.eos_token_id
@@ -219,23 +204,17 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
     attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
     P = prompt_ids.shape[1]
 
-    policy = {"logprobs": [], "entropy": [], "values": []}
-    ref_logprobs, values, trunks = [], [], []
+    logprobs, entropy, ref_logprobs, values, trunks = [], [], [], [], []
     for sl in _chunks(len(prompts), chunk):
         ids, am = input_ids[sl], attention_mask[sl]
-        if not from_sampling:
-            out = actor.policy_forward(ids, am, response_ids[sl], temperature, with_entropy=True)
-            for k in out:
-                policy[k].append(out[k])
+        out = actor.policy_forward(ids, am, response_ids[sl], temperature, with_entropy=True)
+        logprobs.append(out["logprobs"])
+        entropy.append(out["entropy"])
         trunk = actor.value_trunk(ids, am) if actor.value_skip else None
-        values.append(policy["values"][-1] if policy["values"] else actor.value_forward(ids, am, P, trunk=trunk))
+        values.append(out["values"] if "values" in out else actor.value_forward(ids, am, P, trunk=trunk))
         ref_logprobs.append(actor.reference_logprobs(ids, am, response_ids[sl], temperature, trunk=trunk))
         if trunk is not None:
             trunks.append(trunk)
-    if not from_sampling:
-        logprobs, entropy = torch.cat(policy["logprobs"]), torch.cat(policy["entropy"])
-    logprobs = logprobs[:, :width].masked_fill(mask == 0, 0.0)
-    entropy = entropy[:, :width].masked_fill(mask == 0, 0.0)
     t2 = time.perf_counter()
     responses = decode_responses(tokenizer, response_ids)
     trunk = torch.cat(trunks) if trunks else None
@@ -249,8 +228,8 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
     return Rollout(
         prompts=prompts, responses=responses, input_ids=input_ids, attention_mask=attention_mask,
         response_ids=response_ids, response_mask=mask.float(), has_eos=has_eos,
-        logprobs=logprobs, ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float(),
-        entropy=entropy, raw_scores=raw, value_trunk=trunk,
+        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float(),
+        entropy=torch.cat(entropy), raw_scores=raw, value_trunk=trunk,
     )
 
 

@@ -91,8 +91,7 @@ class PPOTrainer:
         self.actor.peft.eval()
         rollout = collect_rollout(self.actor, self.tokenizer, self.scorer, prompts, temperature=cfg.temperature,
                                   generate_kwargs=self.generate_kwargs, max_prompt_length=cfg.max_prompt_length,
-                                  chunk=cfg.per_device_eval_batch_size, timings=timings,
-                                  logprobs_from=cfg.rollout_logprobs)
+                                  chunk=cfg.per_device_eval_batch_size, timings=timings)
         bad = (~torch.isfinite(rollout.raw_scores)).sum().item()
         if bad:
             self._stop(f"the reward scorer returned NaN/inf for {bad} of {rollout.size} responses")
