@@ -16,8 +16,8 @@ Subcommands::
     python bench/ppo_bench.py trl [--steps 4]      # one run of TRL's PPO (run with the TRL venv's python)
     python bench/ppo_bench.py compare --repeats 2  # all of the above, runs interleaved, one process each
                                                    # (--variants ours,trl,ours-rm-all,ours-micro2,ours-shared)
-    python bench/ppo_bench.py alignment            # does PPO align? demo pipeline (+ bench/alignment.yaml)
-                                                   # judged by the rule itself
+    python bench/ppo_bench.py alignment            # does PPO align? demo pipeline judged by the rule itself
+                                                   # (--overlay bench/alignment.yaml: larger RM/PPO budget)
 
 Every run is a fresh process, so ``peak_rss_mb`` (``ru_maxrss``) is that run's own peak.
 ``rollouts_per_s`` = rollouts / seconds of the training loop (model loading excluded on both sides).
@@ -318,11 +318,30 @@ def cmd_compare(args) -> dict:
     return result
 
 
+def rm_accuracy_by_cause(work: Path) -> dict:
+    """Held-out RM accuracy split by what decides each pair under the rule: the full stop (one answer ends
+    with ".", the other not) or only the length (both or neither end with ".")."""
+    from reward import RewardScorer
+
+    rows = [json.loads(line) for line in (work / "prefs.test.jsonl").read_text().splitlines()]
+    scorer = RewardScorer.from_pretrained(str(work / "reward"), device="cpu")
+    chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    stop = lambda text: text.rstrip().endswith(".")  # noqa: E731
+    out: dict[str, dict] = {}
+    for r, c, j in zip(rows, chosen, rejected):
+        cause = "full_stop" if stop(r["chosen"]) != stop(r["rejected"]) else "length_only"
+        d = out.setdefault(cause, {"pairs": 0, "correct": 0})
+        d["pairs"] += 1
+        d["correct"] += int(c > j)
+    return {k: {**v, "accuracy": v["correct"] / v["pairs"]} for k, v in out.items()}
+
+
 def cmd_alignment(args) -> dict:
     """Does PPO align? The demo pipeline on the embedded model, judged by the labelling rule itself.
 
-    ``rlhf pipeline`` with ``args.config`` (default configs/demo.yaml) changed by ``args.overlay`` (default
-    bench/alignment.yaml: a larger RM and PPO budget than the 20-minute demo): simulated labelers vote by the
+    ``rlhf pipeline`` with ``args.config`` (default configs/demo.yaml), optionally changed by ``args.overlay``
+    (bench/alignment.yaml: a larger RM and PPO budget than the 20-minute demo): simulated labelers vote by the
     rule through the real app, an RM trains on those votes, PPO optimises against the RM, and the
     pipeline's eval compares aligned vs SFT greedy answers on the held-out prompts under the RM and
     under the rule. A second eval of the same two adapters samples 3 answers per prompt at the PPO
@@ -363,6 +382,7 @@ def cmd_alignment(args) -> dict:
     result = {
         "what": "alignment", "config": args.config, "overlay": args.overlay, "work": str(work), "pipeline_s": round(pipeline_s, 1),
         "stages": summary["stages"], "rm_heldout_accuracy": summary["rm_heldout_accuracy"],
+        "rm_accuracy_by_cause": rm_accuracy_by_cause(work),
         "ppo_steps": len(steps),
         "ppo_curve": [{k: r.get(k) for k in ("step", "score/raw_mean", "reward/mean", "kl/k1", "kl/k3",
                                               "response/length_mean", "response/missing_eos_frac")} for r in steps],
@@ -379,8 +399,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("alignment", help="the demo pipeline, judged by the labelling rule (see cmd_alignment)")
     p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--overlay", default="bench/alignment.yaml",
-                   help="keys changed for the benchmark (none: '')")
+    p.add_argument("--overlay", default="",
+                   help="a YAML of keys changed from --config, e.g. bench/alignment.yaml (larger RM and PPO budget)")
     p.add_argument("--work", default="outputs/bench_alignment")
     for name in ("peak", "setup", "install-trl", "ours", "trl", "compare"):
         p = sub.add_parser(name)
