@@ -322,15 +322,16 @@ def rm_accuracy_by_cause(work: Path) -> dict:
     """Held-out RM accuracy split by what decides each pair under the rule: the full stop (one answer ends
     with ".", the other not) or only the length (both or neither end with ".")."""
     from reward import RewardScorer
+    from reward.rules import ends_with_full_stop
 
     rows = [json.loads(line) for line in (work / "prefs.test.jsonl").read_text().splitlines()]
     scorer = RewardScorer.from_pretrained(str(work / "reward"), device="cpu")
     chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
-    stop = lambda text: text.rstrip().endswith(".")  # noqa: E731
     out: dict[str, dict] = {}
     for r, c, j in zip(rows, chosen, rejected):
-        cause = "full_stop" if stop(r["chosen"]) != stop(r["rejected"]) else "length_only"
+        decided_by_stop = ends_with_full_stop(r["chosen"]) != ends_with_full_stop(r["rejected"])
+        cause = "full_stop" if decided_by_stop else "length_only"
         d = out.setdefault(cause, {"pairs": 0, "correct": 0})
         d["pairs"] += 1
         d["correct"] += int(c > j)

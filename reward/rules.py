@@ -25,13 +25,18 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+def ends_with_full_stop(response: str) -> bool:
+    """The rule's second half: the right-stripped response ends with "."."""
+    return response.rstrip().endswith(".")
+
+
 def rule_score(prompt: Any, response: str, target_words: int = TARGET_WORDS) -> float:
     """``0.5 * closeness(words) + 0.5 * ends_with_full_stop``, in [0, 1] (see module docstring)."""
     words = word_count(response)
     if words == 0:
         return 0.0
     closeness = max(0.0, 1.0 - abs(words - target_words) / target_words)
-    full_stop = 1.0 if response.rstrip().endswith(".") else 0.0
+    full_stop = 1.0 if ends_with_full_stop(response) else 0.0
     return 0.5 * closeness + 0.5 * full_stop
 
 
