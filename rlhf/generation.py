@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.data import to_messages
+from rlhf.models import packed_linears
 from rlhf.ppo.losses import logprobs_from_logits
 
 
@@ -68,13 +69,14 @@ def sample_batch(model, tokenizer, prompts: list[Any], settings: SamplingSetting
     """
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
-    out = model.generate(
-        **enc,
-        **settings.generate_kwargs(),
-        num_return_sequences=num_return_sequences,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    with packed_linears(model):
+        out = model.generate(
+            **enc,
+            **settings.generate_kwargs(),
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     width = enc["input_ids"].shape[1]
     prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, dim=0)
     prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, dim=0)

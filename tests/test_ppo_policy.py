@@ -210,3 +210,34 @@ def test_merged_adapter_leaves_tied_weights_alone():
             assert torch.equal(peft.get_input_embeddings().weight, embeddings)   # nothing folded
             inside = peft(input_ids=ids).logits
     assert torch.allclose(inside, expected, atol=1e-6)
+
+
+def test_packed_linears_compute_like_linear_and_are_undone():
+    """Sampling's prepacked fp32 linears: same logits (float rounding), grads fall back to F.linear, all undone after."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import _packed_linear_ops, packed_linears
+
+    if _packed_linear_ops() is None:
+        pytest.skip("this torch build has no oneDNN prepacked linear: packed_linears does nothing")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    hooked = model.model.layers[0].mlp.down_proj
+    hooked.forward = lambda x: torch.zeros(*x.shape[:-1], 16)        # someone else's instance forward
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ptrs = [m.weight.data_ptr() for m in linears]
+    ids = torch.tensor([[3, 7, 11, 13], [5, 1, 2, 9]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    expected_grad = torch.autograd.grad(model(input_ids=ids).logits.square().sum(), model.lm_head.weight)[0]
+    with packed_linears(model):
+        assert all("forward" in m.__dict__ for m in linears)
+        assert hooked.forward(torch.ones(1, 32)).abs().sum() == 0                 # left alone
+        with torch.no_grad():
+            inside = model(input_ids=ids).logits
+        grad = torch.autograd.grad(model(input_ids=ids).logits.square().sum(), model.lm_head.weight)[0]
+    assert (inside - expected).abs().max() < 1e-4 and not torch.equal(inside, torch.zeros_like(inside))
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
+    assert [m.weight.data_ptr() for m in linears] == ptrs
+    assert all("forward" not in m.__dict__ for m in linears if m is not hooked) and "forward" in hooked.__dict__

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import UserError
-from rlhf.models import block_range, merged_adapter, untouched_blocks
+from rlhf.models import block_range, merged_adapter, packed_linears, untouched_blocks
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
@@ -248,7 +248,8 @@ class ActorCritic:
         Log-probs are recomputed afterwards with the adapter unmerged, so merging changes sampling
         only by floating-point rounding and never the PPO ratios.
         """
-        with self.use(POLICY), (merged_adapter(self.peft, POLICY) if self.merge_for_generation else nullcontext()):
+        merged = merged_adapter(self.peft, POLICY) if self.merge_for_generation else nullcontext()
+        with self.use(POLICY), merged, packed_linears(self.peft):
             out = self.peft.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, **generate_kwargs,
                 pad_token_id=pad_token_id, eos_token_id=eos_token_id,
