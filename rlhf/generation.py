@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.data import to_messages
-from rlhf.models import packed_linears
+from rlhf.models import sampling_weights
 from rlhf.ppo.losses import logprobs_from_logits
 
 
@@ -69,7 +69,7 @@ def sample_batch(model, tokenizer, prompts: list[Any], settings: SamplingSetting
     """
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
-    with packed_linears(model):
+    with sampling_weights(model):
         out = model.generate(
             **enc,
             **settings.generate_kwargs(),

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -291,33 +291,59 @@ _PACKED_OPS: tuple | None = None
 
 
 @contextmanager
-def packed_linears(model: nn.Module):
-    """Run the body with every fp32 CPU ``nn.Linear`` computing from a prepacked (oneDNN) copy of its weight.
+def sampling_weights(model: nn.Module, fold_adapter: str | None = None):
+    """Run the body (inference only) with the fastest weights for token-by-token sampling.
 
-    For token-by-token sampling: the packed layout makes this machine's small-batch fp32 matmuls
-    1.3-1.7x faster than ``F.linear`` (bench/RESULTS.md). The copies are taken on entry (after any
-    :func:`merged_adapter` folding), cost one extra copy of the weights while the body runs, and
-    give ``F.linear``'s outputs up to float rounding (~1e-5). A layer called with grad enabled falls
-    back to ``F.linear`` (the packed op has no backward). Does nothing without the op or off CPU.
+    On CPU with fp32 weights, every ``nn.Linear`` computes from a oneDNN-prepacked copy of its
+    weight: this machine's small-batch fp32 matmuls run 1.3-1.7x faster than with ``F.linear``
+    (bench/RESULTS.md); outputs equal ``F.linear``'s up to float rounding (~1e-5). ``fold_adapter``
+    (a LoRA adapter of a PEFT model) is folded into those copies (``W + delta_W``, one matmul per
+    layer) and every adapter is disabled inside. The copies cost one extra copy of the weights
+    while the body runs and are dropped afterwards; the model's own tensors are never changed.
+    Without the packed op (GPU, other dtypes, other torch builds) folding falls back to
+    :func:`merged_adapter`. A packed layer called with grad enabled raises.
     """
     ops = _packed_linear_ops()
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)
-              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-              and "forward" not in m.__dict__] if ops else []   # (an instance forward: someone's hook, left alone)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)
+               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+               and "forward" not in m.__dict__] if ops else []   # (an instance forward: someone's hook, left alone)
+    folded = {}
+    if fold_adapter is not None:
+        from peft.tuners.lora import LoraLayer
+
+        folded = {id(m.get_base_layer()): m for m in model.modules()
+                  if isinstance(m, LoraLayer) and fold_adapter in m.lora_A}
+    packable = {id(m) for m in linears}
+    if not linears or any(key not in packable for key in folded):    # dense fold (e.g. LoRA on an embedding)
+        with merged_adapter(model, fold_adapter) if folded else nullcontext(), _packed(linears, {}, ops):
+            yield
+        return
+    with _packed(linears, {k: (lora, fold_adapter) for k, lora in folded.items()}, ops), \
+            model.disable_adapter() if folded else nullcontext():
+        yield
+
+
+@contextmanager
+def _packed(linears: list[nn.Linear], folds: dict, ops):
+    """``linears`` compute from packed copies of ``weight`` (+ the LoRA delta ``folds[id(layer)]`` names)."""
+
+    def packed_forward(packed, bias, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("sampling_weights is for inference: call the model under torch.no_grad()")
+        return linear(x, packed, bias, "none", [], "")
+
     pack, linear = ops if ops else (None, None)
-
-    def packed_forward(module, packed, x):
-        if torch.is_grad_enabled() or x.dtype != torch.float32:
-            return nn.functional.linear(x, module.weight, module.bias)
-        return linear(x, packed, module.bias, "none", [], "")
-
     try:
         with torch.no_grad():
-            for module in layers:
-                module.forward = functools.partial(packed_forward, module, pack(module.weight.detach()))
+            for module in linears:
+                weight = module.weight.detach()
+                if id(module) in folds:
+                    lora, name = folds[id(module)]
+                    weight = weight + lora.get_delta_weight(name).to(weight.dtype)
+                module.forward = functools.partial(packed_forward, pack(weight), module.bias)
         yield
     finally:
-        for module in layers:
+        for module in linears:
             module.__dict__.pop("forward", None)
 
 

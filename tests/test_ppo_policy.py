@@ -212,14 +212,14 @@ def test_merged_adapter_leaves_tied_weights_alone():
     assert torch.allclose(inside, expected, atol=1e-6)
 
 
-def test_packed_linears_compute_like_linear_and_are_undone():
-    """Sampling's prepacked fp32 linears: same logits (float rounding), grads fall back to F.linear, all undone after."""
+def test_sampling_weights_compute_like_the_model_and_are_undone():
+    """Sampling's prepacked fp32 linears: same logits (float rounding), grad refused, all undone after."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import _packed_linear_ops, packed_linears
+    from rlhf.models import _packed_linear_ops, sampling_weights
 
     if _packed_linear_ops() is None:
-        pytest.skip("this torch build has no oneDNN prepacked linear: packed_linears does nothing")
+        pytest.skip("this torch build has no oneDNN prepacked linear: sampling_weights only folds")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1))
@@ -230,14 +230,48 @@ def test_packed_linears_compute_like_linear_and_are_undone():
     ids = torch.tensor([[3, 7, 11, 13], [5, 1, 2, 9]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    expected_grad = torch.autograd.grad(model(input_ids=ids).logits.square().sum(), model.lm_head.weight)[0]
-    with packed_linears(model):
+    with sampling_weights(model):
         assert all("forward" in m.__dict__ for m in linears)
         assert hooked.forward(torch.ones(1, 32)).abs().sum() == 0                 # left alone
         with torch.no_grad():
             inside = model(input_ids=ids).logits
-        grad = torch.autograd.grad(model(input_ids=ids).logits.square().sum(), model.lm_head.weight)[0]
-    assert (inside - expected).abs().max() < 1e-4 and not torch.equal(inside, torch.zeros_like(inside))
-    assert torch.allclose(grad, expected_grad, atol=1e-5)
+        with pytest.raises(RuntimeError, match="no_grad"):
+            model(input_ids=ids)
+    assert (inside - expected).abs().max() < 1e-4 and inside.abs().max() > 1e-3
     assert [m.weight.data_ptr() for m in linears] == ptrs
     assert all("forward" not in m.__dict__ for m in linears if m is not hooked) and "forward" in hooked.__dict__
+
+
+@pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "lm_head"]])
+def test_sampling_weights_fold_the_policy_without_touching_the_base(targets):
+    """Folding the policy LoRA into the packed copies: adapter logits, no dense copy of the base, tied LM head too."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import _packed_linear_ops, sampling_weights
+
+    if _packed_linear_ops() is None:
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    peft = get_peft_model(model, lora_config(2, 4, 0.0, targets), adapter_name=POLICY)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if f".{POLICY}." in name:
+                p.normal_(0, 0.5)
+    base = {n: (p.data_ptr(), p.detach().clone()) for n, p in peft.named_parameters() if "lora_" not in n}
+    ids = torch.tensor([[3, 7, 11, 13], [5, 1, 2, 9]])
+    with torch.no_grad():
+        expected = peft(input_ids=ids).logits
+        with peft.disable_adapter():
+            bare = peft(input_ids=ids).logits
+        with sampling_weights(peft, POLICY):
+            inside = peft(input_ids=ids).logits
+            for n, p in peft.named_parameters():
+                if "lora_" not in n:
+                    assert p.data_ptr() == base[n][0] and torch.equal(p, base[n][1]), n   # nothing merged in place
+    assert (inside - expected).abs().max() < 1e-4
+    assert (expected - bare).abs().max() > 1e-2                         # the adapter matters
+    with torch.no_grad():
+        assert torch.equal(peft(input_ids=ids).logits, expected)        # adapters back on afterwards

@@ -28,14 +28,14 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlhf.errors import UserError
-from rlhf.models import block_range, merged_adapter, packed_linears, untouched_blocks
+from rlhf.models import block_range, sampling_weights, untouched_blocks
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
@@ -248,8 +248,7 @@ class ActorCritic:
         Log-probs are recomputed afterwards with the adapter unmerged, so merging changes sampling
         only by floating-point rounding and never the PPO ratios.
         """
-        merged = merged_adapter(self.peft, POLICY) if self.merge_for_generation else nullcontext()
-        with self.use(POLICY), merged, packed_linears(self.peft):
+        with self.use(POLICY), sampling_weights(self.peft, POLICY if self.merge_for_generation else None):
             out = self.peft.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, **generate_kwargs,
                 pad_token_id=pad_token_id, eos_token_id=eos_token_id,
