@@ -10,6 +10,7 @@ Two measurements, each side run ``repeats`` times, interleaved:
   both sides decode the same number of steps) for ``batch`` prompts at temperature 0.7, plain vs
   inside ``sampling_weights`` (packing included in the time), plus whether greedy decoding gives the
   same tokens. The time is per decoding step (wall time / new_tokens).
+* ``profile``: the share of self CPU time of the top operators in one prepacked ``generate``.
 
 Prints one JSON object; results go to bench/RESULTS.md by hand, with the command.
 """
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import profile
 
 from rlhf.generation import encode_prompts
 from rlhf.models import _packed_linear_ops, load_base_model, load_tokenizer, resolve_model_path, sampling_weights
@@ -87,6 +89,11 @@ def main() -> None:
             res["pack_ms"].append(timed(lambda: [pack(m.weight) for m in linears]) * 1e3)
             for name, fn in (("plain", sample_plain), ("packed", sample_packed)):
                 res[f"generate_{name}_ms_per_step"].append(timed(fn) * 1e3 / args.new_tokens)
+        with sampling_weights(model), profile() as prof:
+            sample_plain()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     best = {k: round(min(v), 1) for k, v in res.items()}
     result = {
         "what": "sampling", "batch": args.batch, "new_tokens": args.new_tokens, "threads": args.threads,
@@ -94,6 +101,7 @@ def main() -> None:
         "linears_speedup": round(best["linears_plain_ms"] / best["linears_packed_ms"], 2),
         "generate_speedup": round(best["generate_plain_ms_per_step"] / best["generate_packed_ms_per_step"], 2),
         "greedy_tokens_equal": bool(torch.equal(plain_greedy, packed_greedy)),
+        "profile_packed_generate_self_cpu_share": {e.key: round(e.self_cpu_time_total / total, 3) for e in top},
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
