@@ -313,6 +313,8 @@ def sampling_weights(model: nn.Module, fold_adapter: str | None = None):
 
         folded = {id(m.get_base_layer()): m for m in model.modules()
                   if isinstance(m, LoraLayer) and fold_adapter in m.lora_A}
+        if any(m.use_dora.get(fold_adapter) for m in folded.values()):
+            folded = {}          # DoRA rescales W + delta_W by column norms: not a plain fold, so sample unfolded
     packable = {id(m) for m in linears}
     if not linears or any(key not in packable for key in folded):    # dense fold (e.g. LoRA on an embedding)
         with merged_adapter(model, fold_adapter) if folded else nullcontext(), _packed(linears, {}, ops):

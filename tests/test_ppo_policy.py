@@ -275,3 +275,26 @@ def test_sampling_weights_fold_the_policy_without_touching_the_base(targets):
     assert (expected - bare).abs().max() > 1e-2                         # the adapter matters
     with torch.no_grad():
         assert torch.equal(peft(input_ids=ids).logits, expected)        # adapters back on afterwards
+
+
+def test_sampling_weights_do_not_fold_dora():
+    """A DoRA adapter is not a plain W + delta_W: sampling keeps it unfolded and still matches the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import sampling_weights
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+                          adapter_name=POLICY)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+        ids = torch.tensor([[3, 7, 11, 13], [5, 1, 2, 9]])
+        expected = peft(input_ids=ids).logits
+        with sampling_weights(peft, POLICY):
+            inside = peft(input_ids=ids).logits
+    assert (inside - expected).abs().max() < 1e-4
