@@ -165,14 +165,17 @@ def test_merged_policy_generates_like_the_adapter_and_restores_the_base(tiny_mod
     ids = torch.tensor([[0, 0, 5, 6, 7], [3, 7, 11, 13, 17]])
     mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
     kwargs = {"do_sample": False, "max_new_tokens": 6}
-    actor.merge_for_generation = False
-    plain = actor.generate(ids, mask, kwargs, 0, None)
+    with torch.no_grad(), actor.use(POLICY):                # the reference: HF generate on the adapter as it is
+        plain = actor.peft.generate(input_ids=ids, attention_mask=mask, **kwargs, pad_token_id=0)[:, 5:]
+    actor.restore_grad_flags()
     with torch.no_grad(), actor.use(POLICY):
         adapter_logits = actor.peft(input_ids=ids, attention_mask=mask).logits
         with merged_adapter(actor.peft, POLICY):
             merged_logits = actor.peft(input_ids=ids, attention_mask=mask).logits
         with actor.peft.disable_adapter():
             bare_logits = actor.peft(input_ids=ids, attention_mask=mask).logits
+    actor.merge_for_generation = False
+    assert torch.equal(plain, actor.generate(ids, mask, kwargs, 0, None))
     actor.merge_for_generation = True
     merged = actor.generate(ids, mask, kwargs, 0, None)
     assert torch.equal(plain, merged)
@@ -277,8 +280,14 @@ def test_sampling_weights_fold_the_policy_without_touching_the_base(targets):
         assert torch.equal(peft(input_ids=ids).logits, expected)        # adapters back on afterwards
 
 
-def test_sampling_weights_do_not_fold_dora():
-    """A DoRA adapter is not a plain W + delta_W: sampling keeps it unfolded and still matches the adapter."""
+@pytest.mark.parametrize("extra", [
+    {"use_dora": True},                                   # rescales W + delta_W by column norms
+    {"lora_bias": True},                                  # a bias of its own
+    {"target_modules": ["q_proj", "embed_tokens"]},       # LoRA on an embedding
+    {"modules_to_save": ["lm_head"]},                     # a trained copy of a module
+])
+def test_sampling_weights_leave_adapters_that_are_not_a_plain_fold_on(extra):
+    """Adapters that are not a plain W + delta_W on linears are sampled unfolded and still match the adapter."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -287,14 +296,46 @@ def test_sampling_weights_do_not_fold_dora():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1))
-    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True),
-                          adapter_name=POLICY)
+    settings = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], **extra}
+    peft = get_peft_model(model, LoraConfig(**settings), adapter_name=POLICY)
     with torch.no_grad():
         for name, p in peft.named_parameters():
-            if "lora_" in name:
+            if p.requires_grad:
                 p.normal_(0, 0.5)
         ids = torch.tensor([[3, 7, 11, 13], [5, 1, 2, 9]])
         expected = peft(input_ids=ids).logits
+        with peft.disable_adapter():
+            bare = peft(input_ids=ids).logits
         with sampling_weights(peft, POLICY):
             inside = peft(input_ids=ids).logits
+    assert (expected - bare).abs().max() > 1e-2
     assert (inside - expected).abs().max() < 1e-4
+
+
+def test_sampling_weights_do_not_nest_and_are_undone_after_an_error():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import _packed_linear_ops, sampling_weights
+
+    if _packed_linear_ops() is None:
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="in the body"):
+        with sampling_weights(model):
+            with pytest.raises(RuntimeError, match="does not nest"):
+                with sampling_weights(model):
+                    pass
+            raise ValueError("in the body")
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_packed_op_probe_leaves_the_global_rng_alone():
+    import rlhf.models as models
+
+    models._PACKED_OPS = None                            # probe again
+    torch.manual_seed(123)
+    models._packed_linear_ops()
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
