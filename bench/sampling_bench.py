@@ -2,7 +2,8 @@
 
     python bench/sampling_bench.py [--batch 8] [--new_tokens 48] [--repeats 3] [--out FILE]
 
-Two measurements, each side run ``repeats`` times, interleaved:
+On the bare base model (no adapter; PPO's folding of the policy LoRA into the copies is measured by
+``bench/ppo_bench.py compare``). Each side is run ``repeats`` times, interleaved:
 
 * ``linears``: one pass over every linear layer of the model with ``batch`` rows (what a decoding
   step's matmuls cost), ``F.linear`` vs the oneDNN-prepacked copies ``sampling_weights`` uses.
