@@ -243,10 +243,11 @@ class ActorCritic:
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, generate_kwargs: dict, pad_token_id: int,
                  eos_token_id) -> Tensor:
-        """Sample responses (B, R) from the policy with the KV cache (policy LoRA merged when ``merge_for_generation``).
+        """Sample responses (B, R) from the policy with the KV cache, on :func:`rlhf.models.sampling_weights`
+        (prepacked weights on CPU; the policy LoRA folded in when ``merge_for_generation``).
 
-        Log-probs are recomputed afterwards with the adapter unmerged, so merging changes sampling
-        only by floating-point rounding and never the PPO ratios.
+        Log-probs are recomputed afterwards with the adapter unmerged and unpacked, so these changes
+        alter sampling only by floating-point rounding and never the PPO ratios.
         """
         with self.use(POLICY), sampling_weights(self.peft, POLICY if self.merge_for_generation else None):
             out = self.peft.generate(
