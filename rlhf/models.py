@@ -309,10 +309,10 @@ def _foldable_lora(model: nn.Module, adapter: str) -> dict | None:
     return {id(m.get_base_layer()): m for m in layers} if plain else None
 
 
-def _packed_forward(packed, bias, x):
+def _packed_forward(linear, packed, bias, x):
     if torch.is_grad_enabled():
         raise RuntimeError("sampling_weights is for inference: call the model under torch.no_grad()")
-    return _packed_linear_ops()[1](x, packed, bias, "none", [], "")
+    return linear(x, packed, bias, "none", [], "")
 
 
 @contextmanager
@@ -358,7 +358,7 @@ def _packed(linears: list[nn.Linear], folds: dict, ops):
                 if id(module) in folds:
                     lora, name = folds[id(module)]
                     weight = weight + lora.get_delta_weight(name).to(weight.dtype)
-                module.forward = functools.partial(_packed_forward, ops[0](weight), module.bias)
+                module.forward = functools.partial(_packed_forward, ops[1], ops[0](weight), module.bias)
         yield
     finally:
         for module in linears:
@@ -373,12 +373,14 @@ def merged_adapter(peft_model, adapter: str):
     matmul (no per-layer LoRA calls: faster token-by-token sampling); afterwards the original weight
     tensors are put back untouched (same storage, same values). Costs one copy of the adapted
     weights while the body runs. For inference only. When an adapted weight is shared by another
-    module (tied input/output embeddings), folding would change that module too: the body then runs
-    with the adapter unmerged, as the caller left it.
+    module (tied input/output embeddings), or the adapter is not a plain ``W + delta_W`` on linear
+    layers (:func:`_foldable_lora`), folding would change the outputs: the body then runs with the
+    adapter unmerged, as the caller left it.
     """
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+    layers = list((_foldable_lora(peft_model, adapter) or {}).values())
+    if not layers:
+        yield
+        return
     owners: dict[int, int] = {}
     for module in peft_model.modules():
         for param in module.parameters(recurse=False):

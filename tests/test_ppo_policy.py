@@ -291,7 +291,7 @@ def test_sampling_weights_leave_adapters_that_are_not_a_plain_fold_on(extra):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import sampling_weights
+    from rlhf.models import merged_adapter, sampling_weights
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -308,8 +308,11 @@ def test_sampling_weights_leave_adapters_that_are_not_a_plain_fold_on(extra):
             bare = peft(input_ids=ids).logits
         with sampling_weights(peft, POLICY):
             inside = peft(input_ids=ids).logits
+        with merged_adapter(peft, POLICY):                # the dense fold (GPU, other dtypes) leaves them on too
+            dense = peft(input_ids=ids).logits
     assert (expected - bare).abs().max() > 1e-2
     assert (inside - expected).abs().max() < 1e-4
+    assert (dense - expected).abs().max() < 1e-4
 
 
 def test_sampling_weights_do_not_nest_and_are_undone_after_an_error():
