@@ -369,6 +369,7 @@ def cmd_alignment(args) -> dict:
                         "--reward_model", str(work / "reward"), "--rule", cfg.get("rule", "rule_score"),
                         "--dataset_name", cfg.get("eval", {}).get("dataset_name", "sample:prompts_test"),
                         "--max_new_tokens", str(cfg.get("eval", {}).get("max_new_tokens", 48)),
+                        "--batch_size", str(cfg.get("eval", {}).get("batch_size", 8)),
                         "--do_sample", "true", "--temperature", temperature, "--samples_per_prompt", "3",
                         "--seed", str(cfg.get("seed", 42)), "--out_dir", str(sampled)], check=True)
     summary = json.loads((work / "summary.json").read_text())
