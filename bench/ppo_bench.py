@@ -363,15 +363,15 @@ def cmd_alignment(args) -> dict:
     subprocess.run([rlhf, "pipeline", "--config", str(work / "bench_config.yaml")], check=True)
     pipeline_s = time.perf_counter() - start
     sampled = work / "eval_sampled"
-    if not (sampled / "eval.json").is_file():
-        temperature = str(cfg.get("ppo", {}).get("temperature", 0.7))
-        subprocess.run([rlhf, "eval", "--policy", str(work / "ppo"), "--baseline", str(work / "sft"),
-                        "--reward_model", str(work / "reward"), "--rule", cfg.get("rule", "rule_score"),
-                        "--dataset_name", cfg.get("eval", {}).get("dataset_name", "sample:prompts_test"),
-                        "--max_new_tokens", str(cfg.get("eval", {}).get("max_new_tokens", 48)),
-                        "--batch_size", str(cfg.get("eval", {}).get("batch_size", 8)),
-                        "--do_sample", "true", "--temperature", temperature, "--samples_per_prompt", "3",
-                        "--seed", str(cfg.get("seed", 42)), "--out_dir", str(sampled)], check=True)
+    if not (sampled / "eval.json").is_file():  # the pipeline's own eval step, sampling at the PPO temperature
+        from rlhf.config import build_config, config_fields
+        from rlhf.pipeline import PipelineConfig, eval_step
+        from rlhf.ppo.config import PPOStageConfig
+
+        temperature = cfg.get("ppo", {}).get("temperature", config_fields(PPOStageConfig)["temperature"].default)
+        sampling = {"do_sample": True, "temperature": temperature, "samples_per_prompt": 3, "out_dir": str(sampled),
+                    "ppo_logs": None}
+        eval_step(build_config(PipelineConfig, {**cfg, "eval": {**cfg.get("eval", {}), **sampling}})).run()
     summary = json.loads((work / "summary.json").read_text())
     steps = [json.loads(line) for line in (work / "ppo" / "logs" / "metrics.jsonl").read_text().splitlines()]
 
