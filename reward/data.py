@@ -1,21 +1,9 @@
-"""Preference files -> :class:`~reward.pairs_format.PreferencePair` lists -> tokenised training tables."""
+"""Preference files -> :class:`~rlhf.pairs.PreferencePair` lists -> tokenised training tables."""
 
 from __future__ import annotations
 
 from reward.modeling import encode_for_reward
-from reward.pairs_format import LAYOUT_COLUMNS, PreferencePair, detect_layout, normalize_rows
-from rlhf.data import load_table
-
-_USED = ("prompt", "chosen", "rejected", "margin")
-
-
-def load_pairs(dataset_name: str) -> list[PreferencePair]:
-    """Every pair of a preference dataset in any supported layout (DataError naming missing/bad columns)."""
-    ds = load_table(dataset_name)
-    layout = detect_layout(ds.column_names, ds[0])
-    keep = [c for c in ds.column_names if c in _USED and (c in LAYOUT_COLUMNS[layout] or c == "margin")]
-    rows = ds.select_columns(keep).to_list()
-    return normalize_rows(rows, ds.column_names, source=f"dataset {dataset_name}")
+from rlhf.pairs import PreferencePair, load_pairs  # noqa: F401  (load_pairs: one loader for rlhf reward and dpo)
 
 
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> dict[str, list]:
