@@ -232,6 +232,19 @@ def test_entropy_known_distribution_and_neg_inf():
     close(L.entropy_from_logits(torch.tensor([[[0.0, -float("inf")]]])), [[0.0]])
 
 
+def test_entropy_gradient_by_hand():
+    # dH/dz_i = -p_i (z_i - sum_j p_j z_j). p = (0.5, 0.25, 0.25), z = log p:
+    # zbar = 0.5 ln .5 + 0.5 ln .25 = -1.03972; dH/dz = (-0.5 * 0.34657, 0.25 * 0.34657, 0.25 * 0.34657)
+    z = torch.tensor([[[0.5, 0.25, 0.25]]]).log().requires_grad_(True)
+    L.entropy_from_logits(z).sum().backward()
+    close(z.grad, [[[-0.173287, 0.086643, 0.086643]]], tol=1e-5)
+    # a -inf logit (probability 0) gets a zero, finite gradient and leaves the others' alone
+    z = torch.tensor([[[0.0, 0.0, -float("inf")]]], requires_grad=True)
+    L.entropy_from_logits(z).sum().backward()
+    assert torch.isfinite(z.grad).all()
+    close(z.grad, [[[0.0, 0.0, 0.0]]])   # uniform over the two finite entries: the maximum, gradient 0
+
+
 def test_logprobs_from_logits():
     logits = torch.tensor([[[0.5, 0.25, 0.25]]]).log() + 3.0   # shift must not matter
     close(L.logprobs_from_logits(logits, torch.tensor([[0]])), [[math.log(0.5)]])

@@ -175,7 +175,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     zmax = logits.detach().amax(dim=-1, keepdim=True)
     z = logits - torch.where(torch.isfinite(zmax), zmax, torch.zeros_like(zmax))
     p = torch.softmax(z, dim=-1)
-    pz = torch.where(p > 0, p * z, torch.zeros_like(p))
+    pz = p * torch.where(p > 0, z, torch.zeros_like(z))   # no 0 * -inf, in the value or its gradient
     return torch.logsumexp(z, dim=-1) - pz.sum(dim=-1)
 
 

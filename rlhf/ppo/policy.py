@@ -192,8 +192,8 @@ class ActorCritic:
         for s in range(0, h.shape[0], rows):
             logits = self.lm_head(h[s : s + rows]).float() / temperature   # (rows, R, V)
             logps.append(logprobs_from_logits(logits, response_ids[s : s + rows]))
-            if with_entropy:
-                entropies.append(entropy_from_logits(logits.detach()))
+            if with_entropy:  # differentiable under grad: the entropy bonus needs its gradient
+                entropies.append(entropy_from_logits(logits))
             del logits
         return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
 
