@@ -43,6 +43,10 @@ class EvalConfig(SamplingConfig):
     seed: int = field(0, "sampling seed (both policies use the same)")
     do_sample: bool = field(False, "sample (true) or greedy decoding (false)")
     samples_per_prompt: int = field(1, "responses per prompt and policy (> 1 needs do_sample: more comparisons)")
+    length_tolerance: float = field(
+        0.2, "length-controlled win rate: only pairs whose word counts differ by less than this fraction of the "
+        "longer answer, |a - b| / max(a, b) < tolerance (in (0, 1])"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,6 +56,7 @@ class EvalConfig(SamplingConfig):
         require(self.samples_per_prompt >= 1, "config key 'samples_per_prompt' must be >= 1")
         require(self.do_sample or self.samples_per_prompt == 1,
                 "config key 'samples_per_prompt' > 1 needs do_sample: true (greedy answers would repeat)")
+        require(0 < self.length_tolerance <= 1, "config key 'length_tolerance' must be in (0, 1]")
 
 
 # pure statistics
@@ -77,6 +82,54 @@ def win_rate(policy_scores: list[float], baseline_scores: list[float], z: float 
 
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+# length control: is a win only a longer (or shorter) answer?
+
+
+def word_count(text: str) -> int:
+    """Length of a response in whitespace-separated words (``len(text.split())``), the unit of every length here."""
+    return len(text.split())
+
+
+def length_gap(len_a: int, len_b: int) -> float:
+    """Relative length difference ``|a - b| / max(a, b)`` in [0, 1]; 0 when both are empty."""
+    longer = max(len_a, len_b)
+    return abs(len_a - len_b) / longer if longer else 0.0
+
+
+def length_matched(pairs: list[tuple[int, int]], tolerance: float) -> list[int]:
+    """Indices of the length pairs ``(len_a, len_b)`` with ``length_gap(len_a, len_b) < tolerance``."""
+    return [i for i, (a, b) in enumerate(pairs) if length_gap(a, b) < tolerance]
+
+
+def length_controlled(policy_texts: list[str], baseline_texts: list[str],
+                      scores: dict[str, tuple[list[float], list[float]]], tolerance: float) -> dict:
+    """Win rates restricted to the length-matched pairs, and the mean words of each side.
+
+    ``scores`` maps a judge name to (policy scores, baseline scores), paired with the texts. Each judge
+    gets ``win_rate`` of its matched pairs (Wilson interval and n included), or ``{"n": 0, "win_rate":
+    None}`` when no pair is matched. Mean words are given over all pairs and over the matched ones
+    (None when none is matched).
+    """
+    lengths = [(word_count(a), word_count(b)) for a, b in zip(policy_texts, baseline_texts, strict=True)]
+    keep = length_matched(lengths, tolerance)
+    out: dict = {
+        "unit": "words",
+        "tolerance": tolerance,
+        "n_pairs": len(lengths),
+        "n_matched": len(keep),
+        "policy_mean_words": mean([a for a, _ in lengths]),
+        "baseline_mean_words": mean([b for _, b in lengths]),
+        "matched_policy_mean_words": mean([lengths[i][0] for i in keep]) if keep else None,
+        "matched_baseline_mean_words": mean([lengths[i][1] for i in keep]) if keep else None,
+    }
+    for judge, (policy, baseline) in scores.items():
+        if keep:
+            out[judge] = win_rate([policy[i] for i in keep], [baseline[i] for i in keep])
+        else:
+            out[judge] = {"n": 0, "win_rate": None}
+    return out
 
 
 # model access
@@ -213,18 +266,22 @@ def run_eval(cfg: EvalConfig) -> dict:
         "response_words": {r: mean([len(t.split()) for t in texts[r]]) for r in texts},
     }
     plain = [prompt_text(p) for p in prompts]
+    judged: dict[str, tuple[list[float], list[float]]] = {}  # judge -> (policy scores, baseline scores)
     if cfg.reward_model:
         from reward import RewardScorer  # wiring: scoring lives in the reward package
 
         scorer = RewardScorer.from_pretrained(cfg.reward_model)
         scores = {r: scorer.score(prompts, texts[r]) for r in texts}
+        judged["reward_model"] = (scores["policy"], scores["baseline"])
         result["reward_model"] = win_rate(scores["policy"], scores["baseline"])
         result["reward_model"].update(policy_mean=mean(scores["policy"]), baseline_mean=mean(scores["baseline"]))
     if cfg.rule:
         rule = load_rule(cfg.rule)
         scores = {r: [rule(p, t) for p, t in zip(plain, texts[r])] for r in texts}
+        judged["rule"] = (scores["policy"], scores["baseline"])
         result["rule"] = win_rate(scores["policy"], scores["baseline"])
         result["rule"].update(name=cfg.rule, policy_mean=mean(scores["policy"]), baseline_mean=mean(scores["baseline"]))
+    result["length_controlled"] = length_controlled(texts["policy"], texts["baseline"], judged, cfg.length_tolerance)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot_results(result, out_dir, cfg.ppo_logs)
@@ -243,5 +300,28 @@ def print_summary(result: dict, show: int) -> None:
             print(f"win rate under {judge}: {r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
                   f"(n={r['n']}; mean policy {r['policy_mean']:.3f} vs baseline {r['baseline_mean']:.3f})", file=sys.stderr)
     print(f"KL(policy || baseline) per response: {result['kl_policy_to_baseline']:.3f}", file=sys.stderr)
+    if "length_controlled" in result:
+        print(format_length_controlled(result["length_controlled"]), file=sys.stderr)
     for s in result["samples"][:show]:
         print(f"\nPROMPT: {s['prompt']}\n  policy:   {s['policy']}\n  baseline: {s['baseline']}", file=sys.stderr)
+
+
+def format_length_controlled(lc: dict) -> str:
+    """The summary lines of ``length_controlled``'s result."""
+    matched = (f", {lc['matched_policy_mean_words']:.1f} vs {lc['matched_baseline_mean_words']:.1f} (matched)"
+               if lc["n_matched"] else "")
+    lines = [
+        f"length-controlled (pairs with |words_a - words_b| / max < {lc['tolerance']:g}): {lc['n_matched']} of "
+        f"{lc['n_pairs']} pairs; mean words policy {lc['policy_mean_words']:.1f} vs baseline "
+        f"{lc['baseline_mean_words']:.1f} (all pairs){matched}"
+    ]
+    for judge in ("reward_model", "rule"):
+        r = lc.get(judge)
+        if r is None:
+            continue
+        if not r["n"]:
+            lines.append(f"  length-matched win rate under {judge}: no pair within the tolerance")
+        else:
+            lines.append(f"  length-matched win rate under {judge}: {r['win_rate']:.3f} "
+                         f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] (n={r['n']})")
+    return "\n".join(lines)
