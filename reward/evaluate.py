@@ -6,7 +6,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from reward.losses import preference_metrics
 from reward.pairs_format import PreferencePair
 from rlhf.config import Literal, Optional, field, require
 from rlhf.outputs import write_json
@@ -48,6 +47,8 @@ def score_pairs(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> di
 
 def evaluate_pairs(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> dict:
     """:func:`reward.losses.preference_metrics` of ``scorer`` on ``pairs``."""
+    from reward.losses import preference_metrics
+
     s = score_pairs(scorer, pairs, batch_size)
     return preference_metrics(s["chosen"], s["rejected"], s["margins"], s["chosen_len"], s["rejected_len"])
 

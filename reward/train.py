@@ -23,13 +23,16 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reward.pairs_format import split_by_prompt
 from rlhf.config import Optional, TrainingConfig, field, require, save_config
 from rlhf.errors import DataError
 from rlhf.hf_trainer import Stopwatch, trainer_kwargs
 from rlhf.outputs import staged_output, write_json
-from rlhf.tracking import LoggerCallback, MetricsLogger
+
+if TYPE_CHECKING:  # the config below is imported by the CLI parser: transformers loads only when a run starts
+    from rlhf.tracking import MetricsLogger
 
 LENGTH_WARNING = 0.5  # |Pearson(reward, response tokens)| above this is reported as a warning sign
 
@@ -120,6 +123,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
     from reward.modeling import build_reward_model
     from reward.trainer import PairwiseRewardTrainer
     from rlhf.models import load_tokenizer, pick_device, pick_dtype
+    from rlhf.tracking import LoggerCallback
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     device = pick_device()
@@ -190,6 +194,7 @@ def run_reward(cfg: RewardStageConfig) -> dict:
     from reward.scorer import RewardScorer
     from rlhf.data import fingerprint
     from rlhf.models import count_parameters, resolve_model_path
+    from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()
     train_pairs, held_pairs = load_splits(cfg)

@@ -9,46 +9,58 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from rlhf.config import _Parser, add_config_arguments, config_from_namespace
 from rlhf.errors import UserError
 
-# name: (module, config class, run function, one-line help)
+# name: (config class, run function, one-line help), each as "module:attribute". Config classes live in
+# modules that import no heavy library, so building the parser (and `--help`) stays fast; the run
+# function's module (torch, transformers, ...) is imported only when the stage runs.
 STAGES = {
-    "sft": ("rlhf.sft", "SFTStageConfig", "run_sft", "supervised fine-tuning (LoRA, full, freeze, prompt/prefix tuning)"),
-    "generate": ("rlhf.generate", "GenerateConfig", "run_generate", "sample responses for a prompt file into JSONL"),
-    "reward": ("reward.train", "RewardStageConfig", "run_reward", "train a reward model on preference pairs"),
-    "ppo": ("rlhf.ppo.trainer", "PPOStageConfig", "run_ppo", "optimise the policy adapter against a reward model"),
-    "export": ("rlhf.export", "ExportConfig", "run_export", "export an adapter, a merged model or an interpolation"),
-    "eval": ("rlhf.evaluate", "EvalConfig", "run_eval", "win rate, reward and KL of a policy against a baseline"),
-    "pipeline": ("rlhf.pipeline", "PipelineConfig", "run_pipeline", "all stages end to end from one config"),
+    "sft": ("rlhf.sft:SFTStageConfig", "rlhf.sft:run_sft",
+            "supervised fine-tuning (LoRA, full, freeze, prompt/prefix tuning)"),
+    "generate": ("rlhf.generate:GenerateConfig", "rlhf.generate:run_generate",
+                 "sample responses for a prompt file into JSONL"),
+    "reward": ("reward.train:RewardStageConfig", "reward.train:run_reward", "train a reward model on preference pairs"),
+    "ppo": ("rlhf.ppo.config:PPOStageConfig", "rlhf.ppo.trainer:run_ppo",
+            "optimise the policy adapter against a reward model"),
+    "export": ("rlhf.export:ExportConfig", "rlhf.export:run_export",
+               "export an adapter, a merged model or an interpolation"),
+    "eval": ("rlhf.evaluate:EvalConfig", "rlhf.evaluate:run_eval",
+             "win rate, reward and KL of a policy against a baseline"),
+    "pipeline": ("rlhf.pipeline:PipelineConfig", "rlhf.pipeline:run_pipeline", "all stages end to end from one config"),
 }
-# extra subcommands nested under a stage: (stage, name) -> (module, config class, run function, help)
+# extra subcommands nested under a stage: (stage, name) -> (config class, run function, help)
 SUBSTAGES = {
     ("reward", "evaluate"): (
-        "reward.evaluate",
-        "RewardEvalConfig",
-        "run_reward_evaluate",
+        "reward.evaluate:RewardEvalConfig",
+        "reward.evaluate:run_reward_evaluate",
         "accuracy and margins of a reward model on a preference file",
     ),
 }
+HEAVY_MODULES = ("torch", "transformers", "trl", "peft", "gradio", "datasets")  # never imported to build the parser
 
 
-def _available(module: str) -> bool:
+def _resolve(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _available(ref: str) -> bool:
+    module = ref.partition(":")[0]
     try:
-        importlib.util.find_spec(module)
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
-    return importlib.util.find_spec(module) is not None
 
 
 def _stage_parser(subparsers, name: str, spec: tuple) -> argparse.ArgumentParser:
-    module, cls_name, run_name, help_text = spec
-    cls = getattr(importlib.import_module(module), cls_name)
+    config_ref, run_ref, help_text = spec
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
-    add_config_arguments(parser, cls)
-    parser.set_defaults(_stage=(module, cls_name, run_name))
+    add_config_arguments(parser, _resolve(config_ref))
+    parser.set_defaults(_stage=(config_ref, run_ref))
     return parser
 
 
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         if not _available(spec[0]):
             continue
         stage = _stage_parser(subparsers, name, spec)
-        nested = [f"rlhf {name} {sub}: {s[3]}" for (parent, sub), s in SUBSTAGES.items() if parent == name]
+        nested = [f"rlhf {name} {sub}: {s[2]}" for (parent, sub), s in SUBSTAGES.items() if parent == name]
         if nested:
             stage.epilog = "subcommands (see their --help): " + "; ".join(nested)
         if name == "generate" and _available("feedback_ui.commands"):
@@ -81,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()
             args = parser.parse_args(argv)
         if getattr(args, "_stage", None):
-            module, cls_name, run_name = args._stage
-            mod = importlib.import_module(module)
-            cfg = config_from_namespace(getattr(mod, cls_name), args)
-            getattr(mod, run_name)(cfg)
+            config_ref, run_ref = args._stage
+            cfg = config_from_namespace(_resolve(config_ref), args)
+            _resolve(run_ref)(cfg)
         elif getattr(args, "func", None):
             args.func(args)
         else:

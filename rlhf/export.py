@@ -14,14 +14,15 @@ import math
 import shutil
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.errors import UserError
 from rlhf.lineage import collect_lineage, model_card
-from rlhf.models import check_adapter, load_base_model, load_tokenizer, tokenizer_source
 from rlhf.outputs import staged_output, write_json
+
+if TYPE_CHECKING:  # the config below is imported by the CLI parser: torch loads only when an export runs
+    import torch
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -51,6 +52,8 @@ class ExportConfig:
 
 
 def adapter_config(folder: str | Path) -> dict:
+    from rlhf.models import check_adapter
+
     return json.loads((check_adapter(str(folder)) / "adapter_config.json").read_text())
 
 
@@ -70,6 +73,8 @@ def interpolate_lora(
     so that B @ A = sum_i c_i s_i B_i A_i with scale 1 (write lora_alpha = r).
     All adapters must wrap the same modules. Returns (state dict, total rank).
     """
+    import torch
+
     keys = [sorted(k for k in sd if ".lora_A." in k) for _, sd, _ in terms]
     if any(k != keys[0] for k in keys):
         raise UserError("adapters wrap different modules; interpolation can only be written merged")
@@ -113,7 +118,10 @@ def load_adapter_state(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def merged_model(base: str, adapter: str | None):
     """Base weights with ``adapter`` folded in (or the plain base)."""
+    import torch
     from peft import PeftModel
+
+    from rlhf.models import load_base_model
 
     model = load_base_model(base, dtype=torch.float32, device=torch.device("cpu"))
     if adapter:
@@ -146,6 +154,8 @@ def recorded_sft_adapter(adapter: str) -> str | None:
 
 def export_interpolation(cfg: ExportConfig, base: str, work: Path, tokenizer) -> str:
     """Write theta = (1 - alpha) theta_SFT + alpha theta_aligned into ``work``; returns the format used."""
+    import torch
+
     sft = cfg.sft_adapter if cfg.sft_adapter is not None else recorded_sft_adapter(cfg.adapter)
     aligned_cfg, aligned_state = adapter_config(cfg.adapter), load_adapter_state(cfg.adapter)
     terms = [(cfg.alpha, aligned_state, aligned_cfg)]
@@ -182,6 +192,8 @@ def export_interpolation(cfg: ExportConfig, base: str, work: Path, tokenizer) ->
 
 
 def run_export(cfg: ExportConfig) -> Path:
+    from rlhf.models import load_tokenizer, tokenizer_source
+
     acfg = adapter_config(cfg.adapter)
     base = cfg.model_name_or_path or acfg.get("base_model_name_or_path")
     if not base:

@@ -7,8 +7,6 @@ import sys
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.data import load_prompts, prompt_text
-from rlhf.generation import generate_responses
-from rlhf.models import load_model, load_tokenizer, pick_device, pick_dtype
 from rlhf.outputs import write_jsonl
 
 
@@ -61,6 +59,9 @@ class GenerateConfig(SamplingConfig):
 
 
 def run_generate(cfg: GenerateConfig) -> list[dict]:
+    from rlhf.generation import generate_responses
+    from rlhf.models import load_model, load_tokenizer, pick_device, pick_dtype
+
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     device = pick_device()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 from rlhf.config import TrainingConfig
-from rlhf.models import pick_device, pick_dtype
 
 
 def trainer_kwargs(cfg: TrainingConfig, output_dir: str, has_eval: bool, eval_steps: int | None = None) -> dict:
     """Keyword arguments common to TRL's ``SFTConfig`` and ``RewardConfig`` built from our config."""
+    from rlhf.models import pick_device, pick_dtype
+
     dtype = pick_dtype(cfg.precision, pick_device())
     eval_kwargs = {}
     if has_eval:

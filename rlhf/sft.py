@@ -6,18 +6,18 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
 from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.hf_trainer import Stopwatch, trainer_kwargs
-from rlhf.models import count_parameters, decoder_layers, load_base_model, load_tokenizer, lora_config, pick_device, pick_dtype
 from rlhf.outputs import staged_output, write_json
-from rlhf.reft import attach_reft, save_reft
-from rlhf.tracking import LoggerCallback, MetricsLogger
 
+if TYPE_CHECKING:  # the config above is imported by the CLI parser: torch & co. load only when a run starts
+    from torch import nn
+
+    from rlhf.tracking import MetricsLogger
 
 
 @dataclasses.dataclass
@@ -69,6 +69,8 @@ class SFTStageConfig(TrainingConfig):
 
 def freeze_lower_layers(model: nn.Module, n_trainable: int) -> None:
     """Train only the top ``n_trainable`` blocks, the final norm and the output head."""
+    from rlhf.models import decoder_layers
+
     prefix, layers = decoder_layers(model)
     if n_trainable > len(layers):
         raise ConfigError(f"config key 'freeze_trainable_layers' is {n_trainable} but the model has {len(layers)} blocks")
@@ -85,6 +87,8 @@ def peft_config_for(cfg: SFTStageConfig):
     """The PEFT config for adapter methods, None for full/freeze."""
     from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
 
+    from rlhf.models import lora_config
+
     if cfg.method == "lora":
         return lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     if cfg.method == "prompt_tuning":
@@ -98,6 +102,10 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
     """SFTTrainer for ``cfg`` writing into ``work_dir`` (data loaded and validated first)."""
     from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTConfig, SFTTrainer
+
+    from rlhf.models import decoder_layers, load_base_model, load_tokenizer, pick_device, pick_dtype
+    from rlhf.reft import attach_reft
+    from rlhf.tracking import LoggerCallback
 
     dataset = load_sft_dataset(cfg.dataset_name)
     eval_dataset = load_sft_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else None
@@ -150,6 +158,10 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
 def run_sft(cfg: SFTStageConfig) -> dict:
     """Train and write ``cfg.output_dir`` (adapter or model, tokenizer, run_config.yaml, metrics.json)."""
     import shutil
+
+    from rlhf.models import count_parameters
+    from rlhf.reft import save_reft
+    from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()
     with staged_output(cfg.output_dir) as work:
