@@ -8,6 +8,7 @@ rollouts.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,31 @@ def encode_prompts(tokenizer, prompts: list[Any], device: torch.device) -> dict[
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+@contextmanager
+def plain_generation_config(model):
+    """Generate with the settings the caller passes and nothing else.
+
+    ``generate`` fills every setting the call leaves unset from the model's own ``generation_config``
+    (a checkpoint may ship ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_length``, bad-word
+    lists, ...). Those reshape the sampling distribution, while PPO's log-probs (and the eval's KL) are
+    a plain softmax(logits / T). Inside this context the model's ``generation_config`` holds only its
+    special token ids; it is restored afterwards. ``model``: an HF model or a ``PeftModel``.
+    """
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    ids = {k: getattr(saved, k, None) for k in SPECIAL_TOKEN_KEYS}
+    target.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @torch.no_grad()
 def sample_batch(model, tokenizer, prompts: list[Any], settings: SamplingSettings, num_return_sequences: int = 1):
     """Generate for one batch. Returns (prompt_ids (B*K, P), prompt_mask (B*K, P), response_ids (B*K, R)).
@@ -69,7 +95,7 @@ def sample_batch(model, tokenizer, prompts: list[Any], settings: SamplingSetting
     """
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
-    with sampling_weights(model):
+    with sampling_weights(model), plain_generation_config(model):
         out = model.generate(
             **enc,
             **settings.generate_kwargs(),

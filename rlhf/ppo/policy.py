@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import UserError
+from rlhf.generation import plain_generation_config
 from rlhf.models import block_range, sampling_weights, untouched_blocks
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 
@@ -247,9 +248,12 @@ class ActorCritic:
         (prepacked weights on CPU; the policy LoRA folded in when ``merge_for_generation``).
 
         Log-probs are recomputed afterwards with the adapter unmerged and unpacked, so these changes
-        alter sampling only by floating-point rounding and never the PPO ratios.
+        alter sampling only by floating-point rounding and never the PPO ratios. Only the given
+        ``generate_kwargs`` apply (:func:`rlhf.generation.plain_generation_config`): a penalty in the
+        model's own generation config would sample from another distribution than the log-probs'.
         """
-        with self.use(POLICY), sampling_weights(self.peft, POLICY if self.merge_for_generation else None):
+        with self.use(POLICY), sampling_weights(self.peft, POLICY if self.merge_for_generation else None), \
+                plain_generation_config(self.peft):
             out = self.peft.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, **generate_kwargs,
                 pad_token_id=pad_token_id, eos_token_id=eos_token_id,

@@ -1,0 +1,66 @@
+"""Sampling uses only the settings the caller passes, not the penalties in a model's generation_config."""
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf.generation import SamplingSettings, encode_prompts, plain_generation_config, sample_batch
+from rlhf.models import load_tokenizer, lora_config
+from rlhf.ppo.policy import build_actor_critic
+
+PROMPTS = ["Name a colour.", "Count to three, please."]
+
+
+def _greedy_by_hand(model, ids, mask, steps):
+    """argmax of the model's own logits, one token at a time (no cache, no processors)."""
+    out = ids
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=out, attention_mask=mask, position_ids=pos).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        out, mask = torch.cat([out, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return out[:, ids.shape[1]:]
+
+
+def _penalised(model):
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.min_new_tokens = 6
+    return model
+
+
+def test_sample_batch_ignores_the_models_generation_penalties(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir, padding_side="left")
+    model = _penalised(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+    enc = encode_prompts(tok, PROMPTS, torch.device("cpu"))
+    with torch.no_grad():
+        expected = _greedy_by_hand(model, enc["input_ids"], enc["attention_mask"], 6)
+        # the model's own config changes what plain generate returns (the test would not see a leak otherwise)
+        leaked = model.generate(**enc, do_sample=False, max_new_tokens=6, eos_token_id=-1,
+                                pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    assert not torch.equal(leaked, expected)
+    model.generation_config.eos_token_id = None  # no early stop: compare all 6 tokens
+    _, _, got = sample_batch(model, tok, PROMPTS, SamplingSettings(max_new_tokens=6, do_sample=False))
+    assert torch.equal(got, expected)
+    assert model.generation_config.repetition_penalty == 50.0  # restored afterwards
+
+
+def test_rollout_sampling_ignores_the_models_generation_penalties(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir, padding_side="left")
+    base = _penalised(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    actor = build_actor_critic(base, sft_adapter=None, lora=lora_config(4, 8, 0.0, ["all-linear"]))
+    enc = encode_prompts(tok, PROMPTS, torch.device("cpu"))
+    with torch.no_grad(), actor.use("policy"):
+        expected = _greedy_by_hand(actor.peft, enc["input_ids"], enc["attention_mask"], 6)
+    got = actor.generate(enc["input_ids"], enc["attention_mask"], {"do_sample": False, "max_new_tokens": 6},
+                         pad_token_id=tok.pad_token_id, eos_token_id=-1)
+    assert torch.equal(got, expected)
+    assert base.generation_config.no_repeat_ngram_size == 1
+
+
+def test_plain_config_keeps_only_special_token_ids(tiny_model_dir):
+    model = _penalised(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    eos = model.generation_config.eos_token_id
+    with plain_generation_config(model):
+        cfg = model.generation_config
+        assert cfg.repetition_penalty is None and cfg.no_repeat_ngram_size is None and cfg.min_new_tokens is None
+        assert cfg.eos_token_id == eos
+    assert model.generation_config.min_new_tokens == 6
