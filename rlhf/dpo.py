@@ -1,0 +1,298 @@
+"""The DPO stage: ``rlhf dpo --config configs/dpo.yaml``, TRL's ``DPOTrainer`` on the preference files of ``rlhf reward``.
+
+Policy and reference live on one base model as two LoRA adapters of one ``PeftModel``:
+
+* ``default``  the trained policy. With ``sft_adapter`` it starts as the SFT LoRA itself (same config,
+               same weights), so the exported adapter alone applies to the original base model, as PPO's
+               does; without one it is a fresh LoRA (``lora_*`` keys).
+* ``ref``      the reference: with ``sft_adapter`` a frozen copy of the SFT LoRA that TRL makes before
+               training; without one TRL disables the adapter and the reference is ``model_name_or_path``
+               itself (then that should already be the SFT policy, e.g. a merged SFT model).
+
+Loss (``loss_type: sigmoid``, Rafailov et al. 2023), per pair with y_w chosen and y_l rejected:
+``-log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])``;
+log-probs are sums over the response tokens. The other ``loss_type`` values are TRL's variants.
+
+Output folder (written through ``staged_output``, so nothing appears if the run fails)::
+
+    output_dir/
+      adapter_config.json, adapter_model.safetensors   the policy LoRA (PEFT, base = the original base)
+      tokenizer files                                  the tokenizer it was trained with
+      run_config.yaml, metrics.json, logs/             resolved config, results, metrics.jsonl + TensorBoard
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
+from rlhf.errors import DataError, UserError
+from rlhf.outputs import staged_output, write_json
+
+# the loss types TRL 1.16's DPOTrainer implements (trl/trainer/dpo_trainer.py, _compute_loss)
+LOSS_TYPES = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
+POLICY, REFERENCE = "default", "ref"  # adapter names DPOTrainer uses for a PeftModel with a pretrained adapter
+# TRL's metric names (prefixed eval_ on held-out pairs) copied into metrics.json
+TRL_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+               "logps/rejected")
+
+
+@dataclasses.dataclass
+class DPOStageConfig(TrainingConfig):
+    """Options of ``rlhf dpo``."""
+
+    dataset_name: str = field(
+        "outputs/prefs.jsonl", "preference pairs: prompt/chosen/rejected, HH-style dialogues or message lists"
+    )
+    output_dir: str = field("outputs/dpo", "folder for the policy adapter, metrics.json, run_config.yaml, logs/")
+    learning_rate: float = field(5e-5, "peak learning rate")
+    sft_adapter: Optional[str] = field(
+        None, "LoRA SFT adapter: the policy starts from it and the reference is it, frozen (recommended)"
+    )
+    beta: float = field(0.1, "strength of the pull towards the reference (higher = stays closer)")
+    loss_type: LOSS_TYPES = field("sigmoid", "DPO loss (TRL DPOTrainer's loss_type; sigmoid = the DPO paper's)")
+    label_smoothing: float = field(0.0, "robust: probability a label is flipped, in [0, 0.5); exo_pair: epsilon > 0")
+    max_length: int = field(512, "keep at most the first N tokens of prompt + response (pairs whose prompt fills it are dropped)")
+    eval_dataset_name: Optional[str] = field(None, "separate held-out preference file (overrides eval_fraction)")
+    eval_fraction: float = field(0.1, "fraction of distinct prompts held out (all their pairs) for reward accuracy")
+    eval_steps: int = field(0, "also evaluate every N optimizer steps during training (0 = only at the end)")
+    precompute_ref_log_probs: bool = field(
+        False, "score every pair under the reference once before training (no reference pass per step)"
+    )
+    lora_r: int = field(16, "LoRA rank (only without sft_adapter: otherwise the SFT adapter's config is kept)")
+    lora_alpha: int = field(32, "LoRA scaling alpha (only without sft_adapter)")
+    lora_dropout: float = field(0.0, "LoRA dropout (only without sft_adapter; TRL disables dropout while training)")
+    lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (only without sft_adapter)")
+    max_train_samples: Optional[int] = field(None, "use at most this many training pairs")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.beta > 0, "config key 'beta' must be > 0")
+        require(0 <= self.label_smoothing < 1, "config key 'label_smoothing' must be in [0, 1)")
+        if self.loss_type == "robust":
+            require(self.label_smoothing < 0.5, "config key 'label_smoothing' must be < 0.5 for loss_type robust")
+        if self.loss_type == "exo_pair":
+            require(self.label_smoothing > 0, "config key 'label_smoothing' must be > 0 for loss_type exo_pair (e.g. 1e-3)")
+        require(self.max_length >= 16, "config key 'max_length' must be >= 16")
+        require(0 <= self.eval_fraction < 1, "config key 'eval_fraction' must be in [0, 1)")
+        require(self.eval_steps >= 0, "config key 'eval_steps' must be >= 0")
+        require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
+        require(self.lora_alpha >= 1, "config key 'lora_alpha' must be >= 1")
+        require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
+        require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
+        require(
+            self.max_train_samples is None or self.max_train_samples >= 1, "config key 'max_train_samples' must be >= 1"
+        )
+        if self.sft_adapter:
+            require(Path(self.sft_adapter).is_dir(), f"config key 'sft_adapter': folder not found: {self.sft_adapter}")
+        require(
+            not self.eval_steps or self.eval_fraction > 0 or bool(self.eval_dataset_name),
+            "config key 'eval_steps' needs held-out pairs (eval_fraction > 0 or eval_dataset_name)",
+        )
+
+
+# helper functions
+
+
+def load_splits(cfg: DPOStageConfig):
+    """(train pairs, held-out pairs): held out by prompt, or a separate file."""
+    from rlhf.pairs import load_pairs, split_by_prompt
+
+    pairs = load_pairs(cfg.dataset_name)
+    if cfg.eval_dataset_name:
+        train, held = pairs, load_pairs(cfg.eval_dataset_name)
+    else:
+        train, held = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
+    if cfg.max_train_samples:
+        train = train[: cfg.max_train_samples]
+    if not train:
+        raise DataError(f"dataset {cfg.dataset_name} leaves no training pairs")
+    return train, held
+
+
+def pairs_to_dataset(pairs):
+    """TRL's conversational explicit-prompt layout: ``prompt`` messages, one-turn ``chosen`` / ``rejected``."""
+    import datasets
+
+    return datasets.Dataset.from_list([
+        {
+            "prompt": p.prompt_messages,
+            "chosen": [{"role": "assistant", "content": p.chosen}],
+            "rejected": [{"role": "assistant", "content": p.rejected}],
+        }
+        for p in pairs
+    ])
+
+
+def check_sft_adapter(sft_adapter: str) -> None:
+    """The SFT folder must hold a PEFT LoRA adapter (DPO copies it into the policy and the reference)."""
+    import json
+
+    path = Path(sft_adapter)
+    if (path / "reft_config.json").is_file():
+        raise UserError(f"sft_adapter {sft_adapter} is a LoReFT intervention; DPO needs a LoRA adapter")
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(
+            f"sft_adapter folder {sft_adapter} has no adapter_config.json "
+            "(for a full or merged SFT model pass it as model_name_or_path)"
+        )
+    kind = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
+    if kind != "LORA":
+        raise UserError(f"sft_adapter {sft_adapter} is a {kind} adapter; DPO needs a LoRA adapter")
+
+
+def build_policy(cfg: DPOStageConfig):
+    """(model, peft_config for the trainer): base + trainable SFT LoRA, or the bare base + a fresh LoRA config."""
+    from rlhf.models import load_base_model, lora_config, pick_device, pick_dtype
+
+    device = pick_device()
+    base = load_base_model(cfg.model_name_or_path, dtype=pick_dtype(cfg.precision, device), device=device)
+    if not cfg.sft_adapter:
+        return base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    check_sft_adapter(cfg.sft_adapter)
+    model = PeftModel.from_pretrained(base, cfg.sft_adapter, adapter_name=POLICY, is_trainable=True)
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        raise UserError(f"sft_adapter {cfg.sft_adapter} adapts the LM head; TRL's DPOTrainer cannot train that")
+    return model, None
+
+
+def build_trainer(cfg: DPOStageConfig, work: Path, train_pairs, held_pairs, logger=None):
+    """A ``DPOTrainer`` whose policy is adapter ``default`` and whose reference is the SFT policy."""
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhf.hf_trainer import trainer_kwargs
+    from rlhf.models import load_tokenizer, pick_device, tokenizer_source
+    from rlhf.tracking import LoggerCallback
+
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model_name_or_path, cfg.sft_adapter))
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of {cfg.model_name_or_path} has no EOS token")
+    periodic = bool(cfg.eval_steps and held_pairs)
+    set_seed(cfg.seed)  # a fresh LoRA's initialisation is part of the run
+    model, peft_config = build_policy(cfg)
+    args = DPOConfig(
+        **trainer_kwargs(cfg, str(work / "trainer"), periodic, cfg.eval_steps or None),
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        label_smoothing=cfg.label_smoothing,
+        max_length=cfg.max_length,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        dataset_num_proc=None,
+        dataloader_pin_memory=pick_device().type == "cuda",
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=pairs_to_dataset(train_pairs),
+        eval_dataset=pairs_to_dataset(held_pairs) if held_pairs else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[LoggerCallback(logger)] if logger else [],
+    )
+    if cfg.sft_adapter and REFERENCE not in trainer.model.peft_config:
+        raise UserError("TRL's DPOTrainer made no frozen copy of the SFT adapter; refusing to train against the bare base")
+    if len(trainer.train_dataset) == 0:
+        raise DataError(f"every training prompt is longer than max_length {cfg.max_length}; raise max_length")
+    return trainer
+
+
+def save_policy(model, out: Path, base_path: str) -> None:
+    """The policy adapter alone, in PEFT format at the top level of ``out``, recording ``base_path`` as its base."""
+    config = model.peft_config[POLICY]
+    saved = config.base_model_name_or_path
+    config.base_model_name_or_path = base_path
+    try:
+        model.save_pretrained(str(out), selected_adapters=[POLICY])
+    finally:
+        config.base_model_name_or_path = saved
+
+
+def held_out_metrics(trainer) -> dict:
+    """TRL's loss, reward accuracy and margins on the held-out pairs (``eval_`` prefix), as floats."""
+    raw = trainer.evaluate()
+    keys = ["eval_loss"] + [f"eval_{k}" for k in TRL_METRICS]
+    return {k: float(raw[k]) for k in keys if k in raw}
+
+
+def train_metrics(trainer) -> dict:
+    """Means of TRL's training logs over the last logging window (reward accuracy, margins)."""
+    logged = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
+    last = logged[-1] if logged else {}
+    return {f"train_{k}": float(last[k]) for k in TRL_METRICS[:2] if k in last}
+
+
+def run_dpo(cfg: DPOStageConfig) -> dict:
+    """Train the policy adapter with DPO and write ``cfg.output_dir``; returns the metrics of ``metrics.json``."""
+    import shutil
+
+    from rlhf.data import fingerprint
+    from rlhf.hf_trainer import Stopwatch
+    from rlhf.models import count_parameters, resolve_model_path
+    from rlhf.tracking import MetricsLogger
+
+    watch = Stopwatch()
+    train_pairs, held_pairs = load_splits(cfg)
+    if not cfg.sft_adapter:
+        print(
+            f"DPO without sft_adapter: the reference is {cfg.model_name_or_path} itself (adapters disabled)",
+            file=sys.stderr,
+        )
+    with staged_output(cfg.output_dir) as work:
+        logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard")
+        try:
+            trainer = build_trainer(cfg, work, train_pairs, held_pairs, logger)
+            trainable, total = count_parameters(trainer.model)
+            dropped = len(train_pairs) - len(trainer.train_dataset)
+            print(
+                f"DPO ({cfg.loss_type}, beta {cfg.beta}): {len(trainer.train_dataset)} train pairs, "
+                f"{len(held_pairs)} held-out pairs, {trainable:,} of {total:,} parameters trainable, reference = "
+                + (f"SFT adapter {cfg.sft_adapter}" if cfg.sft_adapter else f"{cfg.model_name_or_path}")
+                + (f", {dropped} pairs dropped (prompt longer than max_length)" if dropped else ""),
+                file=sys.stderr,
+            )
+            result = trainer.train()
+            runtime = result.metrics.get("train_runtime", 0.0)
+            metrics = {
+                "loss_type": cfg.loss_type,
+                "beta": cfg.beta,
+                "train_loss": result.metrics.get("train_loss"),
+                **train_metrics(trainer),
+                "train_pairs": len(trainer.train_dataset),
+                "eval_pairs": len(held_pairs),
+                "dropped_pairs": dropped,
+                "steps": trainer.state.global_step,
+                "sft_adapter": cfg.sft_adapter,
+                "reference": "sft_adapter" if cfg.sft_adapter else "base",
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+                "train_runtime_s": round(runtime, 2),
+                "dataset_fingerprint": fingerprint(cfg.dataset_name),
+            }
+            if held_pairs:
+                held = held_out_metrics(trainer)
+                metrics.update(held)
+                logger.log(trainer.state.global_step, {f"final/{k}": v for k, v in held.items()})
+        finally:
+            logger.close()
+        save_policy(trainer.model, work, resolve_model_path(cfg.model_name_or_path))
+        trainer.processing_class.save_pretrained(str(work))
+        shutil.rmtree(work / "trainer", ignore_errors=True)
+        metrics["wall_time_s"] = watch.seconds
+        save_config(cfg, work / "run_config.yaml")
+        write_json(work / "metrics.json", metrics)
+    acc = metrics.get("eval_rewards/accuracies")
+    tail = f", held-out reward accuracy {acc:.3f}, margin {metrics['eval_rewards/margins']:.3f}" if acc is not None else ""
+    print(f"DPO done in {metrics['wall_time_s']:.0f}s: {cfg.output_dir}{tail}", file=sys.stderr)
+    return metrics
+
+
+__all__ = ["DPOStageConfig", "run_dpo"]
