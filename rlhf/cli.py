@@ -29,7 +29,7 @@ STAGES = {
     "dpo": ("rlhf.dpo:DPOStageConfig", "rlhf.dpo:run_dpo", "DPO of the SFT policy on preference pairs (TRL DPOTrainer)"),
     "export": ("rlhf.export:ExportConfig", "rlhf.export:run_export",
                "export an adapter, a merged model or an interpolation"),
-    "eval": ("rlhf.evaluate:EvalConfig", "rlhf.evaluate:run_eval",
+    "eval": ("rlhf.eval_config:EvalConfig", "rlhf.evaluate:run_eval",
              "win rate, reward and KL of a policy against a baseline"),
     "pipeline": ("rlhf.pipeline:PipelineConfig", "rlhf.pipeline:run_pipeline", "all stages end to end from one config"),
 }
