@@ -9,6 +9,9 @@ that was in flight when the server died (same token): it is stored once,
 whether or not it had been committed before the kill.
 
     python bench/label_crash.py --cycles 3
+
+The record (command, machine, load before and after, date, figures) goes to
+bench/results/label_crash.json (``--record`` to change).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from label_load import check_db, connect, free_port, start_server
+from bench_record import Record
+from label_load import check_db, connect, free_port, library_versions, start_server
 
 from feedback_ui.testing import make_project
 
@@ -86,7 +90,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--kill_after", type=int, default=300, help="acknowledged votes per cycle before the kill")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--record", default=None, help="record file (default bench/results/label_crash.json)")
     args = ap.parse_args(argv)
+    record = Record("label_crash", argv, path=args.record)
     db = str(Path(tempfile.mkdtemp(prefix="label_crash_")) / "crash.db")
     names = [f"labeler{i:02d}" for i in range(args.labelers)]
     make_project(db, {n: "labeler" for n in names}, n_pairs=args.cycles * args.kill_after * 2 + 200).close()
@@ -126,6 +132,9 @@ def main(argv=None) -> dict:
                 for c in cycles),
     }  # fmt: skip
     print(json.dumps(summary, indent=2))
+    settings = {"labelers": args.labelers, "cycles": args.cycles, "kill_after": args.kill_after, "think_s": 0,
+                "signal": "SIGKILL", "database": "SQLite, WAL, synchronous=FULL", **library_versions()}
+    record.write({k: v for k, v in summary.items() if k != "labelers"}, settings)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary

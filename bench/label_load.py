@@ -8,9 +8,11 @@ case). Every call of ``/vote`` returns the next task, so its latency is the
 vote -> next task latency. Afterwards the database is checked: every
 acknowledged vote is stored exactly once.
 
-    python bench/label_load.py --labelers 32 --votes 2000
+    python bench/label_load.py --labelers 32 --votes 2000 [--think 1.0]
 
-Target: p95 <= 150 ms on 2 CPU cores.
+Target: p95 <= 150 ms on 2 CPU cores. The record (command, machine, load before
+and after, date, figures) goes to bench/results/label_load_think<T>.json
+(label_load_saturation.json without think time; ``--record`` to change).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import socket
 import sqlite3
@@ -35,6 +36,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_record import Record  # noqa: E402
 
 from feedback_ui.testing import PASSWORD, make_project  # noqa: E402
 
@@ -126,6 +130,24 @@ def check_db(db: str, acked: list[str]) -> dict:
     }
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (its threads included), from /proc; None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def default_record(think: float) -> str:
+    return "label_load_saturation" if not think else f"label_load_think{think:g}"
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
@@ -140,7 +162,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--think", type=float, default=0.0, help="mean seconds a labeler reads before voting (0 = none)")
     ap.add_argument("--db", default=None, help="database file (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--record", default=None,
+                    help="record file (default bench/results/label_load_think<T>.json, label_load_saturation.json)")
     args = ap.parse_args(argv)
+    record = Record(default_record(args.think), argv, path=args.record)
     db = args.db or str(Path(tempfile.mkdtemp(prefix="label_load_")) / "load.db")
     per_labeler = math.ceil(args.votes / args.labelers)
     names = [f"labeler{i:02d}" for i in range(args.labelers)]
@@ -155,12 +180,14 @@ def main(argv=None) -> dict:
             threading.Thread(target=labeler_loop, args=(c, per_labeler, acked, latencies, errors, stop, args.think, i))
             for i, c in enumerate(clients)
         ]
+        server_cpu0, client_cpu0 = process_cpu_s(server.pid), own_cpu_s()
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        server_cpu1, client_cpu1 = process_cpu_s(server.pid), own_cpu_s()
         for c in clients:
             c.close()
     finally:
@@ -179,15 +206,39 @@ def main(argv=None) -> dict:
         "retried": sum(e.startswith("retried") for e in errors),
         "failed_labelers": sum(not e.startswith("retried") for e in errors),
         **check_db(db, acked),
-        "cpus": os.cpu_count(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.python_version()}".strip(),
+        "server_cpu_ms_per_vote": per_vote_ms(server_cpu0, server_cpu1, len(acked)),
+        "clients_cpu_ms_per_vote": per_vote_ms(client_cpu0, client_cpu1, len(acked)),
     }
     print(json.dumps(summary, indent=2))
+    settings = {k: summary[k] for k in ("labelers", "overlap", "server_concurrency", "think_s")}
+    settings.update(votes=args.votes, votes_per_labeler=per_labeler, transport="gradio_client over loopback",
+                    database="SQLite, WAL, synchronous=FULL", **library_versions())
+    record.write({k: v for k, v in summary.items() if k not in settings}, settings,
+                 first_errors=errors[:3])  # fmt: skip
     if errors:
         print("first errors:", errors[:3], file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def per_vote_ms(cpu0: float | None, cpu1: float | None, votes: int) -> float | None:
+    """CPU milliseconds per acknowledged vote over the load window (None when not measurable)."""
+    if cpu0 is None or cpu1 is None or not votes:
+        return None
+    return round(1000 * (cpu1 - cpu0) / votes, 1)
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("gradio", "gradio_client"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@
     python bench/reward_bench.py --threads 2 --out outputs/bench_reward
 
 Targets: held-out accuracy >= 0.85 and training <= 5 minutes on 2 CPU cores.
+
+Besides ``OUT/bench_result.json`` (next to the trained RM), the record of the run
+(command, machine, load before and after, date, figures, settings; no weights or
+pairs) goes to bench/results/reward_bench.json (``--record`` to change).
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import resource
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_record import Record  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -102,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action="store_true", help="also report the untrained RM's held-out accuracy")
     parser.add_argument("--config", default="configs/reward.yaml", help="reward-stage defaults (YAML); '' for none")
     parser.add_argument("overrides", nargs="*", help="extra reward-stage keys as key=value")
+    parser.add_argument("--record", default=None, help="record file (default bench/results/reward_bench.json)")
     args = parser.parse_args(argv)
+    record = Record("reward_bench", argv, path=args.record)
 
     import torch
 
@@ -159,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "bench_result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    settings = {"prompts": args.prompts, "k": args.k, "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "min_gap": args.min_gap, "max_pairs": args.max_pairs,
+                "threads": args.threads, "seed": args.seed, "torch": torch.__version__,
+                "reward_config_file": args.config, "reward_config": result["config"]}  # fmt: skip
+    skip = {"date", "machine", "command", "config", "load_average_1_5_15_at_end"}
+    record.write({k: v for k, v in result.items() if k not in skip}, settings)
     return 0
 
 
