@@ -7,6 +7,7 @@ is paid once per login (the session cookie carries the user afterwards).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -48,14 +49,17 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 # a well-formed hash of a random password: unknown users cost the same time as known ones
-_DUMMY_HASH = hash_password(secrets.token_hex(16))
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_hex(16))  # made on first use: admin commands need no scrypt run to start
 
 
 def check_login(store: Store, name: str, password: str) -> bool:
     """True when ``name`` exists and ``password`` matches (same cost either way)."""
+    dummy = _dummy_hash()  # before the lookup: the first login pays for it whoever logs in
     with store.read() as s:
         stored = s.scalar(sa.select(User.password_hash).where(User.name == name))
-    ok = verify_password(password, stored or _DUMMY_HASH)
+    ok = verify_password(password, stored or dummy)
     return ok and stored is not None
 
 
