@@ -93,3 +93,45 @@ def test_subcommand_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["reward", "evaluate", "--help"])
     assert exc.value.code == 0 and "--reward_model" in capsys.readouterr().out
+
+
+HEAVY_CHECK = """
+import json, sys
+from rlhf import cli
+{body}
+print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in cli.HEAVY_MODULES)))
+"""
+
+
+def heavy_modules_after(body: str, env: dict | None = None) -> list[str]:
+    """Heavy libraries (torch, transformers, ...) a fresh interpreter has imported after running ``body``."""
+    out = subprocess.run([sys.executable, "-c", HEAVY_CHECK.format(body=body)], capture_output=True, text=True,
+                         env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    body = "cli.build_parser()\nfor spec in cli.SUBSTAGES.values():\n    cli._resolve(spec[0])"
+    assert heavy_modules_after(body) == []
+
+
+def test_stage_help_imports_no_heavy_library():
+    body = "\n".join(
+        f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass"
+        for argv in (["--help"], ["ppo", "--help"], ["eval", "--help"], ["reward", "evaluate", "--help"])
+    )
+    assert heavy_modules_after(body) == []
+
+
+def test_label_admin_commands_import_no_heavy_library(tmp_path):
+    import os
+
+    db = str(tmp_path / "l.db")
+    body = "\n".join(
+        f"assert cli.main({argv!r}) == 0"
+        for argv in (["label", "init", "--db", db], ["label", "user", "add", "ann", "--db", db],
+                     ["label", "user", "list", "--db", db], ["label", "stats", "--db", db],
+                     ["label", "export", "--db", db, "--out", str(tmp_path / "p.jsonl")])
+    )  # fmt: skip
+    assert heavy_modules_after(body, env={**os.environ, "RLHF_PASSWORD": "a long enough secret"}) == []
