@@ -1,6 +1,69 @@
+"""Shared fixtures (tiny models, isolated caches, Chromium, throwaway PostgreSQL databases) and the CI rule.
+
+CI rule: with ``CI=true`` in the environment a skipped test is a failure, unless it is marked ``gpu`` (the
+only thing CI's machine cannot provide). Everything else a test needs is installed by ``make test``, so a skip
+there means a broken set-up, and it must not pass unnoticed.
+
+PostgreSQL: the first test that asks for it starts one throwaway cluster for the whole session (``initdb`` in a
+temp folder, ``pg_ctl start`` on a free port on 127.0.0.1, as the ``postgres`` user when running as root); each
+test gets a fresh database that is dropped afterwards, and the cluster is stopped and deleted at the end.
+Without the server binaries (``apt-get install -y postgresql``) those tests skip outside CI and fail in it.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from rlhf.testing import build_tiny_model
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
+# CI: no silent skips
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (file, line, "Skipped: reason")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _forbid_skip(report, node) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and node.get_closest_marker("gpu") is None:
+        reason = _skip_reason(report)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (only tests marked gpu may skip there): {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if in_ci():
+        _forbid_skip(report, item)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if in_ci():  # a module that skips itself while being imported
+        _forbid_skip(report, collector)
+    return report
+
+
+# models and caches
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +78,151 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_HOME", str(tmp_path / "rlhf_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+# Chromium
+
+
+def find_chromium() -> str | None:
+    """Debian's Chromium on PATH (``chromium``, ``chromium-browser``), else /usr/bin/chromium; None if absent."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
+
+
+@pytest.fixture(scope="session")
+def chromium_path():
+    path = find_chromium()
+    if path is None:
+        pytest.skip("no Chromium on PATH or at /usr/bin/chromium: apt-get install -y chromium (make test does)")
+    return path
+
+
+# PostgreSQL
+
+
+def find_postgres_bin() -> Path | None:
+    """The folder of the newest ``initdb`` + ``pg_ctl``: Debian's /usr/lib/postgresql/N/bin, else PATH."""
+    def version(folder: str) -> int:
+        name = Path(folder).parent.name
+        return int(name) if name.isdigit() else 0
+
+    folders = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
+    on_path = shutil.which("initdb")
+    for folder in [*folders, *([str(Path(on_path).parent)] if on_path else [])]:
+        if all(os.access(Path(folder) / tool, os.X_OK) for tool in ("initdb", "pg_ctl")):
+            return Path(folder)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster in a temp folder; ``new_database()`` gives the URL of a fresh database."""
+
+    def __init__(self, bindir: Path):
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="rlhf-test-pg-"))
+        # initdb refuses to run as root: the cluster then belongs to the postgres user
+        self.prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.prefix:
+            shutil.chown(self.root, user="postgres")
+        self.data, self.port = self.root / "data", 0
+        self._names = itertools.count()
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run([*self.prefix, str(self.bindir / tool), *args], capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        if done.returncode != 0:
+            log = self.root / "log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stdout}{done.stderr}{tail}")
+
+    def start(self) -> "PostgresCluster":
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8",
+                  "--locale=C", "--no-instructions")  # fmt: skip
+        for attempt in range(3):  # the free port can be taken by someone else before the server binds it
+            self.port = _free_port()
+            options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                       "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")  # fmt: skip
+            try:
+                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-t", "60",
+                          "-o", options, "start")  # fmt: skip
+                return self
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        return self
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(sql)
+
+    def new_database(self) -> str:
+        name = f"test_{next(self._names)}"
+        self._admin(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One throwaway PostgreSQL cluster for the session (started on first use, stopped and deleted at the end)."""
+    bindir = find_postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql "
+                    "(make test does)")  # fmt: skip
+    cluster = PostgresCluster(bindir)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_db(request, tmp_path):
+    """Makes fresh, empty databases on the parameter's backend: ``new_db()`` -> a SQLite file path or a
+    PostgreSQL URL (dropped after the test)."""
+    if request.param == "sqlite":
+        numbers = itertools.count()
+        yield lambda: str(tmp_path / f"db{next(numbers)}.db")
+        return
+    cluster = request.getfixturevalue("postgres_cluster")
+    made = []
+
+    def make() -> str:
+        made.append(cluster.new_database())
+        return made[-1]
+
+    yield make
+    for url in made:
+        cluster.drop_database(url)
+
+
+@pytest.fixture
+def db_url(new_db):
+    """A fresh, empty database, once on SQLite and once on PostgreSQL (a file path or a URL)."""
+    return new_db()
