@@ -6,7 +6,10 @@ overlap`` so two labelers can never over-fill it, on SQLite or PostgreSQL. The
 unique (comparison, user) constraint means nobody gets a comparison twice.
 With probability ``gold_rate`` a task is a hidden gold item the labeler has not
 seen (gold items have no overlap limit). A labeler holds at most one open
-assignment, which is served again until it is voted on or skipped.
+assignment, which is served again until it is voted on or skipped: every
+transaction that changes a labeler's assignments first locks that labeler's
+row (:func:`lock_labeler`), so two requests of one labeler (two browser tabs)
+take turns on PostgreSQL too.
 """
 
 from __future__ import annotations
@@ -18,9 +21,15 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from feedback_ui.store import Assignment, Comparison, utcnow
+from feedback_ui.store import Assignment, Comparison, User, utcnow
 
 CANDIDATE_WINDOW = 16  # comparison ids fetched per attempt; the conditional UPDATE settles races
+
+
+def lock_labeler(session: Session, user_id: int) -> None:
+    """Hold the labeler's row until the transaction ends (``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL;
+    on SQLite the store's write lock already serialises writers). Taken first, before any assignment row."""
+    session.execute(sa.select(User.id).where(User.id == user_id).with_for_update(key_share=True))
 
 
 def _seen_by(user_id: int):
@@ -95,6 +104,7 @@ def next_task(
     ends in a run of gold items. Call inside ``Store.write()``.
     """
     rng = rng or random.SystemRandom()
+    lock_labeler(session, user_id)
     current = open_assignment(session, user_id)
     if current is not None:
         current.shown_at = utcnow()
@@ -108,6 +118,7 @@ def next_task(
 
 def skip_task(session: Session, user_id: int, token: str) -> bool:
     """Close the labeler's open assignment without a vote; its overlap slot goes back to the pool."""
+    lock_labeler(session, user_id)
     a = session.scalar(
         sa.select(Assignment).where(
             Assignment.token == token, Assignment.user_id == user_id, Assignment.status == "open"

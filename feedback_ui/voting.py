@@ -12,6 +12,7 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from feedback_ui.assign import lock_labeler
 from feedback_ui.candidates import add_response
 from feedback_ui.store import Assignment, Comparison, Response, Vote, utcnow
 from rlhf.errors import UserError
@@ -70,6 +71,7 @@ def record_vote(
     new response written by the labeler, ranked above the chosen one.
     Call inside ``Store.write()``; the caller's commit is the acknowledgement.
     """
+    lock_labeler(session, user_id)  # before the assignment row: the order next_task and skip_task use
     a = session.scalar(sa.select(Assignment).where(Assignment.token == token, Assignment.user_id == user_id))
     if a is None:
         raise VoteError("unknown task for this user")

@@ -2,6 +2,7 @@
 
 import random
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -26,6 +27,27 @@ def count(store, model, *where):
         return s.scalar(sa.select(sa.func.count()).select_from(model).where(*where))
 
 
+def run_in_threads(*targets, timeout=60.0):
+    """Run each callable in its own thread; the first exception raised in any of them (a failed assertion
+    too) is raised again here, in the test's thread, so it fails the test."""
+    errors = []
+
+    def guarded(target):
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,), daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads), f"a worker thread is still running after {timeout} s"
+
+
 def label_all(store, user_id, *, gold_rate=0.0, rng=None, choice="A"):
     """Vote on everything the user is given; returns the comparison ids seen."""
     seen = []
@@ -43,28 +65,35 @@ def label_all(store, user_id, *, gold_rate=0.0, rng=None, choice="A"):
 # store
 
 
-def test_init_is_idempotent_and_uses_wal(tmp_path):
-    db = str(tmp_path / "x.db")
-    init_db(db)
-    store = init_db(db)
+def test_init_is_idempotent(db_url):
+    init_db(db_url)
+    store = init_db(db_url)
     with store.read() as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(SchemaVersion)) == 1
+    assert open_store(db_url).url == store.url
+
+
+@pytest.mark.parametrize("new_db", ["sqlite"], indirect=True)
+def test_sqlite_uses_wal_and_takes_urls(db_url, tmp_path):
+    store = init_db(db_url)
+    with store.read() as s:
         assert s.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
-    assert open_store(f"sqlite:///{tmp_path / 'x.db'}").url == store.url
-
-
-def test_uninitialised_and_newer_schema_are_refused(tmp_path):
-    with pytest.raises(UserError, match="not initialised"):
-        open_store(str(tmp_path / "empty.db"))
+    assert open_store(f"sqlite:///{db_url}").url == store.url
     with pytest.raises(UserError, match="does not exist"):
         open_store(str(tmp_path / "no" / "such.db"))
-    store = init_db(str(tmp_path / "x.db"))
+
+
+def test_uninitialised_and_newer_schema_are_refused(new_db):
+    with pytest.raises(UserError, match="not initialised"):
+        open_store(new_db())
+    db = new_db()
+    store = init_db(db)
     with store.write() as s:
         s.add(SchemaVersion(version=99))
     with pytest.raises(UserError, match="schema version 99, newer"):
-        open_store(str(tmp_path / "x.db"))
+        open_store(db)
     with pytest.raises(UserError, match="newer"):
-        init_db(str(tmp_path / "x.db"))
+        init_db(db)
 
 
 # accounts
@@ -77,8 +106,8 @@ def test_password_hashing():
     assert not verify_password("x", "garbage") and not verify_password("x", "md5$1$1$1$00$00")
 
 
-def test_users_and_login(tmp_path):
-    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler", "root": "admin"}, n_pairs=0)
+def test_users_and_login(db_url):
+    store = make_project(db_url, {"ann": "labeler", "root": "admin"}, n_pairs=0)
     assert check_login(store, "ann", PASSWORD)
     assert not check_login(store, "ann", "wrong password")
     assert not check_login(store, "nobody", PASSWORD)
@@ -98,9 +127,9 @@ def test_users_and_login(tmp_path):
 # assignment
 
 
-def test_overlap_is_exact_and_nobody_sees_a_comparison_twice(tmp_path):
+def test_overlap_is_exact_and_nobody_sees_a_comparison_twice(db_url):
     names = {f"u{i}": "labeler" for i in range(3)}
-    store = make_project(str(tmp_path / "x.db"), names, n_pairs=4, overlap=2)
+    store = make_project(db_url, names, n_pairs=4, overlap=2)
     seen = {n: label_all(store, uid(store, n)) for n in names}
     for n, ids in seen.items():
         assert len(ids) == len(set(ids)), f"{n} got a comparison twice"
@@ -116,30 +145,47 @@ def progress_of(store, name):
         return progress(s, uid(store, name))
 
 
-def test_concurrent_labelers_never_overfill(tmp_path):
+def test_concurrent_labelers_never_overfill(db_url):
     names = {f"u{i}": "labeler" for i in range(8)}
-    store = make_project(str(tmp_path / "x.db"), names, n_pairs=12, overlap=3)
-    errors = []
-
-    def work(name):
-        try:
-            label_all(store, uid(store, name))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    store = make_project(db_url, names, n_pairs=12, overlap=3)
+    run_in_threads(*(lambda n=n: label_all(store, uid(store, n)) for n in names))
     with store.read() as s:
         counts = [n for _, n in s.execute(sa.select(Vote.comparison_id, sa.func.count()).group_by(Vote.comparison_id))]
     assert counts == [3] * 12
 
 
-def test_gold_items_are_mixed_in_at_the_rate_and_never_repeated(tmp_path):
-    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=60, n_gold=40)
+def test_two_tabs_of_one_labeler_get_the_same_open_task(db_url):
+    """Two requests of one labeler at once (two browser tabs): the second waits for the first one's
+    transaction and is served the same task, never a second open assignment."""
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=4)
+    ann = uid(store, "ann")
+    assigned, release = threading.Event(), threading.Event()
+    tokens = {}
+
+    def first_tab():
+        with store.write() as s:
+            tokens["first"] = next_task(s, ann).token
+            assigned.set()
+            assert release.wait(30)  # not committed yet while the second tab asks
+
+    def second_tab():
+        assert assigned.wait(30)
+        with store.write() as s:
+            tokens["second"] = next_task(s, ann).token
+
+    def let_the_first_commit():
+        assert assigned.wait(30)
+        time.sleep(0.5)  # the second tab is inside next_task (or waiting to get there) by now
+        release.set()
+
+    run_in_threads(first_tab, second_tab, let_the_first_commit)
+    assert tokens["second"] == tokens["first"]
+    assert count(store, Assignment, Assignment.user_id == ann, Assignment.status == "open") == 1
+    assert count(store, Assignment) == 1
+
+
+def test_gold_items_are_mixed_in_at_the_rate_and_never_repeated(db_url, new_db):
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=60, n_gold=40)
     seen = label_all(store, uid(store, "ann"), gold_rate=0.25, rng=random.Random(0))
     with store.read() as s:
         gold_ids = set(s.scalars(sa.select(Comparison.id).where(Comparison.is_gold)))
@@ -150,14 +196,14 @@ def test_gold_items_are_mixed_in_at_the_rate_and_never_repeated(tmp_path):
     assert 8 <= len(gold_seen) <= 32
     # no gold after the regular work ran out, none at rate 0
     assert seen[-1] not in gold_ids
-    store2 = make_project(str(tmp_path / "y.db"), {"ann": "labeler"}, n_pairs=5, n_gold=5)
+    store2 = make_project(new_db(), {"ann": "labeler"}, n_pairs=5, n_gold=5)
     seen2 = label_all(store2, uid(store2, "ann"), gold_rate=0.0)
     with store2.read() as s:
         assert len(seen2) == 5 and not set(seen2) & set(s.scalars(sa.select(Comparison.id).where(Comparison.is_gold)))
 
 
-def test_open_task_is_served_again_and_skip_frees_the_slot(tmp_path):
-    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler", "bob": "labeler"}, n_pairs=1, overlap=1)
+def test_open_task_is_served_again_and_skip_frees_the_slot(db_url):
+    store = make_project(db_url, {"ann": "labeler", "bob": "labeler"}, n_pairs=1, overlap=1)
     ann, bob = uid(store, "ann"), uid(store, "bob")
     with store.write() as s:
         first = next_task(s, ann)
@@ -170,8 +216,8 @@ def test_open_task_is_served_again_and_skip_frees_the_slot(tmp_path):
         assert next_task(s, bob) is not None  # the slot went back to the pool
 
 
-def test_sides_are_randomised_and_recorded(tmp_path):
-    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=40)
+def test_sides_are_randomised_and_recorded(db_url):
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=40)
     label_all(store, uid(store, "ann"), rng=random.Random(1))
     with store.read() as s:
         orders = [(a.order, c.response_ids) for a, c in s.execute(sa.select(Assignment, Comparison).join(Comparison))]
@@ -182,8 +228,8 @@ def test_sides_are_randomised_and_recorded(tmp_path):
 # voting
 
 
-def test_same_submission_twice_is_stored_once(tmp_path):
-    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=3)
+def test_same_submission_twice_is_stored_once(db_url):
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=3)
     first = tasks.serve(store, "ann", 0.0)
     after = tasks.answer(store, "ann", first["token"], 0.0, choice="A", strength="much better")
     again = tasks.answer(store, "ann", first["token"], 0.0, choice="A", strength="much better")
@@ -200,8 +246,8 @@ def test_same_submission_twice_is_stored_once(tmp_path):
             s.flush()
 
 
-def test_votes_belong_to_their_labeler(tmp_path):
-    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler", "bob": "labeler"}, n_pairs=3)
+def test_votes_belong_to_their_labeler(db_url):
+    store = make_project(db_url, {"ann": "labeler", "bob": "labeler"}, n_pairs=3)
     ann_task = tasks.serve(store, "ann", 0.0)
     with pytest.raises(VoteError, match="unknown task"):
         tasks.answer(store, "bob", ann_task["token"], 0.0, choice="A")
@@ -215,8 +261,8 @@ def test_votes_belong_to_their_labeler(tmp_path):
     assert tasks.history(store, "bob") == []
 
 
-def test_vote_validation_and_edit(tmp_path):
-    store = make_project(str(tmp_path / "x.db"), {"ann": "labeler"}, n_pairs=2, n_rank=1, k_rank=3)
+def test_vote_validation_and_edit(db_url):
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=2, n_rank=1, k_rank=3)
     view = tasks.serve(store, "ann", 0.0)
     bad_answers = [
         ({"choice": "C"}, "choice must be"),
