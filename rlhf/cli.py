@@ -65,17 +65,17 @@ def _stage_parser(subparsers, name: str, spec: tuple) -> argparse.ArgumentParser
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``rlhf`` parser with every subcommand, or with subcommand ``only`` alone (faster to build)."""
     parser = _Parser(prog="rlhf", description="RLHF alignment toolkit: SFT, preference labeling, reward model, PPO, export.")
     subparsers = parser.add_subparsers(dest="command", metavar="STAGE", parser_class=_Parser)
     for name, spec in STAGES.items():
-        if not _available(spec[0]):
-            continue
-        stage = _stage_parser(subparsers, name, spec)
-        nested = [f"rlhf {name} {sub}: {s[2]}" for (parent, sub), s in SUBSTAGES.items() if parent == name]
-        if nested:
-            stage.epilog = "subcommands (see their --help): " + "; ".join(nested)
-        if name == "generate" and _available("feedback_ui.commands"):
+        if _available(spec[0]) and only in (None, name):
+            stage = _stage_parser(subparsers, name, spec)
+            nested = [f"rlhf {name} {sub}: {s[2]}" for (parent, sub), s in SUBSTAGES.items() if parent == name]
+            if nested:
+                stage.epilog = "subcommands (see their --help): " + "; ".join(nested)
+        if name == "generate" and only in (None, "label") and _available("feedback_ui.commands"):
             from feedback_ui.commands import add_label_parser
 
             add_label_parser(subparsers)
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             leaf = _stage_parser(parser.add_subparsers(parser_class=_Parser), " ".join(argv[:2]), spec)
             args = leaf.parse_args(argv[2:])
         else:
-            parser = build_parser()
+            known = argv[:1] and (argv[0] in STAGES or argv[0] == "label")
+            parser = build_parser(only=argv[0] if known else None)
             args = parser.parse_args(argv)
         if getattr(args, "_stage", None):
             config_ref, run_ref = args._stage
