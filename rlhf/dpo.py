@@ -88,8 +88,6 @@ class DPOStageConfig(TrainingConfig):
         require(
             self.max_train_samples is None or self.max_train_samples >= 1, "config key 'max_train_samples' must be >= 1"
         )
-        if self.sft_adapter:
-            require(Path(self.sft_adapter).is_dir(), f"config key 'sft_adapter': folder not found: {self.sft_adapter}")
         require(
             not self.eval_steps or self.eval_fraction > 0 or bool(self.eval_dataset_name),
             "config key 'eval_steps' needs held-out pairs (eval_fraction > 0 or eval_dataset_name)",
@@ -134,6 +132,8 @@ def check_sft_adapter(sft_adapter: str) -> None:
     import json
 
     path = Path(sft_adapter)
+    if not path.is_dir():
+        raise UserError(f"config key 'sft_adapter': folder not found: {sft_adapter}")
     if (path / "reft_config.json").is_file():
         raise UserError(f"sft_adapter {sft_adapter} is a LoReFT intervention; DPO needs a LoRA adapter")
     if not (path / "adapter_config.json").is_file():
@@ -141,9 +141,14 @@ def check_sft_adapter(sft_adapter: str) -> None:
             f"sft_adapter folder {sft_adapter} has no adapter_config.json "
             "(for a full or merged SFT model pass it as model_name_or_path)"
         )
-    kind = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
-    if kind != "LORA":
-        raise UserError(f"sft_adapter {sft_adapter} is a {kind} adapter; DPO needs a LoRA adapter")
+    config = json.loads((path / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"sft_adapter {sft_adapter} is a {config.get('peft_type')} adapter; DPO needs a LoRA adapter")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UserError(
+            f"sft_adapter {sft_adapter} is a {config['task_type']} adapter (a reward model?); "
+            "DPO needs the causal-LM LoRA of rlhf sft"
+        )
 
 
 def build_policy(cfg: DPOStageConfig):
@@ -240,6 +245,8 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()
+    if cfg.sft_adapter:
+        check_sft_adapter(cfg.sft_adapter)  # before anything is loaded or written
     train_pairs, held_pairs = load_splits(cfg)
     if not cfg.sft_adapter:
         print(

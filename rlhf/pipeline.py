@@ -2,7 +2,7 @@
 
 SFT -> candidates -> labeling app (started for real) -> simulated labelers
 voting through the app's HTTP API -> export of preference pairs -> reward
-model -> PPO -> export -> eval. A stage whose output already exists is skipped
+model -> PPO (or DPO on the same pairs, ``align: dpo``) -> export -> eval. A stage whose output already exists is skipped
 unless ``force`` is set, so an interrupted pipeline continues where it stopped
 and a pipeline stopped after candidate generation (``stop_after: candidates``)
 can continue once human labelers have voted.
@@ -24,7 +24,7 @@ from rlhf.config import Literal, Optional, build_config, field, require
 from rlhf.errors import ConfigError
 from rlhf.outputs import write_json
 
-STAGE_NAMES = ("sft", "candidates", "label", "prefs", "reward", "ppo", "export", "eval")
+STAGE_NAMES = ("sft", "candidates", "label", "prefs", "reward", "ppo", "dpo", "export", "eval")
 
 
 @dataclasses.dataclass
@@ -35,7 +35,10 @@ class PipelineConfig:
     model_name_or_path: str = field("smollm2-135m-instruct", "base model for every stage")
     seed: int = field(42, "random seed for every stage")
     force: bool = field(False, "re-run stages whose output already exists")
-    stop_after: Optional[Literal["sft", "candidates", "label", "prefs", "reward", "ppo", "export", "eval"]] = field(
+    align: Literal["ppo", "dpo"] = field(
+        "ppo", "how the SFT policy is aligned: PPO against the reward model, or DPO on the preference pairs"
+    )
+    stop_after: Optional[Literal["sft", "candidates", "label", "prefs", "reward", "ppo", "dpo", "export", "eval"]] = field(
         None, "stop after this stage (e.g. candidates, to let people label with `rlhf label serve`)"
     )
     simulated_labelers: int = field(
@@ -48,7 +51,8 @@ class PipelineConfig:
     candidates: dict = field({}, "keys for `rlhf label candidates`")
     prefs: dict = field({}, "keys for `rlhf label export`")
     reward: dict = field({}, "keys for `rlhf reward`")
-    ppo: dict = field({}, "keys for `rlhf ppo`")
+    ppo: dict = field({}, "keys for `rlhf ppo` (align: ppo)")
+    dpo: dict = field({}, "keys for `rlhf dpo` (align: dpo)")
     export: dict = field({}, "keys for `rlhf export`")
     eval: dict = field({}, "keys for `rlhf eval`")
 
@@ -56,6 +60,8 @@ class PipelineConfig:
         require(self.simulated_labelers >= 0, "config key 'simulated_labelers' must be >= 0")
         require(0.0 <= self.rule_noise < 0.5, "config key 'rule_noise' must be in [0, 0.5)")
         require(self.rule_min_gap >= 0.0, "config key 'rule_min_gap' must be >= 0")
+        other = "dpo" if self.align == "ppo" else "ppo"
+        require(self.stop_after != other, f"config key 'stop_after' is {other}, a stage align: {self.align} does not run")
         from rlhf.evaluate import load_rule
 
         load_rule(self.rule)  # an unknown rule stops here, before any stage runs
@@ -150,11 +156,29 @@ def ppo_step(cfg: PipelineConfig) -> Step:
     return Step("ppo", _exists(out), lambda: run_ppo(stage))
 
 
+def dpo_step(cfg: PipelineConfig) -> Step:
+    from rlhf.dpo import DPOStageConfig, run_dpo
+
+    out = cfg.path("dpo")
+    derived = {
+        "model_name_or_path": cfg.model_name_or_path,
+        "seed": cfg.seed,
+        "output_dir": str(out),
+        "sft_adapter": str(cfg.path("sft")),
+        "dataset_name": str(cfg.path("prefs.jsonl")),
+    }
+    if prefs_options(cfg)["test_fraction"] > 0:  # the pairs the reward model is scored on
+        derived["eval_dataset_name"] = str(cfg.path("prefs.test.jsonl"))
+    stage = stage_config(DPOStageConfig, cfg, "dpo", derived)
+
+    return Step("dpo", _exists(out), lambda: run_dpo(stage))
+
+
 def export_step(cfg: PipelineConfig) -> Step:
     from rlhf.export import ExportConfig, run_export
 
     out = cfg.path("export")
-    derived = {"adapter": str(cfg.path("ppo")), "mode": "adapter", "out": str(out)}
+    derived = {"adapter": str(cfg.path(cfg.align)), "mode": "adapter", "out": str(out)}
     stage = stage_config(ExportConfig, cfg, "export", derived)
     return Step("export", _exists(out, "README.md"), lambda: run_export(stage))
 
@@ -164,11 +188,11 @@ def eval_step(cfg: PipelineConfig) -> Step:
 
     out = cfg.path("eval")
     derived = {
-        "policy": str(cfg.path("ppo")),
+        "policy": str(cfg.path(cfg.align)),
         "baseline": str(cfg.path("sft")),
         "reward_model": str(cfg.path("reward")),
         "rule": cfg.rule,
-        "ppo_logs": str(cfg.path("ppo") / "logs"),
+        "ppo_logs": str(cfg.path("ppo") / "logs") if cfg.align == "ppo" else None,
         "out_dir": str(out),
         "seed": cfg.seed,
     }
@@ -269,14 +293,18 @@ def _read_json(path: Path) -> dict:
 def summarize(cfg: PipelineConfig, rows: list[dict]) -> dict:
     """The headline numbers, read from what the stages wrote (so skipped stages count too)."""
     reward = _read_json(cfg.path("reward") / "metrics.json")
-    ppo = _read_json(cfg.path("ppo") / "metrics.json")
+    ppo = _read_json(cfg.path("ppo") / "metrics.json") if cfg.align == "ppo" else {}
+    dpo = _read_json(cfg.path("dpo") / "metrics.json") if cfg.align == "dpo" else {}
     ev = _read_json(cfg.path("eval") / "eval.json")
     return {
         "stages": rows,
         "total_seconds": round(sum(r["seconds"] for r in rows), 1),
+        "align": cfg.align,
         "rm_heldout_accuracy": reward.get("eval_accuracy"),
         "ppo_reward_first_steps": ppo.get("reward_first_steps"),
         "ppo_reward_last_steps": ppo.get("reward_last_steps"),
+        "dpo_heldout_reward_accuracy": dpo.get("eval_rewards/accuracies"),
+        "dpo_heldout_reward_margin": dpo.get("eval_rewards/margins"),
         "win_rate_vs_sft_rm": ev.get("reward_model", {}).get("win_rate"),
         "win_rate_vs_sft_rule": ev.get("rule", {}).get("win_rate"),
         "kl_to_sft": ev.get("kl_policy_to_baseline"),
@@ -292,9 +320,13 @@ def print_summary(summary: dict) -> None:
     lines = ["", "stage        status    seconds"]
     lines += [f"{r['stage']:<12} {r['status']:<9} {r['seconds']:>7.1f}" for r in summary["stages"]]
     lines += [f"{'total':<22} {summary['total_seconds']:>7.1f}", ""]
+    align_rows = [("PPO reward, first -> last steps", None)] if summary.get("align", "ppo") == "ppo" else [
+        ("DPO held-out reward accuracy", "dpo_heldout_reward_accuracy"),
+        ("DPO held-out reward margin", "dpo_heldout_reward_margin"),
+    ]
     for label, key in [
         ("reward model held-out accuracy", "rm_heldout_accuracy"),
-        ("PPO reward, first -> last steps", None),
+        *align_rows,
         ("win rate vs SFT under the RM", "win_rate_vs_sft_rm"),
         ("win rate vs SFT under the rule", "win_rate_vs_sft_rule"),
         ("KL(aligned || SFT) per response", "kl_to_sft"),
@@ -310,7 +342,8 @@ def print_summary(summary: dict) -> None:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
-    builders = [sft_step, candidates_step, label_step, prefs_step, reward_step, ppo_step, export_step, eval_step]
+    align_step = dpo_step if cfg.align == "dpo" else ppo_step
+    builders = [sft_step, candidates_step, label_step, prefs_step, reward_step, align_step, export_step, eval_step]
     steps = [build(cfg) for build in builders]  # every config is validated before anything runs
     rows = run_steps(steps, cfg.force, cfg.stop_after)
     summary = summarize(cfg, rows)
