@@ -1,34 +1,32 @@
-"""The labeling store on PostgreSQL (runs when RLHF_TEST_POSTGRES_URL points at a scratch database)."""
+"""Concurrent labelers on one database, on SQLite and on a throwaway PostgreSQL cluster (see conftest.py).
 
-import os
+Work done in worker threads goes through ``run_in_threads``: an assertion that fails in a worker is raised
+again in the test's thread and fails the test.
+"""
+
 import threading
 
-import pytest
 import sqlalchemy as sa
+from test_feedback_store import run_in_threads, uid
 
 from feedback_ui import tasks
 from feedback_ui.export import export_preferences
 from feedback_ui.stats import collect_stats
-from feedback_ui.store import Base, Comparison, Store, Vote, open_store
+from feedback_ui.store import Assignment, Comparison, Vote, init_db, open_store
 from feedback_ui.testing import make_project
 
-URL = os.environ.get("RLHF_TEST_POSTGRES_URL")
-pytestmark = pytest.mark.skipif(not URL, reason="set RLHF_TEST_POSTGRES_URL=postgresql://... to test PostgreSQL")
+
+def test_postgresql_databases_are_postgresql(postgres_cluster):
+    store = init_db(postgres_cluster.new_database())
+    assert store.engine.dialect.name == "postgresql" and not store.is_sqlite
+    with store.read() as s:
+        assert s.scalar(sa.text("SELECT version()")).startswith("PostgreSQL")
 
 
-@pytest.fixture
-def pg_url():
-    pytest.importorskip("psycopg")
-    store = Store(URL)
-    Base.metadata.drop_all(store.engine)
-    store.close()
-    return URL
-
-
-def test_concurrent_votes_idempotency_and_export_on_postgres(pg_url, tmp_path):
+def test_concurrent_votes_idempotency_and_export(db_url, tmp_path):
     names = {f"u{i}": "labeler" for i in range(6)}
-    store = make_project(pg_url, names, n_pairs=10, overlap=3)
-    assert open_store(pg_url).url.startswith("postgresql")
+    store = make_project(db_url, names, n_pairs=10, overlap=3)
+    assert open_store(db_url).url == store.url
 
     def work(name):
         view = tasks.serve(store, name, 0.0)
@@ -38,14 +36,54 @@ def test_concurrent_votes_idempotency_and_export_on_postgres(pg_url, tmp_path):
             assert again["status"] == "already recorded"
             view = again
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(*(lambda n=n: work(n) for n in names))
     with store.read() as s:
         per = s.execute(sa.select(Vote.comparison_id, sa.func.count()).group_by(Vote.comparison_id)).all()
         assert sorted(n for _, n in per) == [3] * 10
         assert all(c.n_active == 3 for c in s.scalars(sa.select(Comparison)))
     assert export_preferences(store, str(tmp_path / "p.jsonl"), aggregation="all")["rows"] == 30
     assert collect_stats(store)["agreement"]["overlapping_items"] == 10
+
+
+def test_one_submission_from_two_tabs_at_once_is_stored_once(db_url):
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=5)
+    view = tasks.serve(store, "ann", 0.0)
+    for _ in range(5):
+        both = threading.Barrier(2)
+        replies = []
+
+        def tab(token=view["token"]):
+            both.wait(10)
+            replies.append(tasks.answer(store, "ann", token, 0.0, choice="B"))
+
+        run_in_threads(tab, tab)
+        assert sorted(r["status"] for r in replies) == ["already recorded", "saved"]
+        assert replies[0]["token"] == replies[1]["token"]
+        view = replies[0]
+    assert view["token"] == "" and (view["done"], view["total"]) == (5, 5)
+    with store.read() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Vote)) == 5
+
+
+def test_two_tabs_serving_and_voting_at_once_keep_one_open_task(db_url):
+    """Two tabs of one labeler, each asking for its task and voting on it as fast as it can."""
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=12)
+    ann = uid(store, "ann")
+    open_counts = []
+
+    def tab():
+        view = tasks.serve(store, "ann", 0.0)
+        while view["token"]:
+            with store.read() as s:
+                open_counts.append(s.scalar(sa.select(sa.func.count()).select_from(Assignment).where(
+                    Assignment.user_id == ann, Assignment.status == "open")))  # fmt: skip
+            view = tasks.answer(store, "ann", view["token"], 0.0, choice="A")
+            if view["status"] == "already recorded":  # the other tab voted on it first
+                view = tasks.serve(store, "ann", 0.0)
+
+    run_in_threads(tab, tab)
+    assert max(open_counts) == 1
+    with store.read() as s:
+        voted = s.scalars(sa.select(Vote.comparison_id)).all()
+        assert sorted(voted) == sorted(s.scalars(sa.select(Comparison.id)).all())  # each exactly once
+        assert s.scalar(sa.select(sa.func.count()).select_from(Assignment).where(Assignment.status == "open")) == 0
