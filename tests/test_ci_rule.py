@@ -67,3 +67,13 @@ def test_outside_ci_skips_are_skips(inner, monkeypatch, ci):
     result = inner.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, skipped=3, xfailed=1)
     assert result.ret == pytest.ExitCode.OK
+
+
+def test_chromium_is_found_on_path(tmp_path, monkeypatch):
+    from conftest import find_chromium
+
+    fake = tmp_path / "chromium-browser"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_chromium() == str(fake)

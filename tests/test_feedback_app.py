@@ -1,5 +1,7 @@
 """The labeling app over HTTP: gradio_client with a login, and raw requests without one."""
 
+import secrets
+
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -95,11 +97,23 @@ ROUTES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("cookies", [{}, {"access-token": "forged", "access-token-unsecure": "forged"}])
+def session_cookies(server, name="ann"):
+    """The cookies a real login sets: their names carry this server's own id, the value is the session token."""
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.post("login", data={"username": name, "password": PASSWORD}).status_code == 200
+        return {c.name: c.value for c in http.cookies.jar}
+
+
+@pytest.mark.parametrize("cookies", ["missing", "forged"])
 def test_unauthenticated_requests_get_nothing_and_change_nothing(app, cookies):
     server, store = app
+    real = session_cookies(server)
+    with httpx.Client(base_url=server.url, cookies=real, timeout=10) as http:
+        assert real and http.get("config").status_code == 200  # these names, with the real token, log in
+    # the same cookie names with a token of the same shape that no login handed out
+    sent = {} if cookies == "missing" else {name: secrets.token_urlsafe(16) for name in real}
     before = votes(store)
-    with httpx.Client(base_url=server.url, cookies=cookies, timeout=10) as http:
+    with httpx.Client(base_url=server.url, cookies=sent, timeout=10) as http:
         token = "0" * 32
         body = {"data": [token, "A", "", "", ""], "fn_index": 0, "session_hash": "s", "event_id": "e"}
         for method, path in ROUTES:

@@ -1,29 +1,24 @@
 """The labeling app in a real headless Chromium: login, mouse and keyboard votes, escaping."""
 
-import os
-
 import pytest
 import sqlalchemy as sa
+from playwright import sync_api
 
 from feedback_ui.server import Server
 from feedback_ui.store import Assignment, User, Vote
 from feedback_ui.testing import HOSTILE, PASSWORD, make_project
 
-CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install -y chromium)"),
-]
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
+def browser(chromium_path):
+    """Debian's Chromium (found by conftest.find_chromium), driven by Playwright; never a downloaded build."""
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        b = p.chromium.launch(executable_path=chromium_path, args=ARGS, headless=True)
         yield b
         b.close()
 
