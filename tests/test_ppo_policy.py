@@ -14,8 +14,8 @@ from test_ppo_stage import _one_thread, make_sft_adapter, ppo_config  # noqa: F4
 
 
 def train_tiny_reward_model(tiny_model_dir, folder, **overrides):
-    """A tiny reward model trained for a few steps by `rlhf reward` (skipped without the reward package)."""
-    train = pytest.importorskip("reward.train")
+    """A tiny reward model trained for a few steps by `rlhf reward`."""
+    from reward import train
     from rlhf.testing import write_jsonl
 
     rows = [{"prompt": f"Say something {i}.", "chosen": "sun river thanks", "rejected": "sun river"} for i in range(16)]
