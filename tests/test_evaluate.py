@@ -48,13 +48,17 @@ def test_eval_end_to_end_on_tiny_models(tiny_model_dir, tmp_path, monkeypatch):
     })
     result = run_eval(cfg)
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert saved["rule"]["n"] == 5 and 0 <= saved["rule"]["win_rate"] <= 1
-    # the rule's win rate is recomputed from the saved samples: the pipeline is consistent
-    expected = win_rate([len(s["policy"]) for s in saved["samples"]], [len(s["baseline"]) for s in saved["samples"]])
-    assert saved["rule"]["win_rate"] == expected["win_rate"]
+    # the rule (answer length) judged each saved pair of answers: count its outcomes by hand from them
+    pairs = [(len(s["policy"]), len(s["baseline"])) for s in saved["samples"]]
+    wins, ties = sum(p > b for p, b in pairs), sum(p == b for p, b in pairs)
+    assert len(pairs) == saved["rule"]["n"] == 5
+    assert (saved["rule"]["wins"], saved["rule"]["ties"], saved["rule"]["losses"]) == (wins, ties, 5 - wins - ties)
+    assert saved["rule"]["win_rate"] == pytest.approx((wins + ties / 2) / 5)
     assert saved["kl_policy_to_baseline"] > 0  # a random LoRA moves the policy away from the base
     assert (tmp_path / "eval" / "win_rate.png").is_file()
-    assert result["response_words"]["policy"] >= 0
+    for side in ("policy", "baseline"):
+        words = [len(s[side].split()) for s in saved["samples"]]
+        assert result["response_words"][side] == pytest.approx(sum(words) / 5)
 
 
 def test_identical_policies_have_zero_kl(tiny_model_dir, tmp_path, monkeypatch):
@@ -67,6 +71,10 @@ def test_identical_policies_have_zero_kl(tiny_model_dir, tmp_path, monkeypatch):
     result = run_eval(cfg)
     assert abs(result["kl_policy_to_baseline"]) < 1e-5
     assert result["rule"]["ties"] == 2 and result["rule"]["win_rate"] == 0.5
+    # Wilson, z=1.96, n=2, p=0.5: denom = 1 + 3.8416/2 = 2.9208; centre = (0.5 + 0.9604) / 2.9208 = 0.5
+    # half = 1.96 * sqrt(0.25/2 + 3.8416/16) / 2.9208 = 1.96 * 0.604235 / 2.9208 = 0.405471
+    assert result["rule"]["ci_low"] == pytest.approx(0.094529, abs=1e-5)
+    assert result["rule"]["ci_high"] == pytest.approx(0.905471, abs=1e-5)
 
 
 def test_several_samples_per_prompt(tiny_model_dir, tmp_path, monkeypatch):
