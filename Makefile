@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install browser demo test test-all clean
+.PHONY: install browser postgres demo test test-all clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,21 +19,49 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian's Chromium for the browser tests (never a downloaded browser build)
+# Debian packages the tests need, installed with apt-get (as root) where missing: Chromium for the browser
+# tests (never a downloaded browser build) and the PostgreSQL server, of which the tests start a throwaway
+# cluster themselves (tests/conftest.py). Under CI=true a package that cannot be installed is an error;
+# elsewhere the tests that need it are skipped, with the reason shown.
+IN_CI  := $(filter true,$(CI))
+HAVE_CHROMIUM := command -v chromium || command -v chromium-browser || test -x /usr/bin/chromium
+HAVE_POSTGRES := ls /usr/lib/postgresql/*/bin/initdb || command -v initdb
+
+# $(call debian_package,PACKAGE,CHECK,WHAT NEEDS IT)
+define debian_package
+	@if ! { $(2); } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian $(1) for $(3)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+	fi; \
+	if ! { $(2); } >/dev/null 2>&1; then \
+	  if [ -n "$(IN_CI)" ]; then echo "error: Debian $(1) is missing and could not be installed (run as root with apt-get)" >&2; exit 1; fi; \
+	  echo "warning: Debian $(1) is not installed: $(3) will be skipped (apt-get install -y $(1))"; \
+	fi
+endef
+
 browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
-	  echo "chromium not installed: browser tests will be skipped"; }
+	$(call debian_package,chromium,$(HAVE_CHROMIUM),the browser tests)
+
+postgres:
+	$(call debian_package,postgresql,$(HAVE_POSTGRES),the PostgreSQL tests)
 
 demo: install
 	$(VENV)/bin/rlhf pipeline --config configs/demo.yaml
 
-# CI (CI=true) also runs the slow tests that use the real embedded model
-test: install browser
-	$(PY) -m pytest -q $(if $(CI),-m "slow or not slow",)
+# CI (CI=true) also runs the slow tests that use the real embedded model, and fails on any skipped test
+# not marked gpu (tests/conftest.py). Extra pytest arguments: make test PYTEST_ARGS="-k store".
+# pytest's exit code 5 (no test collected) is a failure with its own message.
+PYTEST_ARGS ?=
+define run_pytest
+	@$(PY) -m pytest -q $(1) $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc = 5 ]; then echo "error: pytest collected no tests" >&2; fi; exit $$rc
+endef
 
-test-all: install browser
-	$(PY) -m pytest -q -m "slow or not slow"
+test: install browser postgres
+	$(call run_pytest,$(if $(IN_CI),-m "slow or not slow",))
+
+test-all: install browser postgres
+	$(call run_pytest,-m "slow or not slow")
 
 clean:
 	rm -rf $(VENV) outputs
