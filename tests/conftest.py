@@ -128,9 +128,9 @@ class PostgresCluster:
 
     def __init__(self, bindir: Path):
         self.bindir = bindir
-        self.root = Path(tempfile.mkdtemp(prefix="rlhf-test-pg-"))
-        # initdb refuses to run as root: the cluster then belongs to the postgres user
+        # initdb refuses to run as root: the cluster then belongs to the postgres user (in /tmp, which it can reach)
         self.prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.root = Path(tempfile.mkdtemp(prefix="rlhf-test-pg-", dir="/tmp" if self.prefix else None))
         if self.prefix:
             shutil.chown(self.root, user="postgres")
         self.data, self.port = self.root / "data", 0
