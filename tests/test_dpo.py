@@ -207,6 +207,13 @@ def test_bad_keys_fail_with_one_line_and_write_nothing(tiny_model_dir, sft_adapt
     assert "SEQ_CLS" in capsys.readouterr().err and not out.exists()
 
 
+def test_shipped_config_parses():
+    from rlhf.config import parse_config
+
+    cfg = parse_config(DPOStageConfig, ["--config", str(Path(__file__).parents[1] / "configs" / "dpo.yaml")])
+    assert cfg.loss_type == "sigmoid" and cfg.sft_adapter == "outputs/sft" and cfg.beta > 0
+
+
 def test_config_module_imports_no_heavy_library():
     code = "import sys, rlhf.dpo; print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
