@@ -54,25 +54,21 @@ def frozen_head(head_weights: dict[str, torch.Tensor], like: torch.Tensor) -> nn
     return head.to(device=like.device, dtype=like.dtype).eval()
 
 
-def add_frozen_lora(peft_model, folder: str | Path, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
-    """Add the LoRA adapter of ``folder`` to ``peft_model`` as ``adapter_name`` (frozen, inactive).
-
-    Checks that every saved key lands on a parameter and every new parameter is filled.
-    """
+def _frozen_lora_config(folder: str | Path, task_type):
     from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
 
-    if adapter_name in peft_model.peft_config:
-        raise UserError(f"the policy model already has an adapter named '{adapter_name}'")
     config = LoraConfig.from_pretrained(str(folder))
-    config.task_type = peft_model.peft_config[peft_model.active_adapters[0]].task_type
+    config.task_type = task_type
     config.modules_to_save = None
     config.lora_dropout = 0.0
     config.inference_mode = True
-    try:
-        peft_model.add_adapter(adapter_name, config)
-    except ValueError as exc:
-        raise UserError(f"cannot add the reward adapter to the policy model: {exc}") from None
+    return config
+
+
+def _load_checked(peft_model, folder: str | Path, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+    """Fill ``adapter_name`` from ``weights``; every saved key must land on a parameter and every one be filled."""
+    from peft.utils import set_peft_model_state_dict
+
     result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if f".{adapter_name}." in k]
     if result.unexpected_keys or missing:
@@ -82,6 +78,33 @@ def add_frozen_lora(peft_model, folder: str | Path, adapter_name: str, weights: 
     for name, param in peft_model.named_parameters():
         if f".{adapter_name}." in name:
             param.requires_grad_(False)
+
+
+def add_frozen_lora(peft_model, folder: str | Path, adapter_name: str, weights: dict[str, torch.Tensor]) -> None:
+    """Add the LoRA adapter of ``folder`` to ``peft_model`` as ``adapter_name`` (frozen, inactive).
+
+    Checks that every saved key lands on a parameter and every new parameter is filled.
+    """
+    if adapter_name in peft_model.peft_config:
+        raise UserError(f"the policy model already has an adapter named '{adapter_name}'")
+    config = _frozen_lora_config(folder, peft_model.peft_config[peft_model.active_adapters[0]].task_type)
+    try:
+        peft_model.add_adapter(adapter_name, config)
+    except ValueError as exc:
+        raise UserError(f"cannot add the reward adapter to the policy model: {exc}") from None
+    _load_checked(peft_model, folder, adapter_name, weights)
+
+
+def frozen_lora_model(model, folder: str | Path, adapter_name: str, weights: dict[str, torch.Tensor]):
+    """``model`` wrapped in a ``PeftModel`` whose first adapter ``adapter_name`` is the frozen LoRA of ``folder``
+    (LoRA weights only: heads are kept outside, as with :func:`add_frozen_lora`). No task type: a
+    sequence-classification ``PeftModel`` would add its head to ``modules_to_save`` again."""
+    from peft import get_peft_model
+
+    config = _frozen_lora_config(folder, None)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _load_checked(peft_model, folder, adapter_name, weights)
+    return peft_model.eval()
 
 
 @contextmanager

@@ -4,6 +4,14 @@ Bradley-Terry: the probability that ``chosen`` beats ``rejected`` is
 ``sigmoid(r_c - r_r)``; with a required margin ``m`` (Llama-2 style) the loss is
 
     loss = mean_i( -log sigmoid(r_c[i] - r_r[i] - m[i]) )
+
+Length disentanglement (ODIN, Chen et al. 2024): two linear heads on the same pooled features,
+quality ``r_Q = w_Q . h`` and length ``r_L = w_L . h``; the pair loss is taken on ``r_Q + r_L`` and
+
+    loss += lambda_L * ( |rho(r_Q, L)| - rho(r_L, L) ) + lambda_O * |w_Q . w_L|
+
+with ``rho`` the Pearson correlation over the batch's responses and ``L`` their lengths in
+tokens. Only ``r_Q`` is kept for scoring: the length head absorbs what length explains.
 """
 
 from __future__ import annotations
@@ -30,6 +38,26 @@ def bradley_terry_loss(
     if reduction == "sum":
         return losses.sum()
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def pearson_t(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Differentiable Pearson correlation of two (N,) tensors -> (); 0 when either is constant.
+
+    ``sum(xc * yc) / sqrt(sum(xc^2) * sum(yc^2) + eps)`` with ``xc = x - mean(x)``, ``yc = y - mean(y)``.
+    """
+    y = y.to(x.dtype)
+    xc, yc = x - x.mean(), y - y.mean()
+    return (xc * yc).sum() / torch.sqrt((xc * xc).sum() * (yc * yc).sum() + eps)
+
+
+def length_disentangle_loss(quality: torch.Tensor, length_reward: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """ODIN's length term ``|rho(r_Q, L)| - rho(r_L, L)``: quality, length_reward, lengths (N,) -> ()."""
+    return pearson_t(quality, lengths).abs() - pearson_t(length_reward, lengths)
+
+
+def orthogonality_loss(w_quality: torch.Tensor, w_length: torch.Tensor) -> torch.Tensor:
+    """``|w_Q . w_L|`` for two head weights of the same shape (1, H) or (H,) -> ()."""
+    return (w_quality.reshape(-1) * w_length.reshape(-1).to(w_quality.dtype)).sum().abs()
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:

@@ -36,8 +36,12 @@ from rlhf.errors import ConfigError, UserError
 
 METADATA_FILE = "reward_model.json"
 STATS_FILE = "reward_stats.json"
+ENSEMBLE_FILE = "ensemble.json"
+MEMBERS_DIR = "members"
+LENGTH_HEAD_FILE = "length_head.safetensors"
 SFT_COPY = "sft_adapter"
 FORMAT = "rlhf-reward-model"
+ENSEMBLE_FORMAT = "rlhf-reward-ensemble"
 INPUT_FORMAT = "chat_template(prompt, add_generation_prompt=True) + response + eos, left-truncated to max_length"
 POOLING = "last attended token (attention_mask), position_ids = cumsum(mask) - 1"
 
@@ -92,11 +96,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def pooled_rewards(
-    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def pooled_hidden(
+    trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lower: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
-    """One scalar per row: ``head(trunk(...)[b, last_token_index[b]])``; (B, T) -> (B,) float32.
+    """The trunk's last hidden state at each row's last attended position: (B, T) -> (B, H).
 
     ``lower = (h, k)``: ``h`` (B, T, H) is already the input of block ``k`` (the caller guarantees the
     active adapters leave blocks below ``k`` untouched); only blocks ``k`` and up are run.
@@ -111,8 +115,33 @@ def pooled_rewards(
             out = trunk(inputs_embeds=lower[0], **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)
-    return head(last.to(_param_dtype(head, last.dtype))).squeeze(-1).float()  # (B,)
+    return hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)
+
+
+def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The input of block ``blocks`` (the output of the blocks below it): (B, T) -> (B, T, H)."""
+    from rlhf.models import block_range
+
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    with block_range(trunk, 0, blocks):
+        out = trunk(input_ids=input_ids, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """``head(pooled)`` in the head's dtype, one float32 scalar per row: (B, H) -> (B,)."""
+    return head(pooled.to(_param_dtype(head, pooled.dtype))).squeeze(-1).float()
+
+
+def pooled_rewards(
+    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    lower: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """One scalar per row: ``head(trunk(...)[b, last_token_index[b]])``; (B, T) -> (B,) float32.
+
+    ``lower``: see :func:`pooled_hidden`.
+    """
+    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower))
 
 
 def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -200,9 +229,10 @@ def adapter_digest(adapter: str | Path) -> str:
 
 
 def write_metadata(
-    folder: Path, *, base: str, base_path: str, sft_adapter: str | None, max_length: int, hidden_size: int
+    folder: Path, *, base: str, base_path: str, sft_adapter: str | None, max_length: int, hidden_size: int,
+    **extra,
 ):
-    """Write ``reward_model.json``: what a loader needs to rebuild the exact scoring model."""
+    """Write ``reward_model.json``: what a loader needs to rebuild the exact scoring model (+ ``extra`` keys)."""
     meta = {
         "format": FORMAT,
         "version": 1,
@@ -216,6 +246,7 @@ def write_metadata(
         "hidden_size": hidden_size,
         "input": INPUT_FORMAT,
         "pooling": POOLING,
+        **extra,
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -240,3 +271,48 @@ def read_metadata(folder: str | Path) -> dict:
 def read_stats(folder: str | Path) -> dict:
     path = Path(folder) / STATS_FILE
     return json.loads(path.read_text()) if path.is_file() else {"mean": 0.0, "std": 1.0, "n": 0}
+
+
+def write_ensemble(folder: Path, members: list[dict], **extra) -> dict:
+    """Write ``ensemble.json``: member ``i``'s adapter (LoRA + score head) lives in ``members/i``.
+
+    ``members``: one dict per member (``seed``, ``train_pairs``, ...), in member order. The
+    top-level adapter files are a copy of member 0, so readers that know no ensembles score with it.
+    """
+    desc = {
+        "format": ENSEMBLE_FORMAT,
+        "version": 1,
+        "size": len(members),
+        "members": [{"path": f"{MEMBERS_DIR}/{i}", **m} for i, m in enumerate(members)],
+        "score": "mean over members (RewardScorer.score); per member: RewardScorer.score_members",
+        "top_level_adapter": f"{MEMBERS_DIR}/0",
+        **extra,
+    }
+    (folder / ENSEMBLE_FILE).write_text(json.dumps(desc, indent=2) + "\n")
+    return desc
+
+
+def member_dirs(folder: str | Path) -> list[Path]:
+    """Adapter folders of the reward model's members: ``[folder]`` unless ``ensemble.json`` lists members."""
+    folder = Path(folder)
+    desc_file = folder / ENSEMBLE_FILE
+    if not desc_file.is_file():
+        return [folder]
+    desc = json.loads(desc_file.read_text())
+    if desc.get("format") != ENSEMBLE_FORMAT or not desc.get("members"):
+        raise UserError(f"{desc_file} is not a {ENSEMBLE_FORMAT} description")
+    dirs = [folder / m["path"] for m in desc["members"]]
+    for d in dirs:
+        if not (d / "adapter_config.json").is_file():
+            raise UserError(f"ensemble member folder {d} has no adapter_config.json")
+    return dirs
+
+
+def save_length_head(folder: Path, head: nn.Linear) -> None:
+    """``length_head.safetensors``: the length head of a length-debiased RM (kept for inspection, unused in scoring)."""
+    from safetensors.torch import save_file
+
+    tensors = {"weight": head.weight.detach().cpu().contiguous()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias.detach().cpu().contiguous()
+    save_file(tensors, str(folder / LENGTH_HEAD_FILE))

@@ -10,6 +10,12 @@ Two ways to get one:
 
 Both score through :func:`reward.modeling.pooled_rewards` with the input layout documented in
 :mod:`reward.modeling`, so they give the same numbers for the same texts.
+
+Ensembles (``rlhf reward --ensemble K``): the folder holds ``ensemble.json`` and one adapter per
+member in ``members/i``; both constructors load every member (K LoRA adapters on the one base,
+each with its own frozen head). ``score`` / ``score_tokens`` return the mean over members;
+``score_members`` / ``score_tokens(..., members=True)`` return every member's scores (K, B).
+Blocks below the lowest block any member adapts are run once per batch, not once per member.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from reward.modeling import (
     adapter_digest,
     encode_for_reward,
     head_linear,
+    lower_hidden,
+    member_dirs,
     pad_right,
     pooled_rewards,
     read_metadata,
@@ -49,9 +57,10 @@ class RewardScorer:
         metadata: dict | None = None,
         scope=None,
         owner: nn.Module | None = None,
+        members: list[tuple[nn.Module, Any]] | None = None,
     ):
         self.trunk = trunk  # decoder trunk (shared with the policy after attach)
-        self.head = head  # (H,) -> 1 score head
+        self.head = head  # (H,) -> 1 score head (member 0's in an ensemble)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.metadata = metadata or {}
@@ -59,6 +68,8 @@ class RewardScorer:
         self._scope = scope  # context manager factory run around every forward
         self._owner = owner  # the module that owns trunk/head (kept alive; switched to eval in scope)
         self._untouched: int | None = None  # see untouched_blocks (the adapters do not change once attached)
+        # ensemble: (head, scope factory) per member, each scope activating that member's adapters only
+        self._members = list(members) if members else None
 
     # construction
 
@@ -76,11 +87,31 @@ class RewardScorer:
         sft = str(Path(path) / meta["sft_adapter"]) if meta.get("sft_adapter") else None
         base = meta["base_model_path"] if Path(meta["base_model_path"]).exists() else meta["base_model"]
         model = build_reward_model(base, sft, dtype=dtype, device=device, seed=0)
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
-        trunk, head = trunk_and_head(model)
+        dirs = member_dirs(path)
         tokenizer = load_tokenizer(str(path))
+        if len(dirs) == 1:
+            model = PeftModel.from_pretrained(model, str(dirs[0]), is_trainable=False).eval()
+            trunk, head = trunk_and_head(model)
+            return cls(
+                trunk, head, tokenizer, max_length=meta["max_length"], stats=read_stats(path), metadata=meta, owner=model
+            )
+        from reward.attach import adapters_active, add_frozen_lora, frozen_head, frozen_lora_model
+
+        like = next(model.parameters())
+        names = [f"member_{i}" for i in range(len(dirs))]
+        heads = []
+        for i, (name, folder) in enumerate(zip(names, dirs)):
+            weights, head_weights = _member_weights(folder)
+            if i == 0:
+                model = frozen_lora_model(model, folder, name, weights)
+            else:
+                add_frozen_lora(model, folder, name, weights)
+            heads.append(frozen_head(head_weights, like))
+        trunk, _ = trunk_and_head(model)
+        members = [(h, _scope_of(adapters_active, model, [n])) for h, n in zip(heads, names)]
         return cls(
-            trunk, head, tokenizer, max_length=meta["max_length"], stats=read_stats(path), metadata=meta, owner=model
+            trunk, heads[0], tokenizer, max_length=meta["max_length"], stats=read_stats(path),
+            metadata={**meta, "member_adapters": names}, owner=model, members=members,
         )
 
     @classmethod
@@ -147,7 +178,7 @@ class RewardScorer:
         """
         from peft import PeftModel
 
-        from reward.attach import adapters_active, add_frozen_lora, frozen_head, lora_weights, split_head
+        from reward.attach import adapters_active, add_frozen_lora, frozen_head, lora_weights
 
         if not isinstance(peft_model, PeftModel):
             raise UserError("RewardScorer.attach needs a peft.PeftModel (the policy with its LoRA adapter)")
@@ -156,25 +187,40 @@ class RewardScorer:
         reason = cls.incompatibility(reward_dir, base_path, tokenizer, merged_sft_adapter=merged_sft_adapter)
         if reason:
             raise UserError(f"cannot attach the reward model {reward_dir} to the policy: {reason}; use a standalone RM")
-        rm_config = json.loads((Path(reward_dir) / "adapter_config.json").read_text())
-        weights, head_weights = split_head(lora_weights(reward_dir), rm_config.get("modules_to_save") or ["score"])
-        names = [adapter_name]
+        dirs = member_dirs(reward_dir)
+        loaded = [_member_weights(d) for d in dirs]
+        shared = []
         if meta.get("sft_merged") and merged_sft_adapter is None:
             sft_dir = Path(reward_dir) / SFT_COPY
             add_frozen_lora(peft_model, sft_dir, f"{adapter_name}_sft", lora_weights(sft_dir))
-            names.insert(0, f"{adapter_name}_sft")
-        add_frozen_lora(peft_model, reward_dir, adapter_name, weights)
+            shared = [f"{adapter_name}_sft"]
+        member_names = [adapter_name] + [f"{adapter_name}_member{i}" for i in range(1, len(dirs))]
+        for name, folder, (weights, _) in zip(member_names, dirs, loaded):
+            add_frozen_lora(peft_model, folder, name, weights)
         trunk = getattr(peft_model.get_base_model(), peft_model.get_base_model().base_model_prefix)
         like = next(p for p in trunk.parameters())
-        head = frozen_head(head_weights, like)
+        heads = [frozen_head(head_weights, like) for _, head_weights in loaded]
+        names = shared + member_names
+        if len(dirs) == 1:
+            return cls(
+                trunk,
+                heads[0],
+                tokenizer,
+                max_length=meta["max_length"],
+                stats=read_stats(reward_dir),
+                metadata={**meta, "attached_adapters": names},
+                scope=lambda: adapters_active(peft_model, names),
+            )
+        members = [(h, _scope_of(adapters_active, peft_model, shared + [n])) for h, n in zip(heads, member_names)]
         return cls(
             trunk,
-            head,
+            heads[0],
             tokenizer,
             max_length=meta["max_length"],
             stats=read_stats(reward_dir),
             metadata={**meta, "attached_adapters": names},
-            scope=lambda: adapters_active(peft_model, names),
+            scope=members[0][1],
+            members=members,
         )
 
     # scoring
@@ -202,54 +248,103 @@ class RewardScorer:
         """Token ids exactly as in training, and each response's length in tokens."""
         return encode_for_reward(self.tokenizer, prompts, responses, self.max_length)
 
+    @property
+    def ensemble_size(self) -> int:
+        """Number of reward members (1 for a plain reward model)."""
+        return len(self._members) if self._members else 1
+
     def _context(self):
         if self._scope is not None:
             return self._scope()
         return _eval_mode(self._owner or self.trunk)
 
     def untouched_blocks(self) -> int:
-        """Lowest blocks of the shared trunk that the attached RM adapters leave as the bare base (0 standalone)."""
+        """Lowest blocks of the trunk that every RM adapter leaves as the bare base (0 for a standalone plain RM)."""
         if self._untouched is None:
             from rlhf.models import untouched_blocks
 
-            names = self.metadata.get("attached_adapters")
+            names = self.metadata.get("attached_adapters") or self.metadata.get("member_adapters")
             self._untouched = min(untouched_blocks(self.trunk, name) for name in names) if names else 0
         return self._untouched
 
     @torch.no_grad()
     def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     lower: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                     lower: tuple[torch.Tensor, int] | None = None, members: bool = False) -> torch.Tensor:
         """Rewards (B,) float32 for tokenised sequences (B, T), right- or left-padded (mask marks real tokens).
 
         Sequences should be laid out as in training: chat-templated prompt, response, EOS.
         ``lower = (h, k)`` (attached RMs): ``h`` is the bare base's input of block ``k`` for these
         sequences; when the RM adapters leave blocks below ``k`` untouched only the blocks above are run.
+        An ensemble returns the mean over members, or with ``members=True`` every member's rewards (K, B)
+        (a plain RM then gives (1, B)).
         """
         device = self.device
         if lower is not None and not 0 < lower[1] <= self.untouched_blocks():
             lower = None
-        with self._context():
-            return pooled_rewards(self.trunk, self.head, input_ids.to(device), attention_mask.to(device), lower)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if not self._members:
+            with self._context():
+                rewards = pooled_rewards(self.trunk, self.head, input_ids, attention_mask, lower)
+            return rewards.unsqueeze(0) if members else rewards
+        if lower is None and self.untouched_blocks() > 0:  # the blocks no member adapts: once for all members
+            with self._members[0][1]():
+                k = self.untouched_blocks()
+                lower = (lower_hidden(self.trunk, input_ids, attention_mask, k), k)
+        per_member = []
+        for head, scope in self._members:
+            with scope():
+                per_member.append(pooled_rewards(self.trunk, head, input_ids, attention_mask, lower))
+        stacked = torch.stack(per_member)  # (K, B)
+        return stacked if members else stacked.mean(dim=0)
 
     @torch.no_grad()
-    def score_ids(self, seqs: list[list[int]], batch_size: int = 16) -> list[float]:
-        """Rewards for token-id lists, batched by similar length (results in input order)."""
+    def score_ids(self, seqs: list[list[int]], batch_size: int = 16, members: bool = False) -> list:
+        """Rewards for token-id lists, batched by similar length (results in input order).
+
+        ``members=True``: one list per member (K lists of ``len(seqs)`` rewards).
+        """
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        out = [0.0] * len(seqs)
+        k = self.ensemble_size if members else 1
+        out = [[0.0] * len(seqs) for _ in range(k)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_right([seqs[i] for i in idx], pad, self.device)
-            for i, r in zip(idx, self.score_tokens(ids, mask).tolist()):
-                out[i] = r
-        return out
+            rewards = self.score_tokens(ids, mask, members=members)
+            for row, values in zip(out, (rewards if members else rewards.unsqueeze(0)).tolist()):
+                for i, r in zip(idx, values):
+                    row[i] = r
+        return out if members else out[0]
 
     def score(self, prompts: list[Any], responses: list[str], batch_size: int = 16) -> list[float]:
-        """One reward per (prompt, response); prompts are strings or message lists."""
+        """One reward per (prompt, response) (the mean over members of an ensemble); prompts are strings or
+        message lists."""
         if not responses:
             return []
         seqs, _ = self.encode(prompts, responses)
         return self.score_ids(seqs, batch_size)
+
+    def score_members(self, prompts: list[Any], responses: list[str], batch_size: int = 16) -> list[list[float]]:
+        """Every member's rewards: K lists (members) of B rewards (K = 1 for a plain reward model)."""
+        if not responses:
+            return [[] for _ in range(self.ensemble_size)]
+        seqs, _ = self.encode(prompts, responses)
+        return self.score_ids(seqs, batch_size, members=True)
+
+
+# helper functions
+
+
+def _member_weights(folder: Path) -> tuple[dict, dict]:
+    """(LoRA weights, score-head weights) of one saved member adapter."""
+    from reward.attach import lora_weights, split_head
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return split_head(lora_weights(folder), config.get("modules_to_save") or ["score"])
+
+
+def _scope_of(adapters_active, peft_model, names: list[str]):
+    return lambda: adapters_active(peft_model, names)
 
 
 class _eval_mode:

@@ -8,17 +8,34 @@ is ``model_name_or_path``, or that base with the LoRA ``sft_adapter`` merged int
 Output folder (written through ``staged_output``, so nothing appears if the run fails)::
 
     output_dir/
-      adapter_config.json, adapter_model.safetensors   RM LoRA + score head (PEFT, task SEQ_CLS)
+      adapter_config.json, adapter_model.safetensors   RM LoRA + score head (PEFT, task SEQ_CLS); member 0's
       tokenizer files                                  the tokenizer the RM was trained with
       reward_model.json                                base, merged SFT adapter, max_length, input layout
       sft_adapter/                                     copy of the merged SFT adapter (only with sft_adapter)
       reward_stats.json                                mean/std of rewards on training responses (PPO normalisation)
       run_config.yaml, metrics.json, logs/             resolved config, results, metrics.jsonl + TensorBoard
+      ensemble.json, members/0 .. members/K-1/         only with ensemble: K > 1 (one adapter per member)
+      length_head.safetensors                          only with length_debias: length_head (not used to score)
+
+Ensemble (``ensemble: K``): K LoRA adapters (each with its own score head) on the one base, trained
+one after the other by ``RewardTrainer``; member ``i`` uses seed ``seed + i`` (head and LoRA
+initialisation, data order) and, with ``ensemble_bootstrap``, a bootstrap resample (n pairs drawn
+with replacement) of the training pairs. Separate adapters give members different features, not
+only different linear read-outs of one feature set. The score is the mean over members;
+``metrics.json`` reports each member's held-out accuracy, the ensemble's (mean score), and the mean
+disagreement (population std over members) on held-out responses. ``reward_stats.json`` keeps the
+statistics of the mean score at the top level (what a plain reader uses) and, under
+``aggregates``/``moments``, those of every aggregate PPO can optimise (see :mod:`rlhf.ppo.aggregate`).
+
+Length debiasing (``length_debias: length_head``, ODIN): a second linear head on the same pooled
+features learns what response length explains (see :mod:`reward.losses`); only the quality head is
+saved as the RM's score head, so every reader scores without length.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import shutil
 import sys
@@ -26,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reward.pairs_format import split_by_prompt
-from rlhf.config import Optional, TrainingConfig, field, require, save_config
+from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
 from rlhf.errors import DataError
 from rlhf.hf_trainer import Stopwatch, trainer_kwargs
 from rlhf.outputs import staged_output, write_json
@@ -63,6 +80,17 @@ class RewardStageConfig(TrainingConfig):
     )
     max_train_samples: Optional[int] = field(None, "use at most this many training pairs")
     stats_max_pairs: int = field(256, "training pairs scored for reward_stats.json (both responses each)")
+    ensemble: int = field(
+        1, "reward members: K LoRA adapters (+ heads) on one base, member i with seed + i; the score is their mean"
+    )
+    ensemble_bootstrap: bool = field(
+        True, "ensemble > 1: each member trains on its own bootstrap resample of the training pairs (false: all pairs)"
+    )
+    length_debias: Literal["none", "length_head"] = field(
+        "none", "length_head: a second head absorbs response length while training (ODIN) and is dropped for scoring"
+    )
+    length_head_coef: float = field(1.0, "length_head: weight of |corr(quality, length)| - corr(length head, length)")
+    length_orthogonal_coef: float = field(1.0, "length_head: weight of |w_quality . w_length| (orthogonal heads)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +106,9 @@ class RewardStageConfig(TrainingConfig):
             self.max_train_samples is None or self.max_train_samples >= 1, "config key 'max_train_samples' must be >= 1"
         )
         require(self.stats_max_pairs >= 1, "config key 'stats_max_pairs' must be >= 1")
+        require(1 <= self.ensemble <= 16, "config key 'ensemble' must be between 1 and 16")
+        require(self.length_head_coef >= 0, "config key 'length_head_coef' must be >= 0")
+        require(self.length_orthogonal_coef >= 0, "config key 'length_orthogonal_coef' must be >= 0")
         if self.sft_adapter:
             require(Path(self.sft_adapter).is_dir(), f"config key 'sft_adapter': folder not found: {self.sft_adapter}")
         require(
@@ -131,9 +162,11 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         cfg.model_name_or_path, cfg.sft_adapter, dtype=pick_dtype(cfg.precision, device), device=device, seed=cfg.seed
     )
     with_margin = cfg.use_margin and any(p.margin is not None for p in train_pairs)
-    train_ds = pairs_to_dataset(tokenizer, train_pairs, cfg.max_length, with_margin)
+    length_head = new_length_head(model, cfg.seed) if cfg.length_debias == "length_head" else None
+    with_lengths = length_head is not None
+    train_ds = pairs_to_dataset(tokenizer, train_pairs, cfg.max_length, with_margin, with_lengths)
     periodic = bool(cfg.eval_steps and held_pairs)
-    eval_ds = pairs_to_dataset(tokenizer, held_pairs, cfg.max_length, with_margin) if periodic else None
+    eval_ds = pairs_to_dataset(tokenizer, held_pairs, cfg.max_length, with_margin, with_lengths) if periodic else None
     args = RewardConfig(
         **trainer_kwargs(cfg, str(work / "trainer"), periodic, cfg.eval_steps or None),
         max_length=None,  # sequences are already left-truncated to cfg.max_length
@@ -151,31 +184,177 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         processing_class=tokenizer,
         peft_config=lora_config_for(cfg, num_layers),
         callbacks=[LoggerCallback(logger)] if logger else [],
+        length_head=length_head,
+        length_coef=cfg.length_head_coef,
+        orthogonal_coef=cfg.length_orthogonal_coef,
     )
 
 
-def training_stats(scorer, pairs, max_pairs: int, seed: int, batch_size: int) -> dict:
-    """Mean/std of rewards over both responses of up to ``max_pairs`` training pairs (seeded sample)."""
-    from reward.evaluate import score_pairs
-    from reward.losses import mean_std
+def new_length_head(model, seed: int):
+    """A fresh ``nn.Linear(H, 1)`` shaped like the model's score head, N(0, initializer_range) from its own
+    seeded generator (the global RNG is left alone)."""
+    import torch
 
+    from reward.modeling import trunk_and_head
+
+    _, head = trunk_and_head(model)
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+    weight = torch.empty(head.weight.shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed + 7919))
+    length_head = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    with torch.no_grad():
+        length_head.weight.copy_(weight)
+        if length_head.bias is not None:
+            length_head.bias.zero_()
+    return length_head.to(device=head.weight.device, dtype=head.weight.dtype)
+
+
+def bootstrap_pairs(pairs: list, seed: int) -> list:
+    """n pairs drawn with replacement from the n ``pairs`` (seeded)."""
+    return random.Random(seed).choices(pairs, k=len(pairs))
+
+
+def stats_sample(pairs: list, max_pairs: int, seed: int) -> list:
+    """The seeded sample of training pairs whose responses ``reward_stats.json`` describes."""
     sample = list(pairs)
     random.Random(seed).shuffle(sample)
-    scored = score_pairs(scorer, sample[:max_pairs], batch_size)
-    rewards = scored["chosen"] + scored["rejected"]
-    mean, std = mean_std(rewards)
-    return {"mean": mean, "std": std, "n": len(rewards), "source": "training pairs (chosen and rejected responses)"}
+    return sample[:max_pairs]
 
 
-def final_evaluation(cfg: RewardStageConfig, scorer, train_pairs, held_pairs) -> tuple[dict, dict]:
-    """(``eval_*`` metrics on the held-out pairs, reward statistics of training responses); prints a summary."""
-    from reward.evaluate import evaluate_pairs, format_summary
+class _Prefixed:
+    """A :class:`MetricsLogger` view that prefixes every metric name (one ensemble member's logs)."""
 
-    metrics = {}
+    def __init__(self, logger: MetricsLogger, prefix: str):
+        self.logger, self.prefix = logger, prefix
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.logger.log(step, {self.prefix + k: v for k, v in metrics.items()})
+
+
+@dataclasses.dataclass
+class MemberResult:
+    """What one trained member leaves behind once its model is freed."""
+
+    metrics: dict           # training figures (train_loss, steps, runtime, ...)
+    held: dict | None       # score_pairs of the held-out pairs (quality head)
+    stats_rewards: list     # rewards of the stats sample's responses (chosen then rejected)
+    length_head_corr: float | None  # Pearson(length head, response length) on held-out responses
+    tokenizer: object
+    hidden_size: int
+
+
+def train_member(
+    cfg: RewardStageConfig, index: int, work: Path, dest: Path, train_pairs, held_pairs, logger
+) -> MemberResult:
+    """Train member ``index`` (the RM itself when ``cfg.ensemble == 1``), score what the metrics need, save its
+    adapter into ``dest`` and free the model."""
+    from reward.evaluate import score_pairs
+    from reward.losses import pearson
+    from reward.modeling import save_length_head
+    from reward.scorer import RewardScorer
+    from rlhf.models import count_parameters
+
+    single = cfg.ensemble == 1
+    member_cfg = cfg if single else dataclasses.replace(cfg, seed=cfg.seed + index)
+    pairs = train_pairs if single or not cfg.ensemble_bootstrap else bootstrap_pairs(train_pairs, member_cfg.seed)
+    member_logger = logger if single or logger is None else _Prefixed(logger, f"member{index}/")
+    trainer = build_trainer(member_cfg, work, pairs, held_pairs, member_logger)
+    trainable, total = count_parameters(trainer.model)
+    tokenizer = trainer.processing_class
+    truncated = sum(
+        len(ids) >= cfg.max_length
+        for column in ("chosen_ids", "rejected_ids")
+        for ids in list(trainer.train_dataset[column])
+    )
+    print(
+        ("" if single else f"member {index}/{cfg.ensemble} (seed {member_cfg.seed}): ")
+        + f"reward model: {len(pairs)} train pairs"
+        + ("" if single or not cfg.ensemble_bootstrap else f" ({len({id(p) for p in pairs})} distinct)")
+        + f", {len(held_pairs)} held-out pairs, {trainable:,} of {total:,} parameters trainable"
+        + (f", {truncated} sequences truncated to {cfg.max_length} tokens" if truncated else ""),
+        file=sys.stderr,
+    )
+    result = trainer.train()
+    runtime = result.metrics.get("train_runtime", 0.0)
+    pairs_seen = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    pairs_seen = min(pairs_seen, round(len(pairs) * cfg.num_train_epochs)) if cfg.max_steps < 0 else pairs_seen
+    metrics = {
+        "seed": member_cfg.seed,
+        "train_loss": result.metrics.get("train_loss"),
+        "train_pairs": len(pairs),
+        "distinct_train_pairs": len({id(p) for p in pairs}),
+        "steps": trainer.state.global_step,
+        "margin_used": "margin" in trainer.train_dataset.column_names,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "truncated_sequences": truncated,
+        "train_runtime_s": round(runtime, 2),
+        "pairs_seen": pairs_seen,
+    }
+    model = trainer.model
+    scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length)
+    bs = cfg.per_device_eval_batch_size
+    held = score_pairs(scorer, held_pairs, bs) if held_pairs else None
+    sample = score_pairs(scorer, stats_sample(train_pairs, cfg.stats_max_pairs, cfg.seed), bs)
+    length_corr = None
+    if trainer.length_head is not None:
+        if held_pairs:
+            length_scorer = RewardScorer(scorer.trunk, trainer.length_head, tokenizer, max_length=cfg.max_length,
+                                         owner=model)
+            length_held = score_pairs(length_scorer, held_pairs, bs)
+            length_corr = pearson(
+                length_held["chosen"] + length_held["rejected"],
+                [float(x) for x in held["chosen_len"] + held["rejected_len"]],
+            )
+        save_length_head(dest, trainer.length_head)
+    trainer.save_model(str(dest))
+    shutil.rmtree(work / "trainer", ignore_errors=True)
+    hidden_size = model.config.get_text_config().hidden_size
+    del trainer, model, scorer
+    gc.collect()
+    return MemberResult(metrics, held, sample["chosen"] + sample["rejected"], length_corr, tokenizer, hidden_size)
+
+
+def _held_metrics(held: dict, chosen: list, rejected: list) -> dict:
+    from reward.losses import preference_metrics
+
+    return preference_metrics(chosen, rejected, held["margins"], held["chosen_len"], held["rejected_len"])
+
+
+def combine_members(cfg: RewardStageConfig, members: list[MemberResult], held_pairs) -> tuple[dict, dict]:
+    """(metrics of the RM the folder holds, ``reward_stats.json``): the one member, or the ensemble's mean score."""
+    import torch
+
+    from reward.evaluate import format_summary
+    from reward.losses import mean_std
+    from rlhf.ppo.aggregate import aggregate_rewards, aggregate_table, member_std
+
+    k = len(members)
+    metrics: dict = {}
     if held_pairs:
-        held = evaluate_pairs(scorer, held_pairs, cfg.per_device_eval_batch_size)
-        metrics = {f"eval_{k}": v for k, v in held.items() if k != "n"}
-        print("held-out: " + format_summary(held), file=sys.stderr)
+        first = members[0].held
+        n = len(held_pairs)
+        if k == 1:
+            chosen, rejected = first["chosen"], first["rejected"]
+        else:
+            per = torch.tensor([m.held["chosen"] + m.held["rejected"] for m in members])  # (K, 2n)
+            mean = aggregate_rewards(per, "mean").tolist()
+            chosen, rejected = mean[:n], mean[n:]
+        held = _held_metrics(first, chosen, rejected)
+        metrics = {f"eval_{key}": v for key, v in held.items() if key != "n"}
+        if k > 1:
+            per_member = [_held_metrics(first, m.held["chosen"], m.held["rejected"]) for m in members]
+            metrics["eval_member_accuracy"] = [m["accuracy"] for m in per_member]
+            metrics["eval_member_length_correlation"] = [m["length_correlation"] for m in per_member]
+            metrics["eval_member_disagreement"] = float(member_std(per).mean())
+            for how in ("min", "mean_minus_std"):
+                agg = aggregate_rewards(per, how).tolist()
+                metrics[f"eval_accuracy_{how}"] = _held_metrics(first, agg[:n], agg[n:])["accuracy"]
+            for i, m in enumerate(per_member):
+                print(f"member {i}: held-out " + format_summary(m), file=sys.stderr)
+        corrs = [m.length_head_corr for m in members if m.length_head_corr is not None]
+        if corrs:
+            metrics["eval_length_head_correlation"] = sum(corrs) / len(corrs)
+        print(("held-out: " if k == 1 else f"held-out (mean of {k} members): ") + format_summary(held), file=sys.stderr)
         corr = held.get("length_correlation")
         if corr is not None and abs(corr) > LENGTH_WARNING:
             print(
@@ -183,79 +362,103 @@ def final_evaluation(cfg: RewardStageConfig, scorer, train_pairs, held_pairs) ->
                 "the RM may be rewarding length itself",
                 file=sys.stderr,
             )
-    stats = training_stats(scorer, train_pairs, cfg.stats_max_pairs, cfg.seed, cfg.per_device_eval_batch_size)
+    source = "training pairs (chosen and rejected responses)"
+    if k == 1:
+        mean, std = mean_std(members[0].stats_rewards)
+        stats = {"mean": mean, "std": std, "n": len(members[0].stats_rewards), "source": source}
+    else:
+        per = torch.tensor([m.stats_rewards for m in members])  # (K, N)
+        mean, std = mean_std(aggregate_rewards(per, "mean").tolist())
+        stats = {"mean": mean, "std": std, "n": per.shape[1], "source": source + "; mean over members",
+                 "ensemble": k, **aggregate_table(per)}
     metrics.update(train_reward_mean=stats["mean"], train_reward_std=stats["std"])
     return metrics, stats
 
 
 def run_reward(cfg: RewardStageConfig) -> dict:
-    """Train the RM and write ``cfg.output_dir``; returns the metrics written to ``metrics.json``."""
-    from reward.modeling import SFT_COPY, write_metadata
-    from reward.scorer import RewardScorer
+    """Train the RM (or its ``ensemble`` members) and write ``cfg.output_dir``; returns the metrics written to
+    ``metrics.json``."""
+    from reward.modeling import MEMBERS_DIR, SFT_COPY, write_ensemble, write_metadata
     from rlhf.data import fingerprint
-    from rlhf.models import count_parameters, resolve_model_path
+    from rlhf.models import resolve_model_path
     from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()
     train_pairs, held_pairs = load_splits(cfg)
+    k = cfg.ensemble
     with staged_output(cfg.output_dir) as work:
         logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard")
         try:
-            trainer = build_trainer(cfg, work, train_pairs, held_pairs, logger)
-            trainable, total = count_parameters(trainer.model)
-            tokenizer = trainer.processing_class
-            truncated = sum(
-                len(ids) >= cfg.max_length
-                for column in ("chosen_ids", "rejected_ids")
-                for ids in list(trainer.train_dataset[column])
-            )
-            print(
-                f"reward model: {len(train_pairs)} train pairs, {len(held_pairs)} held-out pairs, "
-                f"{trainable:,} of {total:,} parameters trainable"
-                + (f", {truncated} sequences truncated to {cfg.max_length} tokens" if truncated else ""),
-                file=sys.stderr,
-            )
-            result = trainer.train()
-            runtime = result.metrics.get("train_runtime", 0.0)
-            pairs_seen = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-            pairs_seen = (
-                min(pairs_seen, round(len(train_pairs) * cfg.num_train_epochs)) if cfg.max_steps < 0 else pairs_seen
-            )
+            members = []
+            for i in range(k):
+                dest = work if k == 1 else work / MEMBERS_DIR / str(i)
+                dest.mkdir(parents=True, exist_ok=True)
+                members.append(train_member(cfg, i, work, dest, train_pairs, held_pairs, logger))
+            trained = [m.metrics for m in members]
+            runtime = sum(m["train_runtime_s"] for m in trained)
             metrics = {
-                "train_loss": result.metrics.get("train_loss"),
+                "train_loss": trained[0]["train_loss"] if k == 1 else sum(m["train_loss"] for m in trained) / k,
                 "train_pairs": len(train_pairs),
                 "eval_pairs": len(held_pairs),
                 "eval_prompts": len({p.prompt_key for p in held_pairs}),
-                "steps": trainer.state.global_step,
-                "margin_used": "margin" in trainer.train_dataset.column_names,
+                "steps": sum(m["steps"] for m in trained),
+                "margin_used": trained[0]["margin_used"],
                 "sft_adapter": cfg.sft_adapter,
-                "trainable_parameters": trainable,
-                "total_parameters": total,
-                "truncated_sequences": truncated,
+                "trainable_parameters": sum(m["trainable_parameters"] for m in trained),
+                "total_parameters": trained[0]["total_parameters"]
+                + sum(m["trainable_parameters"] for m in trained[1:]),
+                "truncated_sequences": trained[0]["truncated_sequences"],
                 "train_runtime_s": round(runtime, 2),
-                "train_pairs_per_s": round(pairs_seen / runtime, 3) if runtime else None,
+                "train_pairs_per_s": round(sum(m["pairs_seen"] for m in trained) / runtime, 3) if runtime else None,
                 "dataset_fingerprint": fingerprint(cfg.dataset_name),
             }
-            model = trainer.model
-            scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length)
-            held_metrics, stats = final_evaluation(cfg, scorer, train_pairs, held_pairs)
+            if k > 1:
+                metrics["ensemble"] = k
+            if cfg.length_debias != "none":
+                metrics["length_debias"] = cfg.length_debias
+            held_metrics, stats = combine_members(cfg, members, held_pairs)
+            if k > 1:
+                for entry, m in zip(trained, members):
+                    entry.pop("pairs_seen")
+                    if held_pairs:
+                        entry["eval_accuracy"] = _held_metrics(m.held, m.held["chosen"], m.held["rejected"])[
+                            "accuracy"
+                        ]
+                    if m.length_head_corr is not None:
+                        entry["eval_length_head_correlation"] = m.length_head_corr
+                metrics["members"] = trained
             metrics.update(held_metrics)
-            logger.log(trainer.state.global_step, {f"final/{k}": v for k, v in held_metrics.items()})
+            logger.log(sum(m["steps"] for m in trained), {f"final/{key}": v for key, v in held_metrics.items()})
         finally:
             logger.close()
 
-        trainer.save_model(str(work))
+        tokenizer = members[0].tokenizer
         tokenizer.save_pretrained(str(work))
-        shutil.rmtree(work / "trainer", ignore_errors=True)
+        if k > 1:
+            for f in (work / MEMBERS_DIR / "0").iterdir():  # old readers score with member 0
+                if f.is_file():
+                    shutil.copy2(f, work / f.name)
+            write_ensemble(
+                work,
+                [{"seed": m["seed"], "train_pairs": m["train_pairs"], "distinct_train_pairs": m["distinct_train_pairs"]}
+                 for m in trained],
+                bootstrap=cfg.ensemble_bootstrap,
+            )
         if cfg.sft_adapter:
             shutil.copytree(cfg.sft_adapter, work / SFT_COPY, ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
+        extra = {}
+        if k > 1:
+            extra["ensemble"] = k
+        if cfg.length_debias != "none":
+            extra["length_debias"] = cfg.length_debias
         write_metadata(
             work,
             base=cfg.model_name_or_path,
             base_path=resolve_model_path(cfg.model_name_or_path),
             sft_adapter=cfg.sft_adapter,
             max_length=cfg.max_length,
-            hidden_size=model.config.get_text_config().hidden_size,
+            hidden_size=members[0].hidden_size,
+            **extra,
         )
         write_json(work / "reward_stats.json", stats)
         metrics["wall_time_s"] = watch.seconds

@@ -7,29 +7,88 @@ position. This subclass replaces only the reward computation: rewards come from
 :func:`reward.modeling.pooled_rewards` (last attended token) and the loss from
 :func:`reward.losses.bradley_terry_loss`; data preparation, collation, optimisation and TRL's
 logged metrics (accuracy, margin, min/mean/max reward, tokens) are TRL's.
+
+With a ``length_head`` (``length_debias: length_head``, ODIN) the pair loss is taken on
+``r_Q + r_L`` (quality head = the model's ``score``, length head = that extra ``nn.Linear`` on the
+same pooled features) plus :func:`reward.losses.length_disentangle_loss` and
+:func:`reward.losses.orthogonality_loss`; the logged accuracy/margin/rewards are the quality head's,
+which is what scoring uses. While training the length head is a submodule of the model (so the
+optimizer and gradient clipping include it); it is saved apart from the adapter.
 Single process only (the trunk is called directly, not through a DDP wrapper).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from trl import RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from reward.losses import bradley_terry_loss
-from reward.modeling import pooled_rewards, trunk_and_head
+from reward.losses import bradley_terry_loss, length_disentangle_loss, orthogonality_loss, pearson_t
+from reward.modeling import apply_head, head_linear, pooled_hidden, pooled_rewards, trunk_and_head
+
+LENGTH_COLUMNS = ("chosen_len", "rejected_len")
+LENGTH_HEAD = "length_head"  # attribute of the sequence-classification model while training
+
+
+class LengthCollator(DataCollatorForPreference):
+    """TRL's preference collator plus ``lengths`` (2B,) float: response lengths of the chosen, then rejected rows."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super().torch_call(examples)
+        lengths = [e["chosen_len"] for e in examples] + [e["rejected_len"] for e in examples]
+        out["lengths"] = torch.tensor(lengths, dtype=torch.float)
+        return out
 
 
 class PairwiseRewardTrainer(RewardTrainer):
     """``RewardTrainer`` scoring through :func:`pooled_rewards`; the loss is ``-log sigmoid(r_c - r_r - m)``."""
 
+    def __init__(self, *args, length_head: torch.nn.Module | None = None, length_coef: float = 1.0,
+                 orthogonal_coef: float = 1.0, **kwargs):
+        if length_head is not None and kwargs.get("data_collator") is None:
+            tokenizer = kwargs["processing_class"]
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            kwargs["data_collator"] = LengthCollator(pad_token_id=pad)
+        super().__init__(*args, **kwargs)
+        self.length_head = length_head
+        self.length_coef = length_coef
+        self.orthogonal_coef = orthogonal_coef
+        if length_head is not None:
+            # a submodule of the model, so the optimizer, gradient clipping and device moves include it;
+            # the saved adapter does not (PEFT saves LoRA + modules_to_save only)
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            length_head.to(next(self.model.parameters()).device).requires_grad_(True)
+            base.add_module(LENGTH_HEAD, length_head)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.length_head is not None:
+            self._signature_columns = list(self._signature_columns) + [
+                c for c in LENGTH_COLUMNS if c not in self._signature_columns
+            ]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         trunk, head = trunk_and_head(self.accelerator.unwrap_model(model))
-        rewards = pooled_rewards(trunk, head, inputs["input_ids"], inputs["attention_mask"])  # (2B,)
-        chosen, rejected = torch.chunk(rewards, chunks=2)  # (B,), (B,)
+        if self.length_head is None:
+            rewards = pooled_rewards(trunk, head, inputs["input_ids"], inputs["attention_mask"])  # (2B,)
+            ranked = rewards
+        else:
+            pooled = pooled_hidden(trunk, inputs["input_ids"], inputs["attention_mask"])  # (2B, H)
+            rewards = apply_head(head, pooled)  # (2B,) quality
+            length_rewards = apply_head(self.length_head, pooled)  # (2B,)
+            ranked = rewards + length_rewards
+        chosen, rejected = torch.chunk(ranked, chunks=2)  # (B,), (B,)
         loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"))
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+        if self.length_head is not None:
+            lengths = inputs["lengths"].to(rewards.device)
+            loss = loss + self.length_coef * length_disentangle_loss(rewards, length_rewards, lengths)
+            loss = loss + self.orthogonal_coef * orthogonality_loss(head_linear(head).weight, self.length_head.weight)
+            chosen, rejected = torch.chunk(rewards, chunks=2)  # what scoring uses, for the logged metrics
 
         if mode == "train":
             self._total_train_tokens += int(inputs["attention_mask"].sum().item())
@@ -40,6 +99,9 @@ class PairwiseRewardTrainer(RewardTrainer):
             self._metrics[mode]["max_reward"].append(rewards.max().item())
             self._metrics[mode]["accuracy"].append((chosen > rejected).float().mean().item())
             self._metrics[mode]["margin"].append((chosen - rejected).mean().item())
+            if self.length_head is not None:
+                self._metrics[mode]["length_corr_quality"].append(pearson_t(rewards, lengths).item())
+                self._metrics[mode]["length_corr_length_head"].append(pearson_t(length_rewards, lengths).item())
         if return_outputs:
             return loss, {"logits": torch.stack([chosen, rejected], dim=1)}  # (B, 2)
         return loss
