@@ -72,6 +72,11 @@ class PPOStageConfig(TrainingConfig):
     )
     reward_clip: Optional[float] = field(10.0, "clip normalised scores to [-reward_clip, reward_clip] (null = off)")
     missing_eos_penalty: Optional[float] = field(-1.0, "added to the score of responses without EOS (null = off)")
+    reward_aggregate: Literal["mean", "min", "mean_minus_std"] = field(
+        "mean", "ensemble RM (rlhf reward --ensemble K): members' scores combined as their mean, their min (worst "
+        "case), or mean - reward_aggregate_std_coef * std (uncertainty-weighted); one RM: its score"
+    )
+    reward_aggregate_std_coef: float = field(1.0, "mean_minus_std: weight of the members' standard deviation")
 
     # sampling
     temperature: float = field(0.7, "sampling temperature; log-probs are recomputed with the same temperature")
@@ -145,6 +150,7 @@ class PPOStageConfig(TrainingConfig):
             require(self.kl_horizon > 0, "config key 'kl_horizon' must be > 0")
             require(self.kl_coef > 0, "config key 'kl_coef' must be > 0 with kl_controller: adaptive")
         require(self.reward_clip is None or self.reward_clip > 0, "config key 'reward_clip' must be > 0 or null")
+        require(self.reward_aggregate_std_coef >= 0, "config key 'reward_aggregate_std_coef' must be >= 0")
         require(
             self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
             "config key 'missing_eos_penalty' must be a finite number or null",

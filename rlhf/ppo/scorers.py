@@ -12,6 +12,12 @@ suits it:
   untouched.
 * :class:`TextScorer` wraps a standalone reward model (another base or
   tokenizer): it re-tokenises the texts with ``rm.score(prompts, responses)``.
+
+  For an ensemble reward model (``rm.ensemble_size > 1``) both ask for every
+  member's scores (``score_tokens(..., members=True)`` / ``score_members``)
+  and combine them with :func:`rlhf.ppo.aggregate.aggregate_rewards`
+  (``reward_aggregate``: mean, min, mean_minus_std); their ``stats`` are then
+  those of the aggregated score.
 * :class:`TokenCountScorer` and :class:`FunctionScorer` are programmatic
   rewards for tests, smoke runs and rule-based objectives.
 
@@ -25,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from rlhf.ppo.aggregate import AGGREGATES, aggregate_rewards, aggregate_stats
 
 Tensor = torch.Tensor
 
@@ -60,29 +68,42 @@ class Scorer:
         raise NotImplementedError
 
 
-class TokenScorer(Scorer):
-    """A reward model sharing the policy's base model and tokenizer (``rm.score_tokens``)."""
+class _RewardModelScorer(Scorer):
+    """Shared by the two reward-model scorers: the ensemble aggregate and its statistics."""
 
-    def __init__(self, rm):
+    def __init__(self, rm, aggregate: str = "mean", std_coef: float = 1.0):
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown reward aggregate {aggregate!r} (one of {', '.join(AGGREGATES)})")
         self.rm = rm
-        self.stats = getattr(rm, "stats", None)
+        self.aggregate = aggregate
+        self.std_coef = float(std_coef)
+        self.members = int(getattr(rm, "ensemble_size", 1))
+        self.stats = aggregate_stats(getattr(rm, "stats", None), aggregate, self.std_coef)
+
+    def _combine(self, member_scores) -> Tensor:
+        """(K, B) member scores -> (B,) rewards."""
+        return aggregate_rewards(torch.as_tensor(member_scores).detach().float(), self.aggregate, self.std_coef)
+
+
+class TokenScorer(_RewardModelScorer):
+    """A reward model sharing the policy's base model and tokenizer (``rm.score_tokens``)."""
 
     @torch.no_grad()
     def score_batch(self, batch: ScoreInput) -> Tensor:
         lower = (batch.trunk, batch.trunk_blocks) if batch.trunk is not None else None
+        if self.members > 1:
+            return self._combine(self.rm.score_tokens(batch.input_ids, batch.attention_mask, lower=lower, members=True))
         scores = self.rm.score_tokens(batch.input_ids, batch.attention_mask, lower=lower)
         return torch.as_tensor(scores).detach().float().reshape(-1)
 
 
-class TextScorer(Scorer):
+class TextScorer(_RewardModelScorer):
     """A standalone reward model that tokenises texts itself (``rm.score(prompts, responses)``)."""
-
-    def __init__(self, rm):
-        self.rm = rm
-        self.stats = getattr(rm, "stats", None)
 
     @torch.no_grad()
     def score_batch(self, batch: ScoreInput) -> Tensor:
+        if self.members > 1:
+            return self._combine(self.rm.score_members(batch.prompts, batch.responses))
         return torch.tensor(list(self.rm.score(batch.prompts, batch.responses)), dtype=torch.float32)
 
 

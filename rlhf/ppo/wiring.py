@@ -88,9 +88,10 @@ def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer, base_
     if reason is None:
         rm = RewardScorer.attach(actor.peft, tokenizer, cfg.reward_model, adapter_name=REWARD_ADAPTER)
         actor.restore_grad_flags()
-        return TokenScorer(rm)
+        return TokenScorer(rm, cfg.reward_aggregate, cfg.reward_aggregate_std_coef)
     notice(f"reward model {cfg.reward_model} loaded separately: {reason}")
-    return TextScorer(RewardScorer.from_pretrained(cfg.reward_model, precision=cfg.precision))
+    return TextScorer(RewardScorer.from_pretrained(cfg.reward_model, precision=cfg.precision),
+                      cfg.reward_aggregate, cfg.reward_aggregate_std_coef)
 
 
 def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) -> None:
