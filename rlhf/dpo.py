@@ -1,4 +1,4 @@
-"""The DPO stage: ``rlhf dpo --config configs/dpo.yaml``, TRL's ``DPOTrainer`` on the preference files of ``rlhf reward``.
+"""The DPO stage: ``rlhf dpo --config configs/dpo.yaml``, TRL's ``DPOTrainer`` on ``rlhf reward``'s preference files.
 
 Policy and reference live on one base model as two LoRA adapters of one ``PeftModel``:
 
@@ -57,7 +57,9 @@ class DPOStageConfig(TrainingConfig):
     beta: float = field(0.1, "strength of the pull towards the reference (higher = stays closer)")
     loss_type: LOSS_TYPES = field("sigmoid", "DPO loss (TRL DPOTrainer's loss_type; sigmoid = the DPO paper's)")
     label_smoothing: float = field(0.0, "robust: probability a label is flipped, in [0, 0.5); exo_pair: epsilon > 0")
-    max_length: int = field(512, "keep at most the first N tokens of prompt + response (pairs whose prompt fills it are dropped)")
+    max_length: int = field(
+        512, "keep at most the first N tokens of prompt + response (pairs whose prompt fills it are dropped)"
+    )
     eval_dataset_name: Optional[str] = field(None, "separate held-out preference file (overrides eval_fraction)")
     eval_fraction: float = field(0.1, "fraction of distinct prompts held out (all their pairs) for reward accuracy")
     eval_steps: int = field(0, "also evaluate every N optimizer steps during training (0 = only at the end)")
@@ -77,7 +79,8 @@ class DPOStageConfig(TrainingConfig):
         if self.loss_type == "robust":
             require(self.label_smoothing < 0.5, "config key 'label_smoothing' must be < 0.5 for loss_type robust")
         if self.loss_type == "exo_pair":
-            require(self.label_smoothing > 0, "config key 'label_smoothing' must be > 0 for loss_type exo_pair (e.g. 1e-3)")
+            require(self.label_smoothing > 0,
+                    "config key 'label_smoothing' must be > 0 for loss_type exo_pair (e.g. 1e-3)")
         require(self.max_length >= 16, "config key 'max_length' must be >= 16")
         require(0 <= self.eval_fraction < 1, "config key 'eval_fraction' must be in [0, 1)")
         require(self.eval_steps >= 0, "config key 'eval_steps' must be >= 0")
@@ -204,7 +207,9 @@ def build_trainer(cfg: DPOStageConfig, work: Path, train_pairs, held_pairs, logg
         callbacks=[LoggerCallback(logger)] if logger else [],
     )
     if cfg.sft_adapter and REFERENCE not in trainer.model.peft_config:
-        raise UserError("TRL's DPOTrainer made no frozen copy of the SFT adapter; refusing to train against the bare base")
+        raise UserError(
+            "TRL's DPOTrainer made no frozen copy of the SFT adapter; refusing to train against the bare base"
+        )
     if len(trainer.train_dataset) == 0:
         raise DataError(f"every training prompt is longer than max_length {cfg.max_length}; raise max_length")
     return trainer
@@ -274,7 +279,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
                 "train_loss": result.metrics.get("train_loss"),
                 **train_metrics(trainer),
                 "train_pairs": len(trainer.train_dataset),
-                "eval_pairs": len(held_pairs),
+                "eval_pairs": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
                 "dropped_pairs": dropped,
                 "steps": trainer.state.global_step,
                 "sft_adapter": cfg.sft_adapter,
@@ -297,7 +302,9 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
         save_config(cfg, work / "run_config.yaml")
         write_json(work / "metrics.json", metrics)
     acc = metrics.get("eval_rewards/accuracies")
-    tail = f", held-out reward accuracy {acc:.3f}, margin {metrics['eval_rewards/margins']:.3f}" if acc is not None else ""
+    tail = ""
+    if acc is not None:
+        tail = f", held-out reward accuracy {acc:.3f}, margin {metrics['eval_rewards/margins']:.3f}"
     print(f"DPO done in {metrics['wall_time_s']:.0f}s: {cfg.output_dir}{tail}", file=sys.stderr)
     return metrics
 

@@ -2,10 +2,11 @@
 
 SFT -> candidates -> labeling app (started for real) -> simulated labelers
 voting through the app's HTTP API -> export of preference pairs -> reward
-model -> PPO (or DPO on the same pairs, ``align: dpo``) -> export -> eval. A stage whose output already exists is skipped
-unless ``force`` is set, so an interrupted pipeline continues where it stopped
-and a pipeline stopped after candidate generation (``stop_after: candidates``)
-can continue once human labelers have voted.
+model -> PPO (or DPO on the same pairs, ``align: dpo``) -> export -> eval. A
+stage whose output already exists is skipped unless ``force`` is set, so an
+interrupted pipeline continues where it stopped and a pipeline stopped after
+candidate generation (``stop_after: candidates``) can continue once human
+labelers have voted.
 
 This module wires stages together and is, with ``rlhf.cli``, the only place in
 ``rlhf`` that imports ``reward`` and ``feedback_ui``.
@@ -38,7 +39,9 @@ class PipelineConfig:
     align: Literal["ppo", "dpo"] = field(
         "ppo", "how the SFT policy is aligned: PPO against the reward model, or DPO on the preference pairs"
     )
-    stop_after: Optional[Literal["sft", "candidates", "label", "prefs", "reward", "ppo", "dpo", "export", "eval"]] = field(
+    stop_after: Optional[
+        Literal["sft", "candidates", "label", "prefs", "reward", "ppo", "dpo", "export", "eval"]
+    ] = field(
         None, "stop after this stage (e.g. candidates, to let people label with `rlhf label serve`)"
     )
     simulated_labelers: int = field(
@@ -61,7 +64,8 @@ class PipelineConfig:
         require(0.0 <= self.rule_noise < 0.5, "config key 'rule_noise' must be in [0, 0.5)")
         require(self.rule_min_gap >= 0.0, "config key 'rule_min_gap' must be >= 0")
         other = "dpo" if self.align == "ppo" else "ppo"
-        require(self.stop_after != other, f"config key 'stop_after' is {other}, a stage align: {self.align} does not run")
+        require(self.stop_after != other,
+                f"config key 'stop_after' is {other}, a stage align: {self.align} does not run")
         from rlhf.evaluate import load_rule
 
         load_rule(self.rule)  # an unknown rule stops here, before any stage runs

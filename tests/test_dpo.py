@@ -14,7 +14,9 @@ from rlhf.config import build_config
 from rlhf.dpo import POLICY, REFERENCE, DPOStageConfig, build_trainer, load_splits, run_dpo, save_policy
 from rlhf.testing import write_jsonl
 
-FACTS = [(f"Tell me fact number {i}.", f"Fact {i} is short.", f"fact {i} goes on and on without any end") for i in range(12)]
+FACTS = [
+    (f"Tell me fact number {i}.", f"Fact {i} is short.", f"fact {i} goes on and on without any end") for i in range(12)
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,8 @@ def trained(cfg, tmp_path):
 
 def adapter_weights(model, adapter: str) -> dict:
     """{name without the adapter part: tensor copy} of one adapter's LoRA weights."""
-    return {n.replace(f".{adapter}.", "."): p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+    mark = f".{adapter}."
+    return {n.replace(mark, "."): p.detach().clone() for n, p in model.named_parameters() if mark in n}
 
 
 def sft_file_weights(sft_adapter: str) -> dict:
@@ -177,7 +180,8 @@ def test_rlhf_dpo_writes_a_stage_folder(tiny_model_dir, sft_adapter, prefs, tmp_
     run_config = yaml.safe_load((out / "run_config.yaml").read_text())
     assert run_config["beta"] == 0.5 and run_config["sft_adapter"] == sft_adapter
     logged = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert any("rewards/accuracies" in row for row in logged) and any(p.name.startswith("events.") for p in (out / "logs").iterdir())
+    assert any("rewards/accuracies" in row for row in logged)
+    assert any(p.name.startswith("events.") for p in (out / "logs").iterdir())  # TensorBoard
     AutoPeftModelForCausalLM.from_pretrained(str(out))
     assert "reference = SFT adapter" in capsys.readouterr().err
 
@@ -215,7 +219,8 @@ def test_shipped_config_parses():
 
 
 def test_config_module_imports_no_heavy_library():
-    code = "import sys, rlhf.dpo; print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))"
+    heavy = "('torch', 'transformers', 'trl', 'peft', 'datasets')"
+    code = f"import sys, rlhf.dpo; print(sorted(m for m in {heavy} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -240,7 +245,8 @@ def test_pipeline_aligns_with_dpo(tiny_model_dir, tmp_path, capsys):
     assert main(["pipeline", "--config", str(path)]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
-    assert [r["stage"] for r in summary["stages"]] == ["sft", "candidates", "label", "prefs", "reward", "dpo", "export", "eval"]
+    stages = ["sft", "candidates", "label", "prefs", "reward", "dpo", "export", "eval"]
+    assert [r["stage"] for r in summary["stages"]] == stages
     assert not (run / "ppo").exists()
     dpo_metrics = json.loads((run / "dpo" / "metrics.json").read_text())
     assert dpo_metrics["sft_adapter"] == str(run / "sft") and dpo_metrics["eval_pairs"] > 0
