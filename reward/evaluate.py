@@ -53,6 +53,25 @@ def evaluate_pairs(scorer, pairs: list[PreferencePair], batch_size: int = 16) ->
     return preference_metrics(s["chosen"], s["rejected"], s["margins"], s["chosen_len"], s["rejected_len"])
 
 
+def evaluate_members(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> dict:
+    """An ensemble's metrics (its mean score) plus ``member_accuracy`` (one per member) and
+    ``member_disagreement`` (mean over responses of the members' population std); one scoring pass."""
+    import torch
+
+    from reward.losses import preference_metrics
+    from rlhf.ppo.aggregate import aggregate_rewards, member_std
+
+    prompts = [p.prompt_messages for p in pairs]
+    seqs, lengths = scorer.encode(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    per = torch.tensor(scorer.score_ids(seqs, batch_size, members=True))  # (K, 2n)
+    n, margins = len(pairs), [p.margin for p in pairs]
+    mean = aggregate_rewards(per, "mean").tolist()
+    metrics = preference_metrics(mean[:n], mean[n:], margins, lengths[:n], lengths[n:])
+    metrics["member_accuracy"] = [preference_metrics(row[:n], row[n:])["accuracy"] for row in per.tolist()]
+    metrics["member_disagreement"] = float(member_std(per).mean())
+    return metrics
+
+
 def format_summary(metrics: dict) -> str:
     corr = metrics.get("length_correlation")
     corr_text = "n/a" if corr is None else f"{corr:+.3f}"
@@ -72,9 +91,15 @@ def run_reward_evaluate(cfg: RewardEvalConfig) -> dict:
     if cfg.max_pairs:
         pairs = pairs[: cfg.max_pairs]
     scorer = RewardScorer.from_pretrained(cfg.reward_model, precision=cfg.precision)
-    metrics = evaluate_pairs(scorer, pairs, cfg.batch_size)
+    if scorer.ensemble_size > 1:
+        metrics = evaluate_members(scorer, pairs, cfg.batch_size)
+    else:
+        metrics = evaluate_pairs(scorer, pairs, cfg.batch_size)
     metrics.update(reward_model=str(cfg.reward_model), dataset=cfg.dataset_name)
     print(format_summary(metrics))
+    if "member_accuracy" in metrics:
+        print(f"members: accuracy {', '.join(f'{a:.4f}' for a in metrics['member_accuracy'])}  "
+              f"disagreement (std) {metrics['member_disagreement']:.4f}")
     if cfg.out:
         Path(cfg.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(cfg.out).expanduser(), metrics)

@@ -420,3 +420,17 @@ def test_length_debias_with_an_ensemble_trains(tiny_model_dir, tmp_path):
     assert len(load_pairs(cfg.dataset_name)) == 48
     scorer = RewardScorer.from_pretrained(out)
     assert scorer.ensemble_size == 2
+
+
+def test_reward_evaluate_reports_members(ensemble, tmp_path):
+    from reward.evaluate import RewardEvalConfig, run_reward_evaluate
+
+    cfg, metrics = ensemble
+    held = tmp_path / "held.jsonl"
+    _, pairs = load_splits(cfg)
+    write_jsonl(held, [{"prompt": p.prompt_messages[-1]["content"], "chosen": p.chosen, "rejected": p.rejected}
+                       for p in pairs])
+    out = run_reward_evaluate(RewardEvalConfig(reward_model=cfg.output_dir, dataset_name=str(held)))
+    assert out["accuracy"] == metrics["eval_accuracy"] and out["n"] == len(pairs)
+    assert out["member_accuracy"] == pytest.approx(metrics["eval_member_accuracy"])
+    assert out["member_disagreement"] == pytest.approx(metrics["eval_member_disagreement"], abs=1e-5)
