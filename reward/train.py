@@ -35,23 +35,15 @@ saved as the RM's score head, so every reader scores without length.
 from __future__ import annotations
 
 import dataclasses
-import gc
-import random
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from reward.pairs_format import split_by_prompt
 from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
 from rlhf.errors import DataError
-from rlhf.hf_trainer import Stopwatch, trainer_kwargs
+from rlhf.hf_trainer import Stopwatch
 from rlhf.outputs import staged_output, write_json
-
-if TYPE_CHECKING:  # the config below is imported by the CLI parser: transformers loads only when a run starts
-    from rlhf.tracking import MetricsLogger
-
-LENGTH_WARNING = 0.5  # |Pearson(reward, response tokens)| above this is reported as a warning sign
 
 
 @dataclasses.dataclass
@@ -120,16 +112,6 @@ class RewardStageConfig(TrainingConfig):
 # helper functions
 
 
-def lora_config_for(cfg: RewardStageConfig, num_layers: int):
-    """LoRA for sequence classification; the score head is trained in full and saved with the adapter."""
-    from rlhf.models import lora_config
-
-    return lora_config(
-        cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type="SEQ_CLS",
-        top_layers=cfg.lora_top_layers, num_layers=num_layers, modules_to_save=["score"],
-    )
-
-
 def load_splits(cfg: RewardStageConfig):
     """(train pairs, held-out pairs): held out by prompt, or a separate file."""
     from reward.data import load_pairs
@@ -146,240 +128,11 @@ def load_splits(cfg: RewardStageConfig):
     return train, held
 
 
-def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, logger: MetricsLogger | None):
-    """A :class:`~reward.trainer.PairwiseRewardTrainer` on the (SFT-merged) base with a fresh RM LoRA."""
-    from trl import RewardConfig
-
-    from reward.data import pairs_to_dataset
-    from reward.modeling import build_reward_model
-    from reward.trainer import PairwiseRewardTrainer
-    from rlhf.models import load_tokenizer, pick_device, pick_dtype
-    from rlhf.tracking import LoggerCallback
-
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    device = pick_device()
-    model = build_reward_model(
-        cfg.model_name_or_path, cfg.sft_adapter, dtype=pick_dtype(cfg.precision, device), device=device, seed=cfg.seed
-    )
-    with_margin = cfg.use_margin and any(p.margin is not None for p in train_pairs)
-    length_head = new_length_head(model, cfg.seed) if cfg.length_debias == "length_head" else None
-    with_lengths = length_head is not None
-    train_ds = pairs_to_dataset(tokenizer, train_pairs, cfg.max_length, with_margin, with_lengths)
-    periodic = bool(cfg.eval_steps and held_pairs)
-    eval_ds = pairs_to_dataset(tokenizer, held_pairs, cfg.max_length, with_margin, with_lengths) if periodic else None
-    args = RewardConfig(
-        **trainer_kwargs(cfg, str(work / "trainer"), periodic, cfg.eval_steps or None),
-        max_length=None,  # sequences are already left-truncated to cfg.max_length
-        disable_dropout=not cfg.keep_dropout,
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
-        dataset_num_proc=None,
-        dataloader_pin_memory=device.type == "cuda",
-    )
-    num_layers = model.config.get_text_config().num_hidden_layers
-    return PairwiseRewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config_for(cfg, num_layers),
-        callbacks=[LoggerCallback(logger)] if logger else [],
-        length_head=length_head,
-        length_coef=cfg.length_head_coef,
-        orthogonal_coef=cfg.length_orthogonal_coef,
-    )
-
-
-def new_length_head(model, seed: int):
-    """A fresh ``nn.Linear(H, 1)`` shaped like the model's score head, N(0, initializer_range) from its own
-    seeded generator (the global RNG is left alone)."""
-    import torch
-
-    from reward.modeling import trunk_and_head
-
-    _, head = trunk_and_head(model)
-    std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
-    weight = torch.empty(head.weight.shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed + 7919))
-    length_head = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-    with torch.no_grad():
-        length_head.weight.copy_(weight)
-        if length_head.bias is not None:
-            length_head.bias.zero_()
-    return length_head.to(device=head.weight.device, dtype=head.weight.dtype)
-
-
-def bootstrap_pairs(pairs: list, seed: int) -> list:
-    """n pairs drawn with replacement from the n ``pairs`` (seeded)."""
-    return random.Random(seed).choices(pairs, k=len(pairs))
-
-
-def stats_sample(pairs: list, max_pairs: int, seed: int) -> list:
-    """The seeded sample of training pairs whose responses ``reward_stats.json`` describes."""
-    sample = list(pairs)
-    random.Random(seed).shuffle(sample)
-    return sample[:max_pairs]
-
-
-class _Prefixed:
-    """A :class:`MetricsLogger` view that prefixes every metric name (one ensemble member's logs)."""
-
-    def __init__(self, logger: MetricsLogger, prefix: str):
-        self.logger, self.prefix = logger, prefix
-
-    def log(self, step: int, metrics: dict) -> None:
-        self.logger.log(step, {self.prefix + k: v for k, v in metrics.items()})
-
-
-@dataclasses.dataclass
-class MemberResult:
-    """What one trained member leaves behind once its model is freed."""
-
-    metrics: dict           # training figures (train_loss, steps, runtime, ...)
-    held: dict | None       # score_pairs of the held-out pairs (quality head)
-    stats_rewards: list     # rewards of the stats sample's responses (chosen then rejected)
-    length_head_corr: float | None  # Pearson(length head, response length) on held-out responses
-    tokenizer: object
-    hidden_size: int
-
-
-def train_member(
-    cfg: RewardStageConfig, index: int, work: Path, dest: Path, train_pairs, held_pairs, logger
-) -> MemberResult:
-    """Train member ``index`` (the RM itself when ``cfg.ensemble == 1``), score what the metrics need, save its
-    adapter into ``dest`` and free the model."""
-    from reward.evaluate import score_pairs
-    from reward.losses import pearson
-    from reward.modeling import save_length_head
-    from reward.scorer import RewardScorer
-    from rlhf.models import count_parameters
-
-    single = cfg.ensemble == 1
-    member_cfg = cfg if single else dataclasses.replace(cfg, seed=cfg.seed + index)
-    pairs = train_pairs if single or not cfg.ensemble_bootstrap else bootstrap_pairs(train_pairs, member_cfg.seed)
-    member_logger = logger if single or logger is None else _Prefixed(logger, f"member{index}/")
-    trainer = build_trainer(member_cfg, work, pairs, held_pairs, member_logger)
-    trainable, total = count_parameters(trainer.model)
-    tokenizer = trainer.processing_class
-    truncated = sum(
-        len(ids) >= cfg.max_length
-        for column in ("chosen_ids", "rejected_ids")
-        for ids in list(trainer.train_dataset[column])
-    )
-    print(
-        ("" if single else f"member {index}/{cfg.ensemble} (seed {member_cfg.seed}): ")
-        + f"reward model: {len(pairs)} train pairs"
-        + ("" if single or not cfg.ensemble_bootstrap else f" ({len({id(p) for p in pairs})} distinct)")
-        + f", {len(held_pairs)} held-out pairs, {trainable:,} of {total:,} parameters trainable"
-        + (f", {truncated} sequences truncated to {cfg.max_length} tokens" if truncated else ""),
-        file=sys.stderr,
-    )
-    result = trainer.train()
-    runtime = result.metrics.get("train_runtime", 0.0)
-    pairs_seen = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    pairs_seen = min(pairs_seen, round(len(pairs) * cfg.num_train_epochs)) if cfg.max_steps < 0 else pairs_seen
-    metrics = {
-        "seed": member_cfg.seed,
-        "train_loss": result.metrics.get("train_loss"),
-        "train_pairs": len(pairs),
-        "distinct_train_pairs": len({id(p) for p in pairs}),
-        "steps": trainer.state.global_step,
-        "margin_used": "margin" in trainer.train_dataset.column_names,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "truncated_sequences": truncated,
-        "train_runtime_s": round(runtime, 2),
-        "pairs_seen": pairs_seen,
-    }
-    model = trainer.model
-    scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length)
-    bs = cfg.per_device_eval_batch_size
-    held = score_pairs(scorer, held_pairs, bs) if held_pairs else None
-    sample = score_pairs(scorer, stats_sample(train_pairs, cfg.stats_max_pairs, cfg.seed), bs)
-    length_corr = None
-    if trainer.length_head is not None:
-        if held_pairs:
-            length_scorer = RewardScorer(scorer.trunk, trainer.length_head, tokenizer, max_length=cfg.max_length,
-                                         owner=model)
-            length_held = score_pairs(length_scorer, held_pairs, bs)
-            length_corr = pearson(
-                length_held["chosen"] + length_held["rejected"],
-                [float(x) for x in held["chosen_len"] + held["rejected_len"]],
-            )
-        save_length_head(dest, trainer.length_head)
-    trainer.save_model(str(dest))
-    shutil.rmtree(work / "trainer", ignore_errors=True)
-    hidden_size = model.config.get_text_config().hidden_size
-    del trainer, model, scorer
-    gc.collect()
-    return MemberResult(metrics, held, sample["chosen"] + sample["rejected"], length_corr, tokenizer, hidden_size)
-
-
-def _held_metrics(held: dict, chosen: list, rejected: list) -> dict:
-    from reward.losses import preference_metrics
-
-    return preference_metrics(chosen, rejected, held["margins"], held["chosen_len"], held["rejected_len"])
-
-
-def combine_members(cfg: RewardStageConfig, members: list[MemberResult], held_pairs) -> tuple[dict, dict]:
-    """(metrics of the RM the folder holds, ``reward_stats.json``): the one member, or the ensemble's mean score."""
-    import torch
-
-    from reward.evaluate import format_summary
-    from reward.losses import mean_std
-    from rlhf.ppo.aggregate import aggregate_rewards, aggregate_table, member_std
-
-    k = len(members)
-    metrics: dict = {}
-    if held_pairs:
-        first = members[0].held
-        n = len(held_pairs)
-        if k == 1:
-            chosen, rejected = first["chosen"], first["rejected"]
-        else:
-            per = torch.tensor([m.held["chosen"] + m.held["rejected"] for m in members])  # (K, 2n)
-            mean = aggregate_rewards(per, "mean").tolist()
-            chosen, rejected = mean[:n], mean[n:]
-        held = _held_metrics(first, chosen, rejected)
-        metrics = {f"eval_{key}": v for key, v in held.items() if key != "n"}
-        if k > 1:
-            per_member = [_held_metrics(first, m.held["chosen"], m.held["rejected"]) for m in members]
-            metrics["eval_member_accuracy"] = [m["accuracy"] for m in per_member]
-            metrics["eval_member_length_correlation"] = [m["length_correlation"] for m in per_member]
-            metrics["eval_member_disagreement"] = float(member_std(per).mean())
-            for how in ("min", "mean_minus_std"):
-                agg = aggregate_rewards(per, how).tolist()
-                metrics[f"eval_accuracy_{how}"] = _held_metrics(first, agg[:n], agg[n:])["accuracy"]
-            for i, m in enumerate(per_member):
-                print(f"member {i}: held-out " + format_summary(m), file=sys.stderr)
-        corrs = [m.length_head_corr for m in members if m.length_head_corr is not None]
-        if corrs:
-            metrics["eval_length_head_correlation"] = sum(corrs) / len(corrs)
-        print(("held-out: " if k == 1 else f"held-out (mean of {k} members): ") + format_summary(held), file=sys.stderr)
-        corr = held.get("length_correlation")
-        if corr is not None and abs(corr) > LENGTH_WARNING:
-            print(
-                f"warning: held-out rewards correlate with response length (Pearson {corr:+.2f}); "
-                "the RM may be rewarding length itself",
-                file=sys.stderr,
-            )
-    source = "training pairs (chosen and rejected responses)"
-    if k == 1:
-        mean, std = mean_std(members[0].stats_rewards)
-        stats = {"mean": mean, "std": std, "n": len(members[0].stats_rewards), "source": source}
-    else:
-        per = torch.tensor([m.stats_rewards for m in members])  # (K, N)
-        mean, std = mean_std(aggregate_rewards(per, "mean").tolist())
-        stats = {"mean": mean, "std": std, "n": per.shape[1], "source": source + "; mean over members",
-                 "ensemble": k, **aggregate_table(per)}
-    metrics.update(train_reward_mean=stats["mean"], train_reward_std=stats["std"])
-    return metrics, stats
-
-
 def run_reward(cfg: RewardStageConfig) -> dict:
     """Train the RM (or its ``ensemble`` members) and write ``cfg.output_dir``; returns the metrics written to
     ``metrics.json``."""
+    from reward.member import combine_members, train_member, training_summary
     from reward.modeling import MEMBERS_DIR, SFT_COPY, write_ensemble, write_metadata
-    from rlhf.data import fingerprint
     from rlhf.models import resolve_model_path
     from rlhf.tracking import MetricsLogger
 
@@ -394,41 +147,10 @@ def run_reward(cfg: RewardStageConfig) -> dict:
                 dest = work if k == 1 else work / MEMBERS_DIR / str(i)
                 dest.mkdir(parents=True, exist_ok=True)
                 members.append(train_member(cfg, i, work, dest, train_pairs, held_pairs, logger))
-            trained = [m.metrics for m in members]
-            runtime = sum(m["train_runtime_s"] for m in trained)
-            metrics = {
-                "train_loss": trained[0]["train_loss"] if k == 1 else sum(m["train_loss"] for m in trained) / k,
-                "train_pairs": len(train_pairs),
-                "eval_pairs": len(held_pairs),
-                "eval_prompts": len({p.prompt_key for p in held_pairs}),
-                "steps": sum(m["steps"] for m in trained),
-                "margin_used": trained[0]["margin_used"],
-                "sft_adapter": cfg.sft_adapter,
-                "trainable_parameters": sum(m["trainable_parameters"] for m in trained),
-                "total_parameters": trained[0]["total_parameters"]
-                + sum(m["trainable_parameters"] for m in trained[1:]),
-                "truncated_sequences": trained[0]["truncated_sequences"],
-                "train_runtime_s": round(runtime, 2),
-                "train_pairs_per_s": round(sum(m["pairs_seen"] for m in trained) / runtime, 3) if runtime else None,
-                "dataset_fingerprint": fingerprint(cfg.dataset_name),
-            }
-            if k > 1:
-                metrics["ensemble"] = k
-            if cfg.length_debias != "none":
-                metrics["length_debias"] = cfg.length_debias
-            held_metrics, stats = combine_members(cfg, members, held_pairs)
-            if k > 1:
-                for entry, m in zip(trained, members):
-                    entry.pop("pairs_seen")
-                    if held_pairs:
-                        entry["eval_accuracy"] = _held_metrics(m.held, m.held["chosen"], m.held["rejected"])[
-                            "accuracy"
-                        ]
-                    if m.length_head_corr is not None:
-                        entry["eval_length_head_correlation"] = m.length_head_corr
-                metrics["members"] = trained
-            metrics.update(held_metrics)
-            logger.log(sum(m["steps"] for m in trained), {f"final/{key}": v for key, v in held_metrics.items()})
+            metrics = training_summary(cfg, members, train_pairs, held_pairs)
+            final, stats = combine_members(cfg, members, held_pairs)
+            metrics.update(final)
+            logger.log(metrics["steps"], {f"final/{key}": v for key, v in final.items()})
         finally:
             logger.close()
 
@@ -438,12 +160,9 @@ def run_reward(cfg: RewardStageConfig) -> dict:
             for f in (work / MEMBERS_DIR / "0").iterdir():  # old readers score with member 0
                 if f.is_file():
                     shutil.copy2(f, work / f.name)
-            write_ensemble(
-                work,
-                [{"seed": m["seed"], "train_pairs": m["train_pairs"], "distinct_train_pairs": m["distinct_train_pairs"]}
-                 for m in trained],
-                bootstrap=cfg.ensemble_bootstrap,
-            )
+            keys = ("seed", "train_pairs", "distinct_train_pairs")
+            write_ensemble(work, [{key: m.metrics[key] for key in keys} for m in members],
+                           bootstrap=cfg.ensemble_bootstrap)
         if cfg.sft_adapter:
             shutil.copytree(cfg.sft_adapter, work / SFT_COPY, ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
         extra = {}

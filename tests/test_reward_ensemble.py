@@ -14,7 +14,8 @@ from reward.data import load_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import length_disentangle_loss, orthogonality_loss, pearson_t
 from reward.modeling import ENSEMBLE_FILE, LENGTH_HEAD_FILE, METADATA_FILE, read_metadata
-from reward.train import RewardStageConfig, bootstrap_pairs, load_splits, run_reward
+from reward.member import bootstrap_pairs
+from reward.train import RewardStageConfig, load_splits, run_reward
 from rlhf.errors import ConfigError
 from rlhf.ppo.aggregate import aggregate_rewards, aggregate_stats, aggregate_table, ensemble_moments
 from rlhf.ppo.scorers import ScoreInput, TextScorer, TokenScorer
@@ -395,7 +396,7 @@ def test_length_head_is_saved_apart_and_scoring_reproduces_the_metrics(length_ru
     assert again["length_correlation"] == pytest.approx(metrics["eval_length_correlation"], abs=1e-4)
     # the length head was trained (not its seeded initial value) and carries length
     from reward.modeling import build_reward_model
-    from reward.train import new_length_head
+    from reward.member import new_length_head
 
     initial = new_length_head(build_reward_model(cfg.model_name_or_path, None, torch.float32, torch.device("cpu"),
                                                  seed=cfg.seed), cfg.seed)

@@ -11,7 +11,8 @@ from reward import RewardScorer
 from reward.data import load_pairs
 from reward.evaluate import evaluate_pairs
 from reward.modeling import build_reward_model, read_metadata
-from reward.train import RewardStageConfig, build_trainer, load_splits, run_reward
+from reward.member import build_trainer
+from reward.train import RewardStageConfig, load_splits, run_reward
 from rlhf.errors import ConfigError, UserError
 from rlhf.testing import write_jsonl
 
