@@ -367,3 +367,48 @@ def test_inputs_not_mutated():
 
     for k in t:
         assert torch.equal(t[k], before[k]), k
+
+
+# ------------------------------------------------- critic-free estimators
+# 2 prompts x 3 samples: rows 0-2 answer prompt 0, rows 3-5 prompt 1
+SCORES = torch.tensor([1.0, 2.0, 6.0, 0.0, 3.0, 3.0])
+
+
+def test_rloo_scores_by_hand():
+    # group 0 sum 9: 1 - 8/2 = -3, 2 - 7/2 = -1.5, 6 - 3/2 = 4.5; group 1 sum 6: 0 - 6/2 = -3, 3 - 3/2 = 1.5 (x2)
+    close(L.rloo_scores(SCORES, 3), [-3.0, -1.5, 4.5, -3.0, 1.5, 1.5])
+    with pytest.raises(ValueError):
+        L.rloo_scores(SCORES, 1)
+    with pytest.raises(ValueError):
+        L.rloo_scores(SCORES, 4)   # 6 rows are not groups of 4
+
+
+def test_grpo_scores_by_hand():
+    # group 0: mean 3, deviations (-2, -1, 3), unbiased var 14 / 2 = 7; group 1: mean 2, (-2, 1, 1), var 6 / 2 = 3
+    s7, s3 = math.sqrt(7) + 1e-4, math.sqrt(3) + 1e-4
+    close(L.grpo_scores(SCORES, 3), [-2 / s7, -1 / s7, 3 / s7, -2 / s3, 1 / s3, 1 / s3], tol=1e-6)
+    close(L.grpo_scores(SCORES, 3, scale_std=False), [-2.0, -1.0, 3.0, -2.0, 1.0, 1.0])   # Dr. GRPO
+    # a group whose samples all score the same gives 0 advantage, not NaN
+    close(L.grpo_scores(torch.tensor([2.0, 2.0, 2.0]), 3), [0.0, 0.0, 0.0])
+
+
+def test_returns_to_go_by_hand():
+    r = torch.tensor([[0.1, -0.2, 1.0], [0.5, 2.0, 9.0]])
+    m = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # gamma 1: row 0 (0.9, 0.8, 1.0); row 1: the masked 9.0 is ignored -> (2.5, 2.0, 0)
+    close(L.returns_to_go(r, m, 1.0), [[0.9, 0.8, 1.0], [2.5, 2.0, 0.0]])
+    # gamma 0.5: row 0 t1 = -0.2 + 0.5 = 0.3, t0 = 0.1 + 0.15 = 0.25; row 1 t0 = 0.5 + 1.0 = 1.5
+    close(L.returns_to_go(r, m, 0.5), [[0.25, 0.3, 1.0], [1.5, 2.0, 0.0]])
+
+
+def test_kl_penalty_loss_by_hand_and_refuses_k1():
+    logp = torch.tensor([[math.log(0.5), math.log(0.25)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.25)]])
+    # k3 with d = ref - logp = (-ln 2, 0): exp(-ln 2) - 1 + ln 2 = 0.5 - 1 + 0.693147 = 0.193147, and 0
+    loss = L.kl_penalty_loss(logp, ref, torch.ones(1, 2), "k3")
+    close(loss, 0.193147 / 2, tol=1e-6)
+    loss.backward()
+    # d/dlogp of exp(ref - logp) - 1 - (ref - logp) = 1 - exp(ref - logp): (1 - 0.5, 0), / 2 for the mean
+    close(logp.grad, [[0.25, 0.0]], tol=1e-6)
+    with pytest.raises(ValueError):
+        L.kl_penalty_loss(logp, ref, torch.ones(1, 2), "k1")

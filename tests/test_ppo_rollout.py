@@ -106,3 +106,63 @@ def test_select_drops_columns_that_are_padding_in_all_selected_rows():
     assert d["input_ids"].tolist() == [[5, 7, 3, 0], [0, 7, 1, 2]]      # prompt col 0 and response col 2 dropped
     assert d["response_ids"].tolist() == [[3, 0], [1, 2]] and d["logprobs"].shape == (2, 2)
     assert r.select(torch.tensor([2]))["input_ids"].shape == (1, 6)
+
+
+def _six_rollouts():
+    """2 prompts x 3 samples, 2 response tokens each (the last row stops after one token)."""
+    B, R = 6, 2
+    mask = torch.ones(B, R)
+    mask[5, 1] = 0.0
+    logp = torch.zeros(B, R)
+    ref = torch.zeros(B, R)
+    ref[0, 0] = -1.0          # k1 = logp - ref = 1 at row 0, token 0; 0 elsewhere
+    return Rollout(prompts=[], responses=[], input_ids=torch.zeros(B, 4, dtype=torch.long),
+                   attention_mask=torch.ones(B, 4, dtype=torch.long), response_ids=torch.zeros(B, R, dtype=torch.long),
+                   response_mask=mask, has_eos=torch.ones(B, dtype=torch.bool), logprobs=logp, ref_logprobs=ref,
+                   values=None, entropy=torch.zeros(B, R), raw_scores=torch.zeros(B))
+
+
+SIX = torch.tensor([1.0, 2.0, 6.0, 0.0, 3.0, 3.0])
+
+
+def test_rloo_targets_by_hand():
+    r = compute_targets(_six_rollouts(), SIX, kl_coef=0.5, kl_estimator="k1", gamma=1.0, lam=1.0,
+                        whiten_advantages=False, estimator="rloo", group_size=3)
+    # leave-one-out scores (-3, -1.5, 4.5, -3, 1.5, 1.5) at each row's last token; row 0 token 0 pays 0.5 * 1
+    # return-to-go: row 0 = (-0.5 - 3, -3) ; rows 1-4 = (a, a); row 5 = (1.5, 0)
+    expected = [[-3.5, -3.0], [-1.5, -1.5], [4.5, 4.5], [-3.0, -3.0], [1.5, 1.5], [1.5, 0.0]]
+    assert torch.allclose(r.advantages, torch.tensor(expected))
+    assert torch.allclose(r.returns, r.advantages) and r.scores is not None and torch.equal(r.scores, SIX)
+    w = compute_targets(_six_rollouts(), SIX, kl_coef=0.5, kl_estimator="k1", gamma=1.0, lam=1.0,
+                        whiten_advantages=True, estimator="rloo", group_size=3)
+    flat = torch.tensor([-3.5, -3.0, -1.5, -1.5, 4.5, 4.5, -3.0, -3.0, 1.5, 1.5, 1.5])   # the 11 response tokens
+    assert torch.allclose(w.advantages[w.response_mask.bool()], (flat - flat.mean()) / flat.std(), atol=1e-5)
+
+
+def test_grpo_and_dr_grpo_targets_by_hand():
+    r = compute_targets(_six_rollouts(), SIX, kl_coef=0.0, kl_estimator="k1", gamma=1.0, lam=1.0,
+                        whiten_advantages=True, estimator="grpo", group_size=3, grpo_scale_std=False)
+    # Dr. GRPO: centred only, (-2, -1, 3, -2, 1, 1), the same at every token of a row
+    expected = [[-2.0, -2.0], [-1.0, -1.0], [3.0, 3.0], [-2.0, -2.0], [1.0, 1.0], [1.0, 0.0]]
+    assert torch.allclose(r.advantages, torch.tensor(expected))
+    r = compute_targets(_six_rollouts(), SIX, kl_coef=0.0, kl_estimator="k1", gamma=1.0, lam=1.0,
+                        whiten_advantages=True, estimator="grpo", group_size=3)
+    assert abs(float(r.advantages[2, 0]) - 3 / (7 ** 0.5 + 1e-4)) < 1e-5
+
+
+def test_reinforce_pp_whitens_the_kl_shaped_return_over_the_batch():
+    r = compute_targets(_six_rollouts(), SIX, kl_coef=0.5, kl_estimator="k1", gamma=1.0, lam=1.0,
+                        whiten_advantages=False, estimator="reinforce_pp", group_size=3)
+    # returns: row 0 (0.5, 1), then (2, 2), (6, 6), (0, 0), (3, 3), (3, -): 11 tokens
+    ret = torch.tensor([0.5, 1, 2, 2, 6, 6, 0, 0, 3, 3, 3])
+    assert torch.allclose(r.returns[r.response_mask.bool()], ret)
+    whitened = (ret - ret.mean()) / ret.std()   # masked mean and unbiased std over all 11 tokens
+    assert torch.allclose(r.advantages[r.response_mask.bool()], whitened, atol=1e-5)
+    assert float(r.advantages[5, 1]) == 0.0
+
+
+def test_kl_in_loss_leaves_the_rewards_unpenalised():
+    r = compute_targets(_six_rollouts(), SIX, kl_coef=0.5, kl_estimator="k3", gamma=1.0, lam=1.0,
+                        whiten_advantages=False, estimator="rloo", group_size=3, kl_in="loss")
+    assert float(r.advantages[0, 0]) == -3.0          # no penalty in the reward
+    assert float(r.kl[0, 0]) > 0                      # but the KL is still measured (k3 of d = -1)

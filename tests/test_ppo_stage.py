@@ -1,11 +1,12 @@
 """PPO stage end to end on a tiny random Llama: learning, export, guards, CLI."""
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf.ppo.config import PPOStageConfig
-from rlhf.ppo.policy import POLICY, REFERENCE
+from rlhf.ppo.policy import POLICY, REFERENCE, VALUE
 from rlhf.ppo.scorers import FunctionScorer, TokenCountScorer
 from rlhf.ppo.trainer import PPOGuardError, run_ppo
 
@@ -77,6 +78,44 @@ def test_programmatic_reward_rises_and_kl_stays_finite(tiny_model_dir, tmp_path)
     samples = read_jsonl(out / "logs" / "samples.jsonl")
     assert {s["step"] for s in samples} == {1, 10, 20} and all("response" in s for s in samples)
     assert (out / "checkpoints" / "step-000024" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
+def test_critic_free_estimators_learn_without_a_value_model(tiny_model_dir, tmp_path, estimator, monkeypatch):
+    from rlhf.ppo.policy import ActorCritic
+
+    def no_value_pass(*args, **kwargs):
+        raise AssertionError("a critic-free run ran a value pass")
+
+    monkeypatch.setattr(ActorCritic, "value_forward", no_value_pass)
+    monkeypatch.setattr(ActorCritic, "value_trunk", no_value_pass)
+    cap = Capture(TokenCountScorer(REWARDED))
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=20, rollout_batch_size=16, samples_per_prompt=4,
+                     max_new_tokens=8, learning_rate=1e-2, lr_scheduler_type="constant", advantage_estimator=estimator,
+                     save_steps=8)
+    metrics = run_ppo(cfg, scorer=cap)
+    rows = read_jsonl(tmp_path / "run" / "logs" / "metrics.jsonl")
+    first = sum(r["reward/mean"] for r in rows[:4]) / 4
+    last = sum(r["reward/mean"] for r in rows[-4:]) / 4
+    assert last > first + 1.0, (first, last)           # out of a maximum of 8
+    assert all(math.isfinite(r["kl/k1"]) for r in rows) and "value/loss" not in rows[-1]
+    actor = cap.actor
+    assert actor.value_head is None and VALUE not in actor.peft.peft_config
+    assert not any("value" in n for n, _ in actor.named_trainable)
+    assert metrics["steps"] == 20 and (tmp_path / "run" / "checkpoints" / "step-000008" / "COMPLETE").is_file()
+
+
+def test_kl_as_a_loss_term_keeps_the_policy_closer(tiny_model_dir, tmp_path):
+    kls = {}
+    for coef in (0.0, 1.0):
+        cfg = ppo_config(tiny_model_dir, tmp_path / f"run{coef}", max_steps=6, rollout_batch_size=16,
+                         samples_per_prompt=4, max_new_tokens=8, learning_rate=5e-3, lr_scheduler_type="constant",
+                         advantage_estimator="rloo", kl_in="loss", kl_estimator="k3", kl_coef=coef)
+        run_ppo(cfg, scorer=TokenCountScorer(REWARDED))
+        rows = read_jsonl(tmp_path / f"run{coef}" / "logs" / "metrics.jsonl")
+        assert "policy/kl_loss" in rows[-1]
+        kls[coef] = sum(r["kl/k3"] for r in rows[-3:])
+    assert kls[1.0] < kls[0.0], kls
 
 
 def test_shared_value_head_runs(tiny_model_dir, tmp_path):

@@ -38,7 +38,8 @@ class PPOStageConfig(TrainingConfig):
     overwrite_output_dir: bool = field(False, "start afresh even if output_dir already holds checkpoints")
 
     # batch layout
-    rollout_batch_size: int = field(8, "prompts (= rollouts) per PPO step")
+    rollout_batch_size: int = field(8, "rollouts (responses) per PPO step: rollout_batch_size / samples_per_prompt prompts")
+    samples_per_prompt: int = field(1, "responses sampled per prompt in a step (>= 2 for rloo and grpo)")
     num_mini_batches: int = field(1, "optimizer steps per PPO epoch; rollout_batch_size must divide by it")
     ppo_epochs: int = field(2, "passes over each rollout batch")
     per_device_train_batch_size: Optional[int] = field(
@@ -55,9 +56,18 @@ class PPOStageConfig(TrainingConfig):
     cliprange_value: float = field(0.2, "value clip epsilon (around the rollout-time values)")
     vf_coef: float = field(0.1, "weight of the value loss")
     entropy_coef: float = field(0.0, "weight of an entropy bonus (0 = off)")
+    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = field(
+        "gae", "gae: learned value adapter + GAE; rloo: leave-one-out baseline of the prompt's other samples; "
+        "grpo: scores normalised within each prompt's samples; reinforce_pp: KL-shaped return whitened over "
+        "the batch. The three critic-free ones train no value model and run no value passes"
+    )
+    grpo_scale_std: bool = field(True, "grpo: divide by the group's std (false = Dr. GRPO, centring only)")
+    kl_in: Literal["reward", "loss"] = field(
+        "reward", "reward: per-token KL penalty in the reward; loss: kl_coef * KL (k2/k3) added to the policy loss"
+    )
     gamma: float = field(1.0, "discount factor")
     lam: float = field(0.95, "GAE lambda")
-    whiten_advantages: bool = field(True, "normalise advantages over the batch (masked)")
+    whiten_advantages: bool = field(True, "gae and rloo: normalise advantages over the batch (masked)")
 
     # KL penalty
     kl_coef: float = field(0.05, "per-token KL penalty coefficient (initial value if adaptive)")
@@ -121,6 +131,19 @@ class PPOStageConfig(TrainingConfig):
                 f"config key 'rollout_batch_size' ({self.rollout_batch_size}) must be divisible by "
                 f"'num_mini_batches' ({self.num_mini_batches})"
             )
+        require(self.samples_per_prompt >= 1, "config key 'samples_per_prompt' must be >= 1")
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ConfigError(
+                f"config key 'rollout_batch_size' ({self.rollout_batch_size}) must be divisible by "
+                f"'samples_per_prompt' ({self.samples_per_prompt})"
+            )
+        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"advantage_estimator: {self.advantage_estimator} needs config key 'samples_per_prompt' >= 2 "
+                f"(got {self.samples_per_prompt})"
+            )
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ConfigError("kl_in: loss needs config key 'kl_estimator' k2 or k3 (k1's gradient is not the KL's)")
         mini = self.mini_batch_size
         if self.per_device_train_batch_size is None:
             if mini % self.gradient_accumulation_steps:
@@ -172,6 +195,15 @@ class PPOStageConfig(TrainingConfig):
         require(self.max_ratio == 0 or self.max_ratio > 1, "config key 'max_ratio' must be > 1 (or 0 = off)")
 
     @property
+    def critic(self) -> bool:
+        """Does the estimator learn a value model (GAE)? The others use sampled baselines."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.rollout_batch_size // self.samples_per_prompt
+
+    @property
     def mini_batch_size(self) -> int:
         return self.rollout_batch_size // self.num_mini_batches
 
@@ -179,4 +211,4 @@ class PPOStageConfig(TrainingConfig):
         """PPO steps of the run: ``max_steps``, else enough rollouts for ``num_train_epochs`` passes."""
         if self.max_steps > 0:
             return self.max_steps
-        return max(1, math.ceil(self.num_train_epochs * n_prompts / self.rollout_batch_size))
+        return max(1, math.ceil(self.num_train_epochs * n_prompts / self.prompts_per_step))

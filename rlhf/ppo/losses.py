@@ -124,6 +124,66 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
     return adv, returns
 
 
+# ------------------------------------------------- critic-free estimators
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """(B,) -> (B / K, K): rows i*K .. i*K + K - 1 are the K samples of prompt i."""
+    if group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    return scores.reshape(-1, group_size)
+
+
+def rloo_scores(scores: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al., 2024): each sample's score minus the mean of the OTHER K - 1 samples of its prompt.
+
+    a_i = s_i - (sum_{j in g(i)} s_j - s_i) / (K - 1),  K >= 2.   (B,) -> (B,)
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    g = _groups(scores, group_size)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def grpo_scores(scores: Tensor, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO (Shao et al., 2024): scores normalised within each prompt's group of K samples.
+
+    a_i = (s_i - mean_g) / (std_g + eps)  with std_g the unbiased std of the group;
+    ``scale_std=False`` is Dr. GRPO (Liu et al., 2025): a_i = s_i - mean_g.   (B,) -> (B,)
+    """
+    if group_size < 2:
+        raise ValueError("GRPO needs at least 2 samples per prompt")
+    g = _groups(scores, group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale_std:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """G_t = m_t * (r_t + gamma * G_{t+1}),  G_T = 0. rewards, mask (B, T) -> (B, T), detached.
+
+    The REINFORCE return of every response token: with the score at the last token and a per-token
+    KL penalty, G_t = score - kl_coef * sum_{t' >= t} kl_t' (gamma = 1).
+    """
+    r = rewards.detach()
+    m = _as_mask(mask, r)
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        running = m[:, t] * (r[:, t] + gamma * running)
+        out[:, t] = running
+    return out
+
+
+def kl_penalty_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_estimator: str = "k3") -> Tensor:
+    """KL to the reference as a loss term (``kl_in: loss``): masked_mean(est(logp, ref_logp)), differentiable
+    in ``logp``. k2 and k3 give gradients of KL(pi || ref) on the policy's own samples; k1's gradient is
+    not, so it is refused. (B, T) -> scalar."""
+    if kl_estimator not in ("k2", "k3"):
+        raise ValueError(f"kl_estimator {kl_estimator!r} cannot be a loss term; use k2 or k3")
+    return masked_mean(KL_ESTIMATORS[kl_estimator](logp, ref_logp), mask)
+
+
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                 clip_range: float) -> tuple[Tensor, dict]:
     """PPO clipped surrogate. r = exp(logp - old_logp), all (B, T).

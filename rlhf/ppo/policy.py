@@ -11,6 +11,8 @@ Adapters on the shared ``PeftModel`` (the base weights exist once):
                 head: V(s_t) = w . h_L(s_t) + b, h_L the final hidden state.
                 With ``value_model: shared`` there is no value adapter and the
                 head reads the policy's hidden state (one pass, coupled losses).
+                With ``value_model: none`` (the critic-free estimators RLOO, GRPO,
+                REINFORCE++) there is no value adapter, head or pass.
                 When the value LoRA leaves the lowest k blocks untouched (e.g. a
                 copy of a reward adapter trained with ``lora_top_layers``), the
                 input of block k is the bare base's: it is computed once per
@@ -77,20 +79,23 @@ class ActorCritic:
         self.value_skip = 0  # lowest blocks the value adapter leaves untouched (see value_trunk)
         self.reference_uses_trunk = False  # the reference leaves the value_skip lowest blocks untouched too
         self.merge_for_generation = False  # sample with the policy LoRA folded into the weights (see generate)
-        hidden = self.base.config.get_text_config().hidden_size
-        device = self.lm_head.weight.device
-        self.value_head = nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = None  # value_model "none": a critic-free estimator, no value model at all
+        if value_model != "none":
+            hidden = self.base.config.get_text_config().hidden_size
+            device = self.lm_head.weight.device
+            self.value_head = nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
         self._refresh_trainable()
 
     # adapters
 
     def _refresh_trainable(self) -> None:
         roles = [POLICY] + ([VALUE] if self.value_model == "separate" else [])
+        head = [] if self.value_head is None else list(self.value_head.named_parameters())
         self.named_trainable = [
             (n, p) for n, p in self.peft.named_parameters() if any(f".{role}." in n for role in roles)
-        ] + [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+        ] + [(f"value_head.{n}", p) for n, p in head]
         self._trainable_ids = {id(p) for _, p in self.named_trainable}
         self.restore_grad_flags()
 
@@ -98,7 +103,8 @@ class ActorCritic:
         """Only the policy/value adapters and the value head require grad (PEFT's set_adapter flips flags)."""
         for p in self.peft.parameters():
             p.requires_grad_(id(p) in self._trainable_ids)
-        self.value_head.requires_grad_(True)
+        if self.value_head is not None:
+            self.value_head.requires_grad_(True)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_trainable]

@@ -21,11 +21,15 @@ from rlhf.errors import UserError
 from rlhf.generation import decode_responses, encode_prompts
 from rlhf.ppo.losses import (
     compute_gae,
+    grpo_scores,
+    rloo_scores,
+    returns_to_go,
     eos_truncation_mask,
     kl_k1,
     kl_k3,
     masked_mean,
     masked_sum,
+    masked_var,
     masked_whiten,
     penalize_missing_eos,
     shape_rewards,
@@ -48,7 +52,7 @@ class Rollout:
     has_eos: Tensor          # (B,) bool
     logprobs: Tensor         # (B, R) policy log-probs at sampling time (temperature applied)
     ref_logprobs: Tensor     # (B, R)
-    values: Tensor           # (B, R)
+    values: Tensor | None    # (B, R); None without a critic
     entropy: Tensor          # (B, R)
     raw_scores: Tensor       # (B,) scorer output
     value_trunk: Tensor | None = None  # (B, P + R, H) input of the value adapter's lowest block, if it skips any
@@ -72,8 +76,9 @@ class Rollout:
         start = int(used[0]) if used.numel() else 0
         width = max(1, int(self.response_mask[idx].sum(dim=1).max()))
         d = {k: v[:, start : P + width] for k, v in d.items()}
-        for k in ("response_ids", "response_mask", "logprobs", "values", "advantages", "returns"):
-            d[k] = getattr(self, k)[idx][:, :width]
+        for k in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "advantages", "returns"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)[idx][:, :width]
         return d
 
 
@@ -211,7 +216,8 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
         logprobs.append(out["logprobs"])
         entropy.append(out["entropy"])
         trunk = actor.value_trunk(ids, am) if actor.value_skip else None
-        values.append(out["values"] if "values" in out else actor.value_forward(ids, am, P, trunk=trunk))
+        if actor.value_model != "none":
+            values.append(out["values"] if "values" in out else actor.value_forward(ids, am, P, trunk=trunk))
         ref_logprobs.append(actor.reference_logprobs(ids, am, response_ids[sl], temperature, trunk=trunk))
         if trunk is not None:
             trunks.append(trunk)
@@ -228,21 +234,40 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
     return Rollout(
         prompts=prompts, responses=responses, input_ids=input_ids, attention_mask=attention_mask,
         response_ids=response_ids, response_mask=mask.float(), has_eos=has_eos,
-        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float(),
+        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float() if values else None,
         entropy=torch.cat(entropy), raw_scores=raw, value_trunk=trunk,
     )
 
 
 def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_estimator: str, gamma: float,
-                    lam: float, whiten_advantages: bool) -> Rollout:
-    """Fill rewards, kl, advantages and returns of ``rollout`` (in place) and return it."""
+                    lam: float, whiten_advantages: bool, estimator: str = "gae", group_size: int = 1,
+                    kl_in: str = "reward", grpo_scale_std: bool = True) -> Rollout:
+    """Fill rewards, kl, advantages and returns of ``rollout`` (in place) and return it.
+
+    Per-token rewards: the (estimator-adjusted) score at the last token, minus ``kl_coef`` x KL per token
+    when ``kl_in == "reward"`` (with ``kl_in == "loss"`` the KL is only measured here).
+
+    * gae:          advantages from the value model (GAE), whitened if ``whiten_advantages``
+    * rloo / grpo:  the score is first replaced by :func:`rloo_scores` / :func:`grpo_scores` of its prompt's
+                    group (rows i*K .. i*K+K-1); advantage = return-to-go of the shaped rewards
+                    (rloo: whitened over the batch if ``whiten_advantages``; grpo: never, it is normalised)
+    * reinforce_pp: advantage = return-to-go of the shaped rewards, always whitened over the whole batch
+    """
     m = rollout.response_mask
     rollout.scores = scores
-    rollout.rewards, rollout.kl = shape_rewards(
-        scores, rollout.logprobs, rollout.ref_logprobs, m, kl_coef, kl_estimator
-    )
-    adv, ret = compute_gae(rollout.rewards, rollout.values, m, gamma, lam)
-    rollout.advantages = masked_whiten(adv, m) if whiten_advantages else adv
+    if estimator == "rloo":
+        scores = rloo_scores(scores, group_size)
+    elif estimator == "grpo":
+        scores = grpo_scores(scores, group_size, scale_std=grpo_scale_std)
+    penalty = kl_coef if kl_in == "reward" else 0.0
+    rollout.rewards, rollout.kl = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, m, penalty, kl_estimator)
+    if estimator == "gae":
+        adv, ret = compute_gae(rollout.rewards, rollout.values, m, gamma, lam)
+        rollout.advantages = masked_whiten(adv, m) if whiten_advantages else adv
+    else:
+        ret = returns_to_go(rollout.rewards, m, gamma)
+        whiten = estimator == "reinforce_pp" or (estimator == "rloo" and whiten_advantages)
+        rollout.advantages = masked_whiten(ret, m) if whiten else ret
     rollout.returns = ret
     return rollout
 
@@ -266,5 +291,7 @@ def rollout_stats(r: Rollout) -> dict[str, float]:
         "policy/entropy": float(masked_mean(r.entropy, m)),
         "response/length_mean": float(lengths.mean()),
         "response/missing_eos_frac": float((~r.has_eos).float().mean()),
-        "value/mean": float(masked_mean(r.values, m)),
+        "advantage/mean": float(masked_mean(r.advantages, m)),
+        "advantage/std": float(masked_var(r.advantages, m).sqrt()),
+        **({"value/mean": float(masked_mean(r.values, m))} if r.values is not None else {}),
     }

@@ -22,7 +22,14 @@ from rlhf.data import prompt_text
 from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo.config import PPOStageConfig
-from rlhf.ppo.losses import explained_variance, make_kl_controller, masked_mean, policy_loss, value_loss
+from rlhf.ppo.losses import (
+    explained_variance,
+    kl_penalty_loss,
+    make_kl_controller,
+    masked_mean,
+    policy_loss,
+    value_loss,
+)
 from rlhf.ppo.policy import disable_dropout
 from rlhf.ppo.rollout import (
     PromptStream,
@@ -59,7 +66,7 @@ class PPOTrainer:
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=self.total_steps)
         self.kl_ctl = make_kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-        self.stream = PromptStream(len(prompts), cfg.rollout_batch_size, cfg.seed)
+        self.stream = PromptStream(len(prompts), cfg.prompts_per_step, cfg.seed)
         self.normalization = self._resolve_normalization()
         self.generate_kwargs = {"do_sample": True, "max_new_tokens": cfg.max_new_tokens,
                                 "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
@@ -85,7 +92,8 @@ class PPOTrainer:
 
     def ppo_step(self) -> dict:
         cfg = self.cfg
-        prompts = [self.prompts[i] for i in self.stream.next_indices()]
+        k = cfg.samples_per_prompt  # rows i*k .. i*k+k-1: the k samples of one prompt
+        prompts = [self.prompts[i] for i in self.stream.next_indices() for _ in range(k)]
         timings: dict = {}
         start = time.perf_counter()
         self.actor.peft.eval()
@@ -102,12 +110,14 @@ class PPOTrainer:
             self._stop("normalised rewards are NaN/inf (check the reward model's saved stats)")
         kl_coef = self.kl_ctl.value
         compute_targets(rollout, scores, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma,
-                        lam=cfg.lam, whiten_advantages=cfg.whiten_advantages)
+                        lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, estimator=cfg.advantage_estimator,
+                        group_size=k, kl_in=cfg.kl_in, grpo_scale_std=cfg.grpo_scale_std)
         stats = rollout_stats(rollout)
         if not math.isfinite(stats["kl/k1"]):
             self._stop("the KL to the reference is NaN/inf")
-        stats["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
-                                                                     rollout.response_mask))
+        if rollout.values is not None:
+            stats["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
+                                                                         rollout.response_mask))
         t_train = time.perf_counter()
         stats.update(self.update(rollout))
         timings["training_s"] = time.perf_counter() - t_train
@@ -157,11 +167,18 @@ class PPOTrainer:
         if cfg.max_ratio and ratio_max > cfg.max_ratio:
             self._stop(f"exploding probability ratio {ratio_max:.3g} > max_ratio {cfg.max_ratio:g}")
         loss = pg_loss
-        if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * masked_mean(out["entropy"], m)
         stats = {"policy/loss": float(pg_loss.detach()), "policy/clipfrac": float(pg_stats["clipfrac"]),
                  "policy/approx_kl": float(pg_stats["approx_kl"]), "policy/ratio_max": ratio_max,
                  "train/tokens": d["input_ids"].numel(), "train/response_tokens": m.numel()}  # per forward pass
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * masked_mean(out["entropy"], m)
+        if cfg.kl_in == "loss":
+            kl_loss = kl_penalty_loss(out["logprobs"], d["ref_logprobs"], m, cfg.kl_estimator)
+            loss = loss + self.kl_ctl.value * kl_loss
+            stats["policy/kl_loss"] = float(kl_loss.detach())
+        if actor.value_model == "none":  # critic-free: the policy loss is all there is
+            self._backward(loss * scale, "policy loss")
+            return stats
         if actor.value_model == "separate":  # two graphs, freed one after the other
             self._backward(loss * scale, "policy loss")
             values = actor.value_forward(d["input_ids"], d["attention_mask"], d["input_ids"].shape[1] - m.shape[1],
@@ -305,7 +322,8 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     save_config(cfg, out / "run_config.yaml")
     logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard")
     trainable = sum(p.numel() for p in actor.trainable_parameters())
-    total = count_parameters(actor.peft)[1] + actor.value_head.weight.numel() + 1
+    head = [] if actor.value_head is None else list(actor.value_head.parameters())
+    total = count_parameters(actor.peft)[1] + sum(p.numel() for p in head)
     wiring.notice(f"PPO: {len(prompts)} prompts, {trainable:,} of {total:,} parameters trainable")
     try:
         trainer = PPOTrainer(cfg, actor, tokenizer, scorer, prompts, out, logger, base_name_or_path=base_path)

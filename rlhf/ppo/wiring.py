@@ -58,7 +58,8 @@ def load_actor(cfg: PPOStageConfig):
     device = pick_device()
     base = load_base_model(base_path, dtype=pick_dtype(cfg.precision, device), device=device)
     lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora, value_model=cfg.value_model,
+    value_model = cfg.value_model if cfg.critic else "none"
+    actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora, value_model=value_model,
                                base_name_or_path=base_path)
     actor.merge_for_generation = cfg.merge_for_generation
     return tokenizer, actor, base_path
@@ -95,7 +96,10 @@ def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer, base_
 
 
 def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) -> None:
-    """Add the value adapter and initialise the value head (from the reward model when asked and possible)."""
+    """Add the value adapter and initialise the value head (from the reward model when asked and possible).
+    A critic-free estimator has no value model: nothing to do."""
+    if actor.value_model == "none":
+        return
     rm = getattr(scorer, "rm", None)
     shares_rm = isinstance(scorer, TokenScorer) and REWARD_ADAPTER in actor.peft.peft_config
     if cfg.value_model == "separate":
