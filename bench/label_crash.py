@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_record import Record
-from label_load import check_db, connect, free_port, library_versions, start_server
+from label_load import check_db, connect, free_port, library_versions, start_server, stop_server
 
 from feedback_ui.testing import make_project
 
@@ -120,8 +120,7 @@ def main(argv=None) -> dict:
     port = free_port()
     server = start_server(db, port, 16)
     cycles[-1]["resent_after_restart"] = resend(f"http://127.0.0.1:{port}/", cycles[-1]["in_flight"], acked)
-    server.terminate()
-    server.wait(timeout=30)
+    stop_server(server)
     final = check_db(db, acked)
     summary = {
         "labelers": args.labelers,

@@ -67,23 +67,49 @@ def start_server(db: str, port: int, concurrency: int) -> subprocess.Popen:
     raise RuntimeError("server did not start")
 
 
-def connect(url: str, names: list[str]):
-    """One logged-in Client per labeler (created in parallel)."""
+def connect(url: str, names: list[str], parallel: int = 4, attempts: int = 3):
+    """One logged-in Client per labeler (``parallel`` logins at a time, each tried up to ``attempts`` times).
+
+    Logging in is not what the benchmark measures; on a busy machine 32 logins at once (each a slow
+    password hash on the server) run into the HTTP client's 5 s timeout, hence the limit and the retries.
+    """
     from gradio_client import Client
 
     clients: dict[str, object] = {}
+    failures: dict[str, str] = {}
+    gate = threading.Semaphore(parallel)
 
     def make(name):
-        # plain http on loopback: ssl_verify=False only stops gradio_client from building a TLS context
-        # (CA bundle load, ~60 ms CPU) for every request; nothing is encrypted either way
-        clients[name] = Client(url, auth=(name, PASSWORD), verbose=False, download_files=False, ssl_verify=False)
+        with gate:
+            for attempt in range(attempts):
+                try:
+                    # plain http on loopback: ssl_verify=False only stops gradio_client from building a TLS
+                    # context (CA bundle load, ~60 ms CPU) for every request; nothing is encrypted either way
+                    clients[name] = Client(url, auth=(name, PASSWORD), verbose=False, download_files=False,
+                                           ssl_verify=False)  # fmt: skip
+                    return
+                except Exception as exc:
+                    failures[name] = repr(exc)[:200]
 
     threads = [threading.Thread(target=make, args=(n,)) for n in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    missing = [n for n in names if n not in clients]
+    if missing:
+        raise RuntimeError(f"{len(missing)} labelers could not log in, e.g. {missing[0]}: {failures[missing[0]]}")
     return [clients[n] for n in names]
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited after ``grace`` seconds (slow on a busy machine)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 def labeler_loop(client, max_votes: int, acked: list, latencies: list, errors: list, stop: threading.Event,
@@ -91,8 +117,17 @@ def labeler_loop(client, max_votes: int, acked: list, latencies: list, errors: l
     """Read for ``think`` s (uniform 0.5x-1.5x), vote A/B/tie in turn; until ``max_votes``, an empty queue
     or ``stop``. Records acknowledged tokens and vote -> next task latencies."""
     rng = random.Random(seed)
+    phase = "next_task"
     try:
-        task = client.predict(api_name="/next_task")
+        for attempt in range(retries + 1):  # reading the first task changes nothing: safe to retry
+            try:
+                task = client.predict(api_name="/next_task")
+                break
+            except Exception as exc:
+                if attempt == retries:
+                    raise
+                errors.append(f"retried: next_task {exc!r}"[:200])
+        phase = "vote"
         for i in range(max_votes):
             if think:
                 stop.wait(think * rng.uniform(0.5, 1.5))
@@ -107,12 +142,12 @@ def labeler_loop(client, max_votes: int, acked: list, latencies: list, errors: l
                 except Exception as exc:
                     if attempt == retries:
                         raise
-                    errors.append(f"retried: {exc!r}"[:200])
+                    errors.append(f"retried: vote {exc!r}"[:200])
             latencies.append(time.perf_counter() - t0)
             acked.append(task["token"])
             task = nxt
     except Exception as exc:  # reported by the caller (the crash bench expects these)
-        errors.append(repr(exc)[:200])
+        errors.append(f"{phase}: {exc!r}"[:200])
 
 
 def check_db(db: str, acked: list[str]) -> dict:
@@ -191,8 +226,7 @@ def main(argv=None) -> dict:
         for c in clients:
             c.close()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server)
     summary = {
         "labelers": args.labelers,
         "overlap": args.overlap,
