@@ -119,6 +119,15 @@ class PPOStageConfig(TrainingConfig):
     save_steps: int = field(10, "write a checkpoint every N PPO steps (0 = only at the end)")
     save_total_limit: Optional[int] = field(3, "keep at most this many checkpoints (null = all)")
     resume_from_checkpoint: Optional[str] = field(None, "checkpoint folder, or `latest` in output_dir/checkpoints")
+    eval_steps: int = field(0, "every N PPO steps answer eval_dataset_name greedily and score it (0 = off)")
+    eval_dataset_name: Optional[str] = field(None, "held-out prompts for the over-optimisation monitor")
+    eval_max_prompts: Optional[int] = field(64, "use at most this many held-out prompts (null = all)")
+    gold: Optional[str] = field(
+        None, "gold judge of the held-out answers: rule:NAME (a rule of reward/rules.py) or a reward-model folder"
+    )
+    select_checkpoint: Literal["last", "best_gold", "best_proxy_heldout"] = field(
+        "last", "which policy is exported: the last, or the monitor point with the best gold / held-out proxy score"
+    )
     max_ratio: float = field(100.0, "stop when a probability ratio exceeds this (exploding update; 0 = off)")
     progress: bool = field(True, "show a progress bar")
 
@@ -192,6 +201,14 @@ class PPOStageConfig(TrainingConfig):
         require(
             self.save_total_limit is None or self.save_total_limit >= 1, "config key 'save_total_limit' must be >= 1"
         )
+        require(self.eval_steps >= 0, "config key 'eval_steps' must be >= 0")
+        require(self.eval_max_prompts is None or self.eval_max_prompts >= 1, "config key 'eval_max_prompts' must be >= 1")
+        if self.eval_steps and not self.eval_dataset_name:
+            raise ConfigError("config key 'eval_steps' > 0 needs 'eval_dataset_name' (held-out prompts)")
+        if self.select_checkpoint != "last" and not self.eval_steps:
+            raise ConfigError(f"select_checkpoint: {self.select_checkpoint} needs config key 'eval_steps' > 0")
+        if self.select_checkpoint == "best_gold" and not self.gold:
+            raise ConfigError("select_checkpoint: best_gold needs config key 'gold' (rule:NAME or a reward-model folder)")
         require(self.max_ratio == 0 or self.max_ratio > 1, "config key 'max_ratio' must be > 1 (or 0 = off)")
 
     @property

@@ -189,6 +189,22 @@ def generate(actor, tokenizer, prompts: list, *, generate_kwargs: dict, max_prom
     return prompt_ids, prompt_mask, response_ids
 
 
+def join_responses(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor):
+    """Truncate generated responses after their first EOS and append them to the prompts.
+
+    (B, P) prompt ids / mask + (B, R) generated ids -> input_ids, attention_mask (B, P + R'), response_ids,
+    response mask (B, R') and has_eos (B,), with R' <= R the longest kept response (all-pad columns dropped)
+    and pads after each EOS.
+    """
+    mask, has_eos = eos_truncation_mask(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    width = int(mask.sum(dim=1).max().clamp(min=1))
+    mask, response_ids = mask[:, :width], response_ids[:, :width]
+    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    return input_ids, attention_mask, response_ids, mask, has_eos
+
+
 @torch.no_grad()
 def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: float, generate_kwargs: dict,
                     max_prompt_length: int, chunk: int, timings: dict) -> Rollout:
@@ -200,13 +216,8 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
         actor, tokenizer, prompts, generate_kwargs=generate_kwargs, max_prompt_length=max_prompt_length, chunk=chunk
     )
     t1 = time.perf_counter()
-    eos = tokenizer.eos_token_id
-    mask, has_eos = eos_truncation_mask(response_ids, eos, tokenizer.pad_token_id)
-    width = int(mask.sum(dim=1).max().clamp(min=1))                  # drop all-pad columns
-    mask, response_ids = mask[:, :width], response_ids[:, :width]
-    response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)         # (B, P + R)
-    attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    input_ids, attention_mask, response_ids, mask, has_eos = join_responses(tokenizer, prompt_ids, prompt_mask,
+                                                                            response_ids)
     P = prompt_ids.shape[1]
 
     logprobs, entropy, ref_logprobs, values, trunks = [], [], [], [], []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from rlhf.ppo.losses import (
     policy_loss,
     value_loss,
 )
+from rlhf.ppo.monitor import SELECT_KEYS, Monitor, best_point
 from rlhf.ppo.policy import disable_dropout
 from rlhf.ppo.rollout import (
     PromptStream,
@@ -52,7 +54,7 @@ class PPOTrainer:
     """Runs PPO steps on an :class:`~rlhf.ppo.policy.ActorCritic` against a scorer, writing into ``out_dir``."""
 
     def __init__(self, cfg: PPOStageConfig, actor, tokenizer, scorer, prompts: list, out_dir, logger=None,
-                 base_name_or_path: str | None = None):
+                 base_name_or_path: str | None = None, monitor=None):
         from transformers import get_scheduler
 
         self.cfg, self.actor, self.tokenizer, self.scorer, self.prompts = cfg, actor, tokenizer, scorer, prompts
@@ -74,6 +76,7 @@ class PPOTrainer:
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None
+        self.monitor = monitor  # rlhf.ppo.monitor.Monitor, or None
         disable_dropout(actor.peft)
         if cfg.gradient_checkpointing:
             actor.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -215,7 +218,34 @@ class PPOTrainer:
 
     def state(self) -> dict:
         return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "stream": self.stream.state_dict(),
-                "history": self.history, "total_steps": self.total_steps}
+                "history": self.history, "total_steps": self.total_steps,
+                "monitor": self.monitor.state_dict() if self.monitor is not None else []}
+
+    # over-optimisation monitor
+
+    @property
+    def best_policy_dir(self) -> Path:
+        return self.out_dir / "best_policy"
+
+    def selected_point(self):
+        """The monitor point whose policy is exported (None for select_checkpoint: last)."""
+        key = SELECT_KEYS.get(self.cfg.select_checkpoint)
+        return best_point(self.monitor.points, key) if key and self.monitor is not None else None
+
+    def _monitor(self, kl: float) -> dict:
+        """Score the held-out answers now; keep the policy if it is the best so far. Returns log entries."""
+        point = self.monitor.evaluate(self.actor, self.tokenizer, self.step, kl)
+        best = self.selected_point()
+        if best is not None and best.step == self.step:
+            self.actor.save_policy(self.best_policy_dir, self.base_name_or_path)
+        self.monitor.plot(self.out_dir / "logs" / "monitor.png")
+        gold = "" if point.gold is None else f", gold {point.gold:.3f}"
+        tqdm.write(f"[monitor step {self.step}] held-out proxy {point.proxy:.3f}{gold}, sqrt KL {point.sqrt_kl:.2f}",
+                   file=sys.stderr)
+        row = {"monitor/proxy": point.proxy, "monitor/sqrt_kl": point.sqrt_kl, "monitor/length": point.length}
+        if point.gold is not None:
+            row["monitor/gold"] = point.gold
+        return row
 
     def save(self) -> Path:
         self.last_checkpoint = ckpt.save_checkpoint(
@@ -233,6 +263,8 @@ class PPOTrainer:
                             f"this run has {len(self.prompts)}")
         self.stream.load_state_dict(state["stream"])
         self.history = list(state.get("history", []))
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state.get("monitor", []))
         self.last_checkpoint = Path(path)
         self.saved_step = self.step
         _truncate_jsonl(self.out_dir / "logs" / "metrics.jsonl", self.step)
@@ -248,10 +280,18 @@ class PPOTrainer:
             tqdm.write(f"resumed from {path} at step {self.step}", file=sys.stderr)
         watch = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", unit="step", disable=not cfg.progress)
+        if self.monitor is not None and self.step == 0:  # the starting policy: the point at KL 0
+            row = self._monitor(0.0)
+            if self.logger is not None:
+                self.logger.log(0, row)
         while self.step < self.total_steps:
             stats = self.ppo_step()
             self.history.append({k: stats[k] for k in ("reward/mean", "score/raw_mean", "kl/k1")})
-            if self.logger is not None and (self.step % cfg.logging_steps == 0 or self.step in (1, self.total_steps)):
+            monitored = self.monitor is not None and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps)
+            if monitored:
+                stats.update(self._monitor(stats["kl/k1"]))
+            if self.logger is not None and (monitored or self.step % cfg.logging_steps == 0
+                                            or self.step in (1, self.total_steps)):
                 self.logger.log(self.step, stats)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/k1']:.3f}")
@@ -278,6 +318,7 @@ class PPOTrainer:
             "reward_normalization": self.normalization,
             "wall_time_s": round(seconds, 2),
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            **({"monitor": [p.as_dict() for p in self.monitor.points]} if self.monitor is not None else {}),
         }
 
 
@@ -311,14 +352,21 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
 
     set_seed(cfg.seed)
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
-    out = wiring.prepare_output_dir(cfg)
+    held_out = load_prompts(cfg.eval_dataset_name, cfg.eval_max_prompts) if cfg.eval_steps else None
+    gold = wiring.load_gold_scorer(cfg) if cfg.eval_steps else None
+    wiring.check_output_dir(cfg)  # created only once set-up has succeeded
     tokenizer, actor, base_path = wiring.load_actor(cfg)
     if scorer is None:
         scorer = wiring.load_reward_scorer(cfg, actor, tokenizer, base_path)
     elif not isinstance(scorer, Scorer) and callable(scorer):
         scorer = scorer(actor, tokenizer)
     wiring.init_value_model(cfg, actor, scorer)
+    monitor = None
+    if held_out is not None:
+        monitor = Monitor(held_out, scorer, gold, max_new_tokens=cfg.max_new_tokens,
+                          max_prompt_length=cfg.max_prompt_length, chunk=cfg.per_device_eval_batch_size)
     set_seed(cfg.seed)  # the same RNG stream whatever the set-up consumed
+    out = wiring.prepare_output_dir(cfg)
     save_config(cfg, out / "run_config.yaml")
     logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard")
     trainable = sum(p.numel() for p in actor.trainable_parameters())
@@ -326,11 +374,19 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     total = count_parameters(actor.peft)[1] + sum(p.numel() for p in head)
     wiring.notice(f"PPO: {len(prompts)} prompts, {trainable:,} of {total:,} parameters trainable")
     try:
-        trainer = PPOTrainer(cfg, actor, tokenizer, scorer, prompts, out, logger, base_name_or_path=base_path)
+        trainer = PPOTrainer(cfg, actor, tokenizer, scorer, prompts, out, logger, base_name_or_path=base_path,
+                             monitor=monitor)
         summary = trainer.train()
     finally:
         logger.close()
-    actor.save_policy(out, base_path)
+    selected = trainer.selected_point()
+    if selected is not None:  # the best monitored policy, kept in best_policy/ when it was scored
+        for f in trainer.best_policy_dir.iterdir():
+            shutil.copy2(f, out / f.name)
+        summary["selected_step"] = selected.step
+        wiring.notice(f"exported the policy of step {selected.step} ({cfg.select_checkpoint})")
+    else:
+        actor.save_policy(out, base_path)
     tokenizer.save_pretrained(str(out))
     metrics = {**summary, "trainable_parameters": trainable, "total_parameters": total,
                "dataset_fingerprint": fingerprint(cfg.dataset_name)}

@@ -34,15 +34,27 @@ def notice(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def check_output_dir(cfg: PPOStageConfig) -> Path:
+    """``output_dir`` checked before any set-up: not a file, no fresh run mixed into old checkpoints
+    unless asked, a resume point that exists. Writes nothing."""
+    from rlhf.outputs import check_output_dir as check_folder
+    from rlhf.ppo.checkpoint import resolve_resume
+
+    out = check_folder(cfg.output_dir)
+    if cfg.resume_from_checkpoint:
+        resolve_resume(cfg.resume_from_checkpoint, out / "checkpoints")
+    elif list_checkpoints(out / "checkpoints") and not cfg.overwrite_output_dir:
+        raise UserError(
+            f"output_dir {out} already holds checkpoints: resume with --resume_from_checkpoint latest, "
+            "or pass --overwrite_output_dir true, or choose another output_dir"
+        )
+    return out
+
+
 def prepare_output_dir(cfg: PPOStageConfig) -> Path:
-    """Create ``output_dir``; refuse to mix a fresh run into old checkpoints unless asked."""
-    out = Path(cfg.output_dir).expanduser()
-    if not cfg.resume_from_checkpoint and list_checkpoints(out / "checkpoints"):
-        if not cfg.overwrite_output_dir:
-            raise UserError(
-                f"output_dir {out} already holds checkpoints: resume with --resume_from_checkpoint latest, "
-                "or pass --overwrite_output_dir true, or choose another output_dir"
-            )
+    """Create ``output_dir`` once set-up has succeeded (old checkpoints and logs go with ``overwrite_output_dir``)."""
+    out = check_output_dir(cfg)
+    if not cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
         for sub in ("checkpoints", "logs"):
             shutil.rmtree(out / sub, ignore_errors=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -93,6 +105,23 @@ def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer, base_
     notice(f"reward model {cfg.reward_model} loaded separately: {reason}")
     return TextScorer(RewardScorer.from_pretrained(cfg.reward_model, precision=cfg.precision),
                       cfg.reward_aggregate, cfg.reward_aggregate_std_coef)
+
+
+def load_gold_scorer(cfg: PPOStageConfig) -> Scorer | None:
+    """The monitor's gold judge: ``rule:NAME`` (a rule of ``reward.rules``), a reward-model folder
+    (loaded standalone, scoring texts), or None."""
+    if not cfg.gold:
+        return None
+    if cfg.gold.startswith("rule:"):
+        from rlhf.evaluate import load_rule
+
+        rule = load_rule(cfg.gold[len("rule:"):])
+        return FunctionScorer(lambda prompts, responses: [rule(p, r) for p, r in zip(prompts, responses)])
+    if not Path(cfg.gold).expanduser().is_dir():
+        raise UserError(f"gold: {cfg.gold} is neither rule:NAME nor a reward-model folder")
+    from reward import RewardScorer
+
+    return TextScorer(RewardScorer.from_pretrained(cfg.gold, precision=cfg.precision))
 
 
 def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) -> None:
