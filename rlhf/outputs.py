@@ -1,4 +1,8 @@
-"""Output folders that appear only when complete, and small file helpers."""
+"""Output folders that appear only when complete, and small file helpers.
+
+Checks of output paths raise :class:`~rlhf.errors.UserError` before any work starts, so a
+bad path never costs a run and never moves, empties or replaces a file that is not ours.
+"""
 
 from __future__ import annotations
 
@@ -9,49 +13,119 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from rlhf.errors import UserError
+
+# helper functions
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` itself or its nearest existing parent."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def _check_parents(path: Path, key: str) -> None:
+    """The nearest existing parent of ``path`` must be a writable folder."""
+    existing = _first_existing(path.parent)
+    if not existing.is_dir():
+        raise UserError(f"{key} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {path}: cannot write in {existing} (permission denied)")
+
+
+def check_output_dir(output_dir: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Resolve an output folder; an existing file there (or above it) is a UserError naming ``key``."""
+    if not str(output_dir).strip():
+        raise UserError(f"config key '{key}' must not be empty")
+    path = Path(output_dir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key} {path} is an existing file, not a folder (choose another {key})")
+    _check_parents(path, key)
+    return path
+
+
+def check_output_file(out: str | os.PathLike, key: str = "out") -> Path:
+    """Resolve an output file; an existing folder there, or a file among its parents, is a UserError."""
+    if not str(out).strip():
+        raise UserError(f"config key '{key}' must not be empty")
+    path = Path(out).expanduser().absolute()
+    if path.is_dir():
+        raise UserError(f"{key} {path} is a folder; give a file name")
+    _check_parents(path, key)
+    return path
+
 
 @contextmanager
-def staged_output(output_dir: str | os.PathLike):
+def created_parents(path: Path):
+    """Create the missing parents of ``path``; remove the ones created here if the body raises."""
+    missing = [p for p in path.parents if not p.exists()][::-1]  # top-down
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(missing):
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+        raise
+
+
+@contextmanager
+def staged_output(output_dir: str | os.PathLike, key: str = "output_dir"):
     """Yield a staging folder beside ``output_dir``; on success it replaces ``output_dir``.
 
-    If the body raises, the staging folder is removed and an existing
-    ``output_dir`` is left as it was, so a failed run never leaves a
-    half-written result behind.
+    If the body raises, the staging folder (and any parent folder made for it) is removed and an
+    existing ``output_dir`` is left as it was, so a failed run never leaves a half-written result
+    behind. An ``output_dir`` that is an existing file is refused before anything is written.
     """
-    final = Path(output_dir).expanduser().resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final = check_output_dir(output_dir, key).resolve()
     staging = final.with_name(final.name + ".incomplete")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
+    with created_parents(final):
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+        staging.mkdir()
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if final.exists() and not final.is_dir():  # appeared while the run was going
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UserError(f"{key} {final} became a file during the run; the result was discarded")
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=float)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> None:
     """Write one JSON object per line atomically (temp file + rename); creates the parent folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    path = check_output_file(path)
+    with created_parents(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
