@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -45,9 +46,12 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(inner) is Literal:
         name = "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
     elif typing.get_origin(inner) is list:
-        name = "a list"
+        (item_tp,) = typing.get_args(inner) or (str,)
+        name = "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item_tp, "values")
+    elif inner is dict or typing.get_origin(inner) is dict:
+        name = "a mapping of key: value"
     else:
-        name = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(inner, str(inner))
+        name = {int: "an integer", float: "a finite number", bool: "true/false", str: "a string"}.get(inner, str(inner))
     return name + (" or null" if optional else "")
 
 
@@ -73,7 +77,13 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise bad
-        return [coerce(key, v, item_tp) for v in value]
+        items = []
+        for item in value:
+            try:
+                items.append(coerce(key, item, item_tp))
+            except ConfigError:
+                raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got item {item!r}") from None
+        return items
     if inner is bool:
         if isinstance(value, bool):
             return value
@@ -96,14 +106,15 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
                 raise bad from None
         raise bad
     if inner is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise bad from None
+        if not math.isfinite(number):  # no key means nan or inf; nan fails or passes range checks by accident
+            raise bad
+        return number
     if inner is str:
         if isinstance(value, (dict, list)):
             raise bad
@@ -264,6 +275,8 @@ class TrainingConfig:
         require(self.num_train_epochs > 0, "config key 'num_train_epochs' must be > 0")
         require(self.logging_steps >= 1, "config key 'logging_steps' must be >= 1")
         require(self.warmup_steps >= 0, "config key 'warmup_steps' must be >= 0")
+        require(self.weight_decay >= 0, "config key 'weight_decay' must be >= 0")
+        require(self.max_grad_norm > 0, "config key 'max_grad_norm' must be > 0")
 
 
 __all__ = [

@@ -8,6 +8,7 @@ package (``sample:sft``, ``sample:prompts``, ``sample:prompts_test``), or a hub 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,41 @@ def load_table(dataset_name: str, split: str = "train"):
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable input
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot read dataset {dataset_name}: {first}") from None
+        raise DataError(unreadable_reason(dataset_name, path, exc)) from None
     finally:
         datasets.enable_progress_bars()
     if len(ds) == 0:
         raise DataError(f"dataset {dataset_name} is empty")
+    if len(ds.column_names) == 1 and path.suffix.lower() == ".csv":
+        (only,) = ds.column_names
+        for sep in (";", "\t", "|"):
+            if sep in only:
+                raise DataError(f"dataset {dataset_name}: .csv files must be comma-separated; its one column "
+                                f"{only!r} looks {sep!r}-separated")  # fmt: skip
     return ds
+
+
+def unreadable_reason(dataset_name: str, path: Path, exc: Exception) -> str:
+    """One line on why ``datasets`` could not read ``path``: the first bad JSONL line when there is one."""
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return f"dataset {dataset_name} is not UTF-8 text"
+        if not text.strip():
+            return f"dataset {dataset_name} is empty"
+        if path.suffix.lower() == ".jsonl":
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"dataset {dataset_name} line {n} is not valid JSON ({err.msg})"
+                if not isinstance(row, dict):
+                    return f"dataset {dataset_name} line {n} must be a JSON object, got {type(row).__name__}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot read dataset {dataset_name}: {first}"
 
 
 def require_columns(ds, options: list[tuple[str, ...]], dataset_name: str) -> tuple[str, ...]:
@@ -99,13 +128,37 @@ def fingerprint(dataset_name: str) -> str:
 # chat formatting
 
 
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list that is not {role, content} messages with string values"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
 def to_messages(prompt: Any, role: str = "user") -> list[dict]:
-    """A prompt given as a string or a list of ``{role, content}`` -> a message list."""
+    """A prompt given as a string or a list of ``{role, content}`` (strings) -> a message list."""
     if isinstance(prompt, str):
         return [{"role": role, "content": prompt}]
-    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in prompt)
+    ):  # fmt: skip
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise DataError(f"a prompt must be a string or a list of {{role, content}} messages, got {type(prompt).__name__}")
+    raise DataError(f"a prompt must be a string or a list of {{role, content}} messages, got {_describe(prompt)}")
+
+
+def column_messages(example: dict, column: str, role: str = "user") -> list[dict]:
+    """``example[column]`` as a message list; a DataError names the column."""
+    try:
+        return to_messages(example.get(column), role)
+    except DataError:
+        raise DataError(
+            f"column '{column}' must be a string or a list of {{role, content}} messages, "
+            f"got {_describe(example.get(column))}"
+        ) from None
 
 
 def prompt_text(prompt: Any) -> str:
@@ -121,24 +174,25 @@ def sft_record(example: dict) -> dict:
 
     The completion is the final assistant turn, so the loss covers only it.
     """
-    if "messages" in example and example["messages"] is not None:
-        messages = to_messages(example["messages"])
+    if "messages" in example and (example["messages"] is not None or "prompt" not in example):
+        messages = column_messages(example, "messages")
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise DataError("each 'messages' list must end with an assistant turn after at least one other turn")
         return {"prompt": messages[:-1], "completion": messages[-1:]}
-    prompt, completion = example["prompt"], example["completion"]
-    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else to_messages(completion)
-    return {"prompt": to_messages(prompt), "completion": completion}
+    return {"prompt": column_messages(example, "prompt"), "completion": column_messages(example, "completion", "assistant")}
 
 
 def load_sft_dataset(dataset_name: str):
     """SFT data as conversational ``prompt``/``completion`` columns."""
     ds = load_table(dataset_name)
     require_columns(ds, [("messages",), ("prompt", "completion")], dataset_name)
-    try:
-        return ds.map(sft_record, remove_columns=ds.column_names)
-    except DataError as exc:
-        raise DataError(f"dataset {dataset_name}: {exc}") from None
+    def record(example: dict, index: int) -> dict:
+        try:
+            return sft_record(example)
+        except DataError as exc:
+            raise DataError(f"dataset {dataset_name} row {index}: {exc}") from None
+
+    return ds.map(record, with_indices=True, remove_columns=ds.column_names)
 
 
 def load_prompts(dataset_name: str, max_prompts: int | None = None) -> list[list[dict]]:
@@ -146,7 +200,13 @@ def load_prompts(dataset_name: str, max_prompts: int | None = None) -> list[list
     ds = load_table(dataset_name)
     require_columns(ds, [("prompt",)], dataset_name)
     rows = ds["prompt"] if max_prompts is None else ds.select(range(min(max_prompts, len(ds))))["prompt"]
-    return [to_messages(p) for p in rows]
+    out = []
+    for index, prompt in enumerate(rows):
+        try:
+            out.append(column_messages({"prompt": prompt}, "prompt"))
+        except DataError as exc:
+            raise DataError(f"dataset {dataset_name} row {index}: {exc}") from None
+    return out
 
 
 def split_train_eval(ds, eval_fraction: float, seed: int, eval_dataset=None):

@@ -36,7 +36,9 @@ def test_sample_datasets_ship_with_the_package():
     [
         (None, "not found"),
         ("", "empty"),
-        ("{not json\n", "cannot read"),
+        ("{not json\n", "line 1 is not valid JSON"),
+        ('{"prompt": "a"}\n{"prompt": \n', "line 2 is not valid JSON"),
+        ("\n  \n", "empty"),
     ],
 )
 def test_bad_files_give_clear_errors(tmp_path, content, message):
@@ -73,6 +75,33 @@ def test_sft_formats_become_prompt_completion(tmp_path):
     bad = write_jsonl(tmp_path / "b.jsonl", [{"messages": msgs[:2]}])
     with pytest.raises(DataError, match="assistant"):
         load_sft_dataset(str(bad))
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": "Hi?", "completion": None}], "row 0: column 'completion' .* got null"),
+        ([{"prompt": "Hi?", "completion": "a"}, {"prompt": 7, "completion": "b"}], "row 1: column 'prompt' .* got int 7"),
+        ([{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant"}]}], "row 0: column 'messages'"),
+        ([{"messages": []}], "column 'messages' .* got an empty list"),
+    ],
+)
+def test_sft_rows_with_missing_or_mistyped_values_name_row_and_column(tmp_path, rows, message):
+    with pytest.raises(DataError, match=message):
+        load_sft_dataset(str(write_jsonl(tmp_path / "x.jsonl", rows)))
+
+
+def test_null_prompt_names_the_row(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": None}])
+    with pytest.raises(DataError, match="row 1: column 'prompt' .* got null"):
+        load_prompts(str(path))
+
+
+def test_semicolon_csv_is_named(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt;completion\nHi?;Hello.\n")
+    with pytest.raises(DataError, match="comma-separated"):
+        load_sft_dataset(str(path))
 
 
 def test_split_and_messages():
