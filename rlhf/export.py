@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from rlhf.config import Literal, Optional, field, require
 from rlhf.errors import UserError
 from rlhf.lineage import collect_lineage, model_card
-from rlhf.outputs import staged_output, write_json
+from rlhf.outputs import check_output_dir, staged_output, write_json
 
 if TYPE_CHECKING:  # the config below is imported by the CLI parser: torch loads only when an export runs
     import torch
@@ -52,9 +52,11 @@ class ExportConfig:
 
 
 def adapter_config(folder: str | Path) -> dict:
-    from rlhf.models import check_adapter
+    from rlhf.models import read_adapter_config
 
-    return json.loads((check_adapter(str(folder)) / "adapter_config.json").read_text())
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise UserError(f"adapter folder {folder} has no adapter_config.json (export takes PEFT adapters)")
+    return read_adapter_config(folder)
 
 
 def lora_scale(cfg: dict, rank: int) -> float:
@@ -149,6 +151,20 @@ def recorded_sft_adapter(adapter: str) -> str | None:
     return None
 
 
+def check_export_sources(cfg: ExportConfig, out: Path) -> None:
+    """Every adapter read has its weights; ``out`` neither is, holds nor lies inside one (it would be lost)."""
+    sources = [cfg.adapter]
+    if cfg.mode == "interpolate" and cfg.sft_adapter:
+        adapter_config(cfg.sft_adapter)
+        sources.append(cfg.sft_adapter)
+    for folder in sources:
+        if not (Path(folder) / "adapter_model.safetensors").is_file():
+            raise UserError(f"adapter folder {folder} has no adapter_model.safetensors")
+        resolved = Path(folder).expanduser().resolve()
+        if out == resolved or resolved in out.parents or out in resolved.parents:
+            raise UserError(f"out {out} would replace the adapter it exports from ({folder}); choose another out")
+
+
 # the stage
 
 
@@ -194,13 +210,15 @@ def export_interpolation(cfg: ExportConfig, base: str, work: Path, tokenizer) ->
 def run_export(cfg: ExportConfig) -> Path:
     from rlhf.models import load_tokenizer, tokenizer_source
 
+    out = check_output_dir(cfg.out, "out").resolve()
     acfg = adapter_config(cfg.adapter)
+    check_export_sources(cfg, out)
     base = cfg.model_name_or_path or acfg.get("base_model_name_or_path")
     if not base:
         raise UserError(f"adapter {cfg.adapter} does not record its base model; pass --model_name_or_path")
     tokenizer = load_tokenizer(tokenizer_source(base, cfg.adapter))
     details: dict = {"mode": cfg.mode, "source_adapter": str(Path(cfg.adapter).resolve())}
-    with staged_output(cfg.out) as work:
+    with staged_output(cfg.out, "out") as work:
         if cfg.mode == "adapter":
             for name in ADAPTER_FILES:
                 shutil.copy2(Path(cfg.adapter) / name, work / name)

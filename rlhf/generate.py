@@ -7,7 +7,7 @@ import sys
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.data import load_prompts, prompt_text
-from rlhf.outputs import write_jsonl
+from rlhf.outputs import check_output_file, write_jsonl
 
 
 @dataclasses.dataclass
@@ -56,12 +56,14 @@ class GenerateConfig(SamplingConfig):
         super().__post_init__()
         require(self.num_return_sequences >= 1, "config key 'num_return_sequences' must be >= 1")
         require(bool(self.out), "config key 'out' must not be empty")
+        require(self.max_prompts is None or self.max_prompts >= 1, "config key 'max_prompts' must be >= 1 or null")
 
 
 def run_generate(cfg: GenerateConfig) -> list[dict]:
     from rlhf.generation import generate_responses
     from rlhf.models import load_model, load_tokenizer, pick_device, pick_dtype
 
+    check_output_file(cfg.out)
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     device = pick_device()

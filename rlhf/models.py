@@ -155,20 +155,48 @@ def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, device:
     return model.to(device)
 
 
+ADAPTER_CONFIGS = ("adapter_config.json", "reft_config.json")  # PEFT, LoReFT (rlhf.reft)
+
+
+def read_adapter_config(adapter: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` (PEFT) or ``reft_config.json`` (LoReFT) of an adapter folder, checked.
+
+    A missing file, a file that is not a JSON object, a PEFT config without ``peft_type`` or a
+    non-string ``base_model_name_or_path`` is a UserError naming the file.
+    """
+    path = Path(adapter).expanduser()
+    for name in ADAPTER_CONFIGS:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"adapter config {file} is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"adapter config {file} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"adapter config {file} must hold a JSON object, got {type(config).__name__}")
+        if name == "adapter_config.json" and not isinstance(config.get("peft_type"), str):
+            raise UserError(f"adapter config {file} has no 'peft_type': not a PEFT adapter")
+        base = config.get("base_model_name_or_path")
+        if base is not None and not isinstance(base, str):
+            raise UserError(f"adapter config {file}: 'base_model_name_or_path' must be a string, got {base!r}")
+        return config
+    raise UserError(f"adapter folder {adapter} has no adapter_config.json")
+
+
 def check_adapter(adapter: str) -> Path:
-    path = Path(adapter)
-    if not (path / "adapter_config.json").is_file() and not (path / "reft_config.json").is_file():
-        raise UserError(f"adapter folder {adapter} has no adapter_config.json")
-    return path
+    """``adapter`` as a Path once its config file reads as a valid adapter config."""
+    read_adapter_config(adapter)
+    return Path(adapter)
 
 
 def adapter_base(adapter: str) -> str | None:
     """The base model an adapter folder (PEFT or LoReFT) records."""
-    for name in ("adapter_config.json", "reft_config.json"):
-        path = Path(adapter) / name
-        if path.is_file():
-            return json.loads(path.read_text()).get("base_model_name_or_path")
-    return None
+    if not any((Path(adapter) / name).is_file() for name in ADAPTER_CONFIGS):
+        return None
+    return read_adapter_config(adapter).get("base_model_name_or_path")
 
 
 def load_model(
@@ -187,7 +215,11 @@ def load_model(
     elif adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(check_adapter(adapter)))
+        try:
+            model = PeftModel.from_pretrained(model, str(check_adapter(adapter)))
+        except (TypeError, ValueError, KeyError, OSError) as exc:  # a config PEFT rejects, a missing weight file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot load adapter {adapter}: {first}") from None
         if merge:
             model = model.merge_and_unload()
     model.eval()
