@@ -63,9 +63,13 @@ def check_login(store: Store, name: str, password: str) -> bool:
     return ok and stored is not None
 
 
-def add_user(store: Store, name: str, password: str, role: str = "labeler") -> User:
-    if not _NAME.match(name or ""):
+def check_user_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UserError(f"invalid user name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-'")
+
+
+def add_user(store: Store, name: str, password: str, role: str = "labeler") -> User:
+    check_user_name(name)
     if role not in ROLES:
         raise UserError(f"invalid role {role!r}: use one of {', '.join(ROLES)}")
     if len(password) < 8:

@@ -132,8 +132,8 @@ def add_candidates(
         return after - before, build_comparisons(s, p.id, list(ids), mode, overlap)
 
 
-def import_gold(store: Store, path: str) -> int:
-    """Hidden gold items from JSONL rows ``{prompt, chosen, rejected}``; returns how many are new."""
+def read_gold(path: str) -> list[dict]:
+    """The rows ``{prompt, chosen, rejected}`` of a gold JSONL file, checked (DataError naming the line)."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"gold file not found: {file}")
@@ -152,6 +152,12 @@ def import_gold(store: Store, path: str) -> int:
         if row["chosen"] == row["rejected"]:
             raise DataError(f"{file}:{n} has the same text as chosen and rejected")
         rows.append(row)
+    return rows
+
+
+def import_gold(store: Store, path: str, rows: list[dict] | None = None) -> int:
+    """Gold items from JSONL rows ``{prompt, chosen, rejected}`` (``rows``: read already); returns the new ones."""
+    rows = read_gold(path) if rows is None else rows
     created = 0
     with store.write() as s:
         for row in rows:
@@ -186,11 +192,17 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     what it generated and a re-run continues where it stopped.
     """
     from rlhf.data import load_prompts
+    from rlhf.models import check_adapter, resolve_model_path
 
-    store = init_db(cfg.db)
+    # every input is checked before the database is touched
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
     if not prompts:
         raise DataError(f"dataset {cfg.dataset_name} has no prompts")
+    gold_rows = read_gold(cfg.gold_file) if cfg.gold_file else []
+    resolve_model_path(cfg.model_name_or_path)
+    if cfg.adapter:
+        check_adapter(cfg.adapter)
+    store = init_db(cfg.db)
     policy = policy_identity(cfg.model_name_or_path, cfg.adapter)
     settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
     settings["dataset_name"] = cfg.dataset_name
@@ -225,7 +237,7 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     for i, n in enumerate(need):
         if not n:
             keep(i, [])  # comparisons over stored responses (e.g. the other mode)
-    gold = import_gold(store, cfg.gold_file) if cfg.gold_file else 0
+    gold = import_gold(store, cfg.gold_file, gold_rows) if cfg.gold_file else 0
     with store.write() as s:
         set_setting(s, "gold_rate", cfg.gold_rate)
     store.close()

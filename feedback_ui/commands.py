@@ -9,8 +9,10 @@ user mistakes raise :class:`rlhf.errors.UserError`.
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
+import math
 import os
 import sys
 
@@ -43,9 +45,38 @@ def read_password() -> str:
     return password
 
 
+def _database_errors(func):
+    """Run a command so that a database failure (connection refused, broken file) is one UserError line."""
+
+    @functools.wraps(func)
+    def run(args) -> None:
+        from feedback_ui.store import database_errors, normalize_url
+
+        with database_errors(normalize_url(args.db)):
+            func(args)
+
+    return run
+
+
+def _check_listen(host: str, port: int) -> None:
+    """The app can listen on ``host:port`` (checked before the app and its libraries load)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 # commands
 
 
+@_database_errors
 def cmd_init(args) -> None:
     from feedback_ui.store import init_db
 
@@ -53,14 +84,18 @@ def cmd_init(args) -> None:
     print(f"database ready: {store.url}")
 
 
+@_database_errors
 def cmd_user_add(args) -> None:
-    from feedback_ui.auth import add_user
+    from feedback_ui.auth import add_user, check_user_name
     from feedback_ui.store import open_store
 
-    add_user(open_store(args.db), args.name, read_password(), args.role)
+    check_user_name(args.name)  # before the password is asked for
+    store = open_store(args.db)
+    add_user(store, args.name, read_password(), args.role)
     print(f"user {args.name} ({args.role}) added")
 
 
+@_database_errors
 def cmd_user_list(args) -> None:
     from feedback_ui.auth import list_users
     from feedback_ui.store import open_store
@@ -72,34 +107,52 @@ def cmd_user_list(args) -> None:
 def cmd_candidates(args) -> None:
     from feedback_ui.candidates import run_label_candidates
     from feedback_ui.config import LabelCandidatesConfig
+    from feedback_ui.store import database_errors, normalize_url
 
-    run_label_candidates(config_from_namespace(LabelCandidatesConfig, args))
+    cfg = config_from_namespace(LabelCandidatesConfig, args)
+    with database_errors(normalize_url(cfg.db)):
+        run_label_candidates(cfg)
 
 
+@_database_errors
 def cmd_serve(args) -> None:
+    from feedback_ui.store import open_store
+
+    if args.gold_rate is not None and not (math.isfinite(args.gold_rate) and 0 <= args.gold_rate < 1):
+        raise UserError(f"--gold_rate must be in [0, 1), got {args.gold_rate}")
+    if args.concurrency < 1:
+        raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")
+    _check_listen(args.host, args.port)
+    open_store(args.db).close()  # a missing or broken database stops here, before the app loads
     from feedback_ui.server import launch
 
-    if args.gold_rate is not None and not 0 <= args.gold_rate < 1:
-        raise UserError("--gold_rate must be in [0, 1)")
     launch(args.db, host=args.host, port=args.port, gold_rate=args.gold_rate, concurrency=args.concurrency)
 
 
+@_database_errors
 def cmd_export(args) -> None:
-    from feedback_ui.export import export_preferences
+    from feedback_ui.config import LabelExportConfig
+    from feedback_ui.export import export_preferences, held_out_path
     from feedback_ui.store import open_store
+    from rlhf.config import build_config, config_to_dict
+    from rlhf.outputs import check_output_file
 
     keep = [k.strip() for k in args.keep.split(",") if k.strip()]
-    counts = export_preferences(
-        open_store(args.db), args.out, strategy=args.strategy, aggregation=args.aggregate, keep=keep,
-        test_fraction=args.test_fraction, seed=args.seed, margin_slightly=args.margin_slightly,
-        margin_much=args.margin_much,
-    )  # fmt: skip
+    options = build_config(LabelExportConfig, {
+        "strategy": args.strategy, "aggregation": args.aggregate, "keep": keep, "test_fraction": args.test_fraction,
+        "seed": args.seed, "margin_slightly": args.margin_slightly, "margin_much": args.margin_much,
+    })  # fmt: skip
+    check_output_file(args.out, "--out")
+    if options.test_fraction > 0:
+        check_output_file(held_out_path(args.out), "held-out file")
+    counts = export_preferences(open_store(args.db), args.out, **config_to_dict(options))
     line = f"{counts['rows']} preference rows from {counts['comparisons']} comparisons -> {counts['out']}"
     if "test_out" in counts:
         line += f"; {counts['test_rows']} held-out rows -> {counts['test_out']}"
     print(line)
 
 
+@_database_errors
 def cmd_stats(args) -> None:
     from feedback_ui.stats import collect_stats, format_stats
     from feedback_ui.store import open_store

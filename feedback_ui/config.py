@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional
 
 from rlhf.config import field, require
@@ -46,3 +47,28 @@ class LabelCandidatesConfig:
         require(self.batch_size >= 1, "config key 'batch_size' must be >= 1")
         require(self.overlap >= 1, "config key 'overlap' must be >= 1")
         require(0 <= self.gold_rate < 1, "config key 'gold_rate' must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class LabelExportConfig:
+    """Options of ``rlhf label export`` besides ``--db`` and ``--out`` (the pipeline's ``prefs`` section)."""
+
+    strategy: Literal["all-pairs", "best-vs-rest"] = field(
+        "all-pairs", "rankings -> pairs: every ordered pair, or the best against each other"
+    )
+    aggregation: Literal["majority", "all"] = field(
+        "majority", "several labelers on one comparison: strict-majority pairs, or every vote"
+    )
+    keep: list[str] = field([], "extra outcomes exported: tie, both_bad")
+    test_fraction: float = field(0.0, "share of prompts held out (split by prompt, never by row), in [0, 1)")
+    seed: int = field(0, "seed of the prompt split")
+    margin_slightly: float = field(1.0, "margin of 'slightly better'")
+    margin_much: float = field(3.0, "margin of 'much better'")
+
+    def __post_init__(self):
+        unknown = sorted(set(self.keep) - {"tie", "both_bad"})
+        require(not unknown, f"config key 'keep' takes tie and/or both_bad, got {', '.join(unknown)}")
+        require(0 <= self.test_fraction < 1, "config key 'test_fraction' must be in [0, 1)")
+        for name in ("margin_slightly", "margin_much"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, f"config key '{name}' must be a finite number >= 0")

@@ -40,18 +40,78 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+PG_CONNECT_TIMEOUT_S = 10
+
+
+def _postgres_driver() -> str:
+    """``postgresql+psycopg`` when only psycopg 3 is installed (SQLAlchemy's bare ``postgresql`` means psycopg2)."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg"
+    return "postgresql"
+
+
 def normalize_url(db: str) -> str:
     """A file path or database URL -> a SQLAlchemy URL (file paths become absolute ``sqlite:///``)."""
-    if not db:
+    if not db or not db.strip():
         raise UserError("no database given (set --db to a file path or a database URL)")
     if "://" in db:
-        if db.startswith("sqlite:///") or db.startswith(("postgresql", "postgres://")):
-            return db.replace("postgres://", "postgresql://", 1)
-        raise UserError(f"unsupported database URL '{db}': use a file path, sqlite:///FILE or postgresql://...")
+        scheme, _, rest = db.partition("://")
+        if scheme in ("postgres", "postgresql"):
+            return f"{_postgres_driver()}://{rest}"
+        if scheme.startswith("postgresql+"):
+            return db
+        if scheme != "sqlite" or not rest.startswith("/") or rest == "/":
+            raise UserError(f"unsupported database URL '{db}': use a file path, sqlite:///FILE or postgresql://...")
+        db = rest[1:]  # sqlite:///relative or sqlite:////absolute
     path = Path(db).expanduser().resolve()
     if not path.parent.is_dir():
         raise UserError(f"folder of database file {path} does not exist")
     return f"sqlite:///{path}"
+
+
+def shown_url(url: str) -> str:
+    """``url`` with any password masked, for messages."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def sqlite_path(url: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` URL (None for other databases)."""
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def check_sqlite_file(path: Path, create: bool) -> None:
+    """A SQLite database file must exist (unless ``create``) and be a SQLite database (an empty file counts)."""
+    if path.is_dir():
+        raise UserError(f"database {path} is a folder, not a database file")
+    if not path.exists():
+        if not create:
+            raise UserError(f"database file {path} does not exist (not initialised): run 'rlhf label init --db {path}'")
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise UserError(f"cannot read database file {path}: {exc.strerror}") from None
+    if head and head != SQLITE_MAGIC:
+        raise UserError(f"{path} is not a SQLite database (left untouched); give a database file or a new path")
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__
+
+
+@contextlib.contextmanager
+def database_errors(url: str) -> Iterator[None]:
+    """Turn a database failure (unreachable server, refused login, broken file) into one UserError line."""
+    try:
+        yield
+    except sa.exc.SQLAlchemyError as exc:
+        raise UserError(f"database {shown_url(url)}: {_first_line(exc)}") from None
 
 
 # schema
@@ -181,8 +241,11 @@ def make_engine(url: str) -> sa.Engine:
         )
         _configure_sqlite(engine)
         return engine
+    connect_args = {"connect_timeout": PG_CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
     try:
-        return sa.create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+        return sa.create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True, connect_args=connect_args)
+    except sa.exc.ArgumentError as exc:
+        raise UserError(f"invalid database URL {url!r}: {_first_line(exc)}") from None
     except ModuleNotFoundError as exc:
         raise UserError(f"cannot open {url.split('://')[0]} database: driver {exc.name} is not installed") from None
 
@@ -190,8 +253,12 @@ def make_engine(url: str) -> sa.Engine:
 class Store:
     """An open database: ``read()`` and ``write()`` give sessions; ``write()`` commits on success."""
 
-    def __init__(self, db: str):
+    def __init__(self, db: str, create: bool = False):
+        """Open ``db``; a SQLite file must already exist unless ``create`` (``init_db``) and be a SQLite database."""
         self.url = normalize_url(db)
+        path = sqlite_path(self.url)
+        if path is not None:
+            check_sqlite_file(path, create)
         self.engine = make_engine(self.url)
         self.is_sqlite = self.url.startswith("sqlite")
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
@@ -234,25 +301,43 @@ def _check_version(version: Optional[int], url: str) -> None:
 
 
 def init_db(db: str) -> Store:
-    """Create the schema (idempotent) and record the schema version."""
-    store = Store(db)
-    version = _stored_version(store)
-    _check_version(version, store.url)
-    Base.metadata.create_all(store.engine)
-    if version is None:
-        with store.write() as s:
-            s.add(SchemaVersion(version=SCHEMA_VERSION))
+    """Create the schema (idempotent) and record the schema version.
+
+    Refuses a file that is not a SQLite database; a database file made here is removed again if
+    creating the schema fails.
+    """
+    store = Store(db, create=True)
+    path = sqlite_path(store.url)
+    fresh = path is not None and not path.exists()
+    try:
+        with database_errors(store.url):
+            version = _stored_version(store)
+            _check_version(version, store.url)
+            Base.metadata.create_all(store.engine)
+            if version is None:
+                with store.write() as s:
+                    s.add(SchemaVersion(version=SCHEMA_VERSION))
+    except BaseException:
+        store.close()
+        if fresh:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        raise
     return store
 
 
 def open_store(db: str) -> Store:
-    """Open an initialised database; a missing schema or a newer version is a clear error."""
+    """Open an initialised database; a missing file or schema, a newer version or no connection is a clear error."""
     store = Store(db)
-    version = _stored_version(store)
-    if version is None:
+    try:
+        with database_errors(store.url):
+            version = _stored_version(store)
+        if version is None:
+            raise UserError(f"database {shown_url(store.url)} is not initialised: run 'rlhf label init --db {db}'")
+        _check_version(version, store.url)
+    except BaseException:
         store.close()
-        raise UserError(f"database {store.url} is not initialised: run 'rlhf label init --db {db}'")
-    _check_version(version, store.url)
+        raise
     return store
 
 
