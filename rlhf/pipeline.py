@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from rlhf.config import Literal, Optional, build_config, field, require
+from rlhf.config import Literal, Optional, build_config, config_to_dict, field, require
 from rlhf.errors import ConfigError
 from rlhf.outputs import write_json
 
@@ -263,10 +263,14 @@ def label_step(cfg: PipelineConfig) -> Step:
 
 def prefs_options(cfg: PipelineConfig) -> dict:
     """Keyword arguments of ``export_preferences``: a held-out split by prompt unless configured otherwise."""
-    return {"test_fraction": 0.15, "seed": cfg.seed, **cfg.prefs}
+    from feedback_ui.config import LabelExportConfig
+
+    return config_to_dict(stage_config(LabelExportConfig, cfg, "prefs", {"test_fraction": 0.15, "seed": cfg.seed}))
 
 
 def prefs_step(cfg: PipelineConfig) -> Step:
+    prefs_options(cfg)  # the section's keys are checked before any stage runs
+
     def run():
         from feedback_ui.export import export_preferences
         from feedback_ui.store import open_store
@@ -345,10 +349,12 @@ def print_summary(summary: dict) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    from rlhf.outputs import check_output_dir
+
     align_step = dpo_step if cfg.align == "dpo" else ppo_step
     builders = [sft_step, candidates_step, label_step, prefs_step, reward_step, align_step, export_step, eval_step]
     steps = [build(cfg) for build in builders]  # every config is validated before anything runs
+    check_output_dir(cfg.work_dir, "work_dir").mkdir(parents=True, exist_ok=True)
     rows = run_steps(steps, cfg.force, cfg.stop_after)
     summary = summarize(cfg, rows)
     write_json(cfg.path("summary.json"), summary)
