@@ -8,7 +8,7 @@ from pathlib import Path
 
 from reward.pairs_format import PreferencePair
 from rlhf.config import Literal, Optional, field, require
-from rlhf.outputs import write_json
+from rlhf.outputs import check_output_file, write_json
 
 
 @dataclasses.dataclass
@@ -87,6 +87,8 @@ def run_reward_evaluate(cfg: RewardEvalConfig) -> dict:
     from reward.data import load_pairs
     from reward.scorer import RewardScorer
 
+    if cfg.out:
+        check_output_file(cfg.out, "out")  # before any scoring
     pairs = load_pairs(cfg.dataset_name)
     if cfg.max_pairs:
         pairs = pairs[: cfg.max_pairs]

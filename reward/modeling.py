@@ -33,6 +33,8 @@ from torch import nn
 
 from rlhf.data import to_messages
 from rlhf.errors import ConfigError, UserError
+from rlhf.models import read_adapter_config
+from rlhf.outputs import read_json
 
 METADATA_FILE = "reward_model.json"
 STATS_FILE = "reward_stats.json"
@@ -205,7 +207,7 @@ def check_lora_adapter(adapter: str) -> dict:
     config_file = Path(adapter) / "adapter_config.json"
     if not config_file.is_file():
         raise ConfigError(f"config key 'sft_adapter': {adapter} has no adapter_config.json")
-    config = json.loads(config_file.read_text())
+    config = read_adapter_config(adapter)
     if config.get("peft_type") != "LORA":
         raise ConfigError(
             f"config key 'sft_adapter': only LoRA adapters can be merged, {adapter} is {config.get('peft_type')}; "
@@ -262,9 +264,13 @@ def read_metadata(folder: str | Path) -> dict:
         raise UserError(
             f"{folder} is not a reward model written by `rlhf reward` (no {METADATA_FILE} / adapter_config.json)"
         )
-    meta = json.loads(meta_file.read_text())
+    read_adapter_config(folder)
+    meta = read_json(meta_file, "reward model description")
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_file} is not a {FORMAT} description")
+    for key, kind in (("base_model", str), ("base_model_path", str), ("max_length", int)):
+        if not isinstance(meta.get(key), kind):
+            raise UserError(f"{meta_file}: '{key}' is missing or not a {kind.__name__}")
     return meta
 
 

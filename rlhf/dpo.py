@@ -132,7 +132,7 @@ def pairs_to_dataset(pairs):
 
 def check_sft_adapter(sft_adapter: str) -> None:
     """The SFT folder must hold a PEFT LoRA adapter (DPO copies it into the policy and the reference)."""
-    import json
+    from rlhf.models import read_adapter_config
 
     path = Path(sft_adapter)
     if not path.is_dir():
@@ -144,7 +144,7 @@ def check_sft_adapter(sft_adapter: str) -> None:
             f"sft_adapter folder {sft_adapter} has no adapter_config.json "
             "(for a full or merged SFT model pass it as model_name_or_path)"
         )
-    config = json.loads((path / "adapter_config.json").read_text())
+    config = read_adapter_config(path)
     if config.get("peft_type") != "LORA":
         raise UserError(f"sft_adapter {sft_adapter} is a {config.get('peft_type')} adapter; DPO needs a LoRA adapter")
     if config.get("task_type") not in (None, "CAUSAL_LM"):

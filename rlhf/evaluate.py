@@ -21,7 +21,7 @@ from rlhf.errors import UserError
 from rlhf.eval_config import EvalConfig  # noqa: F401 (re-exported: rlhf.evaluate.EvalConfig)
 from rlhf.generation import SamplingSettings, decode_responses, response_logprobs, response_mask, sample_batch
 from rlhf.models import adapter_base, load_model, load_tokenizer, pick_device, tokenizer_source
-from rlhf.outputs import write_json
+from rlhf.outputs import check_output_dir, write_json
 
 
 # pure statistics
@@ -207,6 +207,7 @@ def load_rule(name: str) -> Callable[[str, str], float]:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
+    check_output_dir(cfg.out_dir, "out_dir")  # a file there stops the run before any model loads
     # each prompt repeated: comparison i pairs the i-th sample of both policies for the same prompt
     prompts = [p for p in load_prompts(cfg.dataset_name, cfg.max_prompts) for _ in range(cfg.samples_per_prompt)]
     settings = SamplingSettings(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import ConfigError, UserError
+from rlhf.outputs import read_json
 
 EMBEDDED_MODELS = {
     # alias: (python package, file inside it)
@@ -169,14 +170,7 @@ def read_adapter_config(adapter: str | os.PathLike) -> dict:
         file = path / name
         if not file.is_file():
             continue
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise UserError(f"adapter config {file} is not UTF-8 text") from None
-        except json.JSONDecodeError as exc:
-            raise UserError(f"adapter config {file} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"adapter config {file} must hold a JSON object, got {type(config).__name__}")
+        config = read_json(file, "adapter config")
         if name == "adapter_config.json" and not isinstance(config.get("peft_type"), str):
             raise UserError(f"adapter config {file} has no 'peft_type': not a PEFT adapter")
         base = config.get("base_model_name_or_path")
@@ -207,6 +201,8 @@ def load_model(
     merge: bool = False,
 ):
     """Base model (+ optional PEFT adapter) in eval mode; ``merge`` folds a LoRA adapter into the weights."""
+    if adapter:
+        check_adapter(adapter)  # a broken adapter folder stops here, before the base loads
     model = load_base_model(name_or_path, dtype=dtype, device=device)
     if adapter and (check_adapter(adapter) / "reft_config.json").is_file():
         from rlhf.reft import load_reft

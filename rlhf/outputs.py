@@ -102,6 +102,22 @@ def staged_output(output_dir: str | os.PathLike, key: str = "output_dir"):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON file that must hold an object; unreadable, malformed or another type is a UserError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)

@@ -19,6 +19,7 @@ from rlhf.models import (
     lora_config,
     pick_device,
     pick_dtype,
+    read_adapter_config,
     resolve_model_path,
 )
 from rlhf.ppo.checkpoint import list_checkpoints
@@ -63,6 +64,11 @@ def prepare_output_dir(cfg: PPOStageConfig) -> Path:
 
 def load_actor(cfg: PPOStageConfig):
     """(tokenizer, actor, resolved base path): one base model in memory, policy (+ reference) adapters on it."""
+    if cfg.sft_adapter:  # a missing or malformed config stops here, before the base loads
+        try:
+            read_adapter_config(cfg.sft_adapter)
+        except UserError as exc:
+            raise UserError(f"sft_adapter: {exc}") from None
     base_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(base_path, padding_side="left")
     if tokenizer.eos_token_id is None:
