@@ -80,8 +80,8 @@ def _check_listen(host: str, port: int) -> None:
 def cmd_init(args) -> None:
     from feedback_ui.store import init_db
 
-    store = init_db(args.db)
-    print(f"database ready: {store.url}")
+    with init_db(args.db) as store:
+        print(f"database ready: {store.url}")
 
 
 @_database_errors
@@ -90,8 +90,8 @@ def cmd_user_add(args) -> None:
     from feedback_ui.store import open_store
 
     check_user_name(args.name)  # before the password is asked for
-    store = open_store(args.db)
-    add_user(store, args.name, read_password(), args.role)
+    with open_store(args.db) as store:
+        add_user(store, args.name, read_password(), args.role)
     print(f"user {args.name} ({args.role}) added")
 
 
@@ -100,7 +100,9 @@ def cmd_user_list(args) -> None:
     from feedback_ui.auth import list_users
     from feedback_ui.store import open_store
 
-    for u in list_users(open_store(args.db)):
+    with open_store(args.db) as store:
+        users = list_users(store)
+    for u in users:
         print(f"{u.name}\t{u.role}\t{u.created_at:%Y-%m-%d %H:%M}")
 
 
@@ -145,7 +147,8 @@ def cmd_export(args) -> None:
     check_output_file(args.out, "--out")
     if options.test_fraction > 0:
         check_output_file(held_out_path(args.out), "held-out file")
-    counts = export_preferences(open_store(args.db), args.out, **config_to_dict(options))
+    with open_store(args.db) as store:
+        counts = export_preferences(store, args.out, **config_to_dict(options))
     line = f"{counts['rows']} preference rows from {counts['comparisons']} comparisons -> {counts['out']}"
     if "test_out" in counts:
         line += f"; {counts['test_rows']} held-out rows -> {counts['test_out']}"
@@ -157,7 +160,8 @@ def cmd_stats(args) -> None:
     from feedback_ui.stats import collect_stats, format_stats
     from feedback_ui.store import open_store
 
-    stats = collect_stats(open_store(args.db))
+    with open_store(args.db) as store:
+        stats = collect_stats(store)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
 
 

@@ -82,21 +82,50 @@ def sqlite_path(url: str) -> Optional[Path]:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
+def _foreign(path_or_url, tables) -> UserError:
+    shown = ", ".join(sorted(tables)[:5])
+    return UserError(f"{path_or_url} is a SQLite database of something else (tables: {shown}); left untouched")
+
+
 def check_sqlite_file(path: Path, create: bool) -> None:
-    """A SQLite database file must exist (unless ``create``) and be a SQLite database (an empty file counts)."""
+    """Refuse, before any connection that could change the file, a SQLite path that is not a labeling database.
+
+    Without ``create`` (every command but ``init``) the file must exist and not be empty. A file
+    that is not SQLite is refused and left untouched, and so is a SQLite database of something else
+    (tables, none of them ours) in rollback-journal mode, which opening it here would switch to WAL.
+    (A WAL-mode file keeps its mode when opened: it is checked once connected, see ``_check_tables``.)
+    """
+    import sqlite3
+
+    init = f"run 'rlhf label init --db {path}'"
     if path.is_dir():
         raise UserError(f"database {path} is a folder, not a database file")
     if not path.exists():
         if not create:
-            raise UserError(f"database file {path} does not exist (not initialised): run 'rlhf label init --db {path}'")
+            raise UserError(f"database file {path} does not exist (not initialised): {init}")
         return
     try:
         with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
+            head = f.read(100)
     except OSError as exc:
         raise UserError(f"cannot read database file {path}: {exc.strerror}") from None
-    if head and head != SQLITE_MAGIC:
+    if not head:
+        if not create:
+            raise UserError(f"database {path} is empty (not initialised): {init}")
+        return
+    if head[: len(SQLITE_MAGIC)] != SQLITE_MAGIC:
         raise UserError(f"{path} is not a SQLite database (left untouched); give a database file or a new path")
+    if len(head) > 18 and head[18] == 2:  # WAL mode: a read-only look would leave -wal/-shm files behind
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise UserError(f"cannot read SQLite database {path}: {exc}") from None
+    if tables and SchemaVersion.__tablename__ not in tables:
+        raise _foreign(path, tables)
+    if not tables and not create:
+        raise UserError(f"database {path} is not initialised: {init}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -284,9 +313,18 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _stored_version(store: Store) -> Optional[int]:
-    if not sa.inspect(store.engine).has_table("schema_version"):
+    tables = set(sa.inspect(store.engine).get_table_names())
+    if SchemaVersion.__tablename__ not in tables:
+        if tables and store.is_sqlite:
+            raise _foreign(sqlite_path(store.url), tables)
         return None
     with store.read() as s:
         return s.scalar(sa.select(sa.func.max(SchemaVersion.version)))

@@ -132,11 +132,13 @@ def run_reward(cfg: RewardStageConfig) -> dict:
     """Train the RM (or its ``ensemble`` members) and write ``cfg.output_dir``; returns the metrics written to
     ``metrics.json``."""
     from reward.member import combine_members, train_member, training_summary
-    from reward.modeling import MEMBERS_DIR, SFT_COPY, write_ensemble, write_metadata
+    from reward.modeling import MEMBERS_DIR, SFT_COPY, check_lora_adapter, write_ensemble, write_metadata
     from rlhf.models import resolve_model_path
     from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()
+    if cfg.sft_adapter:
+        check_lora_adapter(cfg.sft_adapter)  # before any data or model loads
     train_pairs, held_pairs = load_splits(cfg)
     k = cfg.ensemble
     with staged_output(cfg.output_dir) as work:

@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import math
 import os
+import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -178,8 +180,26 @@ def save_config(cfg, path: str | os.PathLike) -> None:
 # command line
 
 
+_NEGATIVE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_negative_values(args: list[str]) -> list[str]:
+    """``--key -1e-4`` -> ``--key=-1e-4``: argparse takes only plain negative numbers like ``-1`` as values."""
+    out: list[str] = []
+    for arg in args:
+        if out and _NEGATIVE.match(arg) and out[-1].startswith("--") and "=" not in out[-1] and out[-1] != "--":
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors as one line and exit status 2."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(_join_negative_values(args), namespace)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         raise ConfigError(message.replace("unrecognized arguments", "unknown config key(s)"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,44 @@ def resolve_dataset_path(dataset_name: str) -> str:
     return dataset_name
 
 
+@contextmanager
+def quiet_datasets():
+    """No progress bars and no logged errors from ``datasets`` (its failures become one DataError)."""
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        datasets.enable_progress_bars()
+
+
+def _load(datasets, dataset_name: str, name: str, path: Path, split: str):
+    if path.is_dir():
+        if not any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise DataError(f"folder {path} is not a dataset saved with save_to_disk")
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"dataset {path} has no split '{split}' (has: {', '.join(ds)})")
+            ds = ds[split]
+        return ds
+    if path.suffix.lower() in _BUILDERS:
+        if not path.is_file():
+            raise DataError(f"dataset file not found: {path}")
+        if path.stat().st_size == 0:
+            raise DataError(f"dataset {dataset_name} is empty")
+        return datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+    if path.exists():
+        raise DataError(f"unsupported dataset file type '{path.suffix}' ({path}); use .jsonl, .json, .parquet or .csv")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise DataError(f"dataset not found: {name}")
+    return datasets.load_dataset(name, split=split)
+
+
 def load_table(dataset_name: str, split: str = "train"):
     """Load ``dataset_name`` as a ``datasets.Dataset``; errors name the file and the problem."""
     import datasets
@@ -41,35 +80,13 @@ def load_table(dataset_name: str, split: str = "train"):
         raise DataError("no dataset given (set dataset_name)")
     name = resolve_dataset_path(dataset_name)
     path = Path(name).expanduser()
-    datasets.disable_progress_bars()
     try:
-        if path.is_dir():
-            if not any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-                raise DataError(f"folder {path} is not a dataset saved with save_to_disk")
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"dataset {path} has no split '{split}' (has: {', '.join(ds)})")
-                ds = ds[split]
-        elif path.suffix.lower() in _BUILDERS:
-            if not path.is_file():
-                raise DataError(f"dataset file not found: {path}")
-            if path.stat().st_size == 0:
-                raise DataError(f"dataset {dataset_name} is empty")
-            builder = _BUILDERS[path.suffix.lower()]
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        elif path.exists():
-            raise DataError(f"unsupported dataset file type '{path.suffix}' ({path}); use .jsonl, .json, .parquet or .csv")
-        elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-            raise DataError(f"dataset not found: {name}")
-        else:
-            ds = datasets.load_dataset(name, split=split)
+        with quiet_datasets():
+            ds = _load(datasets, dataset_name, name, path, split)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable input
         raise DataError(unreadable_reason(dataset_name, path, exc)) from None
-    finally:
-        datasets.enable_progress_bars()
     if len(ds) == 0:
         raise DataError(f"dataset {dataset_name} is empty")
     if len(ds.column_names) == 1 and path.suffix.lower() == ".csv":
@@ -192,7 +209,8 @@ def load_sft_dataset(dataset_name: str):
         except DataError as exc:
             raise DataError(f"dataset {dataset_name} row {index}: {exc}") from None
 
-    return ds.map(record, with_indices=True, remove_columns=ds.column_names)
+    with quiet_datasets():
+        return ds.map(record, with_indices=True, remove_columns=ds.column_names)
 
 
 def load_prompts(dataset_name: str, max_prompts: int | None = None) -> list[list[dict]]:

@@ -355,6 +355,8 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     held_out = load_prompts(cfg.eval_dataset_name, cfg.eval_max_prompts) if cfg.eval_steps else None
     gold = wiring.load_gold_scorer(cfg) if cfg.eval_steps else None
     wiring.check_output_dir(cfg)  # created only once set-up has succeeded
+    if scorer is None:
+        wiring.check_reward_model(cfg)  # before the policy loads
     tokenizer, actor, base_path = wiring.load_actor(cfg)
     if scorer is None:
         scorer = wiring.load_reward_scorer(cfg, actor, tokenizer, base_path)

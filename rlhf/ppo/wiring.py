@@ -83,6 +83,21 @@ def load_actor(cfg: PPOStageConfig):
     return tokenizer, actor, base_path
 
 
+def check_reward_model(cfg: PPOStageConfig) -> None:
+    """``reward_model`` is ``rule`` or a readable reward-model folder (checked before the policy loads)."""
+    if not cfg.reward_model:
+        raise ConfigError("config key 'reward_model' must be set (a folder written by `rlhf reward`, or `rule`)")
+    if cfg.reward_model == "rule":
+        return
+    if not Path(cfg.reward_model).expanduser().exists():
+        raise UserError(f"reward_model folder not found: {cfg.reward_model}")
+    try:
+        from reward.modeling import read_metadata
+    except ImportError as exc:
+        raise UserError(f"cannot import the reward package ({exc})") from None
+    read_metadata(cfg.reward_model)
+
+
 def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer, base_path: str) -> Scorer:
     """The reward of ``cfg.reward_model``.
 
@@ -91,18 +106,13 @@ def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer, base_
     otherwise it is loaded standalone and scores re-tokenised texts. ``rule`` is the transparent
     rule of ``reward.rules`` (concise answers that end with a full stop), for demos and benchmarks.
     """
-    if not cfg.reward_model:
-        raise ConfigError("config key 'reward_model' must be set (a folder written by `rlhf reward`, or `rule`)")
+    check_reward_model(cfg)
     if cfg.reward_model == "rule":
         from reward.rules import rule_score
 
         return FunctionScorer(lambda prompts, responses: [rule_score(p, r) for p, r in zip(prompts, responses)])
-    if not Path(cfg.reward_model).expanduser().exists():
-        raise UserError(f"reward_model folder not found: {cfg.reward_model}")
-    try:
-        from reward import RewardScorer
-    except ImportError as exc:
-        raise UserError(f"cannot import the reward package ({exc})") from None
+    from reward import RewardScorer
+
     reason = RewardScorer.incompatibility(cfg.reward_model, base_path, tokenizer)
     if reason is None:
         rm = RewardScorer.attach(actor.peft, tokenizer, cfg.reward_model, adapter_name=REWARD_ADAPTER)
