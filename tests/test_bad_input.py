@@ -1,0 +1,392 @@
+"""Bad input to every command: exit status 2, one stderr line naming the problem, nothing written.
+
+Each case builds its inputs in ``tmp_path``, snapshots every file there (path -> content hash),
+runs the command in-process through ``rlhf.cli.main`` and checks that the snapshot is unchanged:
+no output folder or database appears, no existing file is moved, replaced or emptied. Every case
+fails during validation, before any model is trained (a tiny model stands in where one is read).
+"""
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf.cli import main
+from rlhf.testing import write_jsonl
+
+PASSWORD = "a long enough password"
+CLOSED_PG = "postgresql://rlhf:secret@127.0.0.1:1/labels"  # port 1: nothing listens there
+
+
+# helper functions
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (except the per-test cache home) -> content hash, or 'dir'."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if "rlhf_home" in p.relative_to(root).parts:
+            continue
+        out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+class Inputs(SimpleNamespace):
+    """Paths of good and bad inputs inside one test's ``tmp_path``."""
+
+    def file(self, name: str, text: str) -> str:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return str(path)
+
+    def rows(self, name: str, rows: list) -> str:
+        return str(write_jsonl(self.root / name, rows))
+
+    def adapter(self, name: str, config_text: str, weights: bool = True) -> str:
+        folder = self.root / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(config_text)
+        if weights:
+            (folder / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+        return str(folder)
+
+    def out(self, name: str) -> str:
+        return str(self.root / name)
+
+
+@pytest.fixture
+def inputs(tmp_path, tiny_model_dir, monkeypatch):
+    from feedback_ui.auth import add_user
+    from feedback_ui.store import init_db
+
+    monkeypatch.chdir(tmp_path)  # anything written by mistake to a relative default lands in the snapshot
+    monkeypatch.setenv("RLHF_PASSWORD", PASSWORD)
+    c = Inputs(root=tmp_path, model=tiny_model_dir)
+    c.sft = c.rows("sft.jsonl", [{"prompt": f"Q{i}?", "completion": f"A{i}."} for i in range(8)])
+    c.prompts = c.rows("prompts.jsonl", [{"prompt": f"Q{i}?"} for i in range(4)])
+    c.prefs = c.rows("prefs.jsonl", [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "no"} for i in range(8)])
+    c.precious = c.file("precious.txt", "keep me\n")
+    c.empty_dir = str(tmp_path / "empty")
+    Path(c.empty_dir).mkdir()
+    c.not_db = c.file("notes.db", "these are notes, not a database\n")
+    c.db = str(tmp_path / "labels.db")
+    store = init_db(c.db)
+    add_user(store, "ann", PASSWORD, "labeler")
+    store.close()
+    c.missing_db = str(tmp_path / "missing.db")
+    lora = {"peft_type": "LORA", "base_model_name_or_path": tiny_model_dir, "r": 2, "lora_alpha": 4,
+            "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}  # fmt: skip
+    c.adapter_ok = c.adapter("adapter_ok", json.dumps(lora))
+    c.adapter_bad_json = c.adapter("adapter_bad_json", '{"peft_type": "LORA", r: 2')
+    c.adapter_list = c.adapter("adapter_list", json.dumps([lora]))
+    c.adapter_no_type = c.adapter("adapter_no_type", json.dumps({"r": 2}))
+    c.adapter_no_weights = c.adapter("adapter_no_weights", json.dumps(lora), weights=False)
+    c.rm_bad_meta = c.adapter("rm_bad_meta", json.dumps(lora))
+    (Path(c.rm_bad_meta) / "reward_model.json").write_text("{not json")
+    c.M = ["--model_name_or_path", tiny_model_dir]
+    return c
+
+
+def check_refused(argv: list[str], expected: str, root: Path, capsys) -> str:
+    """Run ``argv``; assert status 2, exactly one stderr line containing ``expected``, no file changed."""
+    before = snapshot(root)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit {code}; stderr: {err[-2000:]}"
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    assert expected.lower() in lines[0].lower(), lines[0]
+    assert snapshot(root) == before
+    return lines[0]
+
+
+# config values: wrong nested types, impossible combinations, values out of range
+
+CONFIG_CASES = [
+    ("sft-dict-for-int", lambda c: ["sft", "--config", c.file("c.yaml", "lora_r: {a: 1}\n")], "'lora_r' must be an integer"),
+    ("sft-list-of-dicts-for-names", lambda c: ["sft", "--config", c.file("c.yaml", "lora_target_modules: [{a: 1}]\n")],
+     "'lora_target_modules' must be a list of strings"),
+    ("sft-string-for-list", lambda c: ["sft", "--config", c.file("c.yaml", "reft_layers: [1, two]\n")],
+     "'reft_layers' must be a list of integers"),
+    ("sft-yaml-is-a-list", lambda c: ["sft", "--config", c.file("c.yaml", "- lora_r\n- 8\n")], "mapping"),
+    ("sft-yaml-malformed", lambda c: ["sft", "--config", c.file("c.yaml", "lora_r: [1,\n")], "not valid YAML"),
+    ("sft-yaml-unknown-key", lambda c: ["sft", "--config", c.file("c.yaml", "lora_rank: 8\n")], "'lora_rank'"),
+    ("sft-config-is-a-folder", lambda c: ["sft", "--config", c.empty_dir], "config file not found"),
+    ("sft-negative-lr", lambda c: ["sft", *c.M, "--learning_rate", "-1e-4"], "'learning_rate' must be > 0"),
+    ("sft-nan-lr", lambda c: ["sft", *c.M, "--learning_rate", "nan"], "'learning_rate' must be a finite number"),
+    ("sft-zero-batch", lambda c: ["sft", *c.M, "--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+    ("sft-fraction-above-1", lambda c: ["sft", *c.M, "--eval_fraction", "1.5"], "'eval_fraction' must be in [0, 1)"),
+    ("sft-negative-weight-decay", lambda c: ["sft", *c.M, "--weight_decay", "-0.1"], "'weight_decay'"),
+    ("sft-bool-maybe", lambda c: ["sft", *c.M, "--completion_only_loss", "maybe"], "true/false"),
+    ("sft-unknown-method", lambda c: ["sft", *c.M, "--method", "qlora"], "'method' must be one of"),
+    ("sft-patience-without-eval", lambda c: ["sft", *c.M, "--early_stopping_patience", "2", "--eval_fraction", "0"],
+     "early_stopping_patience"),
+    ("ppo-split-does-not-divide", lambda c: ["ppo", *c.M, "--rollout_batch_size", "6", "--num_mini_batches", "4"],
+     "divisible"),
+    ("ppo-micro-batch-mismatch", lambda c: ["ppo", *c.M, "--rollout_batch_size", "8", "--per_device_train_batch_size",
+                                            "3"], "must equal the mini-batch"),  # fmt: skip
+    ("ppo-gamma-above-1", lambda c: ["ppo", *c.M, "--gamma", "1.5"], "'gamma' must be in (0, 1]"),
+    ("ppo-negative-lam", lambda c: ["ppo", *c.M, "--lam", "-0.1"], "'lam' must be in [0, 1]"),
+    ("ppo-zero-cliprange", lambda c: ["ppo", *c.M, "--cliprange", "0"], "'cliprange' must be > 0"),
+    ("ppo-yaml-dict-for-float", lambda c: ["ppo", "--config", c.file("p.yaml", "kl_coef: {value: 0.1}\n")], "kl_coef"),
+    ("reward-fraction-1", lambda c: ["reward", *c.M, "--eval_fraction", "1"], "'eval_fraction' must be in [0, 1)"),
+    ("reward-dropout-1", lambda c: ["reward", *c.M, "--lora_dropout", "1"], "'lora_dropout' must be in [0, 1)"),
+    ("reward-eval-zero-batch", lambda c: ["reward", "evaluate", "--reward_model", "rm", "--dataset_name", c.prefs,
+                                          "--batch_size", "0"], "'batch_size' must be >= 1"),  # fmt: skip
+    ("generate-top-p-above-1", lambda c: ["generate", *c.M, "--top_p", "1.5"], "'top_p' must be in (0, 1]"),
+    ("generate-zero-temperature", lambda c: ["generate", *c.M, "--temperature", "0"], "'temperature' must be > 0"),
+    ("generate-zero-prompts", lambda c: ["generate", *c.M, "--max_prompts", "0"], "'max_prompts' must be >= 1"),
+    ("export-alpha-above-1", lambda c: ["export", "--adapter", c.adapter_ok, "--alpha", "2"], "'alpha' must be in [0, 1]"),
+    ("export-unknown-mode", lambda c: ["export", "--adapter", c.adapter_ok, "--mode", "gguf"], "'mode' must be one of"),
+    ("eval-samples-without-sampling", lambda c: ["eval", "--policy", "p", "--baseline", "b", "--rule", "rule_score",
+                                                 "--samples_per_prompt", "2"], "needs do_sample"),  # fmt: skip
+    ("candidates-one-candidate", lambda c: ["label", "candidates", "--db", c.db, "--num_candidates", "1"],
+     "'num_candidates' must be >= 2"),
+    ("candidates-ranking-needs-3", lambda c: ["label", "candidates", "--db", c.db, "--mode", "ranking"],
+     "'num_candidates' must be >= 3"),
+    ("candidates-gold-rate-1", lambda c: ["label", "candidates", "--db", c.db, "--gold_rate", "1"], "'gold_rate'"),
+    ("pipeline-section-is-a-number", lambda c: ["pipeline", "--config", c.file("d.yaml", "work_dir: wd\nsft: 5\n")],
+     "'sft' must be a mapping"),
+    ("pipeline-section-unknown-key", lambda c: ["pipeline", "--config", c.file("d.yaml", "work_dir: wd\nsft: {lr: 1}\n")],
+     "pipeline section 'sft': unknown config key 'lr'"),
+    ("pipeline-prefs-unknown-key", lambda c: ["pipeline", "--config", c.file("d.yaml", "work_dir: wd\nprefs: {x: 1}\n")],
+     "pipeline section 'prefs': unknown config key 'x'"),
+    ("pipeline-ppo-split", lambda c: ["pipeline", "--config", c.file(
+        "d.yaml", "work_dir: wd\nppo: {rollout_batch_size: 6, num_mini_batches: 4}\n")], "section 'ppo'"),
+    ("pipeline-unknown-rule", lambda c: ["pipeline", "--config", c.file("d.yaml", "work_dir: wd\nrule: vibes\n")],
+     "unknown rule 'vibes'"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_values(inputs, capsys, build, expected):
+    check_refused(build(inputs), expected, inputs.root, capsys)
+
+
+# data files and folders
+
+DATA_CASES = [
+    ("sft-semicolon-csv", lambda c: ["sft", *c.M, "--dataset_name", c.file("d.csv", "prompt;completion\nQ?;A.\n"),
+                                     "--output_dir", c.out("o")], "comma-separated"),  # fmt: skip
+    ("sft-empty-file", lambda c: ["sft", *c.M, "--dataset_name", c.file("d.jsonl", ""), "--output_dir", c.out("o")],
+     "is empty"),
+    ("sft-blank-lines", lambda c: ["sft", *c.M, "--dataset_name", c.file("d.jsonl", "\n \n"), "--output_dir", c.out("o")],
+     "is empty"),
+    ("sft-empty-folder", lambda c: ["sft", *c.M, "--dataset_name", c.empty_dir, "--output_dir", c.out("o")],
+     "not a dataset saved with save_to_disk"),
+    ("sft-null-completion", lambda c: ["sft", *c.M, "--dataset_name", c.rows("d.jsonl", [
+        {"prompt": "Q?", "completion": "A."}, {"prompt": "Q2?", "completion": None}]), "--output_dir", c.out("o")],
+     "row 1: column 'completion'"),
+    ("sft-number-as-prompt", lambda c: ["sft", *c.M, "--dataset_name", c.rows("d.jsonl", [
+        {"prompt": 7, "completion": "A."}]), "--output_dir", c.out("o")], "column 'prompt'"),
+    ("sft-message-without-content", lambda c: ["sft", *c.M, "--dataset_name", c.rows("d.jsonl", [
+        {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant"}]}]), "--output_dir", c.out("o")],
+     "column 'messages'"),
+    ("sft-bad-json-line", lambda c: ["sft", *c.M, "--dataset_name", c.file("d.jsonl", '{"prompt": "Q?"}\n{"prompt"\n'),
+                                     "--output_dir", c.out("o")], "line 2 is not valid JSON"),  # fmt: skip
+    ("sft-wrong-columns", lambda c: ["sft", *c.M, "--dataset_name", c.prefs, "--output_dir", c.out("o")],
+     "needs columns messages or prompt/completion"),
+    ("sft-missing-file", lambda c: ["sft", *c.M, "--dataset_name", c.out("nope.jsonl"), "--output_dir", c.out("o")],
+     "not found"),
+    ("generate-null-prompt", lambda c: ["generate", *c.M, "--dataset_name", c.rows("p.jsonl", [{"prompt": "Q?"},
+                                        {"prompt": None}]), "--out", c.out("g.jsonl")], "row 1: column 'prompt'"),
+    ("generate-no-prompt-column", lambda c: ["generate", *c.M, "--dataset_name", c.rows("p.jsonl", [{"text": "Q?"}]),
+                                             "--out", c.out("g.jsonl")], "needs columns prompt"),  # fmt: skip
+    ("generate-empty-messages", lambda c: ["generate", *c.M, "--dataset_name", c.rows("p.jsonl", [{"prompt": []}]),
+                                           "--out", c.out("g.jsonl")], "empty list"),  # fmt: skip
+    ("reward-sft-data", lambda c: ["reward", *c.M, "--dataset_name", c.sft, "--output_dir", c.out("rm")],
+     "missing: chosen, rejected"),
+    ("reward-null-rejected", lambda c: ["reward", *c.M, "--dataset_name", c.rows("p.jsonl", [
+        {"prompt": "Q?", "chosen": "A.", "rejected": None}]), "--output_dir", c.out("rm")], "'rejected' is empty"),
+    ("reward-text-margin", lambda c: ["reward", *c.M, "--dataset_name", c.rows("p.jsonl", [
+        {"prompt": "Q?", "chosen": "A.", "rejected": "b", "margin": "big"}]), "--output_dir", c.out("rm")], "'margin'"),
+    ("reward-empty-folder", lambda c: ["reward", *c.M, "--dataset_name", c.empty_dir, "--output_dir", c.out("rm")],
+     "not a dataset"),
+    ("ppo-empty-folder", lambda c: ["ppo", *c.M, "--dataset_name", c.empty_dir, "--reward_model", "rule",
+                                    "--output_dir", c.out("ppo")], "not a dataset"),  # fmt: skip
+    ("candidates-empty-folder", lambda c: ["label", "candidates", "--db", c.out("new.db"), *c.M,
+                                           "--dataset_name", c.empty_dir], "not a dataset"),  # fmt: skip
+    ("candidates-bad-gold-file", lambda c: ["label", "candidates", "--db", c.out("new.db"), *c.M, "--dataset_name",
+                                            c.prompts, "--gold_file", c.rows("g.jsonl", [{"prompt": "Q?"}])],
+     "needs string 'chosen' and 'rejected'"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("build, expected", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_bad_data(inputs, capsys, build, expected):
+    check_refused(build(inputs), expected, inputs.root, capsys)
+
+
+# models, adapters and output paths
+
+PATH_CASES = [
+    ("sft-output-dir-is-a-file", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir", c.precious],
+     "is an existing file"),
+    ("sft-output-dir-under-a-file", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir",
+                                               c.precious + "/run"], "is a file, not a folder"),  # fmt: skip
+    ("sft-model-folder-without-config", lambda c: ["sft", "--model_name_or_path", c.empty_dir, "--dataset_name", c.sft,
+                                                   "--output_dir", c.out("o")], "has no config.json"),  # fmt: skip
+    ("generate-out-is-a-folder", lambda c: ["generate", *c.M, "--dataset_name", c.prompts, "--out", c.empty_dir],
+     "is a folder"),
+    ("generate-adapter-malformed-json", lambda c: ["generate", *c.M, "--adapter", c.adapter_bad_json,
+                                                   "--dataset_name", c.prompts, "--out", c.out("g.jsonl")],
+     "adapter_config.json is not valid JSON"),  # fmt: skip
+    ("generate-adapter-config-is-a-list", lambda c: ["generate", *c.M, "--adapter", c.adapter_list, "--dataset_name",
+                                                     c.prompts, "--out", c.out("g.jsonl")], "must hold a JSON object"),
+    ("generate-adapter-without-peft-type", lambda c: ["generate", *c.M, "--adapter", c.adapter_no_type,
+                                                      "--dataset_name", c.prompts, "--out", c.out("g.jsonl")],
+     "no 'peft_type'"),  # fmt: skip
+    ("generate-adapter-missing", lambda c: ["generate", *c.M, "--adapter", c.out("nope"), "--dataset_name", c.prompts,
+                                            "--out", c.out("g.jsonl")], "has no adapter_config.json"),  # fmt: skip
+    ("reward-output-dir-is-a-file", lambda c: ["reward", *c.M, "--dataset_name", c.prefs, "--output_dir", c.precious],
+     "is an existing file"),
+    ("reward-sft-adapter-malformed", lambda c: ["reward", *c.M, "--dataset_name", c.prefs, "--sft_adapter",
+                                                c.adapter_bad_json, "--output_dir", c.out("rm")], "not valid JSON"),
+    ("reward-eval-model-missing", lambda c: ["reward", "evaluate", "--reward_model", c.out("rm"), "--dataset_name",
+                                             c.prefs], "reward model folder not found"),  # fmt: skip
+    ("reward-eval-not-a-reward-model", lambda c: ["reward", "evaluate", "--reward_model", c.adapter_ok,
+                                                  "--dataset_name", c.prefs], "not a reward model"),  # fmt: skip
+    ("reward-eval-malformed-metadata", lambda c: ["reward", "evaluate", "--reward_model", c.rm_bad_meta,
+                                                  "--dataset_name", c.prefs], "reward_model.json is not valid JSON"),
+    ("reward-eval-out-is-a-folder", lambda c: ["reward", "evaluate", "--reward_model", c.rm_bad_meta, "--dataset_name",
+                                               c.prefs, "--out", c.empty_dir], "is a folder"),  # fmt: skip
+    ("ppo-output-dir-is-a-file", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", "rule",
+                                            "--output_dir", c.precious], "is an existing file"),  # fmt: skip
+    ("ppo-no-reward-model", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--output_dir", c.out("ppo")],
+     "'reward_model' must be set"),
+    ("ppo-reward-model-missing", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", c.out("rm"),
+                                            "--output_dir", c.out("ppo")], "reward_model folder not found"),
+    ("ppo-reward-model-not-one", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", c.empty_dir,
+                                            "--output_dir", c.out("ppo")], "not a reward model"),  # fmt: skip
+    ("ppo-sft-adapter-malformed", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", "rule",
+                                             "--sft_adapter", c.adapter_bad_json, "--output_dir", c.out("ppo")],
+     "sft_adapter"),  # fmt: skip
+    ("export-adapter-malformed", lambda c: ["export", "--adapter", c.adapter_bad_json, "--out", c.out("x")],
+     "not valid JSON"),
+    ("export-adapter-without-weights", lambda c: ["export", "--adapter", c.adapter_no_weights, "--out", c.out("x")],
+     "has no adapter_model.safetensors"),
+    ("export-out-is-the-adapter", lambda c: ["export", "--adapter", c.adapter_ok, "--out", c.adapter_ok],
+     "would replace the adapter"),
+    ("export-out-is-a-file", lambda c: ["export", "--adapter", c.adapter_ok, "--out", c.precious], "is an existing file"),
+    ("eval-out-dir-is-a-file", lambda c: ["eval", "--policy", c.model, "--baseline", "base", *c.M, "--rule",
+                                          "rule_score", "--out_dir", c.precious], "is an existing file"),  # fmt: skip
+    ("eval-policy-missing", lambda c: ["eval", "--policy", c.out("nope"), "--baseline", "base", *c.M, "--rule",
+                                       "rule_score", "--out_dir", c.out("ev")], "neither an adapter"),  # fmt: skip
+    ("pipeline-work-dir-is-a-file", lambda c: ["pipeline", "--work_dir", c.precious], "is an existing file"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [c[1:] for c in PATH_CASES], ids=[c[0] for c in PATH_CASES])
+def test_bad_models_adapters_and_paths(inputs, capsys, build, expected):
+    check_refused(build(inputs), expected, inputs.root, capsys)
+
+
+def test_ppo_bad_resume_leaves_the_output_folder_as_it_was(inputs, capsys):
+    out = Path(inputs.out("ppo"))
+    (out / "logs").mkdir(parents=True)
+    (out / "run_config.yaml").write_text("seed: 1\n")
+    (out / "logs" / "metrics.jsonl").write_text('{"step": 1}\n')
+    argv = ["ppo", *inputs.M, "--dataset_name", inputs.prompts, "--reward_model", "rule", "--output_dir", str(out),
+            "--resume_from_checkpoint", str(out / "checkpoints" / "step-000009")]  # fmt: skip
+    check_refused(argv, "resume_from_checkpoint", inputs.root, capsys)
+
+
+def test_ppo_fresh_run_into_old_checkpoints_is_refused(inputs, capsys):
+    step = Path(inputs.out("ppo")) / "checkpoints" / "step-000002"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("")
+    argv = ["ppo", *inputs.M, "--dataset_name", inputs.prompts, "--reward_model", "rule", "--output_dir",
+            inputs.out("ppo")]  # fmt: skip
+    check_refused(argv, "already holds checkpoints", inputs.root, capsys)
+
+
+# labeling: databases, accounts, app and export
+
+LABEL_CASES = [
+    ("init-on-a-text-file", lambda c: ["label", "init", "--db", c.not_db], "is not a SQLite database"),
+    ("init-on-a-folder", lambda c: ["label", "init", "--db", c.empty_dir], "is a folder"),
+    ("init-folder-missing", lambda c: ["label", "init", "--db", c.out("no/such/labels.db")], "does not exist"),
+    ("init-unsupported-url", lambda c: ["label", "init", "--db", "mysql://u@localhost/labels"], "unsupported database"),
+    ("user-add-missing-db", lambda c: ["label", "user", "add", "bob", "--db", c.missing_db], "does not exist"),
+    ("user-list-missing-db", lambda c: ["label", "user", "list", "--db", c.missing_db], "does not exist"),
+    ("stats-missing-db", lambda c: ["label", "stats", "--db", c.missing_db], "does not exist"),
+    ("export-missing-db", lambda c: ["label", "export", "--db", c.missing_db, "--out", c.out("p.jsonl")],
+     "does not exist"),
+    ("serve-missing-db", lambda c: ["label", "serve", "--db", c.missing_db, "--port", "0"], "does not exist"),
+    ("user-list-not-a-db", lambda c: ["label", "user", "list", "--db", c.not_db], "is not a SQLite database"),
+    ("stats-not-a-db", lambda c: ["label", "stats", "--db", c.not_db], "is not a SQLite database"),
+    ("export-not-a-db", lambda c: ["label", "export", "--db", c.not_db, "--out", c.out("p.jsonl")],
+     "is not a SQLite database"),
+    ("candidates-not-a-db", lambda c: ["label", "candidates", "--db", c.not_db, *c.M, "--dataset_name", c.prompts],
+     "is not a SQLite database"),
+    ("sqlite-without-schema", lambda c: ["label", "stats", "--db", c.file("blank.db", "")], "not initialised"),
+    ("unknown-role", lambda c: ["label", "user", "add", "bob", "--role", "owner", "--db", c.db], "--role"),
+    ("name-with-space", lambda c: ["label", "user", "add", "bob smith", "--db", c.db], "invalid user name"),
+    ("name-with-newline", lambda c: ["label", "user", "add", "bob\n", "--db", c.db], "invalid user name"),
+    ("name-too-long", lambda c: ["label", "user", "add", "b" * 65, "--db", c.db], "invalid user name"),
+    ("name-taken", lambda c: ["label", "user", "add", "ann", "--db", c.db], "already exists"),
+    ("export-out-is-a-folder", lambda c: ["label", "export", "--db", c.db, "--out", c.empty_dir], "is a folder"),
+    ("export-fraction-above-1", lambda c: ["label", "export", "--db", c.db, "--test_fraction", "1.5",
+                                           "--out", c.out("p.jsonl")], "'test_fraction' must be in [0, 1)"),
+    ("export-unknown-keep", lambda c: ["label", "export", "--db", c.db, "--keep", "tie,maybe", "--out", c.out("p.jsonl")],
+     "'keep' takes tie and/or both_bad"),
+    ("export-negative-margin", lambda c: ["label", "export", "--db", c.db, "--margin_much", "-3",
+                                          "--out", c.out("p.jsonl")], "'margin_much'"),  # fmt: skip
+    ("export-unknown-strategy", lambda c: ["label", "export", "--db", c.db, "--strategy", "random",
+                                           "--out", c.out("p.jsonl")], "--strategy"),  # fmt: skip
+    ("serve-port-out-of-range", lambda c: ["label", "serve", "--db", c.db, "--port", "70000"], "--port"),
+    ("serve-gold-rate-1", lambda c: ["label", "serve", "--db", c.db, "--gold_rate", "1", "--port", "0"], "--gold_rate"),
+    ("serve-zero-concurrency", lambda c: ["label", "serve", "--db", c.db, "--concurrency", "0", "--port", "0"],
+     "--concurrency"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [c[1:] for c in LABEL_CASES], ids=[c[0] for c in LABEL_CASES])
+def test_bad_label_input(inputs, capsys, build, expected):
+    check_refused(build(inputs), expected, inputs.root, capsys)
+
+
+def test_short_password_is_refused(inputs, capsys, monkeypatch):
+    monkeypatch.setenv("RLHF_PASSWORD", "short")
+    check_refused(["label", "user", "add", "bob", "--db", inputs.db], "at least 8 characters", inputs.root, capsys)
+
+
+@pytest.mark.parametrize("argv", [["label", "user", "list", "--db", CLOSED_PG], ["label", "init", "--db", CLOSED_PG]])
+def test_unreachable_postgres_fails_fast_in_one_line(inputs, capsys, argv):
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is an optional extra")
+    start = time.monotonic()
+    line = check_refused(argv, "127.0.0.1", inputs.root, capsys)
+    assert time.monotonic() - start < 10
+    assert "secret" not in line  # the password is masked
+
+
+# as a user runs them: separate processes, nothing but the exit status and stderr
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["label", "init", "--db", "notes.db"], "is not a SQLite database"),
+        (["label", "user", "list", "--db", "missing.db"], "does not exist"),
+        (["sft", "--config", "bad.yaml"], "'lora_r' must be an integer"),
+        (["export", "--adapter", "adapter_bad_json", "--out", "x"], "not valid JSON"),
+    ],
+)
+def test_console_command_prints_one_line_and_exits_2(inputs, argv, expected):
+    inputs.file("bad.yaml", "lora_r: {a: 1}\n")
+    before = snapshot(inputs.root)
+    out = subprocess.run([sys.executable, "-m", "rlhf.cli", *argv], cwd=inputs.root, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
+    assert out.stdout == ""
+    assert snapshot(inputs.root) == before
