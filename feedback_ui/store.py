@@ -59,10 +59,13 @@ def normalize_url(db: str) -> str:
         raise UserError("no database given (set --db to a file path or a database URL)")
     if "://" in db:
         scheme, _, rest = db.partition("://")
-        if scheme in ("postgres", "postgresql"):
-            return f"{_postgres_driver()}://{rest}"
-        if scheme.startswith("postgresql+"):
-            return db
+        if scheme in ("postgres", "postgresql") or scheme.startswith("postgresql+"):
+            url = f"{_postgres_driver()}://{rest}" if "+" not in scheme else db
+            try:
+                sa.engine.make_url(url).port  # noqa: B018 - parses host and port
+            except (sa.exc.ArgumentError, ValueError):  # the message could quote a password
+                raise UserError(f"invalid {scheme} URL: cannot parse user, host, port and database from it") from None
+            return url
         if scheme != "sqlite" or not rest.startswith("/") or rest == "/":
             raise UserError(f"unsupported database URL '{db}': use a file path, sqlite:///FILE or postgresql://...")
         db = rest[1:]  # sqlite:///relative or sqlite:////absolute

@@ -33,7 +33,7 @@ from torch import nn
 
 from rlhf.data import to_messages
 from rlhf.errors import ConfigError, UserError
-from rlhf.models import read_adapter_config
+from rlhf.models import check_adapter, read_adapter_config
 from rlhf.outputs import read_json
 
 METADATA_FILE = "reward_model.json"
@@ -207,6 +207,7 @@ def check_lora_adapter(adapter: str) -> dict:
     config_file = Path(adapter) / "adapter_config.json"
     if not config_file.is_file():
         raise ConfigError(f"config key 'sft_adapter': {adapter} has no adapter_config.json")
+    check_adapter(adapter)
     config = read_adapter_config(adapter)
     if config.get("peft_type") != "LORA":
         raise ConfigError(

@@ -153,6 +153,8 @@ def recorded_sft_adapter(adapter: str) -> str | None:
 
 def check_export_sources(cfg: ExportConfig, out: Path) -> None:
     """Every adapter read has its weights; ``out`` neither is, holds nor lies inside one (it would be lost)."""
+    from rlhf.models import check_safetensors
+
     sources = [cfg.adapter]
     if cfg.mode == "interpolate" and cfg.sft_adapter:
         adapter_config(cfg.sft_adapter)
@@ -160,6 +162,7 @@ def check_export_sources(cfg: ExportConfig, out: Path) -> None:
     for folder in sources:
         if not (Path(folder) / "adapter_model.safetensors").is_file():
             raise UserError(f"adapter folder {folder} has no adapter_model.safetensors")
+        check_safetensors(Path(folder) / "adapter_model.safetensors")
         resolved = Path(folder).expanduser().resolve()
         if out == resolved or resolved in out.parents or out in resolved.parents:
             raise UserError(f"out {out} would replace the adapter it exports from ({folder}); choose another out")

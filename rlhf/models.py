@@ -180,9 +180,26 @@ def read_adapter_config(adapter: str | os.PathLike) -> dict:
     raise UserError(f"adapter folder {adapter} has no adapter_config.json")
 
 
+def check_safetensors(path: str | os.PathLike) -> None:
+    """A ``.safetensors`` file must start with its 8-byte header length and a JSON object header (read, not loaded)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = f.read(size) if 2 <= size <= 100_000_000 else b""
+        ok = len(header) == size and isinstance(json.loads(header), dict)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"weights file {path} is not a valid safetensors file (truncated or corrupt?)")
+
+
 def check_adapter(adapter: str) -> Path:
-    """``adapter`` as a Path once its config file reads as a valid adapter config."""
+    """``adapter`` as a Path once its config reads as a valid adapter config and its weights file is sound."""
     read_adapter_config(adapter)
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)
     return Path(adapter)
 
 

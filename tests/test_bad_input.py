@@ -26,6 +26,21 @@ CLOSED_PG = "postgresql://rlhf:secret@127.0.0.1:1/labels"  # port 1: nothing lis
 # helper functions
 
 
+def _binary(path: Path) -> str:
+    path.write_bytes(b"\xff\xfe\x00lora_r: 8\n")
+    return str(path)
+
+
+def _other_sqlite(path: Path) -> str:
+    """A SQLite database of another application (rollback journal, one table)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE recipes (name TEXT)")
+    con.close()
+    return str(path)
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every path under ``root`` (except the per-test cache home) -> content hash, or 'dir'."""
     out = {}
@@ -48,12 +63,20 @@ class Inputs(SimpleNamespace):
     def rows(self, name: str, rows: list) -> str:
         return str(write_jsonl(self.root / name, rows))
 
-    def adapter(self, name: str, config_text: str, weights: bool = True) -> str:
+    def adapter(self, name: str, config_text: str, weights: bytes | None = None) -> str:
+        """An adapter folder with this config text and a small real LoRA weights file (or ``weights`` bytes)."""
+        import torch
+        from safetensors.torch import save_file
+
         folder = self.root / name
         folder.mkdir()
         (folder / "adapter_config.json").write_text(config_text)
-        if weights:
-            (folder / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+        if weights is None:
+            key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+            save_file({key.format("A"): torch.zeros(2, 32), key.format("B"): torch.zeros(32, 2)},
+                      str(folder / "adapter_model.safetensors"))  # fmt: skip
+        elif weights:
+            (folder / "adapter_model.safetensors").write_bytes(weights)
         return str(folder)
 
     def out(self, name: str) -> str:
@@ -86,7 +109,8 @@ def inputs(tmp_path, tiny_model_dir, monkeypatch):
     c.adapter_bad_json = c.adapter("adapter_bad_json", '{"peft_type": "LORA", r: 2')
     c.adapter_list = c.adapter("adapter_list", json.dumps([lora]))
     c.adapter_no_type = c.adapter("adapter_no_type", json.dumps({"r": 2}))
-    c.adapter_no_weights = c.adapter("adapter_no_weights", json.dumps(lora), weights=False)
+    c.adapter_no_weights = c.adapter("adapter_no_weights", json.dumps(lora), weights=b"")
+    c.adapter_corrupt = c.adapter("adapter_corrupt", json.dumps(lora), weights=b"\x10\0\0\0\0\0\0\0{trunc")
     c.rm_bad_meta = c.adapter("rm_bad_meta", json.dumps(lora))
     (Path(c.rm_bad_meta) / "reward_model.json").write_text("{not json")
     c.M = ["--model_name_or_path", tiny_model_dir]
@@ -120,6 +144,8 @@ CONFIG_CASES = [
     ("sft-yaml-malformed", lambda c: ["sft", "--config", c.file("c.yaml", "lora_r: [1,\n")], "not valid YAML"),
     ("sft-yaml-unknown-key", lambda c: ["sft", "--config", c.file("c.yaml", "lora_rank: 8\n")], "'lora_rank'"),
     ("sft-config-is-a-folder", lambda c: ["sft", "--config", c.empty_dir], "config file not found"),
+    ("sft-config-not-text", lambda c: ["sft", "--config", c.file("c.yaml", "") and _binary(c.root / "c.yaml")],
+     "not UTF-8 text"),
     ("sft-negative-lr", lambda c: ["sft", *c.M, "--learning_rate", "-1e-4"], "'learning_rate' must be > 0"),
     ("sft-nan-lr", lambda c: ["sft", *c.M, "--learning_rate", "nan"], "'learning_rate' must be a finite number"),
     ("sft-zero-batch", lambda c: ["sft", *c.M, "--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
@@ -244,6 +270,9 @@ PATH_CASES = [
     ("generate-adapter-without-peft-type", lambda c: ["generate", *c.M, "--adapter", c.adapter_no_type,
                                                       "--dataset_name", c.prompts, "--out", c.out("g.jsonl")],
      "no 'peft_type'"),  # fmt: skip
+    ("generate-adapter-corrupt-weights", lambda c: ["generate", *c.M, "--adapter", c.adapter_corrupt,
+                                                    "--dataset_name", c.prompts, "--out", c.out("g.jsonl")],
+     "not a valid safetensors file"),  # fmt: skip
     ("generate-adapter-missing", lambda c: ["generate", *c.M, "--adapter", c.out("nope"), "--dataset_name", c.prompts,
                                             "--out", c.out("g.jsonl")], "has no adapter_config.json"),  # fmt: skip
     ("reward-output-dir-is-a-file", lambda c: ["reward", *c.M, "--dataset_name", c.prefs, "--output_dir", c.precious],
@@ -269,6 +298,11 @@ PATH_CASES = [
     ("ppo-sft-adapter-malformed", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", "rule",
                                              "--sft_adapter", c.adapter_bad_json, "--output_dir", c.out("ppo")],
      "sft_adapter"),  # fmt: skip
+    ("ppo-sft-adapter-corrupt-weights", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", "rule",
+                                                   "--sft_adapter", c.adapter_corrupt, "--output_dir", c.out("ppo")],
+     "not a valid safetensors file"),  # fmt: skip
+    ("export-merged-corrupt-weights", lambda c: ["export", "--adapter", c.adapter_corrupt, "--mode", "merged",
+                                                 "--out", c.out("x")], "not a valid safetensors file"),  # fmt: skip
     ("export-adapter-malformed", lambda c: ["export", "--adapter", c.adapter_bad_json, "--out", c.out("x")],
      "not valid JSON"),
     ("export-adapter-without-weights", lambda c: ["export", "--adapter", c.adapter_no_weights, "--out", c.out("x")],
@@ -315,6 +349,10 @@ LABEL_CASES = [
     ("init-on-a-folder", lambda c: ["label", "init", "--db", c.empty_dir], "is a folder"),
     ("init-folder-missing", lambda c: ["label", "init", "--db", c.out("no/such/labels.db")], "does not exist"),
     ("init-unsupported-url", lambda c: ["label", "init", "--db", "mysql://u@localhost/labels"], "unsupported database"),
+    ("init-unparsable-postgres-url", lambda c: ["label", "init", "--db", "postgresql://u:pw@host:port/db"],
+     "cannot parse"),
+    ("init-on-another-sqlite-database", lambda c: ["label", "init", "--db", _other_sqlite(c.root / "other.db")],
+     "SQLite database of something else"),
     ("user-add-missing-db", lambda c: ["label", "user", "add", "bob", "--db", c.missing_db], "does not exist"),
     ("user-list-missing-db", lambda c: ["label", "user", "list", "--db", c.missing_db], "does not exist"),
     ("stats-missing-db", lambda c: ["label", "stats", "--db", c.missing_db], "does not exist"),

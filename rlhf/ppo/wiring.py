@@ -13,13 +13,13 @@ from pathlib import Path
 
 from rlhf.errors import ConfigError, UserError
 from rlhf.models import (
+    check_adapter,
     decoder_layers,
     load_base_model,
     load_tokenizer,
     lora_config,
     pick_device,
     pick_dtype,
-    read_adapter_config,
     resolve_model_path,
 )
 from rlhf.ppo.checkpoint import list_checkpoints
@@ -66,7 +66,7 @@ def load_actor(cfg: PPOStageConfig):
     """(tokenizer, actor, resolved base path): one base model in memory, policy (+ reference) adapters on it."""
     if cfg.sft_adapter:  # a missing or malformed config stops here, before the base loads
         try:
-            read_adapter_config(cfg.sft_adapter)
+            check_adapter(cfg.sft_adapter)
         except UserError as exc:
             raise UserError(f"sft_adapter: {exc}") from None
     base_path = resolve_model_path(cfg.model_name_or_path)
