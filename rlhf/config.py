@@ -20,8 +20,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-
 from rlhf.errors import ConfigError
 
 # helper functions
@@ -140,6 +138,8 @@ def config_fields(cls) -> dict[str, dataclasses.Field]:
 
 def load_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping; a missing or malformed file is a ConfigError."""
+    import yaml
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -176,6 +176,8 @@ def config_to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:
+    import yaml
+
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.errors import UserError
-from rlhf.lineage import collect_lineage, model_card
 from rlhf.outputs import check_output_dir, staged_output, write_json
 
 if TYPE_CHECKING:  # the config below is imported by the CLI parser: torch loads only when an export runs
@@ -211,6 +210,7 @@ def export_interpolation(cfg: ExportConfig, base: str, work: Path, tokenizer) ->
 
 
 def run_export(cfg: ExportConfig) -> Path:
+    from rlhf.lineage import collect_lineage, model_card
     from rlhf.models import load_tokenizer, tokenizer_source
 
     out = check_output_dir(cfg.out, "out").resolve()
