@@ -43,7 +43,7 @@ from reward.pairs_format import split_by_prompt
 from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
 from rlhf.errors import DataError
 from rlhf.hf_trainer import Stopwatch
-from rlhf.outputs import staged_output, write_json
+from rlhf.outputs import check_not_input, staged_output, write_json
 
 
 @dataclasses.dataclass
@@ -137,6 +137,8 @@ def run_reward(cfg: RewardStageConfig) -> dict:
     from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()
+    check_not_input(cfg.output_dir, {"dataset_name": cfg.dataset_name, "eval_dataset_name": cfg.eval_dataset_name,
+                                     "sft_adapter": cfg.sft_adapter, "model_name_or_path": cfg.model_name_or_path})
     if cfg.sft_adapter:
         check_lora_adapter(cfg.sft_adapter)  # before any data or model loads
     train_pairs, held_pairs = load_splits(cfg)

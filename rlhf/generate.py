@@ -7,7 +7,7 @@ import sys
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.data import load_prompts, prompt_text
-from rlhf.outputs import check_output_file, write_jsonl
+from rlhf.outputs import check_not_input, check_output_file, write_jsonl
 
 
 @dataclasses.dataclass
@@ -64,6 +64,7 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     from rlhf.models import load_model, load_tokenizer, pick_device, pick_dtype
 
     check_output_file(cfg.out)
+    check_not_input(cfg.out, {"dataset_name": cfg.dataset_name, "adapter": cfg.adapter}, "out")
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     device = pick_device()

@@ -57,6 +57,19 @@ def check_output_file(out: str | os.PathLike, key: str = "out") -> Path:
     return path
 
 
+def check_not_input(out: str | os.PathLike, inputs: dict[str, str | None], key: str = "output_dir",
+                    replaced: bool = True) -> None:  # fmt: skip
+    """Refuse an output path that is one of the ``inputs`` (key -> path; None skipped) or, when the output
+    is ``replaced`` as a whole (``staged_output``), holds one: writing it would destroy that input."""
+    target = Path(out).expanduser().resolve()
+    for name, value in inputs.items():
+        if not value or not Path(value).expanduser().exists():
+            continue
+        source = Path(value).expanduser().resolve()
+        if target == source or (replaced and target in source.parents):
+            raise UserError(f"{key} {target} would replace {name} {value}; choose another {key}")
+
+
 @contextmanager
 def created_parents(path: Path):
     """Create the missing parents of ``path``; remove the ones created here if the body raises."""

@@ -12,7 +12,7 @@ from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_
 from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.hf_trainer import Stopwatch, trainer_kwargs
-from rlhf.outputs import staged_output, write_json
+from rlhf.outputs import check_not_input, staged_output, write_json
 
 if TYPE_CHECKING:  # the config above is imported by the CLI parser: torch & co. load only when a run starts
     from torch import nn
@@ -164,6 +164,8 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()
+    check_not_input(cfg.output_dir, {"dataset_name": cfg.dataset_name, "eval_dataset_name": cfg.eval_dataset_name,
+                                     "model_name_or_path": cfg.model_name_or_path})  # fmt: skip
     with staged_output(cfg.output_dir) as work:
         logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard")
         trainer = build_trainer(cfg, work, logger)

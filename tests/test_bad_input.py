@@ -258,6 +258,13 @@ PATH_CASES = [
      "is an existing file"),
     ("sft-output-dir-under-a-file", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir",
                                                c.precious + "/run"], "is a file, not a folder"),  # fmt: skip
+    ("sft-output-dir-holds-the-data", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir", str(c.root)],
+     "would replace dataset_name"),
+    ("generate-out-is-the-prompts", lambda c: ["generate", *c.M, "--dataset_name", c.prompts, "--out", c.prompts],
+     "would replace dataset_name"),
+    ("ppo-output-dir-is-the-sft-adapter", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", "rule",
+                                                     "--sft_adapter", c.adapter_ok, "--output_dir", c.adapter_ok],
+     "would replace sft_adapter"),  # fmt: skip
     ("sft-model-folder-without-config", lambda c: ["sft", "--model_name_or_path", c.empty_dir, "--dataset_name", c.sft,
                                                    "--output_dir", c.out("o")], "has no config.json"),  # fmt: skip
     ("generate-out-is-a-folder", lambda c: ["generate", *c.M, "--dataset_name", c.prompts, "--out", c.empty_dir],
@@ -390,6 +397,16 @@ LABEL_CASES = [
 @pytest.mark.parametrize("build, expected", [c[1:] for c in LABEL_CASES], ids=[c[0] for c in LABEL_CASES])
 def test_bad_label_input(inputs, capsys, build, expected):
     check_refused(build(inputs), expected, inputs.root, capsys)
+
+
+def test_serve_on_a_port_in_use_is_refused(inputs, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        check_refused(["label", "serve", "--db", inputs.db, "--port", port], "cannot listen", inputs.root, capsys)
 
 
 def test_short_password_is_refused(inputs, capsys, monkeypatch):

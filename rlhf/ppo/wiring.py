@@ -38,10 +38,14 @@ def notice(message: str) -> None:
 def check_output_dir(cfg: PPOStageConfig) -> Path:
     """``output_dir`` checked before any set-up: not a file, no fresh run mixed into old checkpoints
     unless asked, a resume point that exists. Writes nothing."""
+    from rlhf.outputs import check_not_input
     from rlhf.outputs import check_output_dir as check_folder
     from rlhf.ppo.checkpoint import resolve_resume
 
     out = check_folder(cfg.output_dir)
+    check_not_input(out, {"dataset_name": cfg.dataset_name, "sft_adapter": cfg.sft_adapter,
+                          "reward_model": cfg.reward_model, "model_name_or_path": cfg.model_name_or_path},
+                    replaced=False)  # PPO writes into output_dir (checkpoints, resume), it does not replace it
     if cfg.resume_from_checkpoint:
         resolve_resume(cfg.resume_from_checkpoint, out / "checkpoints")
     elif list_checkpoints(out / "checkpoints") and not cfg.overwrite_output_dir:
