@@ -5,7 +5,8 @@ Batch arithmetic (checked in ``__post_init__``)::
     rollout_batch_size = num_mini_batches * mini_batch_size
     mini_batch_size    = gradient_accumulation_steps * per_device_train_batch_size
 
-One PPO step = one rollout of ``rollout_batch_size`` prompts, then
+One PPO step = one rollout of ``rollout_batch_size`` responses (``samples_per_prompt`` for each of
+``rollout_batch_size / samples_per_prompt`` prompts), then
 ``ppo_epochs`` passes over it in ``num_mini_batches`` optimizer steps each.
 ``max_steps`` counts PPO steps (rollouts), so ``warmup_steps`` and the
 learning-rate schedule do too.

@@ -6,8 +6,12 @@ One PPO step's data flow (B rollouts, P prompt tokens, R response tokens)::
             --eos_truncation_mask--> response_mask (B, R), has_eos (B,)
             --policy / value / reference passes (no grad)--> logprobs, values, ref_logprobs (B, R)
             --scorer--> raw scores (B,) --process_scores--> scores (B,)
+            [--rloo_scores / grpo_scores within each prompt's K samples (critic-free estimators)]
             --shape_rewards (per-token KL penalty)--> rewards (B, R)
-            --compute_gae (+ whitening)--> advantages, returns (B, R)
+            --compute_gae (+ whitening) | returns_to_go (+ whitening)--> advantages, returns (B, R)
+
+Without a critic (``advantage_estimator`` rloo, grpo, reinforce_pp) there is no value pass and
+``values`` is None.
 """
 
 from __future__ import annotations
