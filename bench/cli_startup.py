@@ -1,6 +1,6 @@
 """Start-up time of the ``rlhf`` command: help screens and the labeling admin commands.
 
-    python bench/cli_startup.py [--repeats 7] [--record FILE]
+    python bench/cli_startup.py [--repeats 7] [--record FILE] [--source DIR]
 
 Each command runs ``--repeats`` times, each time in a fresh process (the ``rlhf`` console script
 next to this Python, else ``python -m rlhf.cli``), timed from spawn to exit. Reported per command:
@@ -10,11 +10,14 @@ process, which on a shared machine estimates what an idle one would take. The co
 add | user list | stats | export`` on a fresh SQLite database (a new database for every ``init``, a
 new user name for every ``user add``). Target: a median of at most 1 s each on an idle machine. The
 record (command, machine, load before and after, date, figures) goes to bench/results/cli_startup.json.
+``--source DIR`` times another checkout of the code instead (``python -m rlhf.cli`` with DIR first on
+PYTHONPATH, e.g. a ``git archive`` of an older commit), for before/after figures under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -37,13 +40,20 @@ def rlhf_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "rlhf.cli"]
 
 
-def stage_names() -> list[list[str]]:
-    """``[name]`` per stage plus ``[stage, sub]`` per nested subcommand, and ``label`` (read from the CLI)."""
-    from rlhf.cli import STAGES, SUBSTAGES
+STAGE_NAMES = """
+import json
+from rlhf.cli import STAGES, SUBSTAGES
+names = [[name] for name in STAGES]
+names.insert(list(STAGES).index("generate") + 1, ["label"])
+print(json.dumps(names + [list(key) for key in SUBSTAGES]))
+"""
 
-    names = [[name] for name in STAGES]
-    names.insert(list(STAGES).index("generate") + 1, ["label"])
-    return names + [list(key) for key in SUBSTAGES]
+
+def stage_names(env: dict, cwd: str) -> list[list[str]]:
+    """``[name]`` per stage plus ``[stage, sub]`` per nested subcommand, and ``label`` (read from the CLI timed)."""
+    out = subprocess.run([sys.executable, "-c", STAGE_NAMES], env=env, cwd=cwd, capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    return json.loads(out.stdout)
 
 
 def timed(argv: list[str], env: dict, cwd: str) -> tuple[float, float]:
@@ -62,16 +72,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="runs per command (median reported)")
     parser.add_argument("--record", default=None, help="record file (default bench/results/cli_startup.json)")
+    parser.add_argument("--source", default=None, help="time the rlhf package in this folder instead")
     args = parser.parse_args()
     record = Record("cli_startup", path=args.record)
-    rlhf = rlhf_command()
     env = {**os.environ, "RLHF_PASSWORD": "bench-password-123"}
+    rlhf = rlhf_command()
+    if args.source:
+        rlhf = [sys.executable, "-m", "rlhf.cli"]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(args.source).resolve()), env.get("PYTHONPATH")) if p)
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "label.db")
         subprocess.run([*rlhf, "label", "init", "--db", db], env=env, check=True, capture_output=True)
         commands: list[tuple[str, Callable[[int], list[str]]]] = [("rlhf --help", lambda i: ["--help"])]
-        commands += [(f"rlhf {' '.join(n)} --help", lambda i, n=n: [*n, "--help"]) for n in stage_names()]
+        commands += [(f"rlhf {' '.join(n)} --help", lambda i, n=n: [*n, "--help"]) for n in stage_names(env, tmp)]
         commands += [
             ("rlhf label init", lambda i: ["label", "init", "--db", str(Path(tmp) / f"init{i}.db")]),
             ("rlhf label user add", lambda i: ["label", "user", "add", f"user{i}", "--db", db]),
@@ -105,7 +119,8 @@ def main() -> None:
     print(f"slowest: {slowest} (wall {summary['slowest_median_s']:.3f} s); largest CPU median "
           f"{summary['slowest_median_cpu_s']:.3f} s; all wall medians within {TARGET_S} s: "
           f"{summary['all_within_target']}", file=sys.stderr)
-    record.write({"commands": figures, **summary}, {"repeats": args.repeats, "launcher": " ".join(rlhf)})
+    settings = {"repeats": args.repeats, "launcher": " ".join(rlhf), "source": args.source}
+    record.write({"commands": figures, **summary}, settings)
 
 
 if __name__ == "__main__":
