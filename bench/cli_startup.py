@@ -1,6 +1,6 @@
 """Start-up time of the ``rlhf`` command: help screens and the labeling admin commands.
 
-    python bench/cli_startup.py [--repeats 7] [--record FILE] [--source DIR]
+    python bench/cli_startup.py [--repeats 7] [--record FILE] [--commit REV]
 
 Each command runs ``--repeats`` times, each time in a fresh process (the ``rlhf`` console script
 next to this Python, else ``python -m rlhf.cli``), timed from spawn to exit. Reported per command:
@@ -10,8 +10,9 @@ process, which on a shared machine estimates what an idle one would take. The co
 add | user list | stats | export`` on a fresh SQLite database (a new database for every ``init``, a
 new user name for every ``user add``). Target: a median of at most 1 s each on an idle machine. The
 record (command, machine, load before and after, date, figures) goes to bench/results/cli_startup.json.
-``--source DIR`` times another checkout of the code instead (``python -m rlhf.cli`` with DIR first on
-PYTHONPATH, e.g. a ``git archive`` of an older commit), for before/after figures under the same load.
+``--commit REV`` times the code of another commit instead (``git archive`` of its packages into a
+temporary folder, run as ``python -m rlhf.cli`` with that folder first on PYTHONPATH), for before/after
+figures under the same load.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def stage_names(env: dict, cwd: str) -> list[list[str]]:
     return json.loads(out.stdout)
 
 
+def export_commit(rev: str, folder: str) -> str:
+    """Write the packages of commit ``rev`` into ``folder``; returns the full commit id."""
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", rev], cwd=root, capture_output=True, text=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", commit.strip(), "rlhf", "reward", "feedback_ui"], cwd=root,
+                             capture_output=True, check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return commit.strip()
+
+
 def timed(argv: list[str], env: dict, cwd: str) -> tuple[float, float]:
     """(wall seconds, CPU seconds = user + system) of one run of ``argv`` in a fresh process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -72,16 +83,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="runs per command (median reported)")
     parser.add_argument("--record", default=None, help="record file (default bench/results/cli_startup.json)")
-    parser.add_argument("--source", default=None, help="time the rlhf package in this folder instead")
+    parser.add_argument("--commit", default=None, help="time the packages of this commit instead of the checkout")
     args = parser.parse_args()
     record = Record("cli_startup", path=args.record)
     env = {**os.environ, "RLHF_PASSWORD": "bench-password-123"}
     rlhf = rlhf_command()
-    if args.source:
-        rlhf = [sys.executable, "-m", "rlhf.cli"]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(args.source).resolve()), env.get("PYTHONPATH")) if p)
     figures: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as source:
+        commit = None
+        if args.commit:
+            commit = export_commit(args.commit, source)
+            rlhf = [sys.executable, "-m", "rlhf.cli"]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
         db = str(Path(tmp) / "label.db")
         subprocess.run([*rlhf, "label", "init", "--db", db], env=env, check=True, capture_output=True)
         commands: list[tuple[str, Callable[[int], list[str]]]] = [("rlhf --help", lambda i: ["--help"])]
@@ -119,7 +132,7 @@ def main() -> None:
     print(f"slowest: {slowest} (wall {summary['slowest_median_s']:.3f} s); largest CPU median "
           f"{summary['slowest_median_cpu_s']:.3f} s; all wall medians within {TARGET_S} s: "
           f"{summary['all_within_target']}", file=sys.stderr)
-    settings = {"repeats": args.repeats, "launcher": " ".join(rlhf), "source": args.source}
+    settings = {"repeats": args.repeats, "launcher": " ".join(rlhf), "code_commit": commit or "checkout"}
     record.write({"commands": figures, **summary}, settings)
 
 
