@@ -96,7 +96,7 @@ def check_sqlite_file(path: Path, create: bool) -> None:
     Without ``create`` (every command but ``init``) the file must exist and not be empty. A file
     that is not SQLite is refused and left untouched, and so is a SQLite database of something else
     (tables, none of them ours) in rollback-journal mode, which opening it here would switch to WAL.
-    (A WAL-mode file keeps its mode when opened: it is checked once connected, see ``_check_tables``.)
+    (A WAL-mode file keeps its mode when opened: it is checked once connected, in ``_stored_version``.)
     """
     import sqlite3
 
@@ -276,8 +276,8 @@ def make_engine(url: str) -> sa.Engine:
     connect_args = {"connect_timeout": PG_CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
     try:
         return sa.create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True, connect_args=connect_args)
-    except sa.exc.ArgumentError as exc:
-        raise UserError(f"invalid database URL {url!r}: {_first_line(exc)}") from None
+    except sa.exc.ArgumentError:  # the message would quote the URL, password included
+        raise UserError(f"invalid {url.split('://')[0]} database URL: SQLAlchemy cannot parse it") from None
     except ModuleNotFoundError as exc:
         raise UserError(f"cannot open {url.split('://')[0]} database: driver {exc.name} is not installed") from None
 
