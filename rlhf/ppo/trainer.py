@@ -238,6 +238,7 @@ class PPOTrainer:
         best = self.selected_point()
         if best is not None and best.step == self.step:
             self.actor.save_policy(self.best_policy_dir, self.base_name_or_path)
+            (self.best_policy_dir / "STEP").write_text(str(self.step))
         self.monitor.plot(self.out_dir / "logs" / "monitor.png")
         gold = "" if point.gold is None else f", gold {point.gold:.3f}"
         tqdm.write(f"[monitor step {self.step}] held-out proxy {point.proxy:.3f}{gold}, sqrt KL {point.sqrt_kl:.2f}",
@@ -382,9 +383,15 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     finally:
         logger.close()
     selected = trainer.selected_point()
-    if selected is not None:  # the best monitored policy, kept in best_policy/ when it was scored
-        for f in trainer.best_policy_dir.iterdir():
-            shutil.copy2(f, out / f.name)
+    if selected is not None:  # the best monitored policy, kept in best_policy/ (STEP names it) when it was scored
+        kept = trainer.best_policy_dir
+        if not (kept / "STEP").is_file() or (kept / "STEP").read_text() != str(selected.step):
+            kept = trainer.ckpt_dir / ckpt.step_dir_name(selected.step) / "policy"  # e.g. resumed past a later best
+        if not (kept / "adapter_config.json").is_file():
+            raise UserError(f"select_checkpoint: the policy of step {selected.step} was not kept (no checkpoint of it)")
+        for f in kept.iterdir():
+            if f.name != "STEP":
+                shutil.copy2(f, out / f.name)
         summary["selected_step"] = selected.step
         wiring.notice(f"exported the policy of step {selected.step} ({cfg.select_checkpoint})")
     else:
