@@ -196,7 +196,8 @@ def sft_record(example: dict) -> dict:
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise DataError("each 'messages' list must end with an assistant turn after at least one other turn")
         return {"prompt": messages[:-1], "completion": messages[-1:]}
-    return {"prompt": column_messages(example, "prompt"), "completion": column_messages(example, "completion", "assistant")}
+    prompt = column_messages(example, "prompt")
+    return {"prompt": prompt, "completion": column_messages(example, "completion", "assistant")}
 
 
 def load_sft_dataset(dataset_name: str):

@@ -135,7 +135,8 @@ def check_refused(argv: list[str], expected: str, root: Path, capsys) -> str:
 # config values: wrong nested types, impossible combinations, values out of range
 
 CONFIG_CASES = [
-    ("sft-dict-for-int", lambda c: ["sft", "--config", c.file("c.yaml", "lora_r: {a: 1}\n")], "'lora_r' must be an integer"),
+    ("sft-dict-for-int", lambda c: ["sft", "--config", c.file("c.yaml", "lora_r: {a: 1}\n")],
+     "'lora_r' must be an integer"),
     ("sft-list-of-dicts-for-names", lambda c: ["sft", "--config", c.file("c.yaml", "lora_target_modules: [{a: 1}]\n")],
      "'lora_target_modules' must be a list of strings"),
     ("sft-string-for-list", lambda c: ["sft", "--config", c.file("c.yaml", "reft_layers: [1, two]\n")],
@@ -170,7 +171,8 @@ CONFIG_CASES = [
     ("generate-top-p-above-1", lambda c: ["generate", *c.M, "--top_p", "1.5"], "'top_p' must be in (0, 1]"),
     ("generate-zero-temperature", lambda c: ["generate", *c.M, "--temperature", "0"], "'temperature' must be > 0"),
     ("generate-zero-prompts", lambda c: ["generate", *c.M, "--max_prompts", "0"], "'max_prompts' must be >= 1"),
-    ("export-alpha-above-1", lambda c: ["export", "--adapter", c.adapter_ok, "--alpha", "2"], "'alpha' must be in [0, 1]"),
+    ("export-alpha-above-1", lambda c: ["export", "--adapter", c.adapter_ok, "--alpha", "2"],
+     "'alpha' must be in [0, 1]"),
     ("export-unknown-mode", lambda c: ["export", "--adapter", c.adapter_ok, "--mode", "gguf"], "'mode' must be one of"),
     ("eval-samples-without-sampling", lambda c: ["eval", "--policy", "p", "--baseline", "b", "--rule", "rule_score",
                                                  "--samples_per_prompt", "2"], "needs do_sample"),  # fmt: skip
@@ -181,9 +183,11 @@ CONFIG_CASES = [
     ("candidates-gold-rate-1", lambda c: ["label", "candidates", "--db", c.db, "--gold_rate", "1"], "'gold_rate'"),
     ("pipeline-section-is-a-number", lambda c: ["pipeline", "--config", c.file("d.yaml", "work_dir: wd\nsft: 5\n")],
      "'sft' must be a mapping"),
-    ("pipeline-section-unknown-key", lambda c: ["pipeline", "--config", c.file("d.yaml", "work_dir: wd\nsft: {lr: 1}\n")],
+    ("pipeline-section-unknown-key", lambda c: ["pipeline", "--config",
+                                                c.file("d.yaml", "work_dir: wd\nsft: {lr: 1}\n")],
      "pipeline section 'sft': unknown config key 'lr'"),
-    ("pipeline-prefs-unknown-key", lambda c: ["pipeline", "--config", c.file("d.yaml", "work_dir: wd\nprefs: {x: 1}\n")],
+    ("pipeline-prefs-unknown-key", lambda c: ["pipeline", "--config",
+                                              c.file("d.yaml", "work_dir: wd\nprefs: {x: 1}\n")],
      "pipeline section 'prefs': unknown config key 'x'"),
     ("pipeline-ppo-split", lambda c: ["pipeline", "--config", c.file(
         "d.yaml", "work_dir: wd\nppo: {rollout_batch_size: 6, num_mini_batches: 4}\n")], "section 'ppo'"),
@@ -204,7 +208,8 @@ DATA_CASES = [
                                      "--output_dir", c.out("o")], "comma-separated"),  # fmt: skip
     ("sft-empty-file", lambda c: ["sft", *c.M, "--dataset_name", c.file("d.jsonl", ""), "--output_dir", c.out("o")],
      "is empty"),
-    ("sft-blank-lines", lambda c: ["sft", *c.M, "--dataset_name", c.file("d.jsonl", "\n \n"), "--output_dir", c.out("o")],
+    ("sft-blank-lines", lambda c: ["sft", *c.M, "--dataset_name", c.file("d.jsonl", "\n \n"),
+                                   "--output_dir", c.out("o")],
      "is empty"),
     ("sft-empty-folder", lambda c: ["sft", *c.M, "--dataset_name", c.empty_dir, "--output_dir", c.out("o")],
      "not a dataset saved with save_to_disk"),
@@ -316,7 +321,8 @@ PATH_CASES = [
      "has no adapter_model.safetensors"),
     ("export-out-is-the-adapter", lambda c: ["export", "--adapter", c.adapter_ok, "--out", c.adapter_ok],
      "would replace the adapter"),
-    ("export-out-is-a-file", lambda c: ["export", "--adapter", c.adapter_ok, "--out", c.precious], "is an existing file"),
+    ("export-out-is-a-file", lambda c: ["export", "--adapter", c.adapter_ok, "--out", c.precious],
+     "is an existing file"),
     ("eval-out-dir-is-a-file", lambda c: ["eval", "--policy", c.model, "--baseline", "base", *c.M, "--rule",
                                           "rule_score", "--out_dir", c.precious], "is an existing file"),  # fmt: skip
     ("eval-policy-missing", lambda c: ["eval", "--policy", c.out("nope"), "--baseline", "base", *c.M, "--rule",
@@ -381,7 +387,8 @@ LABEL_CASES = [
     ("export-out-is-a-folder", lambda c: ["label", "export", "--db", c.db, "--out", c.empty_dir], "is a folder"),
     ("export-fraction-above-1", lambda c: ["label", "export", "--db", c.db, "--test_fraction", "1.5",
                                            "--out", c.out("p.jsonl")], "'test_fraction' must be in [0, 1)"),
-    ("export-unknown-keep", lambda c: ["label", "export", "--db", c.db, "--keep", "tie,maybe", "--out", c.out("p.jsonl")],
+    ("export-unknown-keep", lambda c: ["label", "export", "--db", c.db, "--keep", "tie,maybe",
+                                       "--out", c.out("p.jsonl")],
      "'keep' takes tie and/or both_bad"),
     ("export-negative-margin", lambda c: ["label", "export", "--db", c.db, "--margin_much", "-3",
                                           "--out", c.out("p.jsonl")], "'margin_much'"),  # fmt: skip
