@@ -212,7 +212,7 @@ def untrained_accuracy(cfg) -> float:
     from reward.evaluate import evaluate_pairs
     from reward.modeling import build_reward_model
     from reward.scorer import RewardScorer
-    from reward.train import load_splits
+    from rlhf.pairs import load_splits
     from rlhf.models import load_tokenizer
 
     _, held = load_splits(cfg)

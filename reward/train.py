@@ -39,9 +39,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from reward.pairs_format import split_by_prompt
 from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
-from rlhf.errors import DataError
 from rlhf.hf_trainer import Stopwatch
 from rlhf.outputs import check_not_input, staged_output, write_json
 
@@ -109,31 +107,13 @@ class RewardStageConfig(TrainingConfig):
         )
 
 
-# helper functions
-
-
-def load_splits(cfg: RewardStageConfig):
-    """(train pairs, held-out pairs): held out by prompt, or a separate file."""
-    from reward.data import load_pairs
-
-    pairs = load_pairs(cfg.dataset_name)
-    if cfg.eval_dataset_name:
-        train, held = pairs, load_pairs(cfg.eval_dataset_name)
-    else:
-        train, held = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
-    if cfg.max_train_samples:
-        train = train[: cfg.max_train_samples]
-    if not train:
-        raise DataError(f"dataset {cfg.dataset_name} leaves no training pairs")
-    return train, held
-
-
 def run_reward(cfg: RewardStageConfig) -> dict:
     """Train the RM (or its ``ensemble`` members) and write ``cfg.output_dir``; returns the metrics written to
     ``metrics.json``."""
     from reward.member import combine_members, train_member, training_summary
     from reward.modeling import MEMBERS_DIR, SFT_COPY, check_lora_adapter, write_ensemble, write_metadata
     from rlhf.models import resolve_model_path
+    from rlhf.pairs import load_splits
     from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()

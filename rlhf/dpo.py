@@ -100,22 +100,6 @@ class DPOStageConfig(TrainingConfig):
 # helper functions
 
 
-def load_splits(cfg: DPOStageConfig):
-    """(train pairs, held-out pairs): held out by prompt, or a separate file."""
-    from rlhf.pairs import load_pairs, split_by_prompt
-
-    pairs = load_pairs(cfg.dataset_name)
-    if cfg.eval_dataset_name:
-        train, held = pairs, load_pairs(cfg.eval_dataset_name)
-    else:
-        train, held = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
-    if cfg.max_train_samples:
-        train = train[: cfg.max_train_samples]
-    if not train:
-        raise DataError(f"dataset {cfg.dataset_name} leaves no training pairs")
-    return train, held
-
-
 def pairs_to_dataset(pairs):
     """TRL's conversational explicit-prompt layout: ``prompt`` messages, one-turn ``chosen`` / ``rejected``."""
     import datasets
@@ -247,6 +231,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     from rlhf.data import fingerprint
     from rlhf.hf_trainer import Stopwatch
     from rlhf.models import count_parameters, resolve_model_path
+    from rlhf.pairs import load_splits
     from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()

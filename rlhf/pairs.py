@@ -220,3 +220,19 @@ def split_by_prompt(pairs: list[PreferencePair], eval_fraction: float, seed: int
         )
     held = set(keys[:n_eval])
     return [p for p in pairs if p.prompt_key not in held], [p for p in pairs if p.prompt_key in held]
+
+
+def load_splits(cfg) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train pairs, held-out pairs) of a stage config with ``dataset_name``, ``eval_dataset_name``,
+    ``eval_fraction``, ``seed`` and ``max_train_samples`` (the reward and DPO stages): whole prompts held out
+    by :func:`split_by_prompt`, or a separate held-out file."""
+    pairs = load_pairs(cfg.dataset_name)
+    if cfg.eval_dataset_name:
+        train, held = pairs, load_pairs(cfg.eval_dataset_name)
+    else:
+        train, held = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
+    if cfg.max_train_samples:
+        train = train[: cfg.max_train_samples]
+    if not train:
+        raise DataError(f"dataset {cfg.dataset_name} leaves no training pairs")
+    return train, held

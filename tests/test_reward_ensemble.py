@@ -15,7 +15,8 @@ from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import length_disentangle_loss, orthogonality_loss, pearson_t
 from reward.modeling import ENSEMBLE_FILE, LENGTH_HEAD_FILE, METADATA_FILE, read_metadata
 from reward.member import bootstrap_pairs
-from reward.train import RewardStageConfig, load_splits, run_reward
+from reward.train import RewardStageConfig, run_reward
+from rlhf.pairs import load_splits
 from rlhf.errors import ConfigError
 from rlhf.ppo.aggregate import aggregate_rewards, aggregate_stats, aggregate_table, ensemble_moments
 from rlhf.ppo.scorers import ScoreInput, TextScorer, TokenScorer

@@ -12,7 +12,8 @@ from reward.data import load_pairs
 from reward.evaluate import evaluate_pairs
 from reward.modeling import build_reward_model, read_metadata
 from reward.member import build_trainer
-from reward.train import RewardStageConfig, load_splits, run_reward
+from reward.train import RewardStageConfig, run_reward
+from rlhf.pairs import load_splits
 from rlhf.errors import ConfigError, UserError
 from rlhf.testing import write_jsonl
 
