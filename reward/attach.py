@@ -38,18 +38,27 @@ def split_head(weights: dict[str, torch.Tensor], head_names: list[str]) -> tuple
     return lora, head
 
 
-def frozen_head(head_weights: dict[str, torch.Tensor], like: torch.Tensor) -> nn.Linear:
-    """A frozen ``nn.Linear(H, 1)`` from saved ``weight`` (1, H) and optional ``bias`` (1,)."""
+def frozen_head(head_weights: dict[str, torch.Tensor], like: torch.Tensor, calibration: dict | None = None) -> nn.Linear:
+    """A frozen ``nn.Linear(H, 1)`` from saved ``weight`` (1, H) and optional ``bias`` (1,).
+
+    ``calibration = {"mean": m, "std": s}`` folds ``(raw - m) / s`` into it: weight / s, (bias - m) / s.
+    """
     if "weight" not in head_weights:
         raise UserError(
             "the reward adapter holds no score-head weight (was it trained with modules_to_save=['score']?)"
         )
-    weight = head_weights["weight"]
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_weights)
+    weight = head_weights["weight"].double()
+    bias = head_weights["bias"].double() if "bias" in head_weights else None
+    if calibration is not None:
+        scale = max(float(calibration["std"]), 1e-6)
+        weight = weight / scale
+        bias = ((bias if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64))
+                - float(calibration["mean"])) / scale
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         head.weight.copy_(weight)
-        if "bias" in head_weights:
-            head.bias.copy_(head_weights["bias"])
+        if bias is not None:
+            head.bias.copy_(bias)
     head.requires_grad_(False)
     return head.to(device=like.device, dtype=like.dtype).eval()
 

@@ -247,15 +247,42 @@ def held_metrics(held: dict, chosen: list, rejected: list) -> dict:
     return preference_metrics(chosen, rejected, held["margins"], held["chosen_len"], held["rejected_len"])
 
 
-def combine_members(cfg: RewardStageConfig, members: list[MemberResult], held_pairs) -> tuple[dict, dict]:
-    """(metrics of the RM the folder holds, ``reward_stats.json``): the one member, or the ensemble's mean score."""
+def member_calibrations(members: list[MemberResult]) -> list[dict]:
+    """Each member's ``{"mean", "std"}`` over the stats sample's responses (population std; 1 if constant)."""
+    from reward.losses import mean_std
+
+    out = []
+    for m in members:
+        mean, std = mean_std(m.stats_rewards)
+        out.append({"mean": mean, "std": std if std > 1e-6 else 1.0})
+    return out
+
+
+def _calibrated(rows: list[list[float]], calibrations: list[dict]):
+    """(K, N) tensor of ``(raw - mean_k) / std_k``."""
     import torch
 
+    raw = torch.tensor(rows, dtype=torch.float64)
+    mean = torch.tensor([c["mean"] for c in calibrations], dtype=torch.float64)[:, None]
+    std = torch.tensor([c["std"] for c in calibrations], dtype=torch.float64)[:, None]
+    return ((raw - mean) / std).float()
+
+
+def combine_members(
+    cfg: RewardStageConfig, members: list[MemberResult], held_pairs, calibrations: list[dict] | None = None
+) -> tuple[dict, dict]:
+    """(metrics of the RM the folder holds, ``reward_stats.json``): the one member, or the ensemble's mean score.
+
+    An ensemble's member scores are first standardised with ``calibrations`` (see
+    :func:`reward.modeling.write_ensemble`); per-member accuracies do not depend on it.
+    """
     from reward.evaluate import format_summary
     from reward.losses import mean_std
     from rlhf.ppo.aggregate import aggregate_rewards, aggregate_table, member_std
 
     k = len(members)
+    if k > 1 and calibrations is None:
+        calibrations = member_calibrations(members)
     metrics: dict = {}
     if held_pairs:
         first = members[0].held
@@ -263,7 +290,7 @@ def combine_members(cfg: RewardStageConfig, members: list[MemberResult], held_pa
         if k == 1:
             chosen, rejected = first["chosen"], first["rejected"]
         else:
-            per = torch.tensor([m.held["chosen"] + m.held["rejected"] for m in members])  # (K, 2n)
+            per = _calibrated([m.held["chosen"] + m.held["rejected"] for m in members], calibrations)  # (K, 2n)
             mean = aggregate_rewards(per, "mean").tolist()
             chosen, rejected = mean[:n], mean[n:]
         held = held_metrics(first, chosen, rejected)
@@ -294,9 +321,10 @@ def combine_members(cfg: RewardStageConfig, members: list[MemberResult], held_pa
         mean, std = mean_std(members[0].stats_rewards)
         stats = {"mean": mean, "std": std, "n": len(members[0].stats_rewards), "source": source}
     else:
-        per = torch.tensor([m.stats_rewards for m in members])  # (K, N)
+        per = _calibrated([m.stats_rewards for m in members], calibrations)  # (K, N)
         mean, std = mean_std(aggregate_rewards(per, "mean").tolist())
-        stats = {"mean": mean, "std": std, "n": per.shape[1], "source": source + "; mean over members",
+        stats = {"mean": mean, "std": std, "n": per.shape[1],
+                 "source": source + "; mean over members of (raw - calibration.mean) / calibration.std",
                  "ensemble": k, **aggregate_table(per)}
     metrics.update(train_reward_mean=stats["mean"], train_reward_std=stats["std"])
     return metrics, stats

@@ -283,8 +283,12 @@ def read_stats(folder: str | Path) -> dict:
 def write_ensemble(folder: Path, members: list[dict], **extra) -> dict:
     """Write ``ensemble.json``: member ``i``'s adapter (LoRA + score head) lives in ``members/i``.
 
-    ``members``: one dict per member (``seed``, ``train_pairs``, ...), in member order. The
-    top-level adapter files are a copy of member 0, so readers that know no ensembles score with it.
+    ``members``: one dict per member (``seed``, ``train_pairs``, ``calibration``, ...), in member
+    order. A member's score is its raw score standardised with its ``calibration``
+    (``(raw - mean) / std`` over training responses): Bradley-Terry training fixes neither offset nor
+    scale, so raw members are not comparable and their min or std would measure offsets. The
+    top-level adapter files are a copy of member 0, so readers that know no ensembles score with it
+    (raw).
     """
     desc = {
         "format": ENSEMBLE_FORMAT,
@@ -292,6 +296,7 @@ def write_ensemble(folder: Path, members: list[dict], **extra) -> dict:
         "size": len(members),
         "members": [{"path": f"{MEMBERS_DIR}/{i}", **m} for i, m in enumerate(members)],
         "score": "mean over members (RewardScorer.score); per member: RewardScorer.score_members",
+        "member_score": "(raw score - calibration.mean) / calibration.std",
         "top_level_adapter": f"{MEMBERS_DIR}/0",
         **extra,
     }
@@ -299,20 +304,34 @@ def write_ensemble(folder: Path, members: list[dict], **extra) -> dict:
     return desc
 
 
-def member_dirs(folder: str | Path) -> list[Path]:
-    """Adapter folders of the reward model's members: ``[folder]`` unless ``ensemble.json`` lists members."""
-    folder = Path(folder)
-    desc_file = folder / ENSEMBLE_FILE
+def ensemble_description(folder: str | Path) -> dict | None:
+    """``ensemble.json`` of a reward-model folder, or None for a single reward model."""
+    desc_file = Path(folder) / ENSEMBLE_FILE
     if not desc_file.is_file():
-        return [folder]
+        return None
     desc = json.loads(desc_file.read_text())
     if desc.get("format") != ENSEMBLE_FORMAT or not desc.get("members"):
         raise UserError(f"{desc_file} is not a {ENSEMBLE_FORMAT} description")
+    return desc
+
+
+def member_dirs(folder: str | Path) -> list[Path]:
+    """Adapter folders of the reward model's members: ``[folder]`` unless ``ensemble.json`` lists members."""
+    folder = Path(folder)
+    desc = ensemble_description(folder)
+    if desc is None:
+        return [folder]
     dirs = [folder / m["path"] for m in desc["members"]]
     for d in dirs:
         if not (d / "adapter_config.json").is_file():
             raise UserError(f"ensemble member folder {d} has no adapter_config.json")
     return dirs
+
+
+def member_calibrations(folder: str | Path) -> list[dict | None]:
+    """Each member's ``{"mean", "std"}`` (its raw scores on training responses; None = use raw scores)."""
+    desc = ensemble_description(folder)
+    return [None] if desc is None else [m.get("calibration") for m in desc["members"]]
 
 
 def save_length_head(folder: Path, head: nn.Linear) -> None:

@@ -13,8 +13,9 @@ Both score through :func:`reward.modeling.pooled_rewards` with the input layout 
 
 Ensembles (``rlhf reward --ensemble K``): the folder holds ``ensemble.json`` and one adapter per
 member in ``members/i``; both constructors load every member (K LoRA adapters on the one base,
-each with its own frozen head). ``score`` / ``score_tokens`` return the mean over members;
-``score_members`` / ``score_tokens(..., members=True)`` return every member's scores (K, B).
+each with its own frozen head, into which the member's calibration ``(raw - mean) / std`` is
+folded). ``score`` / ``score_tokens`` return the mean over members; ``score_members`` /
+``score_tokens(..., members=True)`` return every member's (calibrated) scores (K, B).
 Blocks below the lowest block any member adapts are run once per batch, not once per member.
 """
 
@@ -33,6 +34,7 @@ from reward.modeling import (
     encode_for_reward,
     head_linear,
     lower_hidden,
+    member_calibrations,
     member_dirs,
     pad_right,
     pooled_rewards,
@@ -100,13 +102,13 @@ class RewardScorer:
         like = next(model.parameters())
         names = [f"member_{i}" for i in range(len(dirs))]
         heads = []
-        for i, (name, folder) in enumerate(zip(names, dirs)):
+        for i, (name, folder, calibration) in enumerate(zip(names, dirs, member_calibrations(path))):
             weights, head_weights = _member_weights(folder)
             if i == 0:
                 model = frozen_lora_model(model, folder, name, weights)
             else:
                 add_frozen_lora(model, folder, name, weights)
-            heads.append(frozen_head(head_weights, like))
+            heads.append(frozen_head(head_weights, like, calibration))
         trunk, _ = trunk_and_head(model)
         members = [(h, _scope_of(adapters_active, model, [n])) for h, n in zip(heads, names)]
         return cls(
@@ -199,7 +201,8 @@ class RewardScorer:
             add_frozen_lora(peft_model, folder, name, weights)
         trunk = getattr(peft_model.get_base_model(), peft_model.get_base_model().base_model_prefix)
         like = next(p for p in trunk.parameters())
-        heads = [frozen_head(head_weights, like) for _, head_weights in loaded]
+        calibrations = member_calibrations(reward_dir) if len(dirs) > 1 else [None]
+        heads = [frozen_head(head_weights, like, c) for (_, head_weights), c in zip(loaded, calibrations)]
         names = shared + member_names
         if len(dirs) == 1:
             return cls(

@@ -21,7 +21,9 @@ Ensemble (``ensemble: K``): K LoRA adapters (each with its own score head) on th
 one after the other by ``RewardTrainer``; member ``i`` uses seed ``seed + i`` (head and LoRA
 initialisation, data order) and, with ``ensemble_bootstrap``, a bootstrap resample (n pairs drawn
 with replacement) of the training pairs. Separate adapters give members different features, not
-only different linear read-outs of one feature set. The score is the mean over members;
+only different linear read-outs of one feature set. Each member's score is standardised with its own
+mean/std over the training responses of ``reward_stats.json`` (``ensemble.json`` keeps them): pairwise
+training fixes neither offset nor scale. The score is the mean over members;
 ``metrics.json`` reports each member's held-out accuracy, the ensemble's (mean score), and the mean
 disagreement (population std over members) on held-out responses. ``reward_stats.json`` keeps the
 statistics of the mean score at the top level (what a plain reader uses) and, under
@@ -110,7 +112,7 @@ class RewardStageConfig(TrainingConfig):
 def run_reward(cfg: RewardStageConfig) -> dict:
     """Train the RM (or its ``ensemble`` members) and write ``cfg.output_dir``; returns the metrics written to
     ``metrics.json``."""
-    from reward.member import combine_members, train_member, training_summary
+    from reward.member import combine_members, member_calibrations, train_member, training_summary
     from reward.modeling import MEMBERS_DIR, SFT_COPY, check_lora_adapter, write_ensemble, write_metadata
     from rlhf.models import resolve_model_path
     from rlhf.pairs import load_splits
@@ -132,7 +134,8 @@ def run_reward(cfg: RewardStageConfig) -> dict:
                 dest.mkdir(parents=True, exist_ok=True)
                 members.append(train_member(cfg, i, work, dest, train_pairs, held_pairs, logger))
             metrics = training_summary(cfg, members, train_pairs, held_pairs)
-            final, stats = combine_members(cfg, members, held_pairs)
+            calibrations = member_calibrations(members) if k > 1 else None
+            final, stats = combine_members(cfg, members, held_pairs, calibrations)
             metrics.update(final)
             logger.log(metrics["steps"], {f"final/{key}": v for key, v in final.items()})
         finally:
@@ -145,8 +148,8 @@ def run_reward(cfg: RewardStageConfig) -> dict:
                 if f.is_file():
                     shutil.copy2(f, work / f.name)
             keys = ("seed", "train_pairs", "distinct_train_pairs")
-            write_ensemble(work, [{key: m.metrics[key] for key in keys} for m in members],
-                           bootstrap=cfg.ensemble_bootstrap)
+            write_ensemble(work, [{**{key: m.metrics[key] for key in keys}, "calibration": c}
+                                  for m, c in zip(members, calibrations)], bootstrap=cfg.ensemble_bootstrap)
         if cfg.sft_adapter:
             shutil.copytree(cfg.sft_adapter, work / SFT_COPY, ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
         extra = {}

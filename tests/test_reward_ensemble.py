@@ -182,9 +182,12 @@ def test_ensemble_folder_layout(ensemble):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (out / name).read_bytes() == (out / "members" / "0" / name).read_bytes()
     assert read_metadata(out)["ensemble"] == K
+    assert all(m["calibration"]["std"] > 0 for m in desc["members"])
     stats = json.loads((out / "reward_stats.json").read_text())
     assert stats["ensemble"] == K and set(stats["aggregates"]) == {"mean", "min", "mean_minus_std"}
     assert stats["mean"] == pytest.approx(stats["aggregates"]["mean"]["mean"])
+    # every member is standardised on these very responses, so their mean score averages to 0 there
+    assert stats["mean"] == pytest.approx(0.0, abs=1e-5)
     assert stats["aggregates"]["min"]["mean"] < stats["aggregates"]["mean"]["mean"]
     assert len(metrics["members"]) == K and len(metrics["eval_member_accuracy"]) == K
     assert metrics["ensemble"] == K and metrics["eval_member_disagreement"] > 0
@@ -238,16 +241,34 @@ def test_scorer_mean_is_the_mean_of_member_scores(ensemble, tiny_model_dir, tmp_
 
 
 def test_each_member_scores_like_it_does_alone(ensemble, tmp_path):
-    """Member i of the ensemble (lower block shared across members) == member i's folder loaded as one RM."""
+    """Member i of the ensemble (lower block shared across members) == member i's folder loaded as one RM,
+    standardised with its calibration."""
     cfg, _ = ensemble
     prompts, responses = some_texts()
     ens = RewardScorer.from_pretrained(cfg.output_dir)
     assert ens.untouched_blocks() == 1  # LoRA on the top block only: block 0 runs once per batch
     per = ens.score_members(prompts, responses)
+    members = json.loads((Path(cfg.output_dir) / ENSEMBLE_FILE).read_text())["members"]
     for i in range(K):
         alone = RewardScorer.from_pretrained(member_as_single_rm(Path(cfg.output_dir), i, tmp_path / f"m{i}"))
         assert alone.ensemble_size == 1
-        assert alone.score(prompts, responses) == pytest.approx(per[i], abs=1e-5)
+        cal = members[i]["calibration"]
+        expected = [(r - cal["mean"]) / cal["std"] for r in alone.score(prompts, responses)]
+        assert per[i] == pytest.approx(expected, abs=1e-5)
+
+
+def test_calibration_is_folded_into_the_head():
+    from reward.attach import frozen_head
+
+    like = torch.zeros(1)
+    head = frozen_head({"weight": torch.tensor([[2.0, 4.0]])}, like, {"mean": 1.0, "std": 2.0})
+    # raw 2 * 1 + 4 * 1 = 6 -> (6 - 1) / 2 = 2.5;  raw 2 * 0.5 + 4 * (-1) = -3 -> (-3 - 1) / 2 = -2
+    assert head(torch.tensor([[1.0, 1.0], [0.5, -1.0]])).squeeze(-1).tolist() == [2.5, -2.0]
+    with_bias = frozen_head({"weight": torch.tensor([[1.0, 0.0]]), "bias": torch.tensor([3.0])}, like,
+                            {"mean": 1.0, "std": 4.0})
+    assert with_bias(torch.tensor([[5.0, 7.0]])).item() == 1.75  # (5 + 3 - 1) / 4
+    plain = frozen_head({"weight": torch.tensor([[1.0, 2.0]])}, like)
+    assert plain.bias is None and plain(torch.tensor([[1.0, 1.0]])).item() == 3.0
 
 
 def test_min_and_mean_minus_std_never_exceed_mean(ensemble):
