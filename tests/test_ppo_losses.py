@@ -58,6 +58,13 @@ def test_masked_whiten():
     close(L.masked_var(w, M), 1.0, tol=1e-6)
 
 
+def test_masked_rescale_keeps_signs():
+    # masked entries 1, 3, 5 (var 4): divided by 2, not re-centred; unmasked -> 0
+    r = L.masked_rescale(X, M)
+    close(r, [[0.5, 1.5, 0.0], [2.5, 0.0, 0.0]], tol=1e-6)
+    close(L.masked_var(r, M), 1.0, tol=1e-6)
+
+
 # --------------------------------------------------------------- KL estimators
 def test_kl_estimators():
     logp = torch.tensor([-1.0, -2.0])

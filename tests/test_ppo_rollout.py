@@ -136,7 +136,9 @@ def test_rloo_targets_by_hand():
     w = compute_targets(_six_rollouts(), SIX, kl_coef=0.5, kl_estimator="k1", gamma=1.0, lam=1.0,
                         whiten_advantages=True, estimator="rloo", group_size=3)
     flat = torch.tensor([-3.5, -3.0, -1.5, -1.5, 4.5, 4.5, -3.0, -3.0, 1.5, 1.5, 1.5])   # the 11 response tokens
-    assert torch.allclose(w.advantages[w.response_mask.bool()], (flat - flat.mean()) / flat.std(), atol=1e-5)
+    # scaled by the std over the batch's tokens, not re-centred: the leave-one-out baseline has centred them
+    assert torch.allclose(w.advantages[w.response_mask.bool()], flat / flat.std(), atol=1e-5)
+    assert float(w.advantages[5, 1]) == 0.0
 
 
 def test_grpo_and_dr_grpo_targets_by_hand():

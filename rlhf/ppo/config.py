@@ -103,6 +103,10 @@ class PPOStageConfig(TrainingConfig):
     lora_alpha: int = field(32, "LoRA alpha")
     lora_dropout: float = field(0.0, "LoRA dropout (0 keeps log-prob ratios exact)")
     lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (names or all-linear)")
+    lora_top_layers: int = field(
+        0, "train the policy on the top N blocks only (0 = all): below them policy and reference stay the same "
+        "function, so those blocks run once per rollout for both and backward stops above them"
+    )
     value_model: Literal["separate", "shared"] = field(
         "separate", "separate: own 'value' LoRA adapter + head; shared: head on the policy's last hidden state"
     )
@@ -172,6 +176,7 @@ class PPOStageConfig(TrainingConfig):
         require(self.ppo_epochs >= 1, "config key 'ppo_epochs' must be >= 1")
         require(self.cliprange > 0, "config key 'cliprange' must be > 0")
         require(self.value_lora_top_layers >= 0, "config key 'value_lora_top_layers' must be >= 0")
+        require(self.lora_top_layers >= 0, "config key 'lora_top_layers' must be >= 0")
         require(self.cliprange_value > 0, "config key 'cliprange_value' must be > 0")
         require(self.vf_coef >= 0, "config key 'vf_coef' must be >= 0")
         require(self.entropy_coef >= 0, "config key 'entropy_coef' must be >= 0")

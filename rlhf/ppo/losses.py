@@ -53,6 +53,14 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
+def masked_rescale(x: Tensor, mask: Tensor) -> Tensor:
+    """x / sqrt(var + 1e-8) with the unbiased var over the mask, NOT re-centred: every entry keeps its
+    sign (for advantages that are already centred, e.g. RLOO's per-prompt baseline; re-centring them
+    over tokens would shift them by a length-weighted mean). Positions with m == 0 are 0. (B, T) -> (B, T)."""
+    out = x * torch.rsqrt(masked_var(x, mask, unbiased=True) + 1e-8)
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
 # ---------------------------------------------------------------- KL estimators
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k1 = logp - ref_logp (unbiased, can be negative). (B, T) -> (B, T)."""

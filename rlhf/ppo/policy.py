@@ -19,6 +19,13 @@ Adapters on the shared ``PeftModel`` (the base weights exist once):
                 rollout (``value_trunk``) and training runs only blocks k..L-1.
                 The reference reuses it too when it is the bare base (or its
                 LoRA also leaves those blocks untouched).
+* frozen lower policy blocks (``lora_top_layers`` of ``rlhf ppo``): when only
+                the top blocks of the policy are trained, its lower blocks stay
+                equal to the reference's (the SFT LoRA copy frozen there, or no
+                LoRA there without an SFT adapter). Their output is computed once
+                per rollout under the reference (``policy_trunk``) and shared by
+                the log-prob, reference and training passes, which then run only
+                the top blocks: backward never reaches the lower ones.
 * ``reward``    (optional) attached by a reward scorer that shares the base.
 
 Index convention for a sequence [prompt (P, left-padded) | response (R)]:
@@ -79,6 +86,7 @@ class ActorCritic:
         self.value_skip = 0  # lowest blocks the value adapter leaves untouched (see value_trunk)
         self.reference_uses_trunk = False  # the reference leaves the value_skip lowest blocks untouched too
         self.merge_for_generation = False  # sample with the policy LoRA folded into the weights (see generate)
+        self.policy_skip = 0  # lowest blocks where policy == reference (frozen): see policy_trunk
         self.value_head = None  # value_model "none": a critic-free estimator, no value model at all
         if value_model != "none":
             hidden = self.base.config.get_text_config().hidden_size
@@ -93,11 +101,74 @@ class ActorCritic:
     def _refresh_trainable(self) -> None:
         roles = [POLICY] + ([VALUE] if self.value_model == "separate" else [])
         head = [] if self.value_head is None else list(self.value_head.named_parameters())
+        frozen = {id(p) for block in self.decoder.layers[: self.policy_skip] for n, p in block.named_parameters()
+                  if f".{POLICY}." in n} if self.policy_skip else set()
         self.named_trainable = [
-            (n, p) for n, p in self.peft.named_parameters() if any(f".{role}." in n for role in roles)
+            (n, p) for n, p in self.peft.named_parameters()
+            if any(f".{role}." in n for role in roles) and id(p) not in frozen
         ] + [(f"value_head.{n}", p) for n, p in head]
         self._trainable_ids = {id(p) for _, p in self.named_trainable}
         self.restore_grad_flags()
+
+    def freeze_policy_below(self, top_layers: int) -> None:
+        """Train the policy only on its top ``top_layers`` blocks (0 = all).
+
+        Below them the policy's weights stay what they are now, which must equal the reference's there
+        (a copy of the SFT LoRA, or no LoRA at all): then the policy's and the reference's hidden states
+        agree up to block ``L - top_layers`` and :meth:`policy_trunk` computes them once for both.
+        """
+        n = len(self.decoder.layers) if isinstance(getattr(self.decoder, "layers", None), nn.ModuleList) else 0
+        if not top_layers or top_layers >= n:
+            return
+        self.policy_skip = n - top_layers
+        self._refresh_trainable()
+        if not self._lower_policy_matches_reference() or not self._policy_split_matches_full():
+            raise UserError(
+                f"lora_top_layers: the policy's lowest {self.policy_skip} blocks differ from the reference's "
+                "(or this model's blocks cannot be run apart): use lora_top_layers: 0"
+            )
+
+    @torch.no_grad()
+    def _lower_policy_matches_reference(self) -> bool:
+        """Below ``policy_skip``: every policy weight equals its reference twin, or, without a reference
+        adapter, the policy adapter has no weight there."""
+        if not self.has_reference_adapter:
+            return untouched_blocks(self.decoder, POLICY) >= self.policy_skip
+        for block in self.decoder.layers[: self.policy_skip]:
+            params = dict(block.named_parameters())
+            for name, p in params.items():
+                if f".{POLICY}." in name:
+                    twin = params.get(name.replace(f".{POLICY}.", f".{REFERENCE}."))
+                    if twin is None or not torch.equal(twin, p):
+                        return False
+        return True
+
+    @torch.no_grad()
+    def _policy_split_matches_full(self) -> bool:
+        """The policy pass split at ``policy_skip`` (trunk under the reference, then the upper blocks
+        under the policy) equals the full policy pass on a probe (see :meth:`_split_matches_full`)."""
+        ids, mask = self._probe()
+        with self.use(POLICY):
+            full = self.hidden_states(ids, mask)
+        split = self._upper_hidden_as(POLICY, self.policy_trunk(ids, mask), mask, self.policy_skip)
+        return bool(torch.allclose(full[mask.bool()], split[mask.bool()], rtol=1e-4, atol=1e-5))
+
+    def _probe(self) -> tuple[Tensor, Tensor]:
+        device = self.lm_head.weight.device
+        ids = torch.arange(3, 11, device=device).reshape(2, 4) % self.base.config.get_text_config().vocab_size
+        mask = torch.ones_like(ids)
+        mask[1, 0] = 0
+        return ids, mask
+
+    def _upper_hidden_as(self, role: str | None, trunk: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+        with self.use(role):
+            return self._upper_hidden(trunk, attention_mask, start)
+
+    @torch.no_grad()
+    def policy_trunk(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Input of block ``policy_skip`` (B, L, H) under the reference: equal to the policy's there."""
+        with self.use(REFERENCE if self.has_reference_adapter else None), block_range(self.decoder, 0, self.policy_skip):
+            return self.hidden_states(input_ids, attention_mask)
 
     def restore_grad_flags(self) -> None:
         """Only the policy/value adapters and the value head require grad (PEFT's set_adapter flips flags)."""
@@ -148,10 +219,7 @@ class ActorCritic:
         position ids and mask (e.g. per-layer attention types indexed by position in the list) fail it
         and keep the full pass.
         """
-        device = self.lm_head.weight.device
-        ids = torch.arange(3, 11, device=device).reshape(2, 4) % self.base.config.get_text_config().vocab_size
-        mask = torch.ones_like(ids)
-        mask[1, 0] = 0
+        ids, mask = self._probe()
         with self.use(VALUE):
             full = self.hidden_states(ids, mask)
             split = self._upper_hidden(self.value_trunk(ids, mask), mask, self.value_skip)
@@ -208,11 +276,17 @@ class ActorCritic:
         return self.value_head(h.float()).squeeze(-1)                 # (B, R)
 
     def policy_forward(self, input_ids, attention_mask, response_ids, temperature: float,
-                       with_entropy: bool = False) -> dict:
-        """Policy log-probs (B, R) of ``response_ids``; ``values`` too when the value head is shared."""
+                       with_entropy: bool = False, trunk: Tensor | None = None) -> dict:
+        """Policy log-probs (B, R) of ``response_ids``; ``values`` too when the value head is shared.
+
+        ``trunk``: :meth:`policy_trunk` of the same batch (only the blocks above ``policy_skip`` run).
+        """
         P = input_ids.shape[1] - response_ids.shape[1]
         with self.use(POLICY):
-            h = self._response_hidden(input_ids, attention_mask, P)
+            if trunk is not None:
+                h = self._upper_hidden(trunk, attention_mask, self.policy_skip)[:, P - 1 : -1]
+            else:
+                h = self._response_hidden(input_ids, attention_mask, P)
             logp, entropy = self._logprobs(h, response_ids, temperature, with_entropy)
             out = {"logprobs": logp, "entropy": entropy}
             if self.value_model == "shared":
@@ -236,12 +310,15 @@ class ActorCritic:
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_ids, temperature: float,
-                           trunk: Tensor | None = None) -> Tensor:
+                           trunk: Tensor | None = None, policy_trunk: Tensor | None = None) -> Tensor:
         """Reference log-probs (B, R). ``trunk``: :meth:`value_trunk` of the same batch; when the reference
-        leaves those blocks untouched too (``reference_uses_trunk``) they are not run again."""
+        leaves those blocks untouched too (``reference_uses_trunk``) they are not run again.
+        ``policy_trunk``: :meth:`policy_trunk` of the same batch (computed under the reference)."""
         P = input_ids.shape[1] - response_ids.shape[1]
         with self.use(REFERENCE if self.has_reference_adapter else None):
-            if trunk is not None and self.reference_uses_trunk:
+            if policy_trunk is not None:
+                h = self._upper_hidden(policy_trunk, attention_mask, self.policy_skip)[:, P - 1 : -1]
+            elif trunk is not None and self.reference_uses_trunk:
                 h = self._upper_hidden(trunk, attention_mask, self.value_skip)[:, P - 1 : -1]
             else:
                 h = self._response_hidden(input_ids, attention_mask, P)

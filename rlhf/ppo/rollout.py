@@ -32,6 +32,7 @@ from rlhf.ppo.losses import (
     kl_k1,
     kl_k3,
     masked_mean,
+    masked_rescale,
     masked_sum,
     masked_var,
     masked_whiten,
@@ -60,6 +61,7 @@ class Rollout:
     entropy: Tensor          # (B, R)
     raw_scores: Tensor       # (B,) scorer output
     value_trunk: Tensor | None = None  # (B, P + R, H) input of the value adapter's lowest block, if it skips any
+    policy_trunk: Tensor | None = None  # (B, P + R, H) input of the lowest trained policy block (lora_top_layers)
     scores: Tensor | None = None      # (B,) after normalisation, clipping, EOS penalty
     rewards: Tensor | None = None     # (B, R) shaped per-token rewards
     kl: Tensor | None = None          # (B, R) per-token KL in the penalty
@@ -73,7 +75,8 @@ class Rollout:
     def select(self, idx: Tensor) -> dict[str, Tensor]:
         """The training tensors of rows ``idx``, without the columns that are padding in all of them
         (leading prompt pads, trailing response pads): less compute, same positions and results."""
-        columns = ("input_ids", "attention_mask") + (("value_trunk",) if self.value_trunk is not None else ())
+        columns = ("input_ids", "attention_mask") + tuple(
+            k for k in ("value_trunk", "policy_trunk") if getattr(self, k) is not None)
         d = {k: getattr(self, k)[idx] for k in columns}
         P = d["input_ids"].shape[1] - self.response_ids.shape[1]
         used = d["attention_mask"][:, :P].sum(dim=0).nonzero()
@@ -224,23 +227,31 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
                                                                             response_ids)
     P = prompt_ids.shape[1]
 
-    logprobs, entropy, ref_logprobs, values, trunks = [], [], [], [], []
+    logprobs, entropy, ref_logprobs, values, trunks, policy_trunks = [], [], [], [], [], []
     for sl in _chunks(len(prompts), chunk):
         ids, am = input_ids[sl], attention_mask[sl]
-        out = actor.policy_forward(ids, am, response_ids[sl], temperature, with_entropy=True)
+        lower = actor.policy_trunk(ids, am) if actor.policy_skip else None
+        out = actor.policy_forward(ids, am, response_ids[sl], temperature, with_entropy=True, trunk=lower)
         logprobs.append(out["logprobs"])
         entropy.append(out["entropy"])
         trunk = actor.value_trunk(ids, am) if actor.value_skip else None
         if actor.value_model != "none":
             values.append(out["values"] if "values" in out else actor.value_forward(ids, am, P, trunk=trunk))
-        ref_logprobs.append(actor.reference_logprobs(ids, am, response_ids[sl], temperature, trunk=trunk))
+        ref_logprobs.append(actor.reference_logprobs(ids, am, response_ids[sl], temperature, trunk=trunk,
+                                                     policy_trunk=lower))
         if trunk is not None:
             trunks.append(trunk)
+        if lower is not None:
+            policy_trunks.append(lower)
     t2 = time.perf_counter()
     responses = decode_responses(tokenizer, response_ids)
-    trunk = torch.cat(trunks) if trunks else None
+    trunk = value_trunk = torch.cat(trunks) if trunks else None
+    policy_trunk = torch.cat(policy_trunks) if policy_trunks else None
+    trunk_blocks = actor.value_skip if trunks else 0
+    if trunk is None and policy_trunk is not None and not actor.has_reference_adapter:
+        trunk, trunk_blocks = policy_trunk, actor.policy_skip  # the bare base's lower blocks: an RM may start there
     batch = ScoreInput(prompts, responses, input_ids, attention_mask, response_ids, mask, P,
-                       trunk=trunk, trunk_blocks=actor.value_skip if trunks else 0)
+                       trunk=trunk, trunk_blocks=trunk_blocks)
     raw = scorer.score_batch(batch).float().reshape(-1).to(input_ids.device)
     if raw.shape[0] != len(prompts):
         raise ValueError(f"the scorer returned {raw.shape[0]} scores for {len(prompts)} responses")
@@ -250,7 +261,8 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
         prompts=prompts, responses=responses, input_ids=input_ids, attention_mask=attention_mask,
         response_ids=response_ids, response_mask=mask.float(), has_eos=has_eos,
         logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values).float() if values else None,
-        entropy=torch.cat(entropy), raw_scores=raw, value_trunk=trunk,
+        entropy=torch.cat(entropy), raw_scores=raw, value_trunk=value_trunk,
+        policy_trunk=policy_trunk,
     )
 
 
@@ -265,7 +277,8 @@ def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_esti
     * gae:          advantages from the value model (GAE), whitened if ``whiten_advantages``
     * rloo / grpo:  the score is first replaced by :func:`rloo_scores` / :func:`grpo_scores` of its prompt's
                     group (rows i*K .. i*K+K-1); advantage = return-to-go of the shaped rewards
-                    (rloo: whitened over the batch if ``whiten_advantages``; grpo: never, it is normalised)
+                    (rloo: divided by its std over the batch, not re-centred, if ``whiten_advantages``;
+                    grpo: never, it is normalised)
     * reinforce_pp: advantage = return-to-go of the shaped rewards, always whitened over the whole batch
     """
     m = rollout.response_mask
@@ -281,8 +294,12 @@ def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_esti
         rollout.advantages = masked_whiten(adv, m) if whiten_advantages else adv
     else:
         ret = returns_to_go(rollout.rewards, m, gamma)
-        whiten = estimator == "reinforce_pp" or (estimator == "rloo" and whiten_advantages)
-        rollout.advantages = masked_whiten(ret, m) if whiten else ret
+        if estimator == "reinforce_pp":
+            rollout.advantages = masked_whiten(ret, m)
+        elif estimator == "rloo" and whiten_advantages:  # scaled only: the leave-one-out baseline already centres
+            rollout.advantages = masked_rescale(ret, m)
+        else:
+            rollout.advantages = ret
     rollout.returns = ret
     return rollout
 

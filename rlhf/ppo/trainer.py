@@ -164,7 +164,7 @@ class PPOTrainer:
         m = d["response_mask"]
         scale = 1.0 / cfg.gradient_accumulation_steps
         out = actor.policy_forward(d["input_ids"], d["attention_mask"], d["response_ids"], cfg.temperature,
-                                   with_entropy=cfg.entropy_coef > 0)
+                                   with_entropy=cfg.entropy_coef > 0, trunk=d.get("policy_trunk"))
         pg_loss, pg_stats = policy_loss(out["logprobs"], d["logprobs"], d["advantages"], m, cfg.cliprange)
         ratio_max = float(pg_stats["ratio_max"])
         if cfg.max_ratio and ratio_max > cfg.max_ratio:

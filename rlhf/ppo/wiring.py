@@ -79,10 +79,15 @@ def load_actor(cfg: PPOStageConfig):
         raise UserError(f"the tokenizer of {cfg.model_name_or_path} has no EOS token")
     device = pick_device()
     base = load_base_model(base_path, dtype=pick_dtype(cfg.precision, device), device=device)
-    lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    n_blocks = len(decoder_layers(base)[1])
+    if cfg.lora_top_layers > n_blocks:
+        raise ConfigError(f"config key 'lora_top_layers' is {cfg.lora_top_layers} but the model has {n_blocks} blocks")
+    lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                       top_layers=cfg.lora_top_layers, num_layers=n_blocks)
     value_model = cfg.value_model if cfg.critic else "none"
     actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora, value_model=value_model,
                                base_name_or_path=base_path)
+    actor.freeze_policy_below(cfg.lora_top_layers)
     actor.merge_for_generation = cfg.merge_for_generation
     return tokenizer, actor, base_path
 
