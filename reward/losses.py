@@ -40,6 +40,17 @@ def bradley_terry_loss(
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
+def unique_rows(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]]) -> tuple[list, list]:
+    """Each distinct sequence once: (``sequences``, ``pair_index``) with ``pair_index[i] = (c, r)`` the
+    positions of pair i's chosen and rejected sequence in ``sequences`` (first-seen order, chosen before
+    rejected). ``[[1, 2], [3]]``, ``[[3], [4]]`` -> ``[[1, 2], [3], [4]]``, ``[(0, 1), (1, 2)]``."""
+    seen: dict[tuple, int] = {}
+    for seq in list(chosen) + list(rejected):
+        seen.setdefault(tuple(seq), len(seen))
+    index = [(seen[tuple(c)], seen[tuple(r)]) for c, r in zip(chosen, rejected)]
+    return [list(s) for s in seen], index
+
+
 def pearson_t(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Differentiable Pearson correlation of two (N,) tensors -> (); 0 when either is constant.
 

@@ -77,7 +77,15 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         length_head=length_head,
         length_coef=cfg.length_head_coef,
         orthogonal_coef=cfg.length_orthogonal_coef,
+        groups=[prompt_key(p) for p in train_pairs] if cfg.batch_by_prompt else None,
     )
+
+
+def prompt_key(pair) -> str:
+    """What pairs of the same prompt share (the prompt's messages as JSON)."""
+    import json
+
+    return json.dumps(pair.prompt_messages, sort_keys=True, ensure_ascii=False)
 
 
 def new_length_head(model, seed: int):

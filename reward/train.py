@@ -71,6 +71,10 @@ class RewardStageConfig(TrainingConfig):
         None, "weight of the mean((r_c + r_r)^2) penalty (centres rewards)"
     )
     max_train_samples: Optional[int] = field(None, "use at most this many training pairs")
+    batch_by_prompt: bool = field(
+        True, "fill training batches prompt by prompt (shuffled prompt order): the comparisons among one prompt's "
+        "candidates share one forward pass per distinct response (InstructGPT); false = pairs in random order"
+    )
     stats_max_pairs: int = field(256, "training pairs scored for reward_stats.json (both responses each)")
     ensemble: int = field(
         1, "reward members: K LoRA adapters (+ heads) on one base, member i with seed + i; the score is their mean"

@@ -15,6 +15,12 @@ same pooled features) plus :func:`reward.losses.length_disentangle_loss` and
 which is what scoring uses. While training the length head is a submodule of the model (so the
 optimizer and gradient clipping include it); it is saved apart from the adapter.
 Single process only (the trunk is called directly, not through a DDP wrapper).
+
+Distinct responses are scored once per batch (:class:`UniqueCollator`): the pairs of a batch point
+into its distinct sequences. With ``groups`` (a key per pair, e.g. its prompt) the batches are
+filled prompt by prompt in a shuffled prompt order (:class:`GroupedSampler`), so the up to K(K-1)/2
+comparisons among one prompt's K candidates share K forward passes, as InstructGPT trains on all
+comparisons of a prompt together. Pairs that share no response cost what they did.
 """
 
 from __future__ import annotations
@@ -25,33 +31,75 @@ import torch
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from reward.losses import bradley_terry_loss, length_disentangle_loss, orthogonality_loss, pearson_t
+from reward.losses import bradley_terry_loss, length_disentangle_loss, orthogonality_loss, pearson_t, unique_rows
 from reward.modeling import apply_head, head_linear, pooled_hidden, pooled_rewards, trunk_and_head
 
 LENGTH_COLUMNS = ("chosen_len", "rejected_len")
 LENGTH_HEAD = "length_head"  # attribute of the sequence-classification model while training
 
 
-class LengthCollator(DataCollatorForPreference):
-    """TRL's preference collator plus ``lengths`` (2B,) float: response lengths of the chosen, then rejected rows."""
+class UniqueCollator(DataCollatorForPreference):
+    """A batch of pairs as its distinct sequences: ``input_ids``/``attention_mask`` (U, T) right-padded,
+    ``pair_index`` (B, 2) long (rows of each pair's chosen and rejected sequence), ``margin`` (B,) when
+    the data has one, and with ``with_lengths`` ``lengths`` (U,) float (response tokens of each row)."""
+
+    def __init__(self, pad_token_id: int, with_lengths: bool = False):
+        super().__init__(pad_token_id=pad_token_id)
+        self.with_lengths = with_lengths
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        out = super().torch_call(examples)
-        lengths = [e["chosen_len"] for e in examples] + [e["rejected_len"] for e in examples]
-        out["lengths"] = torch.tensor(lengths, dtype=torch.float)
+        from torch.nn.utils.rnn import pad_sequence
+
+        sequences, index = unique_rows([e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples])
+        rows = [torch.tensor(s) for s in sequences]
+        out = {
+            "input_ids": pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id),
+            "attention_mask": pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0),
+            "pair_index": torch.tensor(index, dtype=torch.long),
+        }
+        if "margin" in examples[0]:
+            out["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
+        if self.with_lengths:
+            lengths = [0.0] * len(sequences)
+            for e, (c, r) in zip(examples, index):
+                lengths[c], lengths[r] = float(e["chosen_len"]), float(e["rejected_len"])
+            out["lengths"] = torch.tensor(lengths, dtype=torch.float)
         return out
+
+
+class GroupedSampler(torch.utils.data.Sampler):
+    """Indices group after group: the groups in a seeded order that changes every epoch, each group's
+    indices together (in a seeded order too). ``groups[i]`` is the key of row i."""
+
+    def __init__(self, groups: list, seed: int):
+        self.members: dict = {}
+        for i, key in enumerate(groups):
+            self.members.setdefault(key, []).append(i)
+        self.keys = list(self.members)
+        self.seed, self.epoch, self.n = seed, 0, len(groups)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        self.epoch += 1
+        for k in torch.randperm(len(self.keys), generator=gen).tolist():
+            rows = self.members[self.keys[k]]
+            yield from (rows[j] for j in torch.randperm(len(rows), generator=gen).tolist())
 
 
 class PairwiseRewardTrainer(RewardTrainer):
     """``RewardTrainer`` scoring through :func:`pooled_rewards`; the loss is ``-log sigmoid(r_c - r_r - m)``."""
 
     def __init__(self, *args, length_head: torch.nn.Module | None = None, length_coef: float = 1.0,
-                 orthogonal_coef: float = 1.0, **kwargs):
-        if length_head is not None and kwargs.get("data_collator") is None:
+                 orthogonal_coef: float = 1.0, groups: list | None = None, **kwargs):
+        if kwargs.get("data_collator") is None:
             tokenizer = kwargs["processing_class"]
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            kwargs["data_collator"] = LengthCollator(pad_token_id=pad)
+            kwargs["data_collator"] = UniqueCollator(pad_token_id=pad, with_lengths=length_head is not None)
         super().__init__(*args, **kwargs)
+        self.groups = groups
         self.length_head = length_head
         self.length_coef = length_coef
         self.orthogonal_coef = orthogonal_coef
@@ -61,6 +109,11 @@ class PairwiseRewardTrainer(RewardTrainer):
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             length_head.to(next(self.model.parameters()).device).requires_grad_(True)
             base.add_module(LENGTH_HEAD, length_head)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.groups is None:
+            return super()._get_train_sampler(train_dataset)
+        return GroupedSampler(self.groups, self.args.seed)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -72,15 +125,16 @@ class PairwiseRewardTrainer(RewardTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         trunk, head = trunk_and_head(self.accelerator.unwrap_model(model))
+        pair = inputs["pair_index"]  # (B, 2) rows of the U distinct sequences
         if self.length_head is None:
-            rewards = pooled_rewards(trunk, head, inputs["input_ids"], inputs["attention_mask"])  # (2B,)
+            rewards = pooled_rewards(trunk, head, inputs["input_ids"], inputs["attention_mask"])  # (U,)
             ranked = rewards
         else:
-            pooled = pooled_hidden(trunk, inputs["input_ids"], inputs["attention_mask"])  # (2B, H)
-            rewards = apply_head(head, pooled)  # (2B,) quality
-            length_rewards = apply_head(self.length_head, pooled)  # (2B,)
+            pooled = pooled_hidden(trunk, inputs["input_ids"], inputs["attention_mask"])  # (U, H)
+            rewards = apply_head(head, pooled)  # (U,) quality
+            length_rewards = apply_head(self.length_head, pooled)  # (U,)
             ranked = rewards + length_rewards
-        chosen, rejected = torch.chunk(ranked, chunks=2)  # (B,), (B,)
+        chosen, rejected = ranked[pair[:, 0]], ranked[pair[:, 1]]  # (B,), (B,)
         loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"))
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
@@ -88,7 +142,7 @@ class PairwiseRewardTrainer(RewardTrainer):
             lengths = inputs["lengths"].to(rewards.device)
             loss = loss + self.length_coef * length_disentangle_loss(rewards, length_rewards, lengths)
             loss = loss + self.orthogonal_coef * orthogonality_loss(head_linear(head).weight, self.length_head.weight)
-            chosen, rejected = torch.chunk(rewards, chunks=2)  # what scoring uses, for the logged metrics
+            chosen, rejected = rewards[pair[:, 0]], rewards[pair[:, 1]]  # what scoring uses, for the logged metrics
 
         if mode == "train":
             self._total_train_tokens += int(inputs["attention_mask"].sum().item())

@@ -358,10 +358,57 @@ def test_trl_reward_trainer_computes_the_same_loss(tiny_model_dir, tmp_path):
         batch = trl_trainer.data_collator([data[i] for i in range(2)])
         with torch.no_grad():
             trl_loss = trl_trainer.compute_loss(model, dict(batch))
-            our_loss = ours.compute_loss(model, dict(batch))
+            our_loss = ours.compute_loss(model, dict(ours.data_collator([data[i] for i in range(2)])))
             chosen, rejected = (
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).chunk(2)
             )
         expected = bradley_terry_loss(chosen, rejected, torch.tensor(rows["margin"]) if with_margin else None)
         assert trl_loss.item() == pytest.approx(expected.item(), abs=1e-6)
         assert our_loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_shared_responses_are_scored_once_with_the_same_loss(tiny_model_dir, tmp_path):
+    """Three comparisons among three responses of one prompt: TRL's collator builds 6 rows, ours 3 distinct
+    ones, and the Bradley-Terry loss is the same."""
+    import datasets
+    from trl import RewardConfig, RewardTrainer
+
+    from reward.trainer import PairwiseRewardTrainer
+    from rlhf.models import load_tokenizer
+
+    model = build_reward_model(tiny_model_dir, None, torch.float32, torch.device("cpu"), seed=0)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    a, b, c = [5, 6, 7, 8], [5, 6, 9], [5, 6, 10, 11, 12]
+    data = datasets.Dataset.from_dict({"chosen_ids": [a, a, b], "rejected_ids": [b, c, c]})
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", max_length=None, use_cpu=True)
+    trl_trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    ours = PairwiseRewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    rows = [data[i] for i in range(3)]
+    full, unique = trl_trainer.data_collator(rows), ours.data_collator(rows)
+    assert full["input_ids"].shape[0] == 6 and unique["input_ids"].shape[0] == 3
+    assert unique["pair_index"].tolist() == [[0, 1], [0, 2], [1, 2]]
+    with torch.no_grad():
+        assert ours.compute_loss(model, dict(unique)).item() == pytest.approx(
+            trl_trainer.compute_loss(model, dict(full)).item(), abs=1e-6)
+
+
+def test_grouped_sampler_keeps_each_prompt_together_and_reshuffles():
+    from reward.trainer import GroupedSampler
+
+    groups = ["p", "q", "p", "r", "q", "p"]
+    sampler = GroupedSampler(groups, seed=3)
+    epochs = [list(sampler) for _ in range(4)]
+    for order in epochs:
+        assert sorted(order) == list(range(6))
+        keys = [groups[i] for i in order]
+        runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+        assert sorted(runs) == ["p", "q", "r"]            # each prompt's pairs come together, once
+    assert len({tuple(o) for o in epochs}) > 1            # a new order every epoch
+    assert list(GroupedSampler(groups, seed=3)) == epochs[0]  # seeded
+
+
+def test_unique_rows_by_hand():
+    from reward.losses import unique_rows
+
+    seqs, index = unique_rows([[1, 2], [3]], [[3], [4]])
+    assert seqs == [[1, 2], [3], [4]] and index == [(0, 1), (1, 2)]
