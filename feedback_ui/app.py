@@ -10,6 +10,7 @@ The public API (for ``gradio_client``) is ``/next_task``, ``/vote``, ``/rank``,
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import gradio as gr
@@ -24,29 +25,23 @@ PAIR_BUTTONS = [("A is better", "A", "btn-a"), ("B is better", "B", "btn-b"), ("
                 ("Both bad", "both_bad", "btn-both-bad")]  # fmt: skip
 STRENGTHS = ["slightly better", "much better"]
 
-# 1/2/3/4 = the four pair buttons, s = skip; ignored while typing in a text field
-SHORTCUTS_HEAD = """<script>
-(() => {
-  const keys = {"1": "btn-a", "2": "btn-b", "3": "btn-tie", "4": "btn-both-bad", "s": "btn-skip"};
-  document.addEventListener("keydown", (e) => {
-    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
-    const t = e.target;
-    const typing = t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
-      (t.tagName === "INPUT" && !["radio", "checkbox", "button", "submit"].includes(t.type)));
-    if (typing) return;
-    const btn = document.getElementById(keys[(e.key || "").toLowerCase()]);
-    if (btn && btn.offsetParent !== null && !btn.disabled) { e.preventDefault(); btn.click(); }
-  });
-})();
-</script>"""
+
+INTERNAL_ERROR = "Something went wrong on the server; nothing was saved. Try again, or tell your project admin."
+log = logging.getLogger("feedback_ui")
 
 
 def _api(fn, *args, **kwargs):
-    """Call ``fn``; a UserError becomes a Gradio error (shown in the UI, raised by gradio_client)."""
+    """Call ``fn``; a UserError becomes a Gradio error (shown in the UI, raised by gradio_client).
+
+    Anything else is logged with its traceback and shown as a short message without its details.
+    """
     try:
         return fn(*args, **kwargs)
     except UserError as exc:
-        raise gr.Error(str(exc)) from None
+        raise gr.Error(str(exc), print_exception=False) from None
+    except Exception:
+        log.exception("%s failed", getattr(fn, "__name__", "a request"))
+        raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
 
 
 def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str = "Preference labeling") -> gr.Blocks:
@@ -89,9 +84,9 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
     def admin_stats(request: gr.Request) -> dict:
         """Progress, per-labeler numbers and agreement (admins only)."""
         _api(tasks.current_user, store, request.username, role="admin")
-        return collect_stats(store)
+        return _api(collect_stats, store)
 
-    with gr.Blocks(title=title) as demo:
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
         token = gr.State("")
         with gr.Tabs():
             with gr.Tab("Label"):
@@ -120,6 +115,7 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
                 edit = gr.Textbox(label="Improved version of the better answer (optional)", lines=3, elem_id="edit")
                 skip_button = gr.Button("Skip", elem_id="btn-skip")
                 gr.Markdown("Keys: **1** A is better, **2** B is better, **3** Tie, **4** Both bad, **s** Skip.")
+                gr.Button("Log out", link="logout", size="sm", variant="secondary", elem_id="btn-logout")
             with gr.Tab("My history"):
                 history_button = gr.Button("Refresh")
                 history_table = gr.Dataframe(headers=["time", "prompt", "answer", "seconds"],
@@ -162,9 +158,12 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
                 return render(fn(store, *args, **kwargs))
             except UserError as exc:
                 return keep(f"**Not saved:** {exc}")
+            except Exception:
+                log.exception("%s failed", fn.__name__)
+                return keep(f"**Not saved:** {INTERNAL_ERROR}")
 
         def on_load(request: gr.Request):
-            user = tasks.current_user(store, request.username)
+            user = _api(tasks.current_user, store, request.username)
             return [*ui(tasks.serve, user.name, rate), gr.update(visible=user.role == "admin")]
 
         def on_pair(choice):

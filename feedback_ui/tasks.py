@@ -28,6 +28,8 @@ def _user(s, name: Optional[str], role: Optional[str] = None) -> User:
     user = s.scalar(sa.select(User).where(User.name == name)) if name else None
     if user is None:
         raise NotAllowed("not logged in")
+    if user.disabled_at is not None:
+        raise NotAllowed("this account is disabled")
     if role and user.role != role:
         raise NotAllowed(f"this view is for {role}s only")
     return user

@@ -120,15 +120,16 @@ def test_unauthenticated_requests_get_nothing_and_change_nothing(app, cookies):
             r = http.request(method, path, json=body if method == "POST" else None)
             assert r.status_code == 401, (method, path, r.status_code)
             assert "prompt" not in r.text and "answer" not in r.text
-        page = http.get("")
-        assert page.status_code == 200 and "pair prompt" not in page.text and "answer 1." not in page.text
+        page = http.get("", follow_redirects=True)  # the page sends them to the login form
+        assert page.status_code == 200 and page.url.path == "/login" and 'name="password"' in page.text
+        assert "pair prompt" not in page.text and "answer 1." not in page.text
     assert votes(store) == before
 
 
 def test_login_form_opens_the_routes(app):
     server, _ = app
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        assert http.post("login", data={"username": "ann", "password": "nope"}).status_code == 400
+        assert http.post("login", data={"username": "ann", "password": "nope"}).status_code == 401
         assert http.post("login", data={"username": "ann", "password": PASSWORD}).status_code == 200
         assert http.get("config").status_code == 200
         assert "next_task" in http.get("gradio_api/info").text
