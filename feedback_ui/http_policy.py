@@ -111,7 +111,7 @@ def security_headers(https: bool) -> list[tuple[str, str]]:
     headers = [
         ("X-Frame-Options", "DENY"),
         ("X-Content-Type-Options", "nosniff"),
-        ("Referrer-Policy", "no-referrer"),
+        ("Referrer-Policy", "same-origin"),  # "no-referrer" would make Chrome send Origin: null
         ("Cross-Origin-Opener-Policy", "same-origin"),
         ("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=(), usb=()"),
     ]
