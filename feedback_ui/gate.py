@@ -79,9 +79,9 @@ class Gate:
         if scope["type"] not in ("http", "websocket"):
             return await self.parent(scope, receive, send)
         headers = Headers(scope=scope)
-        origin = headers.get("origin")
-        same = origin is None or http_policy.origin_allowed(origin, scope.get("scheme", "http"), headers.get("host"), ())
-        if not same and not http_policy.origin_allowed(origin, scope.get("scheme"), headers.get("host"), self.allowed):
+        origin, scheme, host = headers.get("origin"), scope.get("scheme", "http"), headers.get("host")
+        same = origin is None or http_policy.origin_allowed(origin, scheme, host, ())
+        if not same and not http_policy.origin_allowed(origin, scheme, host, self.allowed):
             log.warning("refused a request to %s from origin %r", scope["path"], origin[:200])
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})

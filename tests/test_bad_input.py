@@ -357,6 +357,11 @@ def test_ppo_fresh_run_into_old_checkpoints_is_refused(inputs, capsys):
 
 # labeling: databases, accounts, app and export
 
+
+def SERVE(c) -> list[str]:  # noqa: N802 - reads as part of the argv lists below
+    return ["label", "serve", "--db", c.db, "--port", "0"]
+
+
 LABEL_CASES = [
     ("init-on-a-text-file", lambda c: ["label", "init", "--db", c.not_db], "is not a SQLite database"),
     ("init-on-a-folder", lambda c: ["label", "init", "--db", c.empty_dir], "is a folder"),
@@ -398,6 +403,26 @@ LABEL_CASES = [
     ("serve-gold-rate-1", lambda c: ["label", "serve", "--db", c.db, "--gold_rate", "1", "--port", "0"], "--gold_rate"),
     ("serve-zero-concurrency", lambda c: ["label", "serve", "--db", c.db, "--concurrency", "0", "--port", "0"],
      "--concurrency"),
+    ("serve-cert-missing", lambda c: [*SERVE(c), "--ssl_certfile", c.out("none.pem"), "--ssl_keyfile", c.precious],
+     "--ssl_certfile"),
+    ("serve-key-missing", lambda c: [*SERVE(c), "--ssl_certfile", c.precious, "--ssl_keyfile", c.out("none.pem")],
+     "--ssl_keyfile"),
+    ("serve-cert-without-key", lambda c: [*SERVE(c), "--ssl_certfile", c.precious], "go together"),
+    ("serve-key-without-cert", lambda c: [*SERVE(c), "--ssl_keyfile", c.precious], "go together"),
+    ("serve-cert-not-pem", lambda c: [*SERVE(c), "--ssl_certfile", c.precious, "--ssl_keyfile", c.precious],
+     "not a PEM certificate"),
+    ("serve-cert-is-a-folder", lambda c: [*SERVE(c), "--ssl_certfile", c.empty_dir, "--ssl_keyfile", c.precious],
+     "--ssl_certfile"),
+    ("serve-origin-star", lambda c: [*SERVE(c), "--allowed_origins", "*"], "--allowed_origins"),
+    ("serve-origin-without-scheme", lambda c: [*SERVE(c), "--allowed_origins", "labels.example.org"],
+     "not an origin"),
+    ("serve-origin-with-path", lambda c: [*SERVE(c), "--allowed_origins", "https://a.example,https://b.example/app"],
+     "https://b.example/app"),
+    ("serve-idle-zero", lambda c: [*SERVE(c), "--session_idle_minutes", "0"], "--session_idle_minutes"),
+    ("serve-max-hours-nan", lambda c: [*SERVE(c), "--session_max_hours", "nan"], "--session_max_hours"),
+    ("user-disable-unknown", lambda c: ["label", "user", "disable", "bob", "--db", c.db], "no user named 'bob'"),
+    ("user-enable-unknown", lambda c: ["label", "user", "enable", "bob", "--db", c.db], "no user named 'bob'"),
+    ("user-disable-missing-db", lambda c: ["label", "user", "disable", "ann", "--db", c.missing_db], "does not exist"),
 ]
 
 
@@ -414,6 +439,22 @@ def test_serve_on_a_port_in_use_is_refused(inputs, capsys):
         busy.listen()
         port = str(busy.getsockname()[1])
         check_refused(["label", "serve", "--db", inputs.db, "--port", port], "cannot listen", inputs.root, capsys)
+
+
+def test_serve_with_a_key_of_another_certificate_is_refused(inputs, capsys):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not found")
+    made = {}
+    for name in ("one", "two"):
+        cert, key = inputs.root / f"{name}.crt", inputs.root / f"{name}.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
+                        "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        made[name] = (str(cert), str(key))
+    argv = [*SERVE(inputs), "--ssl_certfile", made["one"][0], "--ssl_keyfile", made["two"][1]]
+    check_refused(argv, "its matching key", inputs.root, capsys)
 
 
 def test_short_password_is_refused(inputs, capsys, monkeypatch):
