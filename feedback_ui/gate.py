@@ -46,6 +46,7 @@ HASHES_AT_ONCE = 2  # concurrent scrypt checks (128 MiB each); more logins wait 
 
 OPEN_EXACT = {"/favicon.ico", "/robots.txt", "/theme.css"}
 OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/")
+AUTOMATIC = ("/gradio_api/heartbeat/", "/gradio_api/queue/data")  # an open tab asks for these by itself: not use
 BLOCKED = {"/gradio_api/token", "/gradio_api/upload", "/gradio_api/upload_progress"}
 
 
@@ -173,7 +174,8 @@ class Gate:
         token = self._token(scope)
         if not token:
             return None
-        return await anyio.to_thread.run_sync(session_user, self.store, token, self.sessions)
+        touch = not scope["path"].startswith(AUTOMATIC)
+        return await anyio.to_thread.run_sync(session_user, self.store, token, self.sessions, touch)
 
     async def _login(self, scope, receive) -> Response:
         method, html = scope["method"], _wants_html(scope)
@@ -183,7 +185,11 @@ class Gate:
             return login_page(self.auth_message)
         if method != "POST":
             return _refusal(405, "use GET or POST")
-        form = await Request(scope, _capped(receive, MAX_LOGIN_BODY)).form(max_files=0, max_fields=8)
+        try:
+            form = await Request(scope, _capped(receive, MAX_LOGIN_BODY)).form(max_files=0, max_fields=8)
+        except Exception as exc:  # a malformed or oversized form (starlette's own errors differ by content type)
+            log.warning("unreadable login form: %s", exc)
+            return _refusal(400, "unreadable login form")
         name, password = str(form.get("username", "")), str(form.get("password", ""))
         client = scope.get("client")
         status, message, token = await self._check(name, password, client[0] if client else None)

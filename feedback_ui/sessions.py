@@ -54,8 +54,11 @@ def start_session(store: Store, user_id: int, policy: SessionPolicy) -> str:
     return token
 
 
-def session_user(store: Store, token: Optional[str], policy: SessionPolicy) -> Optional[str]:
-    """The name of the user whose live session ``token`` is, else None (an expired session is deleted)."""
+def session_user(store: Store, token: Optional[str], policy: SessionPolicy, touch: bool = True) -> Optional[str]:
+    """The name of the user whose live session ``token`` is, else None (an expired session is deleted).
+
+    ``touch=False`` for requests a page makes on its own (heartbeats, event streams): they do not count as use.
+    """
     if not token or len(token) > 128:
         return None
     key, now = sha256_hex(token), utcnow()
@@ -71,7 +74,7 @@ def session_user(store: Store, token: Optional[str], policy: SessionPolicy) -> O
     if disabled is not None or now - seen > policy.idle or now - created > policy.lifetime:
         end_session(store, token)
         return None
-    if now - seen > policy.touch_every:
+    if touch and now - seen > policy.touch_every:
         with store.write() as s:
             s.execute(sa.update(LoginSession).where(LoginSession.token_hash == key).values(last_seen=now))
     return name

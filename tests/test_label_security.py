@@ -71,6 +71,14 @@ def test_sessions_end_when_idle_too_long_too_old_logged_out_or_disabled(db_url):
     assert session_user(store, token, policy) == "ann"
     assert session_user(store, token + "x", policy) is None and session_user(store, "", policy) is None
 
+    def last_seen():
+        with store.read() as s:
+            return s.scalar(sa.select(LoginSession.last_seen))
+
+    shift(store, LoginSession, "last_seen", timedelta(minutes=20))
+    before = last_seen()
+    assert session_user(store, token, policy, touch=False) == "ann" and last_seen() == before  # a heartbeat
+    assert session_user(store, token, policy) == "ann" and last_seen() > before  # a request of the user's
     shift(store, LoginSession, "last_seen", timedelta(minutes=31))  # idle
     assert session_user(store, token, policy) is None
     with store.read() as s:

@@ -219,6 +219,9 @@ def test_uploads_and_oversized_requests_are_refused(app):
                      headers={"Content-Type": "application/json"})  # fmt: skip
         assert big.status_code == 413
         assert c.post("login", content=b"u" * (gate.MAX_LOGIN_BODY + 1)).status_code == 413
+        for kind in ("multipart/form-data; boundary=x", "multipart/form-data", "application/x-www-form-urlencoded"):
+            garbled = c.post("login", content=b"--x\r\n\xff%%nonsense", headers={"Content-Type": kind})
+            assert garbled.status_code in (400, 401) and "Traceback" not in garbled.text  # refused, not crashed
 
 
 def test_internal_errors_show_a_short_message_and_go_to_the_log(app, monkeypatch, caplog):
