@@ -12,7 +12,7 @@ In order, for every HTTP request and WebSocket:
    throttling and the password check in worker threads; sessions live in the database
    (:mod:`feedback_ui.sessions`) under an HttpOnly ``SameSite=Strict`` cookie (``Secure`` and
    ``__Host-`` over HTTPS).
-4. Without a live session only static assets are served; the page redirects to the login and
+4. Without a live session only static assets are served; the page shows the login form and
    everything else gets 401. With one, the user's name goes to Gradio (``gr.Request.username``)
    through ``auth_dependency``.
 5. **Blocked routes**: ``/gradio_api/token`` (it would hand a session to script) and the upload
@@ -66,8 +66,9 @@ def _wants_html(scope) -> bool:
 class Gate:
     """ASGI app in front of the Gradio app (``gradio_app``); ``lifespan`` goes to the FastAPI ``parent``."""
 
-    def __init__(self, parent, gradio_app, store: Store, *, allowed_origins=(), sessions: SessionPolicy = None,
-                 throttle: ThrottlePolicy = None, auth_message: str = "") -> None:  # fmt: skip
+    def __init__(self, parent, gradio_app, store: Store, *, allowed_origins=(),
+                 sessions: Optional[SessionPolicy] = None, throttle: Optional[ThrottlePolicy] = None,
+                 auth_message: str = "") -> None:  # fmt: skip
         self.parent, self.gradio_app, self.store = parent, gradio_app, store
         self.allowed = tuple(allowed_origins)
         self.sessions, self.throttle = sessions or SessionPolicy(), throttle or ThrottlePolicy()
@@ -113,8 +114,8 @@ class Gate:
             return await answer(Response(SHORTCUTS_JS, media_type="text/javascript"))
         user = await self._user(scope)
         if user is None and not (path in OPEN_EXACT or path.startswith(OPEN_PREFIXES)):
-            if method in ("GET", "HEAD") and path == "/":
-                return await answer(RedirectResponse("login", status_code=303))
+            if method in ("GET", "HEAD") and path == "/":  # the app's address shows the login form itself
+                return await answer(login_page(self.auth_message))
             return await answer(_refusal(401, "Not authenticated: log in again (the session ended or never began)."))
         if path.rstrip("/") in BLOCKED:
             return await answer(_refusal(404, "Not Found"))

@@ -62,7 +62,8 @@ class EvilSite:
             return "read " + r.status + " " + (await r.text()).slice(0, 200);
           }} catch (e) {{ return "blocked"; }}
         }};
-        Promise.all(["config", "gradio_api/token", "gradio_api/info"].map(tryRead)).then(r => {{ window.results = r; }});
+        const paths = ["config", "gradio_api/token", "gradio_api/info"];
+        Promise.all(paths.map(tryRead)).then(r => {{ window.results = r; }});
         </script></body></html>""".encode()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -87,7 +88,6 @@ class EvilSite:
 def test_the_page_runs_under_its_policy_and_script_never_sees_the_session(browser, app):
     server, _ = app
     page, problems = open_login(browser, server.url)
-    assert page.url.endswith("/login")
     log_in(page)
     page.wait_for_selector("#btn-skip")
     page.wait_for_function("() => document.querySelector('#progress') && document.querySelector('#progress')"
