@@ -11,11 +11,13 @@ The public API (for ``gradio_client``) is ``/next_task``, ``/vote``, ``/rank``,
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Optional
 
 import gradio as gr
 
 from feedback_ui import tasks
+from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
 from feedback_ui.stats import LABELER_COLUMNS, collect_stats, labeler_table
 from feedback_ui.store import Store
 from rlhf.errors import UserError
@@ -44,19 +46,22 @@ def _api(fn, *args, **kwargs):
         raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
 
 
-def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str = "Preference labeling") -> gr.Blocks:
-    """The labeling Blocks for ``store`` (a :class:`Store` or a database URL/path)."""
+def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str = "Preference labeling",
+              assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL) -> gr.Blocks:  # fmt: skip
+    """The labeling Blocks for ``store`` (a :class:`Store` or a database URL/path); an open task left
+    unanswered for ``assignment_ttl`` (None: forever) goes back to the pool."""
     if isinstance(store, str):
         from feedback_ui.store import open_store
 
         store = open_store(store)
     rate = tasks.gold_rate_of(store) if gold_rate is None else gold_rate
+    ttl = {"assignment_ttl": assignment_ttl}
 
     # public API: plain values in, a task dict out
 
     def next_task(request: gr.Request) -> dict:
         """The caller's current task: token, kind (pair|rank), prompt, responses (display order), done, total."""
-        return _api(tasks.serve, store, request.username, rate)
+        return _api(tasks.serve, store, request.username, rate, **ttl)
 
     def vote(
         token: str, choice: str, strength: str = "", rationale: str = "", edit: str = "", request: gr.Request = None
@@ -64,18 +69,19 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
         """Answer a pair task: choice A, B, tie or both_bad; optional strength (slightly|much), rationale, edit."""
         return _api(
             tasks.answer, store, request.username, token, rate,
-            choice=choice, strength=strength, rationale=rationale, edit=edit,
+            choice=choice, strength=strength, rationale=rationale, edit=edit, **ttl,
         )  # fmt: skip
 
     def rank(token: str, positions: list[int], rationale: str = "", edit: str = "", request: gr.Request = None) -> dict:
         """Answer a ranking task: display positions (0-based) from best to worst."""
         positions = [int(p) for p in positions]
         name = request.username
-        return _api(tasks.answer, store, name, token, rate, positions=positions, rationale=rationale, edit=edit)
+        return _api(tasks.answer, store, name, token, rate, positions=positions, rationale=rationale, edit=edit,
+                    **ttl)  # fmt: skip
 
     def skip(token: str, request: gr.Request = None) -> dict:
         """Skip the current task (it will not come back)."""
-        return _api(tasks.skip, store, request.username, token, rate)
+        return _api(tasks.skip, store, request.username, token, rate, **ttl)
 
     def history(request: gr.Request) -> list[list]:
         """The caller's own latest votes."""
@@ -164,12 +170,12 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
 
         def on_load(request: gr.Request):
             user = _api(tasks.current_user, store, request.username)
-            return [*ui(tasks.serve, user.name, rate), gr.update(visible=user.role == "admin")]
+            return [*ui(tasks.serve, user.name, rate, **ttl), gr.update(visible=user.role == "admin")]
 
         def on_pair(choice):
             def handler(tok, strength_value, why, better, request: gr.Request):
                 return ui(tasks.answer, request.username, tok, rate, choice=choice, strength=strength_value,
-                          rationale=why, edit=better)  # fmt: skip
+                          rationale=why, edit=better, **ttl)  # fmt: skip
 
             return handler
 
@@ -178,7 +184,8 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
             if len(chosen) != sum(1 for r in ranks if r):
                 return keep("**Not saved:** give each response a different rank")
             positions = [chosen[r] for r in sorted(chosen)]
-            return ui(tasks.answer, request.username, tok, rate, positions=positions, rationale=why, edit=better)
+            return ui(tasks.answer, request.username, tok, rate, positions=positions, rationale=why, edit=better,
+                      **ttl)  # fmt: skip
 
         private = {"api_visibility": "private"}
         demo.load(on_load, None, [*task_outputs, admin_tab], **private)
@@ -187,7 +194,7 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
         rank_button.click(on_rank, [token, rationale, edit, *slot_ranks], task_outputs, **private)
 
         def on_skip(tok, request: gr.Request):
-            return ui(tasks.skip, request.username, tok, rate)
+            return ui(tasks.skip, request.username, tok, rate, **ttl)
 
         skip_button.click(on_skip, [token], task_outputs, **private)
         history_button.click(history, None, history_table, api_name="ui_history", **private)

@@ -86,6 +86,15 @@ def _session_policy(args):
                          lifetime=timedelta(hours=args.session_max_hours))  # fmt: skip
 
 
+def _assignment_ttl(minutes: float):
+    """--assignment_ttl minutes -> a timedelta; 0 means open assignments never expire (None)."""
+    from datetime import timedelta
+
+    if not (math.isfinite(minutes) and minutes >= 0):
+        raise UserError(f"--assignment_ttl must be a number of minutes >= 0 (0: never expire), got {minutes}")
+    return timedelta(minutes=minutes) if minutes > 0 else None
+
+
 def _check_tls(certfile, keyfile) -> None:
     """Both or neither given; both readable; the key belongs to the certificate (checked before the app loads)."""
     import ssl
@@ -176,13 +185,15 @@ def cmd_serve(args) -> None:
         raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")
     origins = parse_allowed_origins(args.allowed_origins)
     sessions = _session_policy(args)
+    ttl = _assignment_ttl(args.assignment_ttl)
     _check_tls(args.ssl_certfile, args.ssl_keyfile)
     _check_listen(args.host, args.port)
     open_store(args.db).close()  # a missing or broken database stops here, before the app loads
     from feedback_ui.server import launch
 
     launch(args.db, host=args.host, port=args.port, gold_rate=args.gold_rate, concurrency=args.concurrency,
-           allowed_origins=origins, sessions=sessions, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+           allowed_origins=origins, sessions=sessions, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+           assignment_ttl=ttl)  # fmt: skip
 
 
 @_database_errors
@@ -276,6 +287,9 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
                    help="a login unused this long ends [default: 60]")
     p.add_argument("--session_max_hours", type=float, default=12,
                    help="a login ends this long after it began, used or not [default: 12]")
+    p.add_argument("--assignment_ttl", type=float, default=30, metavar="MINUTES",
+                   help="an open task nobody answered for this long goes back to the pool for other labelers "
+                   "(a late answer still counts if the comparison needs it); 0 = never [default: 30]")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="votes -> preference JSONL (prompt, chosen, rejected, margin, provenance)")

@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+from datetime import timedelta
 from typing import Optional
 
 import gradio as gr
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 from gradio.routes import App
 
 from feedback_ui.app import build_app
+from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
 from feedback_ui.gate import Gate, user_of
 from feedback_ui.pages import SHORTCUTS_HEAD
 from feedback_ui.sessions import SessionPolicy
@@ -36,9 +38,10 @@ def _theme():
 
 def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concurrency: int = 16,
                       allowed_origins=(), sessions: Optional[SessionPolicy] = None,
-                      throttle: Optional[ThrottlePolicy] = None) -> Gate:  # fmt: skip
+                      throttle: Optional[ThrottlePolicy] = None,
+                      assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL) -> Gate:  # fmt: skip
     """An ASGI app serving the labeling Blocks at ``/`` behind the gate (login, origins, headers, limits)."""
-    blocks = build_app(store, gold_rate=gold_rate)
+    blocks = build_app(store, gold_rate=gold_rate, assignment_ttl=assignment_ttl)
     blocks.queue(default_concurrency_limit=concurrency, status_update_rate=5)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     gr.mount_gradio_app(
@@ -104,7 +107,8 @@ class Server:
 
 def launch(db: str, host: str = "127.0.0.1", port: int = 7860, gold_rate: Optional[float] = None,
            concurrency: int = 16, allowed_origins=(), sessions: Optional[SessionPolicy] = None,
-           ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None) -> None:  # fmt: skip
+           ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None,
+           assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL) -> None:  # fmt: skip
     """Serve until interrupted (``rlhf label serve``); HTTPS when given a certificate and its key."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("feedback_ui").setLevel(logging.INFO)  # logins, refusals, failed requests
@@ -113,5 +117,5 @@ def launch(db: str, host: str = "127.0.0.1", port: int = 7860, gold_rate: Option
     print(f"labeling app on {scheme}://{host}:{port}/ (database {shown_url(store.url)}); Ctrl+C stops it",
           flush=True)  # fmt: skip
     app = create_server_app(store, gold_rate=gold_rate, concurrency=concurrency, allowed_origins=allowed_origins,
-                            sessions=sessions)  # fmt: skip
+                            sessions=sessions, assignment_ttl=assignment_ttl)  # fmt: skip
     uvicorn.Server(_uvicorn_config(app, host, port, ssl_certfile, ssl_keyfile, grace=2)).run()

@@ -420,6 +420,8 @@ LABEL_CASES = [
      "https://b.example/app"),
     ("serve-idle-zero", lambda c: [*SERVE(c), "--session_idle_minutes", "0"], "--session_idle_minutes"),
     ("serve-max-hours-nan", lambda c: [*SERVE(c), "--session_max_hours", "nan"], "--session_max_hours"),
+    ("serve-negative-assignment-ttl", lambda c: [*SERVE(c), "--assignment_ttl", "-5"], "--assignment_ttl"),
+    ("serve-infinite-assignment-ttl", lambda c: [*SERVE(c), "--assignment_ttl", "inf"], "--assignment_ttl"),
     ("user-disable-unknown", lambda c: ["label", "user", "disable", "bob", "--db", c.db], "no user named 'bob'"),
     ("user-enable-unknown", lambda c: ["label", "user", "enable", "bob", "--db", c.db], "no user named 'bob'"),
     ("user-disable-missing-db", lambda c: ["label", "user", "disable", "ann", "--db", c.missing_db], "does not exist"),
