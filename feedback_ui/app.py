@@ -18,11 +18,11 @@ import gradio as gr
 
 from feedback_ui import tasks
 from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
+from feedback_ui.candidates import MAX_RANK  # ranking slots in the UI
 from feedback_ui.stats import LABELER_COLUMNS, collect_stats, labeler_table
 from feedback_ui.store import Store
 from rlhf.errors import UserError
 
-MAX_RANK = 8  # ranking slots in the UI
 PAIR_BUTTONS = [("A is better", "A", "btn-a"), ("B is better", "B", "btn-b"), ("Tie", "tie", "btn-tie"),
                 ("Both bad", "both_bad", "btn-both-bad")]  # fmt: skip
 STRENGTHS = ["slightly better", "much better"]

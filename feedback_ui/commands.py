@@ -2,7 +2,7 @@
 
 ``add_label_parser(subparsers)`` adds ``label`` with the subcommands ``init``,
 ``user add``, ``user list``, ``user disable``, ``user enable``, ``candidates``,
-``serve``, ``export`` and ``stats``. Each leaf sets ``func``, a callable taking the parsed Namespace;
+``import``, ``serve``, ``export`` and ``stats``. Each leaf sets ``func``, a callable taking the parsed Namespace;
 user mistakes raise :class:`rlhf.errors.UserError`.
 """
 
@@ -175,6 +175,15 @@ def cmd_candidates(args) -> None:
 
 
 @_database_errors
+def cmd_import(args) -> None:
+    from feedback_ui.imports import run_label_import
+
+    if args.overlap < 1:
+        raise UserError(f"--overlap must be >= 1, got {args.overlap}")
+    run_label_import(args.db, args.file, mode=args.mode, overlap=args.overlap)
+
+
+@_database_errors
 def cmd_serve(args) -> None:
     from feedback_ui.http_policy import parse_allowed_origins
     from feedback_ui.store import open_store
@@ -270,6 +279,20 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("candidates", help="generate K responses per prompt from a policy and build comparisons")
     add_config_arguments(p, LabelCandidatesConfig)
     p.set_defaults(func=cmd_candidates)
+
+    p = sub.add_parser("import", help="responses made elsewhere (prompt, response, model) -> comparisons between "
+                       "models", description="Import a JSONL file of responses (columns prompt, response, model; "
+                       "the prompt a string or a list of messages) and compare the responses of different models "
+                       "to the same prompt. Importing the same file again adds nothing; new rows add only what is "
+                       "new. Prompts answered by one model only are skipped and counted.")
+    _add_db(p)
+    p.add_argument("--file", required=True, help="JSONL with the columns prompt, response, model")
+    p.add_argument("--mode", choices=["pairwise", "ranking"], default="pairwise",
+                   help="pairwise: every pair of responses of different models; ranking: one K-wise ranking of "
+                   "a prompt's responses (at most 8) [default: pairwise]")
+    p.add_argument("--overlap", type=int, default=1,
+                   help="labelers who see each comparison (>= 2 gives agreement numbers) [default: 1]")
+    p.set_defaults(func=cmd_import)  # fmt: skip
 
     p = sub.add_parser("serve", help="the Gradio labeling app (login required)")
     _add_db(p)

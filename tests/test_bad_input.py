@@ -362,6 +362,14 @@ def SERVE(c) -> list[str]:  # noqa: N802 - reads as part of the argv lists below
     return ["label", "serve", "--db", c.db, "--port", "0"]
 
 
+def IMPORT(c, path):  # noqa: N802 - reads like the other command builders
+    """``label import`` of ``path`` into a database that does not exist yet (it must not appear)."""
+    return ["label", "import", "--db", c.out("new.db"), "--file", path]
+
+
+GOOD_IMPORT = [{"prompt": "Q?", "response": "A.", "model": "m1"}, {"prompt": "Q?", "response": "B.", "model": "m2"}]
+
+
 LABEL_CASES = [
     ("init-on-a-text-file", lambda c: ["label", "init", "--db", c.not_db], "is not a SQLite database"),
     ("init-on-a-folder", lambda c: ["label", "init", "--db", c.empty_dir], "is a folder"),
@@ -422,6 +430,27 @@ LABEL_CASES = [
     ("serve-max-hours-nan", lambda c: [*SERVE(c), "--session_max_hours", "nan"], "--session_max_hours"),
     ("serve-negative-assignment-ttl", lambda c: [*SERVE(c), "--assignment_ttl", "-5"], "--assignment_ttl"),
     ("serve-infinite-assignment-ttl", lambda c: [*SERVE(c), "--assignment_ttl", "inf"], "--assignment_ttl"),
+    ("import-missing-column", lambda c: IMPORT(c, c.rows("r.jsonl", [{"prompt": "Q?", "response": "A."}])),
+     "r.jsonl:1 has no column 'model'"),
+    ("import-bad-json-line", lambda c: IMPORT(c, c.file("r.jsonl", '{"prompt": "Q?", "response": "A.", "model": '
+                                                  '"m"}\n{"prompt": "Q?", "response": \n')), "r.jsonl:2 is not valid JSON"),
+    ("import-line-not-an-object", lambda c: IMPORT(c, c.file("r.jsonl", '["Q?", "A.", "m"]\n')), "JSON object"),
+    ("import-prompt-not-messages", lambda c: IMPORT(c, c.rows("r.jsonl", [{"prompt": [{"text": "Q?"}],
+                                                                          "response": "A.", "model": "m"}])),
+     "r.jsonl:1: a prompt must be a string or a list of {role, content} messages"),
+    ("import-empty-model", lambda c: IMPORT(c, c.rows("r.jsonl", [{"prompt": "Q?", "response": "A.", "model": " "}])),
+     "'model' must be a non-empty string"),
+    ("import-response-not-text", lambda c: IMPORT(c, c.rows("r.jsonl", [{"prompt": "Q?", "response": 4,
+                                                                        "model": "m"}])), "'response'"),
+    ("import-empty-file", lambda c: IMPORT(c, c.file("r.jsonl", "\n")), "has no rows"),
+    ("import-file-missing", lambda c: IMPORT(c, c.out("none.jsonl")), "responses file not found"),
+    ("import-file-is-a-folder", lambda c: IMPORT(c, c.empty_dir), "is a folder"),
+    ("import-file-not-text", lambda c: IMPORT(c, _binary(c.root / "r.jsonl")), "not UTF-8"),
+    ("import-zero-overlap", lambda c: [*IMPORT(c, c.rows("r.jsonl", GOOD_IMPORT)), "--overlap", "0"], "--overlap"),
+    ("import-unknown-mode", lambda c: [*IMPORT(c, c.rows("r.jsonl", GOOD_IMPORT)), "--mode", "best-of"], "--mode"),
+    ("import-no-file", lambda c: ["label", "import", "--db", c.db], "--file"),
+    ("import-not-a-db", lambda c: ["label", "import", "--db", c.not_db, "--file", c.rows("r.jsonl", GOOD_IMPORT)],
+     "is not a SQLite database"),
     ("user-disable-unknown", lambda c: ["label", "user", "disable", "bob", "--db", c.db], "no user named 'bob'"),
     ("user-enable-unknown", lambda c: ["label", "user", "enable", "bob", "--db", c.db], "no user named 'bob'"),
     ("user-disable-missing-db", lambda c: ["label", "user", "disable", "ann", "--db", c.missing_db], "does not exist"),
