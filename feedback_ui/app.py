@@ -10,58 +10,58 @@ The public API (for ``gradio_client``) is ``/next_task``, ``/vote``, ``/rank``,
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
 from typing import Optional
 
 import gradio as gr
 
 from feedback_ui import tasks
+from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
+from feedback_ui.candidates import MAX_RANK  # ranking slots in the UI
 from feedback_ui.stats import LABELER_COLUMNS, collect_stats, labeler_table
 from feedback_ui.store import Store
 from rlhf.errors import UserError
 
-MAX_RANK = 8  # ranking slots in the UI
 PAIR_BUTTONS = [("A is better", "A", "btn-a"), ("B is better", "B", "btn-b"), ("Tie", "tie", "btn-tie"),
                 ("Both bad", "both_bad", "btn-both-bad")]  # fmt: skip
 STRENGTHS = ["slightly better", "much better"]
 
-# 1/2/3/4 = the four pair buttons, s = skip; ignored while typing in a text field
-SHORTCUTS_HEAD = """<script>
-(() => {
-  const keys = {"1": "btn-a", "2": "btn-b", "3": "btn-tie", "4": "btn-both-bad", "s": "btn-skip"};
-  document.addEventListener("keydown", (e) => {
-    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
-    const t = e.target;
-    const typing = t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
-      (t.tagName === "INPUT" && !["radio", "checkbox", "button", "submit"].includes(t.type)));
-    if (typing) return;
-    const btn = document.getElementById(keys[(e.key || "").toLowerCase()]);
-    if (btn && btn.offsetParent !== null && !btn.disabled) { e.preventDefault(); btn.click(); }
-  });
-})();
-</script>"""
+
+INTERNAL_ERROR = "Something went wrong on the server; nothing was saved. Try again, or tell your project admin."
+log = logging.getLogger("feedback_ui")
 
 
 def _api(fn, *args, **kwargs):
-    """Call ``fn``; a UserError becomes a Gradio error (shown in the UI, raised by gradio_client)."""
+    """Call ``fn``; a UserError becomes a Gradio error (shown in the UI, raised by gradio_client).
+
+    Anything else is logged with its traceback and shown as a short message without its details.
+    """
     try:
         return fn(*args, **kwargs)
     except UserError as exc:
-        raise gr.Error(str(exc)) from None
+        raise gr.Error(str(exc), print_exception=False) from None
+    except Exception:
+        log.exception("%s failed", getattr(fn, "__name__", "a request"))
+        raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
 
 
-def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str = "Preference labeling") -> gr.Blocks:
-    """The labeling Blocks for ``store`` (a :class:`Store` or a database URL/path)."""
+def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str = "Preference labeling",
+              assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL) -> gr.Blocks:  # fmt: skip
+    """The labeling Blocks for ``store`` (a :class:`Store` or a database URL/path); an open task left
+    unanswered for ``assignment_ttl`` (None: forever) goes back to the pool."""
     if isinstance(store, str):
         from feedback_ui.store import open_store
 
         store = open_store(store)
     rate = tasks.gold_rate_of(store) if gold_rate is None else gold_rate
+    ttl = {"assignment_ttl": assignment_ttl}
 
     # public API: plain values in, a task dict out
 
     def next_task(request: gr.Request) -> dict:
         """The caller's current task: token, kind (pair|rank), prompt, responses (display order), done, total."""
-        return _api(tasks.serve, store, request.username, rate)
+        return _api(tasks.serve, store, request.username, rate, **ttl)
 
     def vote(
         token: str, choice: str, strength: str = "", rationale: str = "", edit: str = "", request: gr.Request = None
@@ -69,18 +69,19 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
         """Answer a pair task: choice A, B, tie or both_bad; optional strength (slightly|much), rationale, edit."""
         return _api(
             tasks.answer, store, request.username, token, rate,
-            choice=choice, strength=strength, rationale=rationale, edit=edit,
+            choice=choice, strength=strength, rationale=rationale, edit=edit, **ttl,
         )  # fmt: skip
 
     def rank(token: str, positions: list[int], rationale: str = "", edit: str = "", request: gr.Request = None) -> dict:
         """Answer a ranking task: display positions (0-based) from best to worst."""
         positions = [int(p) for p in positions]
         name = request.username
-        return _api(tasks.answer, store, name, token, rate, positions=positions, rationale=rationale, edit=edit)
+        return _api(tasks.answer, store, name, token, rate, positions=positions, rationale=rationale, edit=edit,
+                    **ttl)  # fmt: skip
 
     def skip(token: str, request: gr.Request = None) -> dict:
         """Skip the current task (it will not come back)."""
-        return _api(tasks.skip, store, request.username, token, rate)
+        return _api(tasks.skip, store, request.username, token, rate, **ttl)
 
     def history(request: gr.Request) -> list[list]:
         """The caller's own latest votes."""
@@ -89,9 +90,9 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
     def admin_stats(request: gr.Request) -> dict:
         """Progress, per-labeler numbers and agreement (admins only)."""
         _api(tasks.current_user, store, request.username, role="admin")
-        return collect_stats(store)
+        return _api(collect_stats, store)
 
-    with gr.Blocks(title=title) as demo:
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
         token = gr.State("")
         with gr.Tabs():
             with gr.Tab("Label"):
@@ -120,6 +121,7 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
                 edit = gr.Textbox(label="Improved version of the better answer (optional)", lines=3, elem_id="edit")
                 skip_button = gr.Button("Skip", elem_id="btn-skip")
                 gr.Markdown("Keys: **1** A is better, **2** B is better, **3** Tie, **4** Both bad, **s** Skip.")
+                gr.Button("Log out", link="logout", size="sm", variant="secondary", elem_id="btn-logout")
             with gr.Tab("My history"):
                 history_button = gr.Button("Refresh")
                 history_table = gr.Dataframe(headers=["time", "prompt", "answer", "seconds"],
@@ -162,15 +164,18 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
                 return render(fn(store, *args, **kwargs))
             except UserError as exc:
                 return keep(f"**Not saved:** {exc}")
+            except Exception:
+                log.exception("%s failed", fn.__name__)
+                return keep(f"**Not saved:** {INTERNAL_ERROR}")
 
         def on_load(request: gr.Request):
-            user = tasks.current_user(store, request.username)
-            return [*ui(tasks.serve, user.name, rate), gr.update(visible=user.role == "admin")]
+            user = _api(tasks.current_user, store, request.username)
+            return [*ui(tasks.serve, user.name, rate, **ttl), gr.update(visible=user.role == "admin")]
 
         def on_pair(choice):
             def handler(tok, strength_value, why, better, request: gr.Request):
                 return ui(tasks.answer, request.username, tok, rate, choice=choice, strength=strength_value,
-                          rationale=why, edit=better)  # fmt: skip
+                          rationale=why, edit=better, **ttl)  # fmt: skip
 
             return handler
 
@@ -179,7 +184,8 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
             if len(chosen) != sum(1 for r in ranks if r):
                 return keep("**Not saved:** give each response a different rank")
             positions = [chosen[r] for r in sorted(chosen)]
-            return ui(tasks.answer, request.username, tok, rate, positions=positions, rationale=why, edit=better)
+            return ui(tasks.answer, request.username, tok, rate, positions=positions, rationale=why, edit=better,
+                      **ttl)  # fmt: skip
 
         private = {"api_visibility": "private"}
         demo.load(on_load, None, [*task_outputs, admin_tab], **private)
@@ -188,7 +194,7 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
         rank_button.click(on_rank, [token, rationale, edit, *slot_ranks], task_outputs, **private)
 
         def on_skip(tok, request: gr.Request):
-            return ui(tasks.skip, request.username, tok, rate)
+            return ui(tasks.skip, request.username, tok, rate, **ttl)
 
         skip_button.click(on_skip, [token], task_outputs, **private)
         history_button.click(history, None, history_table, api_name="ui_history", **private)

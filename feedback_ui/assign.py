@@ -10,12 +10,23 @@ assignment, which is served again until it is voted on or skipped: every
 transaction that changes a labeler's assignments first locks that labeler's
 row (:func:`lock_labeler`), so two requests of one labeler (two browser tabs)
 take turns on PostgreSQL too.
+
+An open assignment not shown or voted on for ``assignment_ttl`` is abandoned:
+:func:`expire_abandoned` marks it ``expired`` and gives its overlap slot back to
+the pool, so another labeler can get the comparison. Locks on PostgreSQL: a
+transaction takes its labeler's row, then that labeler's assignment rows, then
+at most one comparison row, and waits only while holding nothing another
+labeler waits for; the sweep never waits at all (``FOR NO KEY UPDATE SKIP
+LOCKED`` over the labeler, assignment and comparison rows it changes; what it
+skips, a later sweep expires). So no two transactions wait on each other in a cycle.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+from collections import Counter
+from datetime import datetime, timedelta
 from typing import Optional
 
 import sqlalchemy as sa
@@ -24,6 +35,7 @@ from sqlalchemy.orm import Session
 from feedback_ui.store import Assignment, Comparison, User, utcnow
 
 CANDIDATE_WINDOW = 16  # comparison ids fetched per attempt; the conditional UPDATE settles races
+DEFAULT_ASSIGNMENT_TTL = timedelta(minutes=30)  # an open assignment untouched this long is abandoned
 
 
 def lock_labeler(session: Session, user_id: int) -> None:
@@ -61,6 +73,16 @@ def _new_assignment(session: Session, user_id: int, comparison: Comparison, rng:
     return a
 
 
+def take_slot(session: Session, comparison_id: int) -> bool:
+    """Take one of the comparison's overlap slots; False when all are taken (a conditional UPDATE: no over-fill)."""
+    return session.execute(
+        sa.update(Comparison)
+        .where(Comparison.id == comparison_id, Comparison.n_active < Comparison.overlap)
+        .values(n_active=Comparison.n_active + 1)
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
+
+
 def _assign_regular(session: Session, user_id: int, rng: random.Random) -> Optional[Assignment]:
     """Fill comparisons that already have labelers first, so overlap sets complete early."""
     ids = session.scalars(
@@ -69,13 +91,7 @@ def _assign_regular(session: Session, user_id: int, rng: random.Random) -> Optio
         .limit(CANDIDATE_WINDOW)
     ).all()
     for cid in ids:
-        taken = session.execute(
-            sa.update(Comparison)
-            .where(Comparison.id == cid, Comparison.n_active < Comparison.overlap)
-            .values(n_active=Comparison.n_active + 1)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        if taken == 1:
+        if take_slot(session, cid):
             return _new_assignment(session, user_id, session.get(Comparison, cid), rng)
     return None
 
@@ -135,6 +151,55 @@ def skip_task(session: Session, user_id: int, token: str) -> bool:
             .execution_options(synchronize_session=False)
         )
     return True
+
+
+def _abandoned(cutoff: datetime):
+    """Open assignments last shown before ``cutoff``, reached per labeler through (user_id, status)."""
+    return (
+        sa.select(Assignment.id, Assignment.comparison_id, Assignment.is_gold)
+        .select_from(User)
+        .join(Assignment, sa.and_(Assignment.user_id == User.id, Assignment.status == "open"))
+        .join(Comparison, Comparison.id == Assignment.comparison_id)
+        .where(Assignment.shown_at < cutoff)
+    )
+
+
+def has_abandoned(session: Session, cutoff: datetime) -> bool:
+    """Whether any open assignment was last shown before ``cutoff``: a cheap read before :func:`expire_abandoned`
+    (one index lookup per labeler on (user_id, status), never a scan of all assignments)."""
+    stale = sa.select(Assignment.id).where(
+        Assignment.user_id == User.id, Assignment.status == "open", Assignment.shown_at < cutoff
+    )
+    return session.scalar(sa.select(User.id).where(stale.exists()).limit(1)) is not None
+
+
+def expire_abandoned(session: Session, cutoff: datetime) -> int:
+    """Expire the open assignments last shown before ``cutoff``; their overlap slots go back to the pool.
+
+    Rows another transaction holds (a labeler voting, a comparison being assigned) are skipped, never waited
+    for; a later sweep expires them. Call inside ``Store.write()``, in a transaction of its own. Returns how many
+    expired.
+    """
+    rows = session.execute(
+        _abandoned(cutoff).order_by(Assignment.id).with_for_update(skip_locked=True, key_share=True)
+    ).all()
+    if not rows:
+        return 0
+    session.execute(
+        sa.update(Assignment)
+        .where(Assignment.id.in_([r.id for r in rows]), Assignment.status == "open")
+        .values(status="expired", finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    freed = Counter(r.comparison_id for r in rows if not r.is_gold)
+    for cid in sorted(freed):  # rows locked above: no waiting here
+        session.execute(
+            sa.update(Comparison)
+            .where(Comparison.id == cid)
+            .values(n_active=Comparison.n_active - freed[cid])
+            .execution_options(synchronize_session=False)
+        )
+    return len(rows)
 
 
 def progress(session: Session, user_id: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from rlhf.data import to_messages
 from rlhf.errors import DataError
 
 STORE_EVERY_BATCHES = 8  # generation batches between database writes
+MAX_RANK = 8  # responses in one ranking task (the app's ranking slots)
 
 
 # helper functions
@@ -100,10 +101,17 @@ def add_comparison(
     return row
 
 
-def build_comparisons(session: Session, prompt_id: int, response_ids: list[int], mode: str, overlap: int) -> int:
-    """pairwise: every pair of the responses; ranking: one comparison of all of them. Returns how many are new."""
+def build_comparisons(session: Session, prompt_id: int, response_ids: list[int], mode: str, overlap: int,
+                      group_of: Optional[dict[int, str]] = None) -> int:  # fmt: skip
+    """pairwise: every pair of the responses; ranking: one comparison of all of them. Returns how many are new.
+
+    With ``group_of`` (response id -> its model), pairwise builds only pairs of responses of different models.
+    """
     ids = sorted(set(response_ids))
-    groups = itertools.combinations(ids, 2) if mode == "pairwise" else [ids]
+    if mode == "pairwise":
+        groups = [g for g in itertools.combinations(ids, 2) if group_of is None or group_of[g[0]] != group_of[g[1]]]
+    else:
+        groups = [ids]
     return sum(add_comparison(session, prompt_id, list(g), overlap=overlap) is not None for g in groups)
 
 

@@ -1,8 +1,8 @@
 """The ``rlhf label ...`` command tree (argparse only; the work lives in the other modules).
 
 ``add_label_parser(subparsers)`` adds ``label`` with the subcommands ``init``,
-``user add``, ``user list``, ``candidates``, ``serve``, ``export`` and
-``stats``. Each leaf sets ``func``, a callable taking the parsed Namespace;
+``user add``, ``user list``, ``user disable``, ``user enable``, ``candidates``,
+``import``, ``serve``, ``export`` and ``stats``. Each leaf sets ``func``, a callable taking the parsed Namespace;
 user mistakes raise :class:`rlhf.errors.UserError`.
 """
 
@@ -73,6 +73,51 @@ def _check_listen(host: str, port: int) -> None:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def _session_policy(args):
+    from datetime import timedelta
+
+    from feedback_ui.sessions import SessionPolicy
+
+    for flag in ("session_idle_minutes", "session_max_hours"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag} must be > 0, got {value}")
+    return SessionPolicy(idle=timedelta(minutes=args.session_idle_minutes),
+                         lifetime=timedelta(hours=args.session_max_hours))  # fmt: skip
+
+
+def _assignment_ttl(minutes: float):
+    """--assignment_ttl minutes -> a timedelta; 0 means open assignments never expire (None)."""
+    from datetime import timedelta
+
+    if not (math.isfinite(minutes) and minutes >= 0):
+        raise UserError(f"--assignment_ttl must be a number of minutes >= 0 (0: never expire), got {minutes}")
+    return timedelta(minutes=minutes) if minutes > 0 else None
+
+
+def _check_tls(certfile, keyfile) -> None:
+    """Both or neither given; both readable; the key belongs to the certificate (checked before the app loads)."""
+    import ssl
+
+    if bool(certfile) != bool(keyfile):
+        raise UserError("--ssl_certfile and --ssl_keyfile go together: give both for HTTPS, or neither")
+    if not certfile:
+        return
+    for flag, path in (("--ssl_certfile", certfile), ("--ssl_keyfile", keyfile)):
+        if not os.path.isfile(path):
+            raise UserError(f"{flag} {path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{flag} {path}: not readable")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:
+        raise UserError(
+            f"--ssl_certfile/--ssl_keyfile: not a PEM certificate and its matching key ({exc.reason})"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"--ssl_certfile/--ssl_keyfile: cannot read them ({exc.strerror or exc})") from None
+
+
 # commands
 
 
@@ -106,6 +151,19 @@ def cmd_user_list(args) -> None:
         print(f"{u.name}\t{u.role}\t{u.created_at:%Y-%m-%d %H:%M}")
 
 
+@_database_errors
+def cmd_user_disable(args) -> None:
+    from feedback_ui.auth import set_disabled
+    from feedback_ui.store import open_store
+
+    with open_store(args.db) as store:
+        ended = set_disabled(store, args.name, disabled=args.user_command == "disable")
+    if args.user_command == "disable":
+        print(f"user {args.name} disabled; {ended} session{'s' * (ended != 1)} ended")
+    else:
+        print(f"user {args.name} enabled")
+
+
 def cmd_candidates(args) -> None:
     from feedback_ui.candidates import run_label_candidates
     from feedback_ui.config import LabelCandidatesConfig
@@ -117,18 +175,34 @@ def cmd_candidates(args) -> None:
 
 
 @_database_errors
+def cmd_import(args) -> None:
+    from feedback_ui.imports import run_label_import
+
+    if args.overlap < 1:
+        raise UserError(f"--overlap must be >= 1, got {args.overlap}")
+    run_label_import(args.db, args.file, mode=args.mode, overlap=args.overlap)
+
+
+@_database_errors
 def cmd_serve(args) -> None:
+    from feedback_ui.http_policy import parse_allowed_origins
     from feedback_ui.store import open_store
 
     if args.gold_rate is not None and not (math.isfinite(args.gold_rate) and 0 <= args.gold_rate < 1):
         raise UserError(f"--gold_rate must be in [0, 1), got {args.gold_rate}")
     if args.concurrency < 1:
         raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")
+    origins = parse_allowed_origins(args.allowed_origins)
+    sessions = _session_policy(args)
+    ttl = _assignment_ttl(args.assignment_ttl)
+    _check_tls(args.ssl_certfile, args.ssl_keyfile)
     _check_listen(args.host, args.port)
     open_store(args.db).close()  # a missing or broken database stops here, before the app loads
     from feedback_ui.server import launch
 
-    launch(args.db, host=args.host, port=args.port, gold_rate=args.gold_rate, concurrency=args.concurrency)
+    launch(args.db, host=args.host, port=args.port, gold_rate=args.gold_rate, concurrency=args.concurrency,
+           allowed_origins=origins, sessions=sessions, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+           assignment_ttl=ttl)  # fmt: skip
 
 
 @_database_errors
@@ -182,7 +256,7 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     _add_db(p)
     p.set_defaults(func=cmd_init)
 
-    user = sub.add_parser("user", help="manage accounts: user add NAME, user list")
+    user = sub.add_parser("user", help="manage accounts: user add NAME, user list, user disable|enable NAME")
     user.set_defaults(func=lambda _args: user.print_help())
     users = user.add_subparsers(dest="user_command", metavar="ACTION")
     p = users.add_parser("add", help="create an account; password from RLHF_PASSWORD or stdin, never argv")
@@ -193,10 +267,32 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     p = users.add_parser("list", help="list accounts and roles")
     _add_db(p)
     p.set_defaults(func=cmd_user_list)
+    p = users.add_parser("disable", help="block an account and end its sessions at once")
+    p.add_argument("name", help="login name")
+    _add_db(p)
+    p.set_defaults(func=cmd_user_disable)
+    p = users.add_parser("enable", help="let a disabled account log in again")
+    p.add_argument("name", help="login name")
+    _add_db(p)
+    p.set_defaults(func=cmd_user_disable)
 
     p = sub.add_parser("candidates", help="generate K responses per prompt from a policy and build comparisons")
     add_config_arguments(p, LabelCandidatesConfig)
     p.set_defaults(func=cmd_candidates)
+
+    p = sub.add_parser("import", help="responses made elsewhere (prompt, response, model) -> comparisons between "
+                       "models", description="Import a JSONL file of responses (columns prompt, response, model; "
+                       "the prompt a string or a list of messages) and compare the responses of different models "
+                       "to the same prompt. Importing the same file again adds nothing; new rows add only what is "
+                       "new. Prompts answered by one model only are skipped and counted.")
+    _add_db(p)
+    p.add_argument("--file", required=True, help="JSONL with the columns prompt, response, model")
+    p.add_argument("--mode", choices=["pairwise", "ranking"], default="pairwise",
+                   help="pairwise: every pair of responses of different models; ranking: one K-wise ranking of "
+                   "a prompt's responses (at most 8) [default: pairwise]")
+    p.add_argument("--overlap", type=int, default=1,
+                   help="labelers who see each comparison (>= 2 gives agreement numbers) [default: 1]")
+    p.set_defaults(func=cmd_import)  # fmt: skip
 
     p = sub.add_parser("serve", help="the Gradio labeling app (login required)")
     _add_db(p)
@@ -205,6 +301,18 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gold_rate", type=float, default=None,
                    help="share of tasks drawn from gold items [default: the value stored by 'label candidates']")
     p.add_argument("--concurrency", type=int, default=16, help="requests handled at once [default: 16]")
+    p.add_argument("--allowed_origins", default="", metavar="ORIGIN[,ORIGIN...]",
+                   help="other origins (https://host[:port]) whose browser requests are accepted, e.g. the public "
+                   "address of a proxy in front of the app [default: none: same origin only]")
+    p.add_argument("--ssl_certfile", default=None, metavar="FILE", help="PEM certificate: serve HTTPS [default: HTTP]")
+    p.add_argument("--ssl_keyfile", default=None, metavar="FILE", help="PEM private key of --ssl_certfile")
+    p.add_argument("--session_idle_minutes", type=float, default=60,
+                   help="a login unused this long ends [default: 60]")
+    p.add_argument("--session_max_hours", type=float, default=12,
+                   help="a login ends this long after it began, used or not [default: 12]")
+    p.add_argument("--assignment_ttl", type=float, default=30, metavar="MINUTES",
+                   help="an open task nobody answered for this long goes back to the pool for other labelers "
+                   "(a late answer still counts if the comparison needs it); 0 = never [default: 30]")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="votes -> preference JSONL (prompt, chosen, rejected, margin, provenance)")

@@ -1,11 +1,8 @@
-"""Serving the labeling app: Gradio's login page in front of every route.
+"""Serving the labeling app: the gate (:mod:`feedback_ui.gate`) in front of the Gradio Blocks.
 
-Gradio's ``auth=`` protects the page, ``/config`` and the API routes; a few of
-its routes answer without a session (``/gradio_api/cancel``, ``/reset``,
-``/heartbeat``, ``/app_id``, ``/manifest.json``, ...). The served ASGI app
-(:class:`LoginRequired`) therefore adds one rule in front of Gradio: without a
-valid session cookie only the login page and its static assets are served;
-anything else gets 401 and no data.
+Gradio's own ``auth=`` is not used: it keeps sessions in one process's memory and answers
+``/gradio_api/token``. The gate logs users in with sessions stored in the database and hands the
+user's name to Gradio through ``auth_dependency``.
 """
 
 from __future__ import annotations
@@ -14,87 +11,77 @@ import logging
 import socket
 import threading
 import time
+from datetime import timedelta
 from typing import Optional
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from gradio.routes import App
 
-from feedback_ui.app import SHORTCUTS_HEAD, build_app
-from feedback_ui.auth import check_login
-from feedback_ui.store import Store, open_store
+from feedback_ui.app import build_app
+from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
+from feedback_ui.gate import Gate, user_of
+from feedback_ui.pages import SHORTCUTS_HEAD
+from feedback_ui.sessions import SessionPolicy
+from feedback_ui.store import Store, open_store, shown_url
+from feedback_ui.throttle import ThrottlePolicy
 
-# reachable before login: the login page itself, the login form target and static files
-OPEN_EXACT = {"/", "/login", "/login/", "/logout", "/logout/", "/theme.css", "/favicon.ico", "/robots.txt"}
-OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/login_check")
-
-
-class LoginRequired:
-    """The served ASGI app: without a valid Gradio session cookie only ``OPEN_*`` paths are served.
-
-    Requests go straight to the Gradio app (one routing and middleware stack
-    instead of two); ``lifespan`` goes to the FastAPI parent, which starts
-    Gradio's queue.
-    """
-
-    def __init__(self, parent: FastAPI, gradio_app: App):
-        self.parent, self.gradio_app = parent, gradio_app
-
-    def user(self, scope) -> Optional[str]:
-        cookies = Request(scope).cookies
-        cid = self.gradio_app.cookie_id
-        token = cookies.get(f"access-token-{cid}") or cookies.get(f"access-token-unsecure-{cid}")
-        return self.gradio_app.tokens.get(token) if token else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.parent(scope, receive, send)
-        path = scope["path"]
-        if path in OPEN_EXACT or path.startswith(OPEN_PREFIXES) or self.user(scope):
-            return await self.gradio_app(scope, receive, send)
-        if scope["type"] == "websocket":
-            return await send({"type": "websocket.close", "code": 1008})
-        refused = JSONResponse({"detail": {"error": "Not authenticated", "auth_message": None}}, status_code=401)
-        await refused(scope, receive, send)
+AUTH_MESSAGE = "Log in with the account your project admin created."
 
 
-def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concurrency: int = 16) -> LoginRequired:
-    """An ASGI app serving the labeling Blocks at ``/`` behind the login."""
-    blocks = build_app(store, gold_rate=gold_rate)
+def _theme():
+    """Gradio's default look with system fonts: the page loads nothing from other sites."""
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])  # fmt: skip
+
+
+def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concurrency: int = 16,
+                      allowed_origins=(), sessions: Optional[SessionPolicy] = None,
+                      throttle: Optional[ThrottlePolicy] = None,
+                      assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL) -> Gate:  # fmt: skip
+    """An ASGI app serving the labeling Blocks at ``/`` behind the gate (login, origins, headers, limits)."""
+    blocks = build_app(store, gold_rate=gold_rate, assignment_ttl=assignment_ttl)
     blocks.queue(default_concurrency_limit=concurrency, status_update_rate=5)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     gr.mount_gradio_app(
         app,
         blocks,
         path="/",
-        auth=lambda name, password: check_login(store, name, password),
-        auth_message="Log in with the account your project admin created.",
+        auth_dependency=user_of,
         head=SHORTCUTS_HEAD,
+        theme=_theme(),
         footer_links=[],
         run_history=False,
         ssr_mode=False,
         mcp_server=False,
-        show_error=True,
+        show_error=False,
+        pwa=False,
     )
     gradio_app = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), App))
-    return LoginRequired(app, gradio_app)
+    return Gate(app, gradio_app, store, allowed_origins=allowed_origins, sessions=sessions, throttle=throttle,
+                auth_message=AUTH_MESSAGE)  # fmt: skip
+
+
+def _uvicorn_config(app, host: str, port: int, ssl_certfile: Optional[str], ssl_keyfile: Optional[str],
+                    grace: int) -> uvicorn.Config:  # fmt: skip
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace,
+                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, server_header=False)  # fmt: skip
 
 
 class Server:
     """The app on ``host:port`` in a background thread (``start()`` / ``stop()``); used by tests and benches."""
 
-    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0, **app_kwargs):
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0, ssl_certfile: Optional[str] = None,
+                 ssl_keyfile: Optional[str] = None, **app_kwargs):  # fmt: skip
         if port == 0:
             with socket.socket() as sock:
                 sock.bind((host, 0))
                 port = sock.getsockname()[1]
         self.host, self.port = host, port
-        self.url = f"http://{host}:{port}/"
+        self.url = f"{'https' if ssl_certfile else 'http'}://{host}:{port}/"
         app = create_server_app(store, **app_kwargs)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(_uvicorn_config(app, host, port, ssl_certfile, ssl_keyfile, grace=1))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, timeout: float = 60.0) -> "Server":
@@ -119,9 +106,16 @@ class Server:
 
 
 def launch(db: str, host: str = "127.0.0.1", port: int = 7860, gold_rate: Optional[float] = None,
-           concurrency: int = 16) -> None:  # fmt: skip
-    """Serve until interrupted (``rlhf label serve``)."""
+           concurrency: int = 16, allowed_origins=(), sessions: Optional[SessionPolicy] = None,
+           ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None,
+           assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL) -> None:  # fmt: skip
+    """Serve until interrupted (``rlhf label serve``); HTTPS when given a certificate and its key."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("feedback_ui").setLevel(logging.INFO)  # logins, refusals, failed requests
     store = open_store(db)
-    print(f"labeling app on http://{host}:{port}/ (database {store.url}); Ctrl+C stops it", flush=True)
-    app = create_server_app(store, gold_rate=gold_rate, concurrency=concurrency)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    scheme = "https" if ssl_certfile else "http"
+    print(f"labeling app on {scheme}://{host}:{port}/ (database {shown_url(store.url)}); Ctrl+C stops it",
+          flush=True)  # fmt: skip
+    app = create_server_app(store, gold_rate=gold_rate, concurrency=concurrency, allowed_origins=allowed_origins,
+                            sessions=sessions, assignment_ttl=assignment_ttl)  # fmt: skip
+    uvicorn.Server(_uvicorn_config(app, host, port, ssl_certfile, ssl_keyfile, grace=2)).run()

@@ -13,6 +13,7 @@ same code is safe without the lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import threading
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from rlhf.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: users.disabled_at, login_sessions, login_failures
 
 
 # helper functions
@@ -146,6 +147,49 @@ def database_errors(url: str) -> Iterator[None]:
         raise UserError(f"database {shown_url(url)}: {_first_line(exc)}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    """What an ``IntegrityError`` broke: ``kind`` (unique | foreign_key | not_null | check | other), the table
+    and, where the database says, the column(s) or constraint."""
+
+    kind: str
+    table: Optional[str] = None
+    detail: Optional[str] = None
+
+    def describe(self) -> str:
+        what = {"unique": "a row that already exists", "foreign_key": "a foreign-key violation (a row it refers "
+                "to does not exist)", "not_null": "a required value missing", "check": "a check-constraint "
+                "violation"}.get(self.kind, "an integrity error")  # fmt: skip
+        where = ".".join(x for x in (self.table, self.detail) if x)
+        return f"{what}{f' ({where})' if where else ''}"
+
+
+_PG_STATES = {"23505": "unique", "23503": "foreign_key", "23502": "not_null", "23514": "check"}
+_SQLITE_NAMES = {"UNIQUE": "unique", "PRIMARYKEY": "unique", "FOREIGNKEY": "foreign_key", "NOTNULL": "not_null",
+                 "CHECK": "check"}  # fmt: skip
+
+
+def integrity_violation(exc: BaseException) -> Violation:
+    """Tell integrity errors apart on PostgreSQL (SQLSTATE + diagnostics) and SQLite (extended error code)."""
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state:
+        diag = getattr(orig, "diag", None)
+        table = getattr(diag, "table_name", None)
+        detail = getattr(diag, "column_name", None) or getattr(diag, "constraint_name", None)
+        return Violation(_PG_STATES.get(state, "other"), table, detail)
+    name = getattr(orig, "sqlite_errorname", "") or ""  # e.g. SQLITE_CONSTRAINT_UNIQUE
+    kind = _SQLITE_NAMES.get(name.removeprefix("SQLITE_CONSTRAINT_"), "other")
+    text = str(orig)
+    if kind == "other":  # an older sqlite3 module without error names: its message says it
+        kind = next((k for word, k in (("UNIQUE", "unique"), ("FOREIGN KEY", "foreign_key"),
+                                       ("NOT NULL", "not_null"), ("CHECK", "check")) if word in text), "other")  # fmt: skip
+    named = [c.partition(".") for c in text.partition("constraint failed: ")[2].strip().split(", ") if "." in c]
+    if not named:  # SQLite names no table for a foreign key
+        return Violation(kind)
+    return Violation(kind, named[0][0], ", ".join(column for _, _, column in named))
+
+
 # schema
 
 
@@ -173,6 +217,27 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))  # labeler | admin
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[Optional[datetime]] = mapped_column()  # set by 'rlhf label user disable'
+
+
+class LoginSession(Base):
+    """A logged-in browser or client: the cookie holds the token, the database only its sha256."""
+
+    __tablename__ = "login_sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LoginFailure(Base):
+    """Failed logins counted per key (``account:NAME`` or ``address:IP``) for throttling."""
+
+    __tablename__ = "login_failures"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    failures: Mapped[int] = mapped_column(default=0)
+    window_start: Mapped[datetime] = mapped_column(default=utcnow)
+    locked_until: Mapped[Optional[datetime]] = mapped_column()
 
 
 class Prompt(Base):
@@ -341,8 +406,28 @@ def _check_version(version: Optional[int], url: str) -> None:
         )
 
 
+def _upgrade(store: Store) -> None:
+    """Bring an older schema up to ``SCHEMA_VERSION`` (additive changes only; safe when two processes race).
+
+    Version 1 -> 2: the column ``users.disabled_at`` and the tables ``login_sessions`` and ``login_failures``.
+    """
+    with store.write() as s:
+        conn = s.connection()
+        if not store.is_sqlite:  # SQLite's BEGIN IMMEDIATE already keeps a second upgrader out
+            conn.exec_driver_sql(f"LOCK TABLE {SchemaVersion.__tablename__} IN EXCLUSIVE MODE")
+        version = conn.scalar(sa.select(sa.func.max(SchemaVersion.version)))
+        if version is None or version >= SCHEMA_VERSION:
+            return
+        Base.metadata.create_all(conn)  # the new tables
+        if version < 2:
+            column = User.__table__.c.disabled_at
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {User.__tablename__} ADD COLUMN {column.name} {kind}")
+        s.add(SchemaVersion(version=SCHEMA_VERSION))
+
+
 def init_db(db: str) -> Store:
-    """Create the schema (idempotent) and record the schema version.
+    """Create the schema (idempotent), upgrade an older one, and record the schema version.
 
     Refuses a file that is not a SQLite database; a database file made here is removed again if
     creating the schema fails.
@@ -354,6 +439,8 @@ def init_db(db: str) -> Store:
         with database_errors(store.url):
             version = _stored_version(store)
             _check_version(version, store.url)
+            if version is not None and version < SCHEMA_VERSION:
+                _upgrade(store)
             Base.metadata.create_all(store.engine)
             if version is None:
                 with store.write() as s:
@@ -368,7 +455,8 @@ def init_db(db: str) -> Store:
 
 
 def open_store(db: str) -> Store:
-    """Open an initialised database; a missing file or schema, a newer version or no connection is a clear error."""
+    """Open an initialised database (an older schema is upgraded in place); a missing file or schema,
+    a newer version or no connection is a clear error."""
     store = Store(db)
     try:
         with database_errors(store.url):
@@ -376,6 +464,9 @@ def open_store(db: str) -> Store:
         if version is None:
             raise UserError(f"database {shown_url(store.url)} is not initialised: run 'rlhf label init --db {db}'")
         _check_version(version, store.url)
+        if version < SCHEMA_VERSION:
+            with database_errors(store.url):
+                _upgrade(store)
     except BaseException:
         store.close()
         raise

@@ -3,19 +3,26 @@
 Every function takes the :class:`Store` and the user's name from the request
 session; nothing is kept between calls. A vote is committed in the same
 transaction that picks the next task, before the caller sees the result.
+With ``assignment_ttl`` set, each call first expires abandoned assignments
+(a cheap read; a short transaction of its own only when there are some).
 """
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
 from typing import Optional
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from feedback_ui.assign import next_task, progress, skip_task
-from feedback_ui.store import Assignment, Comparison, Prompt, Response, Store, User, Vote, get_setting
-from feedback_ui.voting import record_vote
+from feedback_ui.assign import expire_abandoned, has_abandoned, lock_labeler, next_task, progress, skip_task
+from feedback_ui.store import (Assignment, Comparison, Prompt, Response, Store, User, Vote, get_setting,
+                               integrity_violation, utcnow)  # fmt: skip
+from feedback_ui.voting import TaskExpired, record_vote
 from rlhf.errors import UserError
+
+log = logging.getLogger("feedback_ui")
 
 EMPTY_TASK = {"token": "", "kind": "", "prompt": "", "responses": []}
 
@@ -24,10 +31,31 @@ class NotAllowed(UserError):
     """Not logged in, or not allowed to see this."""
 
 
+class Refused(UserError):
+    """The database refused a write for a reason other than a repeated vote (e.g. a row it refers to is gone)."""
+
+
+def expire(store: Store, assignment_ttl: Optional[timedelta]) -> int:
+    """Expire assignments left open longer than ``assignment_ttl`` (None: never); returns how many."""
+    if assignment_ttl is None:
+        return 0
+    cutoff = utcnow() - assignment_ttl
+    with store.read() as s:
+        if not has_abandoned(s, cutoff):
+            return 0
+    with store.write() as s:
+        n = expire_abandoned(s, cutoff)
+    if n:
+        log.info("%d abandoned assignment%s expired (open > %s)", n, "s" * (n != 1), assignment_ttl)
+    return n
+
+
 def _user(s, name: Optional[str], role: Optional[str] = None) -> User:
     user = s.scalar(sa.select(User).where(User.name == name)) if name else None
     if user is None:
         raise NotAllowed("not logged in")
+    if user.disabled_at is not None:
+        raise NotAllowed("this account is disabled")
     if role and user.role != role:
         raise NotAllowed(f"this view is for {role}s only")
     return user
@@ -59,31 +87,52 @@ def _view(s, a: Optional[Assignment], user_id: int) -> dict:
     }
 
 
-def serve(store: Store, name: str, gold_rate: float, status: str = "") -> dict:
+def serve(store: Store, name: str, gold_rate: float, status: str = "", *,
+          assignment_ttl: Optional[timedelta] = None) -> dict:  # fmt: skip
     """The user's current task (a new one is assigned if none is open) with progress."""
+    expire(store, assignment_ttl)
     with store.write() as s:
         user = _user(s, name)
         view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
     return {**view, "status": status}
 
 
-def answer(store: Store, name: str, token: str, gold_rate: float, **vote) -> dict:
+def answer(store: Store, name: str, token: str, gold_rate: float, *, assignment_ttl: Optional[timedelta] = None,
+           **vote) -> dict:  # fmt: skip
     """Record a vote (``choice=`` or ``positions=``, strength, rationale, edit) and return the next task.
 
     A repeated submission of the same task is stored once and answered with
-    the current task and status 'already recorded'.
+    the current task and status 'already recorded'. A late vote on an expired
+    task whose comparison went to others is answered with the next task and a
+    status saying it was not saved. Any other integrity error raises
+    :class:`Refused` naming what the database refused.
     """
+    again = {"assignment_ttl": assignment_ttl}
+    expire(store, assignment_ttl)
     try:
         with store.write() as s:
             user = _user(s, name)
+            lock_labeler(s, user.id)
+            late = s.scalar(sa.select(Assignment.status).where(Assignment.token == token)) == "expired"
             stored = record_vote(s, user.id, token, **vote)
-            view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
-    except IntegrityError:  # a concurrent duplicate won the race (PostgreSQL)
-        return serve(store, name, gold_rate, "already recorded")
+            # a late vote took a comparison row's lock: the next task comes in a transaction of its own
+            view = None if late else _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
+        if view is None:
+            return serve(store, name, gold_rate, "saved", **again)
+    except TaskExpired as exc:
+        return serve(store, name, gold_rate, str(exc), **again)
+    except IntegrityError as exc:
+        violation = integrity_violation(exc)
+        if violation.kind == "unique" and violation.table == Vote.__tablename__:
+            return serve(store, name, gold_rate, "already recorded", **again)  # a concurrent duplicate won
+        log.warning("vote of %s refused by the database: %s", name, str(getattr(exc, "orig", exc)).strip())
+        raise Refused(f"not saved: the database refused this vote: {violation.describe()}") from None
     return {**view, "status": "saved" if stored is not None else "already recorded"}
 
 
-def skip(store: Store, name: str, token: str, gold_rate: float) -> dict:
+def skip(store: Store, name: str, token: str, gold_rate: float, *,
+         assignment_ttl: Optional[timedelta] = None) -> dict:  # fmt: skip
+    expire(store, assignment_ttl)
     with store.write() as s:
         user = _user(s, name)
         skipped = skip_task(s, user.id, token)

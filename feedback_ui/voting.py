@@ -2,7 +2,10 @@
 
 The assignment token doubles as the idempotency key (``votes.idempotency_key``
 is unique): the same submission sent twice is stored once, and the second
-call is reported as a duplicate instead of an error.
+call is reported as a duplicate instead of an error. A vote on an assignment
+that expired (abandoned past ``assignment_ttl``) is still taken, once, if the
+comparison has a free overlap slot; otherwise it is refused with
+:class:`TaskExpired`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from feedback_ui.assign import lock_labeler
+from feedback_ui.assign import lock_labeler, take_slot
 from feedback_ui.candidates import add_response
 from feedback_ui.store import Assignment, Comparison, Response, Vote, utcnow
 from rlhf.errors import UserError
@@ -23,6 +26,14 @@ STRENGTHS = ("slightly", "much")
 
 class VoteError(UserError):
     """A submission that cannot be recorded (unknown task, bad choice, bad ranking)."""
+
+
+class TaskExpired(VoteError):
+    """A late vote on an expired assignment whose comparison went to other labelers meanwhile."""
+
+
+EXPIRED_MESSAGE = ("not saved: this task was left open too long without an answer and has gone to other labelers "
+                   "since; here is your next task")  # fmt: skip
 
 
 def normalize_strength(strength: Optional[str]) -> Optional[str]:
@@ -72,10 +83,15 @@ def record_vote(
     Call inside ``Store.write()``; the caller's commit is the acknowledgement.
     """
     lock_labeler(session, user_id)  # before the assignment row: the order next_task and skip_task use
-    a = session.scalar(sa.select(Assignment).where(Assignment.token == token, Assignment.user_id == user_id))
+    a = session.scalar(
+        sa.select(Assignment).where(Assignment.token == token, Assignment.user_id == user_id).with_for_update()
+    )  # the row is locked: an expiry sweep cannot change it under this vote
     if a is None:
         raise VoteError("unknown task for this user")
-    if a.status != "open":
+    if a.status == "expired":
+        if not a.is_gold and not take_slot(session, a.comparison_id):
+            raise TaskExpired(EXPIRED_MESSAGE)
+    elif a.status != "open":
         return None
     comparison = session.get(Comparison, a.comparison_id)
     if comparison.kind == "pair":

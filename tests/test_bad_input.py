@@ -357,6 +357,19 @@ def test_ppo_fresh_run_into_old_checkpoints_is_refused(inputs, capsys):
 
 # labeling: databases, accounts, app and export
 
+
+def SERVE(c) -> list[str]:  # noqa: N802 - reads as part of the argv lists below
+    return ["label", "serve", "--db", c.db, "--port", "0"]
+
+
+def IMPORT(c, path):  # noqa: N802 - reads like the other command builders
+    """``label import`` of ``path`` into a database that does not exist yet (it must not appear)."""
+    return ["label", "import", "--db", c.out("new.db"), "--file", path]
+
+
+GOOD_IMPORT = [{"prompt": "Q?", "response": "A.", "model": "m1"}, {"prompt": "Q?", "response": "B.", "model": "m2"}]
+
+
 LABEL_CASES = [
     ("init-on-a-text-file", lambda c: ["label", "init", "--db", c.not_db], "is not a SQLite database"),
     ("init-on-a-folder", lambda c: ["label", "init", "--db", c.empty_dir], "is a folder"),
@@ -398,6 +411,49 @@ LABEL_CASES = [
     ("serve-gold-rate-1", lambda c: ["label", "serve", "--db", c.db, "--gold_rate", "1", "--port", "0"], "--gold_rate"),
     ("serve-zero-concurrency", lambda c: ["label", "serve", "--db", c.db, "--concurrency", "0", "--port", "0"],
      "--concurrency"),
+    ("serve-cert-missing", lambda c: [*SERVE(c), "--ssl_certfile", c.out("none.pem"), "--ssl_keyfile", c.precious],
+     "--ssl_certfile"),
+    ("serve-key-missing", lambda c: [*SERVE(c), "--ssl_certfile", c.precious, "--ssl_keyfile", c.out("none.pem")],
+     "--ssl_keyfile"),
+    ("serve-cert-without-key", lambda c: [*SERVE(c), "--ssl_certfile", c.precious], "go together"),
+    ("serve-key-without-cert", lambda c: [*SERVE(c), "--ssl_keyfile", c.precious], "go together"),
+    ("serve-cert-not-pem", lambda c: [*SERVE(c), "--ssl_certfile", c.precious, "--ssl_keyfile", c.precious],
+     "not a PEM certificate"),
+    ("serve-cert-is-a-folder", lambda c: [*SERVE(c), "--ssl_certfile", c.empty_dir, "--ssl_keyfile", c.precious],
+     "--ssl_certfile"),
+    ("serve-origin-star", lambda c: [*SERVE(c), "--allowed_origins", "*"], "--allowed_origins"),
+    ("serve-origin-without-scheme", lambda c: [*SERVE(c), "--allowed_origins", "labels.example.org"],
+     "not an origin"),
+    ("serve-origin-with-path", lambda c: [*SERVE(c), "--allowed_origins", "https://a.example,https://b.example/app"],
+     "https://b.example/app"),
+    ("serve-idle-zero", lambda c: [*SERVE(c), "--session_idle_minutes", "0"], "--session_idle_minutes"),
+    ("serve-max-hours-nan", lambda c: [*SERVE(c), "--session_max_hours", "nan"], "--session_max_hours"),
+    ("serve-negative-assignment-ttl", lambda c: [*SERVE(c), "--assignment_ttl", "-5"], "--assignment_ttl"),
+    ("serve-infinite-assignment-ttl", lambda c: [*SERVE(c), "--assignment_ttl", "inf"], "--assignment_ttl"),
+    ("import-missing-column", lambda c: IMPORT(c, c.rows("r.jsonl", [{"prompt": "Q?", "response": "A."}])),
+     "r.jsonl:1 has no column 'model'"),
+    ("import-bad-json-line", lambda c: IMPORT(c, c.file("r.jsonl", '{"prompt": "Q?", "response": "A.", "model": '
+                                                  '"m"}\n{"prompt": "Q?", "response": \n')), "r.jsonl:2 is not valid JSON"),
+    ("import-line-not-an-object", lambda c: IMPORT(c, c.file("r.jsonl", '["Q?", "A.", "m"]\n')), "JSON object"),
+    ("import-prompt-not-messages", lambda c: IMPORT(c, c.rows("r.jsonl", [{"prompt": [{"text": "Q?"}],
+                                                                          "response": "A.", "model": "m"}])),
+     "r.jsonl:1: a prompt must be a string or a list of {role, content} messages"),
+    ("import-empty-model", lambda c: IMPORT(c, c.rows("r.jsonl", [{"prompt": "Q?", "response": "A.", "model": " "}])),
+     "'model' must be a non-empty string"),
+    ("import-response-not-text", lambda c: IMPORT(c, c.rows("r.jsonl", [{"prompt": "Q?", "response": 4,
+                                                                        "model": "m"}])), "'response'"),
+    ("import-empty-file", lambda c: IMPORT(c, c.file("r.jsonl", "\n")), "has no rows"),
+    ("import-file-missing", lambda c: IMPORT(c, c.out("none.jsonl")), "responses file not found"),
+    ("import-file-is-a-folder", lambda c: IMPORT(c, c.empty_dir), "is a folder"),
+    ("import-file-not-text", lambda c: IMPORT(c, _binary(c.root / "r.jsonl")), "not UTF-8"),
+    ("import-zero-overlap", lambda c: [*IMPORT(c, c.rows("r.jsonl", GOOD_IMPORT)), "--overlap", "0"], "--overlap"),
+    ("import-unknown-mode", lambda c: [*IMPORT(c, c.rows("r.jsonl", GOOD_IMPORT)), "--mode", "best-of"], "--mode"),
+    ("import-no-file", lambda c: ["label", "import", "--db", c.db], "--file"),
+    ("import-not-a-db", lambda c: ["label", "import", "--db", c.not_db, "--file", c.rows("r.jsonl", GOOD_IMPORT)],
+     "is not a SQLite database"),
+    ("user-disable-unknown", lambda c: ["label", "user", "disable", "bob", "--db", c.db], "no user named 'bob'"),
+    ("user-enable-unknown", lambda c: ["label", "user", "enable", "bob", "--db", c.db], "no user named 'bob'"),
+    ("user-disable-missing-db", lambda c: ["label", "user", "disable", "ann", "--db", c.missing_db], "does not exist"),
 ]
 
 
@@ -414,6 +470,22 @@ def test_serve_on_a_port_in_use_is_refused(inputs, capsys):
         busy.listen()
         port = str(busy.getsockname()[1])
         check_refused(["label", "serve", "--db", inputs.db, "--port", port], "cannot listen", inputs.root, capsys)
+
+
+def test_serve_with_a_key_of_another_certificate_is_refused(inputs, capsys):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not found")
+    made = {}
+    for name in ("one", "two"):
+        cert, key = inputs.root / f"{name}.crt", inputs.root / f"{name}.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
+                        "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        made[name] = (str(cert), str(key))
+    argv = [*SERVE(inputs), "--ssl_certfile", made["one"][0], "--ssl_keyfile", made["two"][1]]
+    check_refused(argv, "its matching key", inputs.root, capsys)
 
 
 def test_short_password_is_refused(inputs, capsys, monkeypatch):

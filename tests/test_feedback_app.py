@@ -122,13 +122,14 @@ def test_unauthenticated_requests_get_nothing_and_change_nothing(app, cookies):
             assert "prompt" not in r.text and "answer" not in r.text
         page = http.get("")
         assert page.status_code == 200 and "pair prompt" not in page.text and "answer 1." not in page.text
+        assert 'name="password"' in page.text  # the login form
     assert votes(store) == before
 
 
 def test_login_form_opens_the_routes(app):
     server, _ = app
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        assert http.post("login", data={"username": "ann", "password": "nope"}).status_code == 400
+        assert http.post("login", data={"username": "ann", "password": "nope"}).status_code == 401
         assert http.post("login", data={"username": "ann", "password": PASSWORD}).status_code == 200
         assert http.get("config").status_code == 200
         assert "next_task" in http.get("gradio_api/info").text
