@@ -145,3 +145,17 @@ def test_lora_top_layers_larger_than_the_model_is_named(tiny_model_dir, tmp_path
     with pytest.raises(ConfigError, match="lora_top_layers"):
         run_ppo(ppo_config(tiny_model_dir, tmp_path / "run", max_steps=1, lora_top_layers=3),
                 scorer=TokenCountScorer([5]))
+
+
+def test_gae_with_a_value_model_and_top_layer_policy_trains(tiny_model_dir, tmp_path):
+    """Both trunks at once: the value model's (bare base) and the policy's (under the SFT reference)."""
+    sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
+    cfg = ppo_config(tiny_model_dir, tmp_path / "run", max_steps=2, sft_adapter=str(sft), lora_top_layers=1,
+                     value_lora_top_layers=1)
+    capture = Capture(TokenCountScorer(list(range(10, 42))))
+    metrics = run_ppo(cfg, scorer=capture)
+    actor = capture.actor
+    assert metrics["steps"] == 2 and actor.policy_skip == 1 and actor.value_skip == 1
+    params = dict(actor.peft.named_parameters())
+    lower = [n for n in params if f".{POLICY}." in n and _block(n) == 0]
+    assert lower and all(torch.equal(params[n], params[n.replace(f".{POLICY}.", f".{REFERENCE}.")]) for n in lower)
