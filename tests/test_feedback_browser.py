@@ -2,25 +2,13 @@
 
 import pytest
 import sqlalchemy as sa
-from playwright import sync_api
 
 from feedback_ui.server import Server
 from feedback_ui.store import Assignment, User, Vote
 from feedback_ui.testing import HOSTILE, PASSWORD, make_project
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-
 pytestmark = pytest.mark.browser
 
-
-@pytest.fixture(scope="module")
-def browser(chromium_path):
-    """Debian's Chromium (found by conftest.find_chromium), driven by Playwright; never a downloaded build."""
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,12 @@ import threading
 
 import httpx
 import pytest
-from playwright import sync_api
 
 from feedback_ui.server import Server
 from feedback_ui.testing import PASSWORD, make_project
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-
 pytestmark = pytest.mark.browser
 
-
-@pytest.fixture(scope="module")
-def browser(chromium_path):
-    """Debian's Chromium (found by conftest.find_chromium), driven by Playwright; never a downloaded build."""
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ is tested, not only the policy behind it.
 
 import pytest
 import sqlalchemy as sa
-from playwright import sync_api
 
 from feedback_ui import tasks
 from feedback_ui.auth import hash_password
@@ -17,9 +16,6 @@ from feedback_ui.candidates import add_candidates
 from feedback_ui.server import Server
 from feedback_ui.store import User, Vote, init_db
 from feedback_ui.testing import PASSWORD
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
 pytestmark = pytest.mark.browser
 
@@ -67,14 +63,6 @@ NAMES = [  # user names go straight into the database (the CLI would refuse them
     "[x](javascript:__xss(44))",
 ]
 
-
-@pytest.fixture(scope="module")
-def browser(chromium_path):
-    """Debian's Chromium (found by conftest.find_chromium), driven by Playwright; never a downloaded build."""
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture
