@@ -211,3 +211,28 @@ def test_full_model_from_sft_adapter_and_other_architecture(full_model, adapters
     with pytest.raises(UserError, match="not the model .* was fine-tuned from"):
         export(tmp_path, "fx", adapter=full_model, mode="interpolate", from_="sft", sft_adapter=other)
     assert not (tmp_path / "fx").exists()
+
+
+def test_from_base_keeps_rslora_and_alpha_patterns(tiny_model_dir, tmp_path):
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"v_proj": 2}, rank_pattern={"q_proj": 2},
+                     target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # fmt: skip
+    torch.manual_seed(6)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg).save_pretrained(tmp_path / "pat")
+    adapter = str(tmp_path / "pat")
+    expected = hand_mixed_logits(merged(tiny_model_dir), merged(tiny_model_dir, adapter), 0.3)
+    out = export(tmp_path, "p", adapter=adapter, mode="interpolate", alpha=0.3, from_="base")
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert json.loads((out / "export.json").read_text())["format"] == "adapter"
+    assert written["use_rslora"] and written["alpha_pattern"] == {"v_proj": 2}
+    assert (logits_of(tiny_model_dir, str(out)) - expected).abs().max() <= 1e-5
+
+
+def test_cli_spells_it_from(adapters, tiny_model_dir, tmp_path):
+    from rlhf.cli import main
+
+    _, aligned = adapters
+    out = tmp_path / "cli"
+    assert main(["export", "--adapter", aligned, "--mode", "interpolate", "--from", "base", "--alpha", "0",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "export.json").read_text())["from"] == "base"
+    assert (logits_of(tiny_model_dir, str(out)) - logits_of(tiny_model_dir)).abs().max() <= 1e-6
