@@ -4,10 +4,16 @@ Re-running is additive and never duplicates: prompts are keyed by a hash of
 their messages, responses by (prompt, hash of the text), comparisons by a hash
 of their kind and response ids; a prompt that already has K responses from
 the same policy is not sampled again.
+
+Active labeling (``selection: random|uncertainty``): every response is stored
+first, then only ``label_budget`` comparisons of this policy on these prompts
+are created, drawn at random or picked by the reward model's uncertainty
+(:mod:`feedback_ui.selection`); a re-run tops the count up to the budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -72,6 +78,13 @@ def add_response(session: Session, prompt_id: int, text: str, *, source: str, **
     return row
 
 
+def comparison_key(response_ids: list[int], gold: bool = False) -> str:
+    """The key of the comparison of these (distinct, sorted) response ids."""
+    ids = sorted(set(response_ids))
+    kind = "pair" if len(ids) == 2 else "rank"
+    return sha256_hex(f"{kind}:{ids}:{'gold' if gold else 'task'}")
+
+
 def add_comparison(
     session: Session,
     prompt_id: int,
@@ -85,7 +98,7 @@ def add_comparison(
     if len(ids) < 2:
         return None
     kind = "pair" if len(ids) == 2 else "rank"
-    key = sha256_hex(f"{kind}:{ids}:{'gold' if gold_ranking else 'task'}")
+    key = comparison_key(ids, gold=gold_ranking is not None)
     if session.scalar(sa.select(Comparison.id).where(Comparison.key == key)) is not None:
         return None
     row = Comparison(
@@ -101,17 +114,21 @@ def add_comparison(
     return row
 
 
-def build_comparisons(session: Session, prompt_id: int, response_ids: list[int], mode: str, overlap: int,
-                      group_of: Optional[dict[int, str]] = None) -> int:  # fmt: skip
-    """pairwise: every pair of the responses; ranking: one comparison of all of them. Returns how many are new.
+def comparison_groups(response_ids: list[int], mode: str, group_of: Optional[dict[int, str]] = None) -> list[list[int]]:
+    """pairwise: every pair of the responses; ranking: one group of all of them (sorted ids).
 
-    With ``group_of`` (response id -> its model), pairwise builds only pairs of responses of different models.
+    With ``group_of`` (response id -> its model), pairwise gives only pairs of responses of different models.
     """
     ids = sorted(set(response_ids))
     if mode == "pairwise":
-        groups = [g for g in itertools.combinations(ids, 2) if group_of is None or group_of[g[0]] != group_of[g[1]]]
-    else:
-        groups = [ids]
+        return [list(g) for g in itertools.combinations(ids, 2) if group_of is None or group_of[g[0]] != group_of[g[1]]]
+    return [ids] if len(ids) >= 2 else []
+
+
+def build_comparisons(session: Session, prompt_id: int, response_ids: list[int], mode: str, overlap: int,
+                      group_of: Optional[dict[int, str]] = None) -> int:  # fmt: skip
+    """The comparisons of :func:`comparison_groups`; returns how many are new."""
+    groups = comparison_groups(response_ids, mode, group_of)
     return sum(add_comparison(session, prompt_id, list(g), overlap=overlap) is not None for g in groups)
 
 
@@ -124,14 +141,18 @@ def add_candidates(
     settings: Optional[dict] = None,
     mode: str = "pairwise",
     overlap: int = 1,
+    compare: bool = True,
 ) -> tuple[int, int]:
-    """Store one prompt's responses from ``policy``, build its comparisons; returns (new responses, new comparisons)."""
+    """Store one prompt's responses from ``policy``, build its comparisons (unless ``compare`` is False);
+    returns (new responses, new comparisons)."""
     with store.write() as s:
         p = get_or_add_prompt(s, prompt)
         before = s.scalar(sa.select(sa.func.count()).select_from(Response).where(Response.prompt_id == p.id))
         for text in responses:
             add_response(s, p.id, text, source="policy", policy=policy, settings=settings)
         after = s.scalar(sa.select(sa.func.count()).select_from(Response).where(Response.prompt_id == p.id))
+        if not compare:
+            return after - before, 0
         ids = s.scalars(
             sa.select(Response.id).where(
                 Response.prompt_id == p.id, Response.source == "policy", Response.policy == policy
@@ -177,6 +198,95 @@ def import_gold(store: Store, path: str, rows: list[dict] | None = None) -> int:
     return created
 
 
+# active labeling
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateComparison:
+    """A comparison that could be created: its prompt, sorted response ids and their texts."""
+
+    prompt_id: int
+    messages: list
+    response_ids: tuple[int, ...]
+    texts: tuple[str, ...]
+
+
+def candidate_pool(store: Store, prompts: list[Any], policy: str, mode: str) -> tuple[list[CandidateComparison], int]:
+    """The comparisons not created yet among ``policy``'s responses to ``prompts``, and how many exist already."""
+    keys = {prompt_key(p) for p in prompts}
+    pool, existing = [], 0
+    with store.read() as s:
+        rows = s.execute(
+            sa.select(Prompt.id, Prompt.key, Prompt.messages, Response.id, Response.text)
+            .join(Response, Response.prompt_id == Prompt.id)
+            .where(Response.source == "policy", Response.policy == policy)
+            .order_by(Prompt.id, Response.id)
+        ).all()
+        by_prompt: dict[int, tuple[list, dict[int, str]]] = {}
+        for prompt_id, key, messages, response_id, text in rows:
+            if key in keys:
+                by_prompt.setdefault(prompt_id, (messages, {}))[1][response_id] = text
+        task_keys = {}
+        if by_prompt:
+            task_keys = dict(s.execute(
+                sa.select(Comparison.key, Comparison.response_ids)
+                .where(Comparison.prompt_id.in_(list(by_prompt)), ~Comparison.is_gold)
+            ).all())  # fmt: skip
+    for prompt_id, (messages, texts) in by_prompt.items():
+        ours = set(texts)
+        existing += sum(set(ids) <= ours and (len(ids) == 2) == (mode == "pairwise") for ids in task_keys.values())
+        for group in comparison_groups(list(texts), mode):
+            if comparison_key(group) not in task_keys:
+                pool.append(CandidateComparison(prompt_id, messages, tuple(group), tuple(texts[i] for i in group)))
+    return pool, existing
+
+
+def check_reward_model(path: str) -> None:
+    """A reward model folder written by ``rlhf reward`` (UserError naming what is wrong), read but not loaded."""
+    from reward.modeling import read_metadata
+
+    read_metadata(path)
+
+
+def load_reward_scorer(path: str):
+    """The reward model at ``path`` (``reward.RewardScorer``; an ensemble scores every member)."""
+    from reward import RewardScorer
+
+    return RewardScorer.from_pretrained(path)
+
+
+def choose_comparisons(pool: list[CandidateComparison], budget: int, cfg: LabelCandidatesConfig) -> list[int]:
+    """Indices into ``pool`` of the ``budget`` comparisons to create (random, or the most uncertain pairs)."""
+    from feedback_ui.selection import most_uncertain, pair_uncertainties, random_selection
+
+    if cfg.selection == "random" or budget >= len(pool):
+        return random_selection(len(pool), budget, cfg.seed)
+    index: dict[int, int] = {}  # response id -> position in the scored lists
+    prompts, texts = [], []
+    for cand in pool:
+        for rid, text in zip(cand.response_ids, cand.texts):
+            if rid not in index:
+                index[rid] = len(texts)
+                prompts.append(cand.messages)
+                texts.append(text)
+    rewards = load_reward_scorer(cfg.reward_model).score_members(prompts, texts)  # (K, R)
+    pairs = [(index[c.response_ids[0]], index[c.response_ids[1]]) for c in pool]
+    return most_uncertain(pair_uncertainties(rewards, pairs), budget)
+
+
+def add_selected_comparisons(store: Store, prompts: list[Any], policy: str, cfg: LabelCandidatesConfig) -> dict:
+    """Create up to ``label_budget`` comparisons of ``policy`` on ``prompts`` (counting those already there)."""
+    pool, existing = candidate_pool(store, prompts, policy, cfg.mode)
+    budget = max(0, cfg.label_budget - existing)
+    chosen = choose_comparisons(pool, budget, cfg) if budget and pool else []
+    with store.write() as s:
+        created = sum(
+            add_comparison(s, pool[i].prompt_id, list(pool[i].response_ids), overlap=cfg.overlap) is not None
+            for i in chosen
+        )
+    return {"candidate_comparisons": len(pool) + existing, "already_selected": existing, "selected": created}
+
+
 # the stage
 
 
@@ -210,6 +320,9 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     resolve_model_path(cfg.model_name_or_path)
     if cfg.adapter:
         check_adapter(cfg.adapter)
+    if cfg.reward_model:
+        check_reward_model(cfg.reward_model)
+    select = cfg.selection != "all"
     store = init_db(cfg.db)
     policy = policy_identity(cfg.model_name_or_path, cfg.adapter)
     settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
@@ -220,7 +333,7 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     def keep(i: int, texts: list[str]) -> None:
         nonlocal sampled, new_responses, new_comparisons
         n_resp, n_comp = add_candidates(store, prompts[i], texts, policy=policy, settings=settings, mode=cfg.mode,
-                                        overlap=cfg.overlap)  # fmt: skip
+                                        overlap=cfg.overlap, compare=not select)  # fmt: skip
         sampled, new_responses, new_comparisons = sampled + len(texts), new_responses + n_resp, new_comparisons + n_comp
 
     todo = [i for i, n in enumerate(need) if n]
@@ -242,9 +355,15 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
                 )  # fmt: skip
                 for i, texts in zip(idx, outs):
                     keep(i, texts)  # stored right away: an interrupted run keeps its work
-    for i, n in enumerate(need):
-        if not n:
-            keep(i, [])  # comparisons over stored responses (e.g. the other mode)
+        del model  # before a reward model is loaded
+    selected: dict = {}
+    if select:
+        selected = add_selected_comparisons(store, prompts, policy, cfg)
+        new_comparisons += selected["selected"]
+    else:
+        for i, n in enumerate(need):
+            if not n:
+                keep(i, [])  # comparisons over stored responses (e.g. the other mode)
     gold = import_gold(store, cfg.gold_file, gold_rows) if cfg.gold_file else 0
     with store.write() as s:
         set_setting(s, "gold_rate", cfg.gold_rate)
@@ -256,9 +375,14 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
         "new_comparisons": new_comparisons,
         "new_gold": gold,
         "policy": policy,
+        **({"selection": cfg.selection, **selected} if select else {}),
     }
     print(
         f"{len(prompts)} prompts: {summary['responses_sampled']} responses sampled, {new_responses} new responses, "
         f"{new_comparisons} new comparisons, {gold} new gold items -> {cfg.db}"
     )
+    if select:
+        print(f"selection {cfg.selection}: {selected['selected']} comparisons created of "
+              f"{selected['candidate_comparisons']} possible ({selected['already_selected']} already there; "
+              f"label_budget {cfg.label_budget})")  # fmt: skip
     return summary

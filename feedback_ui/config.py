@@ -32,6 +32,14 @@ class LabelCandidatesConfig:
     overlap: int = field(1, "labelers who see each comparison (>= 2 gives agreement numbers)")
     gold_file: Optional[str] = field(None, "JSONL of hidden gold items with known answers (prompt, chosen, rejected)")
     gold_rate: float = field(0.0, "share of tasks drawn from gold items, in [0, 1); stored in the database")
+    selection: Literal["all", "random", "uncertainty"] = field(
+        "all", "comparisons created: all; random: label_budget of them at random (seeded); uncertainty: the "
+        "label_budget the reward model is least sure about (an ensemble: where its members disagree most)"
+    )
+    label_budget: Optional[int] = field(
+        None, "selection random|uncertainty: comparisons of this policy on these prompts (a re-run tops up to it)"
+    )
+    reward_model: Optional[str] = field(None, "selection uncertainty: reward model folder written by rlhf reward")
 
     def __post_init__(self):
         require(bool(self.db), "config key 'db' must not be empty")
@@ -47,6 +55,27 @@ class LabelCandidatesConfig:
         require(self.batch_size >= 1, "config key 'batch_size' must be >= 1")
         require(self.overlap >= 1, "config key 'overlap' must be >= 1")
         require(0 <= self.gold_rate < 1, "config key 'gold_rate' must be in [0, 1)")
+        require(self.label_budget is None or self.label_budget >= 1, "config key 'label_budget' must be >= 1")
+        require(
+            self.selection == "all" or self.label_budget is not None,
+            f"selection '{self.selection}' needs config key 'label_budget'",
+        )
+        require(
+            self.selection != "all" or self.label_budget is None,
+            "config key 'label_budget' needs selection random or uncertainty",
+        )
+        require(
+            self.selection != "uncertainty" or bool(self.reward_model),
+            "selection 'uncertainty' needs config key 'reward_model' (a folder written by rlhf reward)",
+        )
+        require(
+            self.selection == "uncertainty" or not self.reward_model,
+            "config key 'reward_model' is used only with selection uncertainty",
+        )
+        require(
+            self.selection != "uncertainty" or self.mode == "pairwise",
+            "selection 'uncertainty' scores pairs: it needs mode pairwise",
+        )
 
 
 @dataclasses.dataclass

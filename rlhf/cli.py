@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import keyword
 import sys
 
 from rlhf.config import _Parser, add_config_arguments, config_from_namespace
@@ -61,8 +62,19 @@ def _stage_parser(subparsers, name: str, spec: tuple) -> argparse.ArgumentParser
     config_ref, run_ref, help_text = spec
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     add_config_arguments(parser, _resolve(config_ref))
+    _keyword_options(parser)
     parser.set_defaults(_stage=(config_ref, run_ref))
     return parser
+
+
+def _keyword_options(parser: argparse.ArgumentParser) -> None:
+    """A field named after a Python keyword plus ``_`` (``from_``) is spelled ``--from`` on the command line."""
+    for action in list(parser._actions):
+        dest = action.dest
+        if dest.endswith("_") and keyword.iskeyword(dest[:-1]):
+            parser.add_argument(f"--{dest[:-1]}", dest=dest, default=argparse.SUPPRESS, metavar=dest[:-1].upper(),
+                                help=action.help)  # fmt: skip
+            action.help = argparse.SUPPRESS
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

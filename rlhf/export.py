@@ -1,16 +1,15 @@
-"""``rlhf export``: ship an aligned adapter as an adapter, a merged model, or an interpolation.
+"""``rlhf export``: ship a fine-tuned policy as an adapter, a merged model, or an interpolation.
 
-Interpolation is in weight space between the SFT policy and the aligned
-policy: theta = (1 - alpha) * theta_SFT + alpha * theta_aligned. When both are
-LoRA adapters on the same base and modules, the result is itself exactly a
-LoRA adapter (see :func:`interpolate_lora`); otherwise it is written merged.
+Interpolation (WiSE-FT) is in weight space between where the fine-tuning started and where it ended:
+theta = (1 - alpha) * theta_from + alpha * theta_finetuned, ``from`` being the base model or the SFT
+policy. The fine-tuned side is a PEFT adapter or a full model folder. Where the result is exactly a
+LoRA adapter it is written as one (see :mod:`rlhf.interpolate`); otherwise as a merged model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.errors import UserError
+from rlhf.interpolate import interpolate_lora, is_plain_lora, is_scalable_lora, scale_lora
 from rlhf.outputs import check_output_dir, staged_output, write_json
 
 if TYPE_CHECKING:  # the config below is imported by the CLI parser: torch loads only when an export runs
@@ -30,14 +30,24 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 class ExportConfig:
     """Options of ``rlhf export``."""
 
-    adapter: str = field("", "aligned PEFT adapter folder (e.g. the output_dir of rlhf ppo)")
+    adapter: str = field(
+        "", "fine-tuned PEFT adapter folder (e.g. the output_dir of rlhf ppo); interpolate also takes a full model "
+        "folder"
+    )
     mode: Literal["adapter", "merged", "interpolate"] = field("adapter", "what to write")
     out: str = field("outputs/export", "output folder")
-    alpha: float = field(0.5, "interpolate: weight of the aligned policy (0 = SFT, 1 = aligned)")
-    sft_adapter: Optional[str] = field(
-        None, "interpolate: the SFT adapter (default: the one recorded in the adapter's run_config.yaml; none = base)"
+    alpha: float = field(0.5, "interpolate: weight of the fine-tuned model (0 = the 'from' model, 1 = fine-tuned)")
+    from_: Optional[Literal["base", "sft"]] = field(
+        None, "interpolate: theta_from, the base or the SFT policy (command line --from, YAML from_; default: sft when "
+        "recorded or given, else base)"
     )
-    model_name_or_path: Optional[str] = field(None, "base model (default: the one recorded in adapter_config.json)")
+    sft_adapter: Optional[str] = field(
+        None, "interpolate --from sft: the SFT adapter (or full model folder) the fine-tuning started from "
+        "(default: the one recorded in the adapter's run_config.yaml)"
+    )
+    model_name_or_path: Optional[str] = field(
+        None, "base model (default: the one recorded in adapter_config.json, or a full model's run_config.yaml)"
+    )
     interpolate_format: Literal["auto", "adapter", "merged"] = field(
         "auto", "interpolate: write an adapter when exact (auto), or force one format"
     )
@@ -45,6 +55,14 @@ class ExportConfig:
     def __post_init__(self):
         require(bool(self.adapter), "config key 'adapter' is required")
         require(0.0 <= self.alpha <= 1.0, "config key 'alpha' must be in [0, 1]")
+        require(
+            self.mode == "interpolate" or self.from_ is None,
+            "config key 'from_' (--from) is used only with mode interpolate",
+        )
+        require(
+            not (self.from_ == "base" and self.sft_adapter),
+            "config key 'sft_adapter' contradicts --from base (an SFT start is used only with --from sft)",
+        )
 
 
 # helper functions
@@ -56,56 +74,6 @@ def adapter_config(folder: str | Path) -> dict:
     if not (Path(folder) / "adapter_config.json").is_file():
         raise UserError(f"adapter folder {folder} has no adapter_config.json (export takes PEFT adapters)")
     return read_adapter_config(folder)
-
-
-def lora_scale(cfg: dict, rank: int) -> float:
-    """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    alpha = cfg.get("lora_alpha", rank)
-    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-
-
-def interpolate_lora(
-    terms: list[tuple[float, dict[str, torch.Tensor], dict]],
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Exact LoRA for sum_i c_i * DeltaW_i, each DeltaW_i = s_i * B_i @ A_i.
-
-    ``terms``: (coefficient c_i, adapter state dict, adapter config). Ranks
-    are concatenated: A = [A_1; A_2; ...] (r, in), B = [c_1 s_1 B_1, ...] (out, r),
-    so that B @ A = sum_i c_i s_i B_i A_i with scale 1 (write lora_alpha = r).
-    All adapters must wrap the same modules. Returns (state dict, total rank).
-    """
-    import torch
-
-    keys = [sorted(k for k in sd if ".lora_A." in k) for _, sd, _ in terms]
-    if any(k != keys[0] for k in keys):
-        raise UserError("adapters wrap different modules; interpolation can only be written merged")
-    out: dict[str, torch.Tensor] = {}
-    total_rank = None
-    for a_key in keys[0]:
-        b_key = a_key.replace(".lora_A.", ".lora_B.")
-        a_parts, b_parts = [], []
-        for coef, sd, cfg in terms:
-            a, b = sd[a_key].float(), sd[b_key].float()
-            a_parts.append(a)
-            b_parts.append(b * (coef * lora_scale(cfg, a.shape[0])))
-        out[a_key] = torch.cat(a_parts, dim=0).contiguous()
-        out[b_key] = torch.cat(b_parts, dim=1).contiguous()
-        rank = out[a_key].shape[0]
-        if total_rank not in (None, rank):
-            raise UserError("adapters use per-module ranks; interpolation can only be written merged")
-        total_rank = rank
-    return out, int(total_rank or 0)
-
-
-def is_plain_lora(cfg: dict, state: dict) -> bool:
-    """True when the adapter is LoRA with one rank/alpha everywhere and nothing but lora_A/lora_B weights."""
-    return (
-        cfg.get("peft_type") == "LORA"
-        and not cfg.get("rank_pattern")
-        and not cfg.get("alpha_pattern")
-        and not cfg.get("use_dora")
-        and all(".lora_A." in k or ".lora_B." in k for k in state)
-    )
 
 
 def load_adapter_state(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -140,86 +108,164 @@ def save_merged(model, tokenizer, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
 
 
-def recorded_sft_adapter(adapter: str) -> str | None:
+def run_config_of(folder: str | Path) -> dict | None:
+    """The ``run_config.yaml`` a stage wrote into ``folder`` (None when there is none)."""
     import yaml
 
-    cfg_path = Path(adapter) / "run_config.yaml"
-    if cfg_path.is_file():
-        value = (yaml.safe_load(cfg_path.read_text()) or {}).get("sft_adapter")
-        return value or None
-    return None
+    cfg_path = Path(folder) / "run_config.yaml"
+    if not cfg_path.is_file():
+        return None
+    data = yaml.safe_load(cfg_path.read_text())
+    return data if isinstance(data, dict) else {}
 
 
-def check_export_sources(cfg: ExportConfig, out: Path) -> None:
-    """Every adapter read has its weights; ``out`` neither is, holds nor lies inside one (it would be lost)."""
+def is_full_model(folder: str | Path) -> bool:
+    """A full model folder (``config.json``, no adapter config)."""
+    from rlhf.models import ADAPTER_CONFIGS
+
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and not any((folder / n).is_file() for n in ADAPTER_CONFIGS)
+
+
+def interpolation_start(cfg: ExportConfig, tuned_base: str | None) -> str | None:
+    """The ``from`` side of an interpolation: None for the base model, else the SFT folder, checked.
+
+    An SFT folder must be where ``cfg.adapter`` started: the one its run_config.yaml records (or a
+    copy of it), an adapter of the same base model, and not given for a run that started from the base.
+    """
+    from rlhf.interpolate import same_folder, same_model_name
+
+    record = run_config_of(cfg.adapter)
+    recorded = (record or {}).get("sft_adapter") or None
+    start = cfg.from_ or ("sft" if cfg.sft_adapter or recorded else "base")
+    if start == "base":
+        return None
+    sft = cfg.sft_adapter or recorded
+    if not sft:
+        raise UserError(f"--from sft: {cfg.adapter} records no SFT start (no sft_adapter in its run_config.yaml); "
+                        "pass --sft_adapter DIR or use --from base")  # fmt: skip
+    if not Path(sft).expanduser().is_dir():
+        raise UserError(f"--from sft: sft_adapter folder not found: {sft}")
+    if record is not None and "sft_adapter" in record and not recorded:
+        raise UserError(f"--from sft: {cfg.adapter} was trained from the base model, not from {sft} "
+                        "(its run_config.yaml records no sft_adapter); use --from base")  # fmt: skip
+    if recorded and cfg.sft_adapter and Path(recorded).expanduser().is_dir() and not same_folder(recorded, sft):
+        raise UserError(f"--from sft: {sft} is not where {cfg.adapter} started (its run_config.yaml records "
+                        f"sft_adapter {recorded})")  # fmt: skip
+    if not is_full_model(sft):
+        sft_base = adapter_config(sft).get("base_model_name_or_path")
+        if sft_base and tuned_base and not same_model_name(sft_base, tuned_base):
+            raise UserError(f"--from sft: {sft} adapts {sft_base}, but {cfg.adapter} adapts {tuned_base}: "
+                            "it is not where the fine-tuning started")  # fmt: skip
+    return sft
+
+
+def check_export_sources(folders: list[str], out: Path) -> None:
+    """Every folder read has sound weights; ``out`` neither is, holds nor lies inside one (it would be lost)."""
     from rlhf.models import check_safetensors
 
-    sources = [cfg.adapter]
-    if cfg.mode == "interpolate" and cfg.sft_adapter:
-        adapter_config(cfg.sft_adapter)
-        sources.append(cfg.sft_adapter)
-    for folder in sources:
-        if not (Path(folder) / "adapter_model.safetensors").is_file():
-            raise UserError(f"adapter folder {folder} has no adapter_model.safetensors")
-        check_safetensors(Path(folder) / "adapter_model.safetensors")
+    for folder in folders:
+        if is_full_model(folder):
+            weights = [Path(folder) / "model.safetensors"]
+            weights = [w for w in weights if w.is_file()]
+        else:
+            weights = [Path(folder) / "adapter_model.safetensors"]
+            if not weights[0].is_file():
+                raise UserError(f"adapter folder {folder} has no adapter_model.safetensors")
+        for w in weights:
+            check_safetensors(w)
         resolved = Path(folder).expanduser().resolve()
         if out == resolved or resolved in out.parents or out in resolved.parents:
-            raise UserError(f"out {out} would replace the adapter it exports from ({folder}); choose another out")
+            kind = "model" if is_full_model(folder) else "adapter"
+            raise UserError(f"out {out} would replace the {kind} it exports from ({folder}); choose another out")
+
+
+def load_endpoint(base: str | None, folder: str | None):
+    """The full weights of one side of an interpolation: a full model folder, base + adapter, or the base."""
+    import torch
+
+    from rlhf.models import load_base_model
+
+    if folder and is_full_model(folder):
+        return load_base_model(folder, dtype=torch.float32, device=torch.device("cpu")).eval()
+    base = base or (adapter_config(folder).get("base_model_name_or_path") if folder else None)
+    if not base:
+        raise UserError(f"the base model of {folder} is not recorded; pass --model_name_or_path")
+    return merged_model(base, folder)
 
 
 # the stage
 
 
-def export_interpolation(cfg: ExportConfig, base: str, work: Path, tokenizer) -> str:
-    """Write theta = (1 - alpha) theta_SFT + alpha theta_aligned into ``work``; returns the format used."""
-    import torch
+def export_interpolation(cfg: ExportConfig, base: str | None, start: str | None, work: Path, tokenizer) -> str:
+    """Write theta = (1 - alpha) theta_start + alpha theta_tuned into ``work``; returns the format used.
 
-    sft = cfg.sft_adapter if cfg.sft_adapter is not None else recorded_sft_adapter(cfg.adapter)
-    aligned_cfg, aligned_state = adapter_config(cfg.adapter), load_adapter_state(cfg.adapter)
-    terms = [(cfg.alpha, aligned_state, aligned_cfg)]
-    exact = is_plain_lora(aligned_cfg, aligned_state)
-    if sft:
-        sft_cfg, sft_state = adapter_config(sft), load_adapter_state(sft)
-        terms.insert(0, (1.0 - cfg.alpha, sft_state, sft_cfg))
-        exact = exact and is_plain_lora(sft_cfg, sft_state)
+    ``start``: None (the base model ``base``) or the SFT folder. LoRA adapters are written as a LoRA
+    when exact: from the base, the adapter with its B matrices scaled by alpha; from an SFT LoRA, both
+    low-rank products concatenated. Otherwise the two full weight sets are mixed tensor by tensor.
+    """
+    from rlhf.interpolate import mix_parameters
+
+    exact, write = False, None
+    if not is_full_model(cfg.adapter) and (start is None or not is_full_model(start)):
+        tuned_cfg, tuned_state = adapter_config(cfg.adapter), load_adapter_state(cfg.adapter)
+        if start is None:
+            exact = is_scalable_lora(tuned_cfg, tuned_state)
+            write = lambda: (tuned_cfg, scale_lora(tuned_state, cfg.alpha))  # noqa: E731
+        else:
+            sft_cfg, sft_state = adapter_config(start), load_adapter_state(start)
+            exact = is_plain_lora(tuned_cfg, tuned_state) and is_plain_lora(sft_cfg, sft_state)
+
+            def write():
+                terms = [(1.0 - cfg.alpha, sft_state, sft_cfg), (cfg.alpha, tuned_state, tuned_cfg)]
+                state, rank = interpolate_lora(terms)  # UserError when targets or ranks differ
+                return dict(tuned_cfg, r=rank, lora_alpha=rank, use_rslora=False), state
     if cfg.interpolate_format == "adapter" and not exact:
-        raise UserError("these adapters cannot be interpolated exactly as one LoRA adapter; use interpolate_format=merged")
+        raise UserError("this interpolation is not exactly one LoRA adapter; use interpolate_format=merged")
     if exact and cfg.interpolate_format != "merged":
         from safetensors.torch import save_file
 
         try:
-            state, rank = interpolate_lora(terms)
+            new_cfg, state = write()
         except UserError:
             if cfg.interpolate_format == "adapter":
                 raise
         else:
-            new_cfg = dict(aligned_cfg, r=rank, lora_alpha=rank, use_rslora=False, base_model_name_or_path=base)
+            new_cfg = dict(new_cfg, base_model_name_or_path=base)
             (work / "adapter_config.json").write_text(json.dumps(new_cfg, indent=2))
-            save_file(state, str(work / "adapter_model.safetensors"))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(work / "adapter_model.safetensors"))
             tokenizer.save_pretrained(work)
             return "adapter"
-    sft_model = merged_model(base, sft)
-    aligned = merged_model(base, cfg.adapter)
-    with torch.no_grad():
-        sft_params = dict(sft_model.named_parameters())
-        for name, param in aligned.named_parameters():
-            param.copy_((1.0 - cfg.alpha) * sft_params[name] + cfg.alpha * param)
-    del sft_model
-    save_merged(aligned, tokenizer, work)
+    start_model = load_endpoint(base, start)
+    tuned = load_endpoint(base, cfg.adapter)
+    mix_parameters(tuned, start_model, cfg.alpha, (cfg.adapter, start or str(base)))
+    del start_model
+    save_merged(tuned, tokenizer, work)
     return "merged"
 
 
 def run_export(cfg: ExportConfig) -> Path:
     from rlhf.lineage import collect_lineage, model_card
-    from rlhf.models import load_tokenizer, tokenizer_source
+    from rlhf.models import load_tokenizer, resolve_model_path, tokenizer_source
 
     out = check_output_dir(cfg.out, "out").resolve()
-    acfg = adapter_config(cfg.adapter)
-    check_export_sources(cfg, out)
-    base = cfg.model_name_or_path or acfg.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"adapter {cfg.adapter} does not record its base model; pass --model_name_or_path")
-    tokenizer = load_tokenizer(tokenizer_source(base, cfg.adapter))
+    full = cfg.mode == "interpolate" and is_full_model(cfg.adapter)
+    if full:
+        base = cfg.model_name_or_path or (run_config_of(cfg.adapter) or {}).get("model_name_or_path")
+    else:
+        if is_full_model(cfg.adapter):
+            raise UserError(f"{cfg.adapter} is a full model folder: only --mode interpolate takes one")
+        acfg = adapter_config(cfg.adapter)
+        base = cfg.model_name_or_path or acfg.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"adapter {cfg.adapter} does not record its base model; pass --model_name_or_path")
+    start = interpolation_start(cfg, None if full else base) if cfg.mode == "interpolate" else None
+    check_export_sources([cfg.adapter] + ([start] if start else []), out)
+    if cfg.mode == "interpolate" and start is None:
+        if not base:
+            raise UserError(f"--from base: {cfg.adapter} does not record its base model; pass --model_name_or_path")
+        resolve_model_path(base)  # a missing base folder is an error before anything is written
+    tokenizer = load_tokenizer(tokenizer_source(base or cfg.adapter, cfg.adapter))
     details: dict = {"mode": cfg.mode, "source_adapter": str(Path(cfg.adapter).resolve())}
     with staged_output(cfg.out, "out") as work:
         if cfg.mode == "adapter":
@@ -232,9 +278,11 @@ def run_export(cfg: ExportConfig) -> Path:
             save_merged(merged_model(base, cfg.adapter), tokenizer, work)
         else:
             details["alpha"] = cfg.alpha
-            details["format"] = export_interpolation(cfg, base, work, tokenizer)
+            details["from"] = "sft" if start else "base"
+            details["from_path"] = str(Path(start).resolve()) if start else base
+            details["format"] = export_interpolation(cfg, base, start, work, tokenizer)
         lineage = collect_lineage(cfg.adapter)
-        card = model_card(f"Aligned model ({cfg.mode})", base, lineage, details)
+        card = model_card(f"Aligned model ({cfg.mode})", base or cfg.adapter, lineage, details)
         (work / "README.md").write_text(card)
         write_json(work / "export.json", {**details, "base_model": base, "lineage": [s["path"] for s in lineage]})
     print(f"exported ({cfg.mode}) to {cfg.out}", file=sys.stderr)

@@ -51,6 +51,32 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def _policy(c, name: str, sft_adapter, base: str | None = None) -> str:
+    """A LoRA adapter whose run_config.yaml records ``sft_adapter`` (a path or None) as its start."""
+    config = {"peft_type": "LORA", "base_model_name_or_path": base or c.model, "r": 2, "lora_alpha": 4,
+              "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}  # fmt: skip
+    folder = c.adapter(name, json.dumps(config))
+    (Path(folder) / "run_config.yaml").write_text(json.dumps({"sft_adapter": sft_adapter, "kl_coef": 0.1}))
+    return folder
+
+
+def _other_lora(c, name: str, base: str | None = None) -> str:
+    """A LoRA adapter with other weights than ``adapter_ok`` (and optionally another base)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = _policy(c, name, None, base)
+    (Path(folder) / "run_config.yaml").unlink()
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    save_file({key.format("A"): torch.ones(2, 32), key.format("B"): torch.ones(32, 2)},
+              str(Path(folder) / "adapter_model.safetensors"))  # fmt: skip
+    return folder
+
+
+def INTERP(c, adapter, *args):  # noqa: N802 - reads like the other command builders
+    return ["export", "--adapter", adapter, "--mode", "interpolate", *args, "--out", c.out("interp")]
+
+
 class Inputs(SimpleNamespace):
     """Paths of good and bad inputs inside one test's ``tmp_path``."""
 
@@ -174,6 +200,14 @@ CONFIG_CASES = [
     ("export-alpha-above-1", lambda c: ["export", "--adapter", c.adapter_ok, "--alpha", "2"],
      "'alpha' must be in [0, 1]"),
     ("export-unknown-mode", lambda c: ["export", "--adapter", c.adapter_ok, "--mode", "gguf"], "'mode' must be one of"),
+    ("export-alpha-negative", lambda c: ["export", "--adapter", c.adapter_ok, "--mode", "interpolate", "--alpha",
+                                         "-0.1"], "'alpha' must be in [0, 1]"),  # fmt: skip
+    ("export-alpha-nan", lambda c: ["export", "--adapter", c.adapter_ok, "--alpha", "nan"], "'alpha' must be a finite"),
+    ("export-unknown-from", lambda c: INTERP(c, c.adapter_ok, "--from", "scratch"), "must be one of"),
+    ("export-from-without-interpolate", lambda c: ["export", "--adapter", c.adapter_ok, "--from", "base"],
+     "used only with mode interpolate"),
+    ("export-from-base-with-sft", lambda c: INTERP(c, c.adapter_ok, "--from", "base", "--sft_adapter", c.adapter_ok),
+     "contradicts --from base"),
     ("eval-samples-without-sampling", lambda c: ["eval", "--policy", "p", "--baseline", "b", "--rule", "rule_score",
                                                  "--samples_per_prompt", "2"], "needs do_sample"),  # fmt: skip
     ("candidates-one-candidate", lambda c: ["label", "candidates", "--db", c.db, "--num_candidates", "1"],
@@ -181,6 +215,23 @@ CONFIG_CASES = [
     ("candidates-ranking-needs-3", lambda c: ["label", "candidates", "--db", c.db, "--mode", "ranking"],
      "'num_candidates' must be >= 3"),
     ("candidates-gold-rate-1", lambda c: ["label", "candidates", "--db", c.db, "--gold_rate", "1"], "'gold_rate'"),
+    ("candidates-budget-0", lambda c: ["label", "candidates", "--db", c.db, "--selection", "random", "--label_budget",
+                                       "0"], "'label_budget' must be >= 1"),  # fmt: skip
+    ("candidates-budget-negative", lambda c: ["label", "candidates", "--db", c.db, "--label_budget", "-3"],
+     "'label_budget' must be >= 1"),
+    ("candidates-selection-without-budget", lambda c: ["label", "candidates", "--db", c.db, "--selection", "random"],
+     "selection 'random' needs config key 'label_budget'"),
+    ("candidates-budget-without-selection", lambda c: ["label", "candidates", "--db", c.db, "--label_budget", "5"],
+     "'label_budget' needs selection random or uncertainty"),
+    ("candidates-uncertainty-without-rm", lambda c: ["label", "candidates", "--db", c.db, "--selection", "uncertainty",
+                                                     "--label_budget", "5"], "needs config key 'reward_model'"),
+    ("candidates-rm-with-random", lambda c: ["label", "candidates", "--db", c.db, "--selection", "random",
+                                             "--label_budget", "5", "--reward_model", "rm"], "only with selection"),
+    ("candidates-uncertainty-ranking", lambda c: ["label", "candidates", "--db", c.db, "--mode", "ranking",
+                                                  "--num_candidates", "3", "--selection", "uncertainty",
+                                                  "--label_budget", "5", "--reward_model", "rm"], "needs mode pairwise"),
+    ("candidates-unknown-selection", lambda c: ["label", "candidates", "--db", c.db, "--selection", "margin",
+                                                "--label_budget", "5"], "'selection' must be one of"),
     ("pipeline-section-is-a-number", lambda c: ["pipeline", "--config", c.file("d.yaml", "work_dir: wd\nsft: 5\n")],
      "'sft' must be a mapping"),
     ("pipeline-section-unknown-key", lambda c: ["pipeline", "--config",
@@ -323,6 +374,22 @@ PATH_CASES = [
      "would replace the adapter"),
     ("export-out-is-a-file", lambda c: ["export", "--adapter", c.adapter_ok, "--out", c.precious],
      "is an existing file"),
+    ("export-from-sft-folder-missing", lambda c: INTERP(c, c.adapter_ok, "--from", "sft", "--sft_adapter",
+                                                        c.out("no_sft")), "sft_adapter folder not found"),
+    ("export-from-sft-recorded-missing", lambda c: INTERP(c, _policy(c, "ppo", c.out("gone")), "--from", "sft"),
+     "sft_adapter folder not found"),
+    ("export-from-sft-none-recorded", lambda c: INTERP(c, c.adapter_ok, "--from", "sft"), "records no SFT start"),
+    ("export-from-sft-not-the-start", lambda c: INTERP(c, _policy(c, "ppo", c.adapter_ok), "--from", "sft",
+                                                       "--sft_adapter", _other_lora(c, "sft2")),
+     "is not where"),  # fmt: skip
+    ("export-from-sft-run-started-at-base", lambda c: INTERP(c, _policy(c, "ppo", None), "--sft_adapter",
+                                                             c.adapter_ok), "trained from the base model"),
+    ("export-from-sft-of-another-base", lambda c: INTERP(c, c.adapter_ok, "--sft_adapter",
+                                                         _other_lora(c, "sft2", base=c.empty_dir)), "adapts"),
+    ("export-full-model-merged", lambda c: ["export", "--adapter", c.model, "--mode", "merged", "--out", c.out("x")],
+     "only --mode interpolate"),
+    ("export-full-model-base-unknown", lambda c: INTERP(c, c.model, "--from", "base"),
+     "does not record its base model"),
     ("eval-out-dir-is-a-file", lambda c: ["eval", "--policy", c.model, "--baseline", "base", *c.M, "--rule",
                                           "rule_score", "--out_dir", c.precious], "is an existing file"),  # fmt: skip
     ("eval-policy-missing", lambda c: ["eval", "--policy", c.out("nope"), "--baseline", "base", *c.M, "--rule",
@@ -391,6 +458,12 @@ LABEL_CASES = [
      "is not a SQLite database"),
     ("candidates-not-a-db", lambda c: ["label", "candidates", "--db", c.not_db, *c.M, "--dataset_name", c.prompts],
      "is not a SQLite database"),
+    ("candidates-rm-missing", lambda c: ["label", "candidates", "--db", c.db, *c.M, "--dataset_name", c.prompts,
+                                         "--selection", "uncertainty", "--label_budget", "4", "--reward_model",
+                                         c.out("rm")], "reward model folder not found"),  # fmt: skip
+    ("candidates-rm-not-one", lambda c: ["label", "candidates", "--db", c.out("new.db"), *c.M, "--dataset_name",
+                                         c.prompts, "--selection", "uncertainty", "--label_budget", "4",
+                                         "--reward_model", c.adapter_ok], "not a reward model"),  # fmt: skip
     ("sqlite-without-schema", lambda c: ["label", "stats", "--db", c.file("blank.db", "")], "not initialised"),
     ("unknown-role", lambda c: ["label", "user", "add", "bob", "--role", "owner", "--db", c.db], "--role"),
     ("name-with-space", lambda c: ["label", "user", "add", "bob smith", "--db", c.db], "invalid user name"),

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from rlhf.config import build_config
 from rlhf.errors import UserError
-from rlhf.export import ExportConfig, interpolate_lora, run_export
+from rlhf.export import ExportConfig, run_export
+from rlhf.interpolate import interpolate_lora
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 7], [11, 12, 13, 14, 15, 16]])
 
@@ -117,3 +118,121 @@ def test_bad_inputs(tmp_path):
 
     with pytest.raises(ConfigError, match="alpha"):
         build_config(ExportConfig, {"adapter": "a", "alpha": 1.5})
+
+
+# WiSE-FT: --from base|sft, adapters and full models
+
+
+def hand_mixed_logits(start_model, tuned_model, alpha):
+    """Logits of (1 - alpha) * start + alpha * tuned, mixed here parameter by parameter."""
+    start = dict(start_model.named_parameters())
+    with torch.no_grad():
+        for name, p in tuned_model.named_parameters():
+            p.copy_((1 - alpha) * start[name] + alpha * p)
+        return tuned_model.eval()(input_ids=IDS).logits
+
+
+def merged(base_dir, adapter=None):
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload() if adapter else model
+
+
+def test_from_base_scales_the_lora_exactly(adapters, tiny_model_dir, tmp_path):
+    _, aligned = adapters
+    for alpha, expected in [(0.0, logits_of(tiny_model_dir)), (1.0, logits_of(tiny_model_dir, aligned)),
+                            (0.5, hand_mixed_logits(merged(tiny_model_dir), merged(tiny_model_dir, aligned), 0.5))]:
+        out = export(tmp_path, f"b{alpha}", adapter=aligned, mode="interpolate", alpha=alpha, from_="base")
+        info = json.loads((out / "export.json").read_text())
+        assert info["format"] == "adapter" and info["from"] == "base" and info["alpha"] == alpha
+        # same rank and config as the source adapter: only the B matrices are scaled
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+        assert (logits_of(tiny_model_dir, str(out)) - expected).abs().max() <= 1e-5, alpha
+    assert "from: `base`" in (out / "README.md").read_text()
+
+
+def test_from_sft_half_matches_hand_mixed_weights(adapters, tiny_model_dir, tmp_path):
+    sft, aligned = adapters
+    expected = hand_mixed_logits(merged(tiny_model_dir, sft), merged(tiny_model_dir, aligned), 0.5)
+    out = export(tmp_path, "s", adapter=aligned, mode="interpolate", alpha=0.5, from_="sft", sft_adapter=sft)
+    info = json.loads((out / "export.json").read_text())
+    assert info["format"] == "adapter" and info["from"] == "sft"
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8  # r_sft + r_policy
+    assert (logits_of(tiny_model_dir, str(out)) - expected).abs().max() <= 1e-5
+
+
+def test_from_sft_with_other_targets_is_written_merged(tiny_model_dir, tmp_path):
+    sft = make_adapter(tiny_model_dir, tmp_path / "sft", seed=3, rank=2)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"], init_lora_weights=False)
+    torch.manual_seed(4)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg).save_pretrained(tmp_path / "other")
+    expected = hand_mixed_logits(merged(tiny_model_dir, sft), merged(tiny_model_dir, str(tmp_path / "other")), 0.25)
+    out = export(tmp_path, "o", adapter=str(tmp_path / "other"), mode="interpolate", alpha=0.25, from_="sft",
+                 sft_adapter=sft)
+    assert json.loads((out / "export.json").read_text())["format"] == "merged"
+    assert (logits_of(str(out)) - expected).abs().max() <= 1e-4
+
+
+@pytest.fixture
+def full_model(tiny_model_dir, tmp_path):
+    """A full fine-tuned model folder (every weight moved), recording its base like `rlhf sft --method full`."""
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path / "full"
+    model.save_pretrained(folder)
+    (folder / "run_config.yaml").write_text(yaml.safe_dump({"model_name_or_path": tiny_model_dir, "method": "full"}))
+    return str(folder)
+
+
+def test_full_model_interpolation_mixes_every_tensor(full_model, tiny_model_dir, tmp_path):
+    base_model, tuned_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir), merged(full_model)
+    for alpha, expected in [(0.0, logits_of(tiny_model_dir)), (1.0, logits_of(full_model))]:
+        out = export(tmp_path, f"f{alpha}", adapter=full_model, mode="interpolate", alpha=alpha, from_="base")
+        assert (logits_of(str(out)) - expected).abs().max() <= 1e-5, alpha
+    out = export(tmp_path, "fh", adapter=full_model, mode="interpolate", alpha=0.5)  # base is the default start
+    assert json.loads((out / "export.json").read_text())["format"] == "merged"
+    got = dict(AutoModelForCausalLM.from_pretrained(str(out)).named_parameters())
+    base = dict(base_model.named_parameters())
+    for name, p in tuned_model.named_parameters():
+        assert torch.allclose(got[name], 0.5 * base[name] + 0.5 * p, atol=1e-6), name
+    assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
+
+
+def test_full_model_from_sft_adapter_and_other_architecture(full_model, adapters, tiny_model_dir, tmp_path):
+    sft, _ = adapters
+    expected = hand_mixed_logits(merged(tiny_model_dir, sft), merged(full_model), 0.5)
+    out = export(tmp_path, "fs", adapter=full_model, mode="interpolate", alpha=0.5, from_="sft", sft_adapter=sft)
+    assert (logits_of(str(out)) - expected).abs().max() <= 1e-4
+    from rlhf.testing import build_tiny_model
+
+    other = str(build_tiny_model(tmp_path / "wide", hidden_size=48))
+    with pytest.raises(UserError, match="not the model .* was fine-tuned from"):
+        export(tmp_path, "fx", adapter=full_model, mode="interpolate", from_="sft", sft_adapter=other)
+    assert not (tmp_path / "fx").exists()
+
+
+def test_from_base_keeps_rslora_and_alpha_patterns(tiny_model_dir, tmp_path):
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"v_proj": 2}, rank_pattern={"q_proj": 2},
+                     target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # fmt: skip
+    torch.manual_seed(6)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg).save_pretrained(tmp_path / "pat")
+    adapter = str(tmp_path / "pat")
+    expected = hand_mixed_logits(merged(tiny_model_dir), merged(tiny_model_dir, adapter), 0.3)
+    out = export(tmp_path, "p", adapter=adapter, mode="interpolate", alpha=0.3, from_="base")
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert json.loads((out / "export.json").read_text())["format"] == "adapter"
+    assert written["use_rslora"] and written["alpha_pattern"] == {"v_proj": 2}
+    assert (logits_of(tiny_model_dir, str(out)) - expected).abs().max() <= 1e-5
+
+
+def test_cli_spells_it_from(adapters, tiny_model_dir, tmp_path):
+    from rlhf.cli import main
+
+    _, aligned = adapters
+    out = tmp_path / "cli"
+    assert main(["export", "--adapter", aligned, "--mode", "interpolate", "--from", "base", "--alpha", "0",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "export.json").read_text())["from"] == "base"
+    assert (logits_of(tiny_model_dir, str(out)) - logits_of(tiny_model_dir)).abs().max() <= 1e-6
