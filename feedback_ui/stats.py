@@ -232,7 +232,7 @@ def shown(x, missing: str = "n/a") -> str:
 def agreement_text(a: dict) -> str:
     """One line on agreement, every missing number said in words."""
     if not a["overlapping_items"]:
-        return "agreement: n/a (no item has two votes yet)"
+        return "agreement (percent, Cohen's kappa, Krippendorff's alpha): n/a (no item has two votes yet)"
     kappa = a["cohen_kappa"]
     kappa_text = (shown(kappa, NOT_ENOUGH) if len(a["pairwise"]) <= 1
                   else f"n/a for {len(a['pairwise'])} labeler pairs (see the pairs)")  # fmt: skip
