@@ -92,3 +92,37 @@ def test_user_disable_requeue_command(db_url, capsys):
     assert "user ann disabled" in out and "1 votes voided" in out and "2 comparisons back in the pool" in out
     assert collect_stats(store)["counts"]["votes"] == 0 and slots_match_assignments(store)
     store.close()
+
+
+def test_a_request_waiting_on_the_labeler_lock_gets_nothing_once_disabled(db_url):
+    """On PostgreSQL a request can check the account just before an admin disables it, then wait on the
+    labeler's row; under the lock it sees the account disabled and is given no new task."""
+    import threading
+    import time
+
+    from feedback_ui.assign import lock_labeler
+    from feedback_ui.auth import disable_in
+    from test_feedback_store import run_in_threads
+
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=3)
+    holding, replies = threading.Event(), []
+
+    def admin():
+        with store.write() as s:
+            user, _ = disable_in(s, "ann")
+            lock_labeler(s, user.id)
+            holding.set()
+            time.sleep(0.5)  # the labeler's request reaches the lock meanwhile
+
+    def labeler():
+        holding.wait(10)
+        try:
+            replies.append(tasks.serve(store, "ann", 0.0)["token"])
+        except tasks.NotAllowed:  # SQLite: the whole request waits for the admin's transaction
+            replies.append("refused")
+
+    run_in_threads(admin, labeler)
+    assert replies in (["refused"], [""])
+    with store.read() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Assignment)) == 0
+    store.close()
