@@ -19,7 +19,8 @@ import gradio as gr
 from feedback_ui import tasks
 from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
 from feedback_ui.candidates import MAX_RANK  # ranking slots in the UI
-from feedback_ui.stats import LABELER_COLUMNS, collect_stats, labeler_table
+from feedback_ui.admin_view import build_admin_tab
+from feedback_ui.stats import collect_stats
 from feedback_ui.store import Store
 from rlhf.errors import UserError
 
@@ -87,9 +88,12 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
         """The caller's own latest votes."""
         return _api(tasks.history, store, request.username)
 
+    def require_admin(request: gr.Request) -> None:
+        _api(tasks.current_user, store, request.username, role="admin")
+
     def admin_stats(request: gr.Request) -> dict:
         """Progress, per-labeler numbers and agreement (admins only)."""
-        _api(tasks.current_user, store, request.username, role="admin")
+        require_admin(request)
         return _api(collect_stats, store)
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
@@ -128,10 +132,7 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
                                              datatype=["str", "str", "str", "number"], interactive=False,
                                              elem_id="history")  # fmt: skip
             with gr.Tab("Admin", visible=False) as admin_tab:
-                admin_button = gr.Button("Refresh", elem_id="btn-admin")
-                admin_summary = gr.Markdown()
-                headers = [title for _, title in LABELER_COLUMNS]
-                admin_table = gr.Dataframe(headers=headers, interactive=False, elem_id="admin-table")
+                admin_opened, admin_outputs = build_admin_tab(store, require_admin, _api)
 
         task_outputs = [token, progress, status, prompt, pair_box, resp_a, resp_b, rank_box,
                         *slots, *slot_texts, *slot_ranks, strength, rationale, edit]  # fmt: skip
@@ -170,7 +171,8 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
 
         def on_load(request: gr.Request):
             user = _api(tasks.current_user, store, request.username)
-            return [*ui(tasks.serve, user.name, rate, **ttl), gr.update(visible=user.role == "admin")]
+            is_admin = user.role == "admin"
+            return [*ui(tasks.serve, user.name, rate, **ttl), gr.update(visible=is_admin), *admin_opened(is_admin)]
 
         def on_pair(choice):
             def handler(tok, strength_value, why, better, request: gr.Request):
@@ -188,7 +190,7 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
                       **ttl)  # fmt: skip
 
         private = {"api_visibility": "private"}
-        demo.load(on_load, None, [*task_outputs, admin_tab], **private)
+        demo.load(on_load, None, [*task_outputs, admin_tab, *admin_outputs], **private)
         for button, (_, choice, _) in zip(pair_buttons, PAIR_BUTTONS):
             button.click(on_pair(choice), [token, strength, rationale, edit], task_outputs, **private)
         rank_button.click(on_rank, [token, rationale, edit, *slot_ranks], task_outputs, **private)
@@ -199,16 +201,6 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
         skip_button.click(on_skip, [token], task_outputs, **private)
         history_button.click(history, None, history_table, api_name="ui_history", **private)
 
-        def on_admin(request: gr.Request):
-            s = admin_stats(request)
-            c, a = s["counts"], s["agreement"]
-            text = (f"**{c['votes']} votes**, {c['comparisons_complete']} of {c['comparisons']} comparisons complete, "
-                    f"{c['gold_items']} gold items. Agreement on {a['overlapping_items']} overlapping items: "
-                    f"Cohen's kappa {a['cohen_kappa']}, Krippendorff's alpha {a['krippendorff_alpha']}, "
-                    f"percent {a['percent_agreement']}.")  # fmt: skip
-            return text, labeler_table(s)
-
-        admin_button.click(on_admin, None, [admin_summary, admin_table], **private)
         for fn in (next_task, vote, rank, skip, history, admin_stats):
             gr.api(fn, api_name=fn.__name__)
     return demo

@@ -38,10 +38,16 @@ CANDIDATE_WINDOW = 16  # comparison ids fetched per attempt; the conditional UPD
 DEFAULT_ASSIGNMENT_TTL = timedelta(minutes=30)  # an open assignment untouched this long is abandoned
 
 
-def lock_labeler(session: Session, user_id: int) -> None:
+def lock_labeler(session: Session, user_id: int) -> bool:
     """Hold the labeler's row until the transaction ends (``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL;
-    on SQLite the store's write lock already serialises writers). Taken first, before any assignment row."""
-    session.execute(sa.select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+    on SQLite the store's write lock already serialises writers). Taken first, before any assignment row.
+
+    Returns whether the account is disabled, read under the lock: a request that checked the account
+    before an admin disabled it (and re-queued its work) sees it here."""
+    disabled_at = session.scalar(
+        sa.select(User.disabled_at).where(User.id == user_id).with_for_update(key_share=True)
+    )
+    return disabled_at is not None
 
 
 def _seen_by(user_id: int):
@@ -114,13 +120,15 @@ def open_assignment(session: Session, user_id: int) -> Optional[Assignment]:
 def next_task(
     session: Session, user_id: int, *, gold_rate: float = 0.0, rng: Optional[random.Random] = None
 ) -> Optional[Assignment]:
-    """The labeler's open assignment, else a new one (gold with probability ``gold_rate``); None when done.
+    """The labeler's open assignment, else a new one (gold with probability ``gold_rate``); None when done
+    (or when the account is disabled).
 
     Gold items are only mixed in while regular work remains, so a queue never
     ends in a run of gold items. Call inside ``Store.write()``.
     """
     rng = rng or random.SystemRandom()
-    lock_labeler(session, user_id)
+    if lock_labeler(session, user_id):  # disabled while this request waited: nothing new for them
+        return None
     current = open_assignment(session, user_id)
     if current is not None:
         current.shown_at = utcnow()

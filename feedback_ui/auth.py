@@ -20,6 +20,7 @@ from typing import Optional
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from feedback_ui.store import LoginSession, Store, User, utcnow
 from rlhf.errors import UserError
@@ -117,16 +118,22 @@ def get_user(store: Store, name: Optional[str]) -> Optional[User]:
         return s.scalar(sa.select(User).where(User.name == name))
 
 
+def disable_in(session: Session, name: str, disabled: bool = True) -> tuple[User, int]:
+    """Disable (or enable again) the account ``name`` inside the caller's transaction; disabling deletes its
+    sessions. Returns the user and the number of sessions ended."""
+    user = session.scalar(sa.select(User).where(User.name == name))
+    if user is None:
+        raise UserError(f"no user named {name!r}")
+    user.disabled_at = (user.disabled_at or utcnow()) if disabled else None
+    if not disabled:
+        return user, 0
+    return user, session.execute(sa.delete(LoginSession).where(LoginSession.user_id == user.id)).rowcount
+
+
 def set_disabled(store: Store, name: str, disabled: bool = True) -> int:
     """Disable (or enable again) an account; disabling ends its sessions at once. Returns sessions ended."""
     with store.write() as s:
-        user = s.scalar(sa.select(User).where(User.name == name))
-        if user is None:
-            raise UserError(f"no user named {name!r}")
-        user.disabled_at = (user.disabled_at or utcnow()) if disabled else None
-        if not disabled:
-            return 0
-        return s.execute(sa.delete(LoginSession).where(LoginSession.user_id == user.id)).rowcount
+        return disable_in(s, name, disabled)[1]
 
 
 def list_users(store: Store) -> list[User]:

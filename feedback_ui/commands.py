@@ -156,6 +156,15 @@ def cmd_user_disable(args) -> None:
     from feedback_ui.auth import set_disabled
     from feedback_ui.store import open_store
 
+    if getattr(args, "requeue", False):
+        from feedback_ui.requeue import disable_and_requeue
+
+        with open_store(args.db) as store:
+            done = disable_and_requeue(store, args.name)
+        ended = done["sessions_ended"]
+        print(f"user {args.name} disabled; {ended} session{'s' * (ended != 1)} ended; {done['votes_voided']} votes "
+              f"voided (kept, no longer counted); {done['comparisons_requeued']} comparisons back in the pool")
+        return
     with open_store(args.db) as store:
         ended = set_disabled(store, args.name, disabled=args.user_command == "disable")
     if args.user_command == "disable":
@@ -269,6 +278,8 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_user_list)
     p = users.add_parser("disable", help="block an account and end its sessions at once")
     p.add_argument("name", help="login name")
+    p.add_argument("--requeue", action="store_true",
+                   help="also void the account's votes (kept, marked) and return its comparisons to the pool")
     _add_db(p)
     p.set_defaults(func=cmd_user_disable)
     p = users.add_parser("enable", help="let a disabled account log in again")

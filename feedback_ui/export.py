@@ -2,8 +2,8 @@
 
 The rows are TRL's explicit-prompt preference format (string columns), so
 ``rlhf reward`` and TRL's RewardTrainer read them as they are; the extra
-columns (annotator, comparison_id, ...) are provenance. Gold items are never
-exported.
+columns (annotator, comparison_id, ...) are provenance. Gold items and votes
+voided by a re-queue (:mod:`feedback_ui.requeue`) are never exported.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def load_judgements(store: Store, margin_slightly: float = 1.0, margin_much: flo
             .join(User, User.id == Vote.user_id)
             .join(Comparison, Comparison.id == Vote.comparison_id)
             .join(Prompt, Prompt.id == Comparison.prompt_id)
-            .where(~Comparison.is_gold)
+            .where(~Comparison.is_gold, Vote.counted())
             .order_by(Vote.comparison_id, Vote.id)
         ).all()
     items: dict[int, dict] = {}

@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from rlhf.errors import UserError
 
-SCHEMA_VERSION = 2  # 2: users.disabled_at, login_sessions, login_failures
+SCHEMA_VERSION = 3  # 2: users.disabled_at, login_sessions, login_failures; 3: votes.voided_at
 
 
 # helper functions
@@ -289,7 +289,7 @@ class Assignment(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     token: Mapped[str] = mapped_column(String(64), unique=True)
     order: Mapped[Any] = mapped_column(JSON)  # response ids in display order (A, B, ...)
-    status: Mapped[str] = mapped_column(String(8), default="open")  # open | done | skipped
+    status: Mapped[str] = mapped_column(String(8), default="open")  # open | done | skipped | expired | requeued
     is_gold: Mapped[bool] = mapped_column(default=False)
     assigned_at: Mapped[datetime] = mapped_column(default=utcnow)
     shown_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -311,6 +311,12 @@ class Vote(Base):
     edited_response_id: Mapped[Optional[int]] = mapped_column(ForeignKey("responses.id"))
     seconds: Mapped[float] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    voided_at: Mapped[Optional[datetime]] = mapped_column()  # set when an admin re-queues the labeler's work
+
+    @classmethod
+    def counted(cls):
+        """The condition for votes that count (not voided by a re-queue)."""
+        return cls.voided_at.is_(None)
 
 
 # engine and sessions
@@ -410,6 +416,7 @@ def _upgrade(store: Store) -> None:
     """Bring an older schema up to ``SCHEMA_VERSION`` (additive changes only; safe when two processes race).
 
     Version 1 -> 2: the column ``users.disabled_at`` and the tables ``login_sessions`` and ``login_failures``.
+    Version 2 -> 3: the column ``votes.voided_at``. A column that is already there is left alone.
     """
     with store.write() as s:
         conn = s.connection()
@@ -419,10 +426,12 @@ def _upgrade(store: Store) -> None:
         if version is None or version >= SCHEMA_VERSION:
             return
         Base.metadata.create_all(conn)  # the new tables
-        if version < 2:
-            column = User.__table__.c.disabled_at
-            kind = column.type.compile(dialect=conn.dialect)
-            conn.exec_driver_sql(f"ALTER TABLE {User.__tablename__} ADD COLUMN {column.name} {kind}")
+        for since, column in ((2, User.__table__.c.disabled_at), (3, Vote.__table__.c.voided_at)):
+            table = column.table.name
+            present = {c["name"] for c in sa.inspect(conn).get_columns(table)}
+            if version < since and column.name not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column.name} {kind}")
         s.add(SchemaVersion(version=SCHEMA_VERSION))
 
 

@@ -182,12 +182,13 @@ def test_a_version_1_database_is_upgraded_when_opened(new_db):
         s.execute(sa.text("DROP TABLE login_sessions"))
         s.execute(sa.text("DROP TABLE login_failures"))
         s.execute(sa.text("ALTER TABLE users DROP COLUMN disabled_at"))
+        s.execute(sa.text("ALTER TABLE votes DROP COLUMN voided_at"))
         s.execute(sa.delete(SchemaVersion))
         s.add(SchemaVersion(version=1))
     store.close()
     store = open_store(db)
     with store.read() as s:
-        assert s.scalar(sa.select(sa.func.max(SchemaVersion.version))) == SCHEMA_VERSION == 2
+        assert s.scalar(sa.select(sa.func.max(SchemaVersion.version))) == SCHEMA_VERSION == 3
     assert check_login(store, "ann", PASSWORD).disabled_at is None
     assert set_disabled(store, "ann") == 0
     open_store(db).close()  # opening it again changes nothing
