@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import keyword
+import os
 import sys
 
 from rlhf.config import _Parser, add_config_arguments, config_from_namespace
@@ -96,6 +97,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # one of N launched processes
+        from rlhf.distributed import prepare_environment
+
+        prepare_environment()
     try:
         if len(argv) >= 2 and tuple(argv[:2]) in SUBSTAGES:  # e.g. `rlhf reward evaluate ...`
             spec = SUBSTAGES[tuple(argv[:2])]
