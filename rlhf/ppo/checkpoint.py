@@ -4,7 +4,7 @@ A checkpoint ``checkpoints/step-000012/`` holds::
 
     trainable.safetensors   every trainable tensor (policy + value adapters, value head), exact
     policy/                 the policy adapter in PEFT format (usable on its own)
-    optimizer.pt scheduler.pt rng.pt
+    optimizer.pt scheduler.pt rng.pt  (rng-rank1.pt ... for the other processes of a multi-process run)
     trainer_state.json      step, KL controller, prompt-stream position, per-step history
     COMPLETE                written last
 
@@ -129,9 +129,18 @@ def resolve_resume(value: str, root: str | os.PathLike) -> Path:
 # save / load
 
 
+def rng_file(rank: int) -> str:
+    """The RNG state file of process ``rank`` (``rng.pt`` for rank 0 and a single process)."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, *, actor, optimizer, scheduler, state: dict,
-                    base_name_or_path: str | None = None, keep: int | None = None) -> Path:
-    """Write checkpoint ``step`` atomically under ``root``; prune to the ``keep`` newest. Returns its path."""
+                    base_name_or_path: str | None = None, keep: int | None = None,
+                    rng_states: list | None = None) -> Path:
+    """Write checkpoint ``step`` atomically under ``root``; prune to the ``keep`` newest. Returns its path.
+
+    ``rng_states``: the RNG state of each process of a multi-process run (rank order); None: this one's.
+    """
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -145,7 +154,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, actor, optimizer, sch
     actor.save_policy(tmp / "policy", base_name_or_path)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    for rank, rng in enumerate(rng_states or [rng_state()]):
+        torch.save(rng, tmp / rng_file(rank))
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=float))
     (tmp / COMPLETE).write_text(str(step))
     _fsync_dir(tmp)
@@ -163,8 +173,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, actor, optimizer, sch
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, *, actor, optimizer, scheduler) -> dict:
-    """Restore tensors, optimizer, scheduler and RNG from ``path``; returns the trainer state dict."""
+def load_checkpoint(path: str | os.PathLike, *, actor, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore tensors, optimizer, scheduler and RNG (process ``rank``'s) from ``path``; returns the trainer state."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -180,5 +190,7 @@ def load_checkpoint(path: str | os.PathLike, *, actor, optimizer, scheduler) -> 
     device = actor.lm_head.weight.device
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    if not (path / rng_file(rank)).is_file():
+        raise UserError(f"checkpoint {path} has no RNG state for process {rank}: it was written by fewer processes")
+    set_rng_state(torch.load(path / rng_file(rank), weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())

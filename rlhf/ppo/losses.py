@@ -29,36 +29,60 @@ def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
+def _local_sum(t: Tensor) -> Tensor:
+    return t
+
+
+def masked_mean_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce_sum=None) -> tuple[Tensor, Tensor]:
+    """(mean, variance) of x over the masked entries (scalars), see :func:`masked_var`.
+
+    ``reduce_sum`` (a function ``t -> sum of t over all processes``, e.g.
+    ``rlhf.distributed.all_reduce_sum``) makes them the moments of the masked entries of every
+    process's ``x`` together; None: this ``x`` alone.
+    """
+    reduce_sum = reduce_sum or _local_sum
+    n, total = reduce_sum(torch.stack([masked_sum(torch.ones_like(x), mask), masked_sum(x, mask)]))
+    mean = total / n.clamp(min=1)
+    var = reduce_sum(masked_sum((x - mean) ** 2, mask)) / n.clamp(min=1)
+    if unbiased:
+        var = var * torch.where(n > 1, n / (n - 1).clamp(min=1), torch.ones_like(n))
+    return mean, var
+
+
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Scalar variance of x over masked entries: mean_m((x - mean_m(x))^2),
     times n / (n - 1) if ``unbiased`` and n = sum(m) > 1 (else factor 1,
     so a single entry has variance 0)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = masked_sum(torch.ones_like(x), mask)
-        var = var * torch.where(n > 1, n / (n - 1).clamp(min=1), torch.ones_like(n))
-    return var
+    return masked_mean_var(x, mask, unbiased)[1]
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce_sum=None) -> Tensor:
     """(x - mu) / sqrt(var + 1e-8) with mu, unbiased var over the mask; if not
     ``shift_mean`` the mean mu is added back. Positions with m == 0 are 0.
-    x, mask: same shape (e.g. (B, T))."""
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    x, mask: same shape (e.g. (B, T)). ``reduce_sum``: moments over all processes (:func:`masked_mean_var`)."""
+    mean, var = masked_mean_var(x, mask, True, reduce_sum)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
-def masked_rescale(x: Tensor, mask: Tensor) -> Tensor:
+def masked_rescale(x: Tensor, mask: Tensor, reduce_sum=None) -> Tensor:
     """x / sqrt(var + 1e-8) with the unbiased var over the mask, NOT re-centred: every entry keeps its
     sign (for advantages that are already centred, e.g. RLOO's per-prompt baseline; re-centring them
-    over tokens would shift them by a length-weighted mean). Positions with m == 0 are 0. (B, T) -> (B, T)."""
-    out = x * torch.rsqrt(masked_var(x, mask, unbiased=True) + 1e-8)
+    over tokens would shift them by a length-weighted mean). Positions with m == 0 are 0. (B, T) -> (B, T).
+    ``reduce_sum``: the variance over all processes (:func:`masked_mean_var`)."""
+    out = x * torch.rsqrt(masked_mean_var(x, mask, True, reduce_sum)[1] + 1e-8)
     return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+def token_mean(x: Tensor, mask: Tensor, token_count=None) -> Tensor:
+    """masked_mean(x, mask), or sum(x * m) / ``token_count`` when given: the share of this batch in
+    the mean over ``token_count`` tokens (a whole mini-batch split over micro-batches and processes,
+    so that every token weighs the same however the rows are split)."""
+    if token_count is None:
+        return masked_mean(x, mask)
+    return masked_sum(x, mask) / max(float(token_count), 1.0)
 
 
 # ---------------------------------------------------------------- KL estimators
@@ -183,20 +207,22 @@ def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     return out
 
 
-def kl_penalty_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_estimator: str = "k3") -> Tensor:
+def kl_penalty_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_estimator: str = "k3",
+                    token_count=None) -> Tensor:
     """KL to the reference as a loss term (``kl_in: loss``): masked_mean(est(logp, ref_logp)), differentiable
     in ``logp``. k2 and k3 give gradients of KL(pi || ref) on the policy's own samples; k1's gradient is
-    not, so it is refused. (B, T) -> scalar."""
+    not, so it is refused. (B, T) -> scalar; ``token_count``: see :func:`token_mean`."""
     if kl_estimator not in ("k2", "k3"):
         raise ValueError(f"kl_estimator {kl_estimator!r} cannot be a loss term; use k2 or k3")
-    return masked_mean(KL_ESTIMATORS[kl_estimator](logp, ref_logp), mask)
+    return token_mean(KL_ESTIMATORS[kl_estimator](logp, ref_logp), mask, token_count)
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                clip_range: float) -> tuple[Tensor, dict]:
+                clip_range: float, token_count=None) -> tuple[Tensor, dict]:
     """PPO clipped surrogate. r = exp(logp - old_logp), all (B, T).
 
     loss = masked_mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))   # scalar
+           (sum / token_count with ``token_count``, see :func:`token_mean`)
     stats (detached scalars):
       clipfrac  = masked_mean(clipped term > unclipped term)
       approx_kl = masked_mean(r - 1 - log r)   (k3 estimate of KL(old||new), >= 0)
@@ -207,7 +233,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    loss = token_mean(torch.maximum(unclipped, clipped), m, token_count)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), m),
@@ -218,11 +244,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip_range_value: float) -> tuple[Tensor, dict]:
+               clip_range_value: float, token_count=None) -> tuple[Tensor, dict]:
     """Clipped value loss, all inputs (B, T):
 
     v_c  = clip(v, old - eps, old + eps)
-    loss = 0.5 * masked_mean(max((v - R)^2, (v_c - R)^2))            # scalar
+    loss = 0.5 * masked_mean(max((v - R)^2, (v_c - R)^2))            # scalar (``token_count``: token_mean)
     stats: vf_clipfrac = masked_mean((v_c - R)^2 > (v - R)^2) (detached).
     """
     m = mask.bool()
@@ -230,7 +256,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
                                          -clip_range_value, clip_range_value)
     l_unclipped = (values - returns) ** 2
     l_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l_unclipped, l_clipped), m)
+    loss = 0.5 * token_mean(torch.maximum(l_unclipped, l_clipped), m, token_count)
     with torch.no_grad():
         clipfrac = masked_mean((l_clipped > l_unclipped).to(values.dtype), m)
     return loss, {"vf_clipfrac": clipfrac}

@@ -32,6 +32,7 @@ from rlhf.ppo.losses import (
     kl_k1,
     kl_k3,
     masked_mean,
+    masked_mean_var,
     masked_rescale,
     masked_sum,
     masked_var,
@@ -155,18 +156,20 @@ def normalized_head(weight: Tensor, bias: Tensor | None, stats: dict) -> tuple[T
 
 
 def process_scores(raw: Tensor, has_eos: Tensor, *, normalization: str, stats: dict | None,
-                   clip: float | None, missing_eos_penalty: float | None) -> Tensor:
+                   clip: float | None, missing_eos_penalty: float | None, reduce_sum=None) -> Tensor:
     """Scores entering the reward, in this order (B,) -> (B,):
 
     rm_stats: s = (raw - stats.mean) / stats.std;  batch: s = (raw - mean_B) / (std_B + 1e-8);  none: s = raw
+    (``reduce_sum``: mean_B and std_B over the scores of all processes, see ``masked_mean_var``)
     s = clip(s, -clip, clip)                     (if clip)
     s = s + missing_eos_penalty * (no EOS)       (if missing_eos_penalty)
     """
     s = raw.float()
     if normalization == "rm_stats":
         s = (s - float(stats["mean"])) / max(float(stats["std"]), 1e-8)
-    elif normalization == "batch" and s.numel() > 1:
-        s = (s - s.mean()) / (s.std() + 1e-8)
+    elif normalization == "batch":
+        mean, var = masked_mean_var(s, torch.ones_like(s), True, reduce_sum)
+        s = (s - mean) / (var.sqrt() + 1e-8)
     if clip is not None:
         s = s.clamp(-clip, clip)
     if missing_eos_penalty is not None:
@@ -268,7 +271,7 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
 
 def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_estimator: str, gamma: float,
                     lam: float, whiten_advantages: bool, estimator: str = "gae", group_size: int = 1,
-                    kl_in: str = "reward", grpo_scale_std: bool = True) -> Rollout:
+                    kl_in: str = "reward", grpo_scale_std: bool = True, reduce_sum=None) -> Rollout:
     """Fill rewards, kl, advantages and returns of ``rollout`` (in place) and return it.
 
     Per-token rewards: the (estimator-adjusted) score at the last token, minus ``kl_coef`` x KL per token
@@ -280,6 +283,9 @@ def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_esti
                     (rloo: divided by its std over the batch, not re-centred, if ``whiten_advantages``;
                     grpo: never, it is normalised)
     * reinforce_pp: advantage = return-to-go of the shaped rewards, always whitened over the whole batch
+
+    ``reduce_sum`` (``t -> sum over processes``): whitening and rescaling use the moments of the global
+    batch, split over processes; a prompt's K samples are always on one process.
     """
     m = rollout.response_mask
     rollout.scores = scores
@@ -291,13 +297,13 @@ def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_esti
     rollout.rewards, rollout.kl = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, m, penalty, kl_estimator)
     if estimator == "gae":
         adv, ret = compute_gae(rollout.rewards, rollout.values, m, gamma, lam)
-        rollout.advantages = masked_whiten(adv, m) if whiten_advantages else adv
+        rollout.advantages = masked_whiten(adv, m, reduce_sum=reduce_sum) if whiten_advantages else adv
     else:
         ret = returns_to_go(rollout.rewards, m, gamma)
         if estimator == "reinforce_pp":
-            rollout.advantages = masked_whiten(ret, m)
+            rollout.advantages = masked_whiten(ret, m, reduce_sum=reduce_sum)
         elif estimator == "rloo" and whiten_advantages:  # scaled only: the leave-one-out baseline already centres
-            rollout.advantages = masked_rescale(ret, m)
+            rollout.advantages = masked_rescale(ret, m, reduce_sum=reduce_sum)
         else:
             rollout.advantages = ret
     rollout.returns = ret

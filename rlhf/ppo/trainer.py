@@ -5,12 +5,19 @@ targets, then ``ppo_epochs`` x ``num_mini_batches`` clipped policy/value
 updates with gradient accumulation, log, and checkpoint every ``save_steps``.
 Guards stop the run on non-finite rewards, losses or gradients and on
 exploding probability ratios, naming the last good checkpoint.
+
+On N processes (``accelerate launch``, ``torchrun``) the run is data-parallel: ``rollout_batch_size``
+is the global batch; each process samples, scores and trains on its own share of the step's prompts
+(a prompt's K samples stay on one process); whitening, batch normalisation of scores and the KL
+controller's input use the global batch; the trainable gradients are summed over processes (the
+losses are normalised by the mini-batch's global token count); rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -19,16 +26,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlhf import distributed
 from rlhf.data import prompt_text
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.losses import (
     explained_variance,
     kl_penalty_loss,
     make_kl_controller,
-    masked_mean,
     policy_loss,
+    token_mean,
     value_loss,
 )
 from rlhf.ppo.monitor import SELECT_KEYS, Monitor, best_point
@@ -50,6 +58,25 @@ class PPOGuardError(UserError):
     """A guard stopped the run (non-finite values or an exploding ratio)."""
 
 
+def check_parallel(cfg: PPOStageConfig, world: int) -> None:
+    """The global batch splits evenly over ``world`` processes, and the launch is data-parallel."""
+    if world == 1:
+        return
+    for engine in ("DEEPSPEED", "FSDP"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
+            raise UserError(f"rlhf ppo runs data-parallel (each process holds the one base model), not under "
+                            f"{engine.title() if engine == 'DEEPSPEED' else engine}: launch it with "
+                            "configs/accelerate/multi_gpu.yaml (GPUs) or cpu_2proc.yaml; the DeepSpeed and FSDP "
+                            "configs are for sft, reward and dpo")
+    if cfg.prompts_per_step % world:
+        raise ConfigError(f"rollout_batch_size {cfg.rollout_batch_size} is {cfg.prompts_per_step} prompts x "
+                          f"{cfg.samples_per_prompt} samples: {cfg.prompts_per_step} prompts do not split evenly "
+                          f"over {world} processes")
+    if cfg.mini_batch_size % world:
+        raise ConfigError(f"the mini-batch of {cfg.mini_batch_size} rollouts (rollout_batch_size / num_mini_batches) "
+                          f"does not split evenly over {world} processes")
+
+
 class PPOTrainer:
     """Runs PPO steps on an :class:`~rlhf.ppo.policy.ActorCritic` against a scorer, writing into ``out_dir``."""
 
@@ -64,6 +91,10 @@ class PPOTrainer:
         self.base_name_or_path = base_name_or_path
         self.total_steps = cfg.total_steps(len(prompts))
         self.params = actor.trainable_parameters()
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = self.rank == 0
+        check_parallel(cfg, self.world)
+        distributed.broadcast_parameters(self.params)  # every process starts from rank 0's weights
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=self.total_steps)
@@ -96,7 +127,11 @@ class PPOTrainer:
     def ppo_step(self) -> dict:
         cfg = self.cfg
         k = cfg.samples_per_prompt  # rows i*k .. i*k+k-1: the k samples of one prompt
-        prompts = [self.prompts[i] for i in self.stream.next_indices() for _ in range(k)]
+        step_prompts = self.stream.next_indices()  # the same on every process; each takes its share
+        share = len(step_prompts) // self.world
+        mine = step_prompts[self.rank * share : (self.rank + 1) * share]
+        prompts = [self.prompts[i] for i in mine for _ in range(k)]
+        reduce_sum = distributed.all_reduce_sum if self.world > 1 else None
         timings: dict = {}
         start = time.perf_counter()
         self.actor.peft.eval()
@@ -108,90 +143,109 @@ class PPOTrainer:
             self._stop(f"the reward scorer returned NaN/inf for {bad} of {rollout.size} responses")
         scores = process_scores(rollout.raw_scores, rollout.has_eos, normalization=self.normalization,
                                 stats=getattr(self.scorer, "stats", None), clip=cfg.reward_clip,
-                                missing_eos_penalty=cfg.missing_eos_penalty)
+                                missing_eos_penalty=cfg.missing_eos_penalty, reduce_sum=reduce_sum)
         if not torch.isfinite(scores).all():
             self._stop("normalised rewards are NaN/inf (check the reward model's saved stats)")
         kl_coef = self.kl_ctl.value
         compute_targets(rollout, scores, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma,
                         lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, estimator=cfg.advantage_estimator,
-                        group_size=k, kl_in=cfg.kl_in, grpo_scale_std=cfg.grpo_scale_std)
+                        group_size=k, kl_in=cfg.kl_in, grpo_scale_std=cfg.grpo_scale_std, reduce_sum=reduce_sum)
         stats = rollout_stats(rollout)
-        if not math.isfinite(stats["kl/k1"]):
-            self._stop("the KL to the reference is NaN/inf")
         if rollout.values is not None:
             stats["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
                                                                          rollout.response_mask))
+        stats = distributed.all_reduce_stats(stats)  # equal shares: the mean of the means is the global mean
+        if not math.isfinite(stats["kl/k1"]):
+            self._stop("the KL to the reference is NaN/inf")
         t_train = time.perf_counter()
-        stats.update(self.update(rollout))
+        stats.update(self.update(rollout, timings))
         timings["training_s"] = time.perf_counter() - t_train
         self.kl_ctl.update(stats["kl/k1"], rollout.size)
         stats["kl/coef"] = kl_coef
         stats["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         timings["step_s"] = time.perf_counter() - start
-        stats.update({f"time/{k}": v for k, v in timings.items()})
+        stats.update({f"time/{k}": v for k, v in distributed.all_reduce_stats(timings, {"step_s": max}).items()})
+        if self.world > 1:
+            stats["time/communication_share"] = stats["time/allreduce_s"] / max(stats["time/step_s"], 1e-9)
         self.step += 1
-        self._maybe_log_samples(rollout)
+        if self.is_main:
+            self._maybe_log_samples(rollout)
         return stats
 
-    def update(self, r: Rollout) -> dict:
-        """PPO epochs x mini-batches x micro-batches on one rollout. Returns mean training stats."""
+    def update(self, r: Rollout, timings: dict | None = None) -> dict:
+        """PPO epochs x mini-batches x micro-batches on one rollout. Returns mean training stats.
+
+        Each loss is a token mean over the whole mini-batch (all its micro-batches, on all processes),
+        so the summed gradients are those of one pass over the global mini-batch.
+        """
         cfg = self.cfg
         if cfg.gradient_checkpointing:
             self.actor.peft.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         acc: dict[str, list[float]] = {}
         device = r.input_ids.device
+        comm = 0.0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(r.size, generator=gen)
-            for mb in order.split(cfg.mini_batch_size):
+            for mb in order.split(cfg.mini_batch_size // self.world):
                 self.optimizer.zero_grad(set_to_none=True)
+                tokens = distributed.all_reduce_sum(r.response_mask[mb.to(device)].sum())
                 for micro in mb.split(cfg.per_device_train_batch_size):
-                    for k, v in self._micro_step(r.select(micro.to(device))).items():
+                    for k, v in self._micro_step(r.select(micro.to(device)), float(tokens)).items():
                         acc.setdefault(k, []).append(v)
+                t_comm = time.perf_counter()
+                distributed.sum_gradients(self.params)
+                comm += time.perf_counter() - t_comm
                 norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 if not torch.isfinite(norm):
                     self._stop("the gradient norm is NaN/inf")
                 acc.setdefault("train/grad_norm", []).append(float(norm))
                 self.optimizer.step()
         self.actor.peft.eval()
+        if timings is not None:
+            timings["allreduce_s"] = comm
         reduce = {"policy/ratio_max": max, "train/tokens": sum, "train/response_tokens": sum}
-        return {k: reduce.get(k, lambda x: sum(x) / len(x))(v) for k, v in acc.items()}
+        local = {k: reduce.get(k, lambda x: sum(x) / len(x))(v) for k, v in acc.items()}
+        return distributed.all_reduce_stats(local, reduce)
 
-    def _micro_step(self, d: dict) -> dict:
-        """Forward/backward of one micro-batch; the loss is scaled for gradient accumulation."""
+    def _micro_step(self, d: dict, tokens: float) -> dict:
+        """Forward/backward of one micro-batch; each loss is its share of the mean over the mini-batch's
+        ``tokens`` response tokens (all micro-batches, all processes)."""
         cfg, actor = self.cfg, self.actor
         m = d["response_mask"]
-        scale = 1.0 / cfg.gradient_accumulation_steps
+        share = float(m.sum()) / max(tokens, 1.0)  # turns a share of the mini-batch mean into this micro-batch's mean
         out = actor.policy_forward(d["input_ids"], d["attention_mask"], d["response_ids"], cfg.temperature,
                                    with_entropy=cfg.entropy_coef > 0, trunk=d.get("policy_trunk"))
-        pg_loss, pg_stats = policy_loss(out["logprobs"], d["logprobs"], d["advantages"], m, cfg.cliprange)
+        pg_loss, pg_stats = policy_loss(out["logprobs"], d["logprobs"], d["advantages"], m, cfg.cliprange, tokens)
         ratio_max = float(pg_stats["ratio_max"])
         if cfg.max_ratio and ratio_max > cfg.max_ratio:
             self._stop(f"exploding probability ratio {ratio_max:.3g} > max_ratio {cfg.max_ratio:g}")
         loss = pg_loss
-        stats = {"policy/loss": float(pg_loss.detach()), "policy/clipfrac": float(pg_stats["clipfrac"]),
+        stats = {"policy/loss": float(pg_loss.detach()) / max(share, 1e-12),
+                 "policy/clipfrac": float(pg_stats["clipfrac"]),
                  "policy/approx_kl": float(pg_stats["approx_kl"]), "policy/ratio_max": ratio_max,
                  "train/tokens": d["input_ids"].numel(), "train/response_tokens": m.numel()}  # per forward pass
         if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * masked_mean(out["entropy"], m)
+            loss = loss - cfg.entropy_coef * token_mean(out["entropy"], m, tokens)
         if cfg.kl_in == "loss":
-            kl_loss = kl_penalty_loss(out["logprobs"], d["ref_logprobs"], m, cfg.kl_estimator)
+            kl_loss = kl_penalty_loss(out["logprobs"], d["ref_logprobs"], m, cfg.kl_estimator, tokens)
             loss = loss + self.kl_ctl.value * kl_loss
-            stats["policy/kl_loss"] = float(kl_loss.detach())
+            stats["policy/kl_loss"] = float(kl_loss.detach()) / max(share, 1e-12)
         if actor.value_model == "none":  # critic-free: the policy loss is all there is
-            self._backward(loss * scale, "policy loss")
+            self._backward(loss, "policy loss")
             return stats
         if actor.value_model == "separate":  # two graphs, freed one after the other
-            self._backward(loss * scale, "policy loss")
+            self._backward(loss, "policy loss")
             values = actor.value_forward(d["input_ids"], d["attention_mask"], d["input_ids"].shape[1] - m.shape[1],
                                          trunk=d.get("value_trunk"))
-            vf_loss, vf_stats = value_loss(values, d["values"], d["returns"], m, cfg.cliprange_value)
-            self._backward(cfg.vf_coef * vf_loss * scale, "value loss")
+            vf_loss, vf_stats = value_loss(values, d["values"], d["returns"], m, cfg.cliprange_value, tokens)
+            self._backward(cfg.vf_coef * vf_loss, "value loss")
         else:
-            vf_loss, vf_stats = value_loss(out["values"], d["values"], d["returns"], m, cfg.cliprange_value)
-            self._backward((loss + cfg.vf_coef * vf_loss) * scale, "loss")
-        stats.update({"value/loss": float(vf_loss.detach()), "value/clipfrac": float(vf_stats["vf_clipfrac"])})
+            vf_loss, vf_stats = value_loss(out["values"], d["values"], d["returns"], m, cfg.cliprange_value, tokens)
+            self._backward(loss + cfg.vf_coef * vf_loss, "loss")
+        stats.update({"value/loss": float(vf_loss.detach()) / max(share, 1e-12),
+                      "value/clipfrac": float(vf_stats["vf_clipfrac"])})
         return stats
 
     def _backward(self, loss, what: str) -> None:
@@ -217,7 +271,8 @@ class PPOTrainer:
             self.logger.text(self.step, "samples", table)
 
     def state(self) -> dict:
-        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(), "stream": self.stream.state_dict(),
+        return {"step": self.step, "world_size": self.world, "kl_controller": self.kl_ctl.state_dict(),
+                "stream": self.stream.state_dict(),
                 "history": self.history, "total_steps": self.total_steps,
                 "monitor": self.monitor.state_dict() if self.monitor is not None else []}
 
@@ -233,7 +288,11 @@ class PPOTrainer:
         return best_point(self.monitor.points, key) if key and self.monitor is not None else None
 
     def _monitor(self, kl: float) -> dict:
-        """Score the held-out answers now; keep the policy if it is the best so far. Returns log entries."""
+        """Score the held-out answers now; keep the policy if it is the best so far. Returns log entries.
+        Rank 0 scores and keeps (the others have the same weights and wait)."""
+        if not self.is_main:
+            distributed.barrier()
+            return {}
         point = self.monitor.evaluate(self.actor, self.tokenizer, self.step, kl)
         best = self.selected_point()
         if best is not None and best.step == self.step:
@@ -246,17 +305,29 @@ class PPOTrainer:
         row = {"monitor/proxy": point.proxy, "monitor/sqrt_kl": point.sqrt_kl, "monitor/length": point.length}
         if point.gold is not None:
             row["monitor/gold"] = point.gold
+        distributed.barrier()
         return row
 
     def save(self) -> Path:
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.ckpt_dir, self.step, actor=self.actor, optimizer=self.optimizer, scheduler=self.scheduler,
-            state=self.state(), base_name_or_path=self.base_name_or_path, keep=self.cfg.save_total_limit)
+        """Rank 0 writes the checkpoint, with every process's RNG state; all processes wait for it."""
+        rngs = distributed.all_gather_object(ckpt.rng_state())
+        if self.is_main:
+            ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, actor=self.actor, optimizer=self.optimizer, scheduler=self.scheduler,
+                state=self.state(), base_name_or_path=self.base_name_or_path, keep=self.cfg.save_total_limit,
+                rng_states=rngs)
+        distributed.barrier()
+        self.last_checkpoint = self.ckpt_dir / ckpt.step_dir_name(self.step)
         self.saved_step = self.step
         return self.last_checkpoint
 
     def resume(self, path) -> None:
-        state = ckpt.load_checkpoint(path, actor=self.actor, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = ckpt.load_checkpoint(path, actor=self.actor, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     rank=self.rank)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world:
+            raise UserError(f"checkpoint {path} was written by a run on {saved_world} process(es); resume it on "
+                            f"{saved_world}, not {self.world}")
         self.step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         if state["stream"].get("n") != len(self.prompts):
@@ -268,19 +339,24 @@ class PPOTrainer:
             self.monitor.load_state_dict(state.get("monitor", []))
         self.last_checkpoint = Path(path)
         self.saved_step = self.step
-        _truncate_jsonl(self.out_dir / "logs" / "metrics.jsonl", self.step)
-        _truncate_jsonl(self.out_dir / "logs" / "samples.jsonl", self.step)
+        if self.is_main:
+            _truncate_jsonl(self.out_dir / "logs" / "metrics.jsonl", self.step)
+            _truncate_jsonl(self.out_dir / "logs" / "samples.jsonl", self.step)
 
     def train(self) -> dict:
         """Run until ``total_steps``; returns the summary written to metrics.json."""
         cfg = self.cfg
-        ckpt.clean_stale(self.ckpt_dir)
+        if self.is_main:
+            ckpt.clean_stale(self.ckpt_dir)
+        distributed.barrier()
         if cfg.resume_from_checkpoint:
             path = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.ckpt_dir)
             self.resume(path)
-            tqdm.write(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            if self.is_main:
+                tqdm.write(f"resumed from {path} at step {self.step}", file=sys.stderr)
         watch = time.perf_counter()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", unit="step",
+                   disable=not (cfg.progress and self.is_main))
         if self.monitor is not None and self.step == 0:  # the starting policy: the point at KL 0
             row = self._monitor(0.0)
             if self.logger is not None:
@@ -318,6 +394,7 @@ class PPOTrainer:
             "kl_coef_final": self.kl_ctl.value,
             "reward_normalization": self.normalization,
             "wall_time_s": round(seconds, 2),
+            "world_size": self.world,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             **({"monitor": [p.as_dict() for p in self.monitor.points]} if self.monitor is not None else {}),
         }
@@ -351,11 +428,13 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     from rlhf.ppo.scorers import Scorer
     from rlhf.tracking import MetricsLogger
 
+    world, is_main = distributed.world_size(), distributed.is_main()
+    check_parallel(cfg, world)
     set_seed(cfg.seed)
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
     held_out = load_prompts(cfg.eval_dataset_name, cfg.eval_max_prompts) if cfg.eval_steps else None
     gold = wiring.load_gold_scorer(cfg) if cfg.eval_steps else None
-    wiring.check_output_dir(cfg)  # created only once set-up has succeeded
+    out = wiring.check_output_dir(cfg)  # created only once set-up has succeeded
     if scorer is None:
         wiring.check_reward_model(cfg)  # before the policy loads
     tokenizer, actor, base_path = wiring.load_actor(cfg)
@@ -368,20 +447,30 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     if held_out is not None:
         monitor = Monitor(held_out, scorer, gold, max_new_tokens=cfg.max_new_tokens,
                           max_prompt_length=cfg.max_prompt_length, chunk=cfg.per_device_eval_batch_size)
-    set_seed(cfg.seed)  # the same RNG stream whatever the set-up consumed
-    out = wiring.prepare_output_dir(cfg)
-    save_config(cfg, out / "run_config.yaml")
-    logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard")
+    set_seed(cfg.seed + distributed.rank())  # the same RNG stream whatever the set-up consumed; one per process
+    distributed.barrier()  # every process has checked output_dir before rank 0 prepares it
+    logger = None
+    if is_main:
+        out = wiring.prepare_output_dir(cfg)
+        save_config(cfg, out / "run_config.yaml")
+        logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard")
+    distributed.barrier()
     trainable = sum(p.numel() for p in actor.trainable_parameters())
     head = [] if actor.value_head is None else list(actor.value_head.parameters())
     total = count_parameters(actor.peft)[1] + sum(p.numel() for p in head)
-    wiring.notice(f"PPO: {len(prompts)} prompts, {trainable:,} of {total:,} parameters trainable")
+    if is_main:
+        on = f" on {world} processes" if world > 1 else ""
+        wiring.notice(f"PPO{on}: {len(prompts)} prompts, {trainable:,} of {total:,} parameters trainable")
     try:
         trainer = PPOTrainer(cfg, actor, tokenizer, scorer, prompts, out, logger, base_name_or_path=base_path,
                              monitor=monitor)
         summary = trainer.train()
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+    if not is_main:
+        distributed.barrier()  # rank 0 exports
+        return {}
     selected = trainer.selected_point()
     if selected is not None:  # the best monitored policy, kept in best_policy/ (STEP names it) when it was scored
         kept = trainer.best_policy_dir
@@ -402,4 +491,5 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     write_json(out / "metrics.json", metrics)
     wiring.notice(f"PPO done in {summary['wall_time_s']:.0f}s: reward {summary['reward_first_steps']:.3f} -> "
                   f"{summary['reward_last_steps']:.3f}; adapter in {out}")
+    distributed.barrier()
     return metrics
