@@ -35,6 +35,9 @@ class PipelineConfig:
     work_dir: str = field("outputs/demo", "folder holding every stage's output")
     model_name_or_path: str = field("smollm2-135m-instruct", "base model for every stage")
     seed: int = field(42, "random seed for every stage")
+    num_processes: int = field(
+        1, "processes for the training stages (sft, reward, ppo, dpo): > 1 starts each with `accelerate launch`"
+    )
     force: bool = field(False, "re-run stages whose output already exists")
     align: Literal["ppo", "dpo"] = field(
         "ppo", "how the SFT policy is aligned: PPO against the reward model, or DPO on the preference pairs"
@@ -63,6 +66,7 @@ class PipelineConfig:
         require(self.simulated_labelers >= 0, "config key 'simulated_labelers' must be >= 0")
         require(0.0 <= self.rule_noise < 0.5, "config key 'rule_noise' must be in [0, 0.5)")
         require(self.rule_min_gap >= 0.0, "config key 'rule_min_gap' must be >= 0")
+        require(self.num_processes >= 1, "config key 'num_processes' must be >= 1")
         other = "dpo" if self.align == "ppo" else "ppo"
         require(self.stop_after != other,
                 f"config key 'stop_after' is {other}, a stage align: {self.align} does not run")
@@ -108,6 +112,38 @@ def run_steps(steps: list[Step], force: bool, stop_after: str | None) -> list[di
     return rows
 
 
+def launched(cfg: PipelineConfig, name: str, stage, run: Callable[[], object]) -> Callable[[], object]:
+    """``run`` in this process, or, with ``num_processes`` > 1, ``rlhf NAME`` on that many processes started
+    by ``accelerate launch`` (GPUs when there are, else gloo on CPU) with the stage's config written to
+    ``work_dir/launch/NAME.yaml``."""
+    if cfg.num_processes == 1:
+        return run
+
+    def run_launched():
+        import socket
+        import subprocess
+
+        from rlhf.config import save_config
+        from rlhf.errors import UserError
+
+        config = cfg.path("launch") / f"{name}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        save_config(stage, config)
+        with socket.socket() as sock:  # a free port for the process group
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+               "--num_processes", str(cfg.num_processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(port),
+               "-m", "rlhf.cli", name, "--config", str(config)]
+        status = subprocess.run(cmd).returncode
+        if status:
+            raise UserError(f"stage {name} failed on {cfg.num_processes} processes (exit status {status}); "
+                            f"its config: {config}")
+
+    return run_launched
+
+
 # the stages
 
 
@@ -122,7 +158,7 @@ def sft_step(cfg: PipelineConfig) -> Step:
     derived = {"model_name_or_path": cfg.model_name_or_path, "seed": cfg.seed, "output_dir": str(out)}
     stage = stage_config(SFTStageConfig, cfg, "sft", derived)
 
-    return Step("sft", _exists(out), lambda: run_sft(stage))
+    return Step("sft", _exists(out), launched(cfg, "sft", stage, lambda: run_sft(stage)))
 
 
 def reward_step(cfg: PipelineConfig) -> Step:
@@ -139,7 +175,7 @@ def reward_step(cfg: PipelineConfig) -> Step:
         derived["eval_dataset_name"] = str(cfg.path("prefs.test.jsonl"))
     stage = stage_config(RewardStageConfig, cfg, "reward", derived)
 
-    return Step("reward", _exists(out), lambda: run_reward(stage))
+    return Step("reward", _exists(out), launched(cfg, "reward", stage, lambda: run_reward(stage)))
 
 
 def ppo_step(cfg: PipelineConfig) -> Step:
@@ -157,7 +193,7 @@ def ppo_step(cfg: PipelineConfig) -> Step:
     }
     stage = stage_config(PPOStageConfig, cfg, "ppo", derived)
 
-    return Step("ppo", _exists(out), lambda: run_ppo(stage))
+    return Step("ppo", _exists(out), launched(cfg, "ppo", stage, lambda: run_ppo(stage)))
 
 
 def dpo_step(cfg: PipelineConfig) -> Step:
@@ -175,7 +211,7 @@ def dpo_step(cfg: PipelineConfig) -> Step:
         derived["eval_dataset_name"] = str(cfg.path("prefs.test.jsonl"))
     stage = stage_config(DPOStageConfig, cfg, "dpo", derived)
 
-    return Step("dpo", _exists(out), lambda: run_dpo(stage))
+    return Step("dpo", _exists(out), launched(cfg, "dpo", stage, lambda: run_dpo(stage)))
 
 
 def export_step(cfg: PipelineConfig) -> Step:

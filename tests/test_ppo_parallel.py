@@ -133,3 +133,18 @@ def test_the_global_batch_must_split_over_the_processes(tiny_model_dir, tmp_path
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(UserError, match="data-parallel"):
         check_parallel(driver.config(tiny_model_dir, tmp_path), 2)
+
+
+def test_pipeline_launches_a_stage_on_two_processes(tiny_model_dir, tmp_path, monkeypatch):
+    """`rlhf pipeline --num_processes 2` runs `rlhf ppo` itself under accelerate launch (no driver)."""
+    from rlhf.pipeline import PipelineConfig, launched
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = PipelineConfig(work_dir=str(tmp_path / "work"), num_processes=2)
+    stage = _driver().config(tiny_model_dir, tmp_path / "work" / "ppo", reward_model="rule", max_steps=1,
+                             advantage_estimator="rloo", samples_per_prompt=2)
+    launched(cfg, "ppo", stage, lambda: pytest.fail("ran in this process"))()
+    metrics = json.loads((tmp_path / "work" / "ppo" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["rollouts"] == 8
+    assert (tmp_path / "work" / "launch" / "ppo.yaml").is_file()
