@@ -395,9 +395,16 @@ class PPOTrainer:
             "reward_normalization": self.normalization,
             "wall_time_s": round(seconds, 2),
             "world_size": self.world,
+            "peak_rss_mb": distributed.all_gather_object(_peak_rss_mb()),  # one per process
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             **({"monitor": [p.as_dict() for p in self.monitor.points]} if self.monitor is not None else {}),
         }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def _truncate_jsonl(path: Path, max_step: int) -> None:
