@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.errors import UserError
 from rlhf.ppo import wiring
 from rlhf.models import lora_config
 from rlhf.ppo.policy import POLICY, REFERENCE, VALUE, build_actor_critic
@@ -342,3 +343,39 @@ def test_packed_op_probe_leaves_the_global_rng_alone():
     after = torch.rand(3)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(3))
+
+
+def test_policy_init_starts_the_policy_from_a_previous_adapter(tiny_model_dir, tmp_path):
+    """Round 2 of iterative RLHF: the policy starts from round 1's aligned adapter, the reference stays SFT."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
+    run_ppo(ppo_config(tiny_model_dir, tmp_path / "round1", sft_adapter=str(sft), max_steps=2),
+            scorer=TokenCountScorer(list(range(10, 42))))
+    previous = load_file(str(tmp_path / "round1" / "adapter_model.safetensors"))
+    sft_weights = load_file(str(sft / "adapter_model.safetensors"))
+    assert max(float((previous[k] - sft_weights[k]).abs().max()) for k in previous) > 1e-4  # round 1 moved
+
+    def build(policy_init):
+        return build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=str(sft),
+                                  lora=lora_config(4, 8, 0.0, ["all-linear"]), policy_init=policy_init)
+
+    actor = build(str(tmp_path / "round1"))
+    policy = get_peft_model_state_dict(actor.peft, adapter_name=POLICY)
+    reference = get_peft_model_state_dict(actor.peft, adapter_name=REFERENCE)
+    assert policy.keys() == previous.keys()
+    for k in previous:
+        assert torch.equal(policy[k], previous[k]), k
+        assert torch.equal(reference[k], sft_weights[k]), k
+    import json
+    import shutil
+
+    other = shutil.copytree(sft, tmp_path / "other")
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    with pytest.raises(UserError, match="policy_init: .* has r 2, the policy adapter 4"):
+        build(str(other))
+    with pytest.raises(UserError, match="not a LoRA adapter folder"):
+        build(str(tmp_path))

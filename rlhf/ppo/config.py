@@ -31,6 +31,10 @@ class PPOStageConfig(TrainingConfig):
     sft_adapter: Optional[str] = field(
         None, "SFT LoRA adapter folder: becomes the frozen reference and the starting point of the policy"
     )
+    policy_init: Optional[str] = field(
+        None, "start the policy from this LoRA adapter (e.g. the previous round's aligned policy) instead of a "
+        "copy of sft_adapter, which stays the reference; same LoRA shape"
+    )
     reward_model: Optional[str] = field(
         None, "reward-model folder written by `rlhf reward`, or `rule` (reward.rules: concise answers ending in '.')"
     )

@@ -44,6 +44,7 @@ def check_output_dir(cfg: PPOStageConfig) -> Path:
 
     out = check_folder(cfg.output_dir)
     check_not_input(out, {"dataset_name": cfg.dataset_name, "sft_adapter": cfg.sft_adapter,
+                          "policy_init": cfg.policy_init,
                           "reward_model": cfg.reward_model, "model_name_or_path": cfg.model_name_or_path},
                     replaced=False)  # PPO writes into output_dir (checkpoints, resume), it does not replace it
     if cfg.resume_from_checkpoint:
@@ -86,7 +87,7 @@ def load_actor(cfg: PPOStageConfig):
                        top_layers=cfg.lora_top_layers, num_layers=n_blocks)
     value_model = cfg.value_model if cfg.critic else "none"
     actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora, value_model=value_model,
-                               base_name_or_path=base_path)
+                               base_name_or_path=base_path, policy_init=cfg.policy_init)
     actor.freeze_policy_below(cfg.lora_top_layers)
     actor.merge_for_generation = cfg.merge_for_generation
     return tokenizer, actor, base_path
