@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.errors import UserError
-from rlhf.interpolate import interpolate_lora, is_plain_lora, is_scalable_lora, scale_lora
+from rlhf.interpolate import is_exact_lora, lora_interpolation
 from rlhf.outputs import check_output_dir, staged_output, write_json
 
 if TYPE_CHECKING:  # the config below is imported by the CLI parser: torch loads only when an export runs
@@ -206,30 +206,21 @@ def export_interpolation(cfg: ExportConfig, base: str | None, start: str | None,
     """
     from rlhf.interpolate import mix_parameters
 
-    exact, write = False, None
+    exact, tuned, sft = False, None, None
     if not is_full_model(cfg.adapter) and (start is None or not is_full_model(start)):
-        tuned_cfg, tuned_state = adapter_config(cfg.adapter), load_adapter_state(cfg.adapter)
-        if start is None:
-            exact = is_scalable_lora(tuned_cfg, tuned_state)
-            write = lambda: (tuned_cfg, scale_lora(tuned_state, cfg.alpha))  # noqa: E731
-        else:
-            sft_cfg, sft_state = adapter_config(start), load_adapter_state(start)
-            exact = is_plain_lora(tuned_cfg, tuned_state) and is_plain_lora(sft_cfg, sft_state)
-
-            def write():
-                terms = [(1.0 - cfg.alpha, sft_state, sft_cfg), (cfg.alpha, tuned_state, tuned_cfg)]
-                state, rank = interpolate_lora(terms)  # UserError when targets or ranks differ
-                return dict(tuned_cfg, r=rank, lora_alpha=rank, use_rslora=False), state
+        tuned = adapter_config(cfg.adapter), load_adapter_state(cfg.adapter)
+        sft = None if start is None else (adapter_config(start), load_adapter_state(start))
+        exact = is_exact_lora(tuned, sft)
     if cfg.interpolate_format == "adapter" and not exact:
         raise UserError("this interpolation is not exactly one LoRA adapter; use interpolate_format=merged")
     if exact and cfg.interpolate_format != "merged":
         from safetensors.torch import save_file
 
         try:
-            new_cfg, state = write()
-        except UserError:
+            new_cfg, state = lora_interpolation(cfg.alpha, tuned, sft)  # UserError when targets or ranks differ
+        except UserError as exc:
             if cfg.interpolate_format == "adapter":
-                raise
+                raise UserError(f"{exc}; use interpolate_format=merged") from None
         else:
             new_cfg = dict(new_cfg, base_model_name_or_path=base)
             (work / "adapter_config.json").write_text(json.dumps(new_cfg, indent=2))
@@ -237,10 +228,10 @@ def export_interpolation(cfg: ExportConfig, base: str | None, start: str | None,
             tokenizer.save_pretrained(work)
             return "adapter"
     start_model = load_endpoint(base, start)
-    tuned = load_endpoint(base, cfg.adapter)
-    mix_parameters(tuned, start_model, cfg.alpha, (cfg.adapter, start or str(base)))
+    tuned_model = load_endpoint(base, cfg.adapter)
+    mix_parameters(tuned_model, start_model, cfg.alpha, (cfg.adapter, start or str(base)))
     del start_model
-    save_merged(tuned, tokenizer, work)
+    save_merged(tuned_model, tokenizer, work)
     return "merged"
 
 

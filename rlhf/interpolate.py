@@ -8,8 +8,10 @@ adapters the interpolation is itself a LoRA wherever that is exact:
 * from an SFT LoRA the policy started as a copy of: DeltaW(alpha) = (1 - alpha) * DeltaW_sft +
   alpha * DeltaW_policy, a LoRA of rank r_sft + r_policy (:func:`interpolate_lora`).
 
-Anything else (other adapter kinds, differing targets, full fine-tuned models) is mixed tensor by
-tensor on the full weights (:func:`mix_parameters`). Loading and writing live in :mod:`rlhf.export`.
+:func:`lora_interpolation` picks between the two; ``rlhf export`` writes its result and ``rlhf eval
+--alpha_sweep`` loads it for each alpha. Anything else (other adapter kinds, differing targets, full
+fine-tuned models) is mixed tensor by tensor on the full weights (:func:`mix_parameters`). Loading
+and writing live in :mod:`rlhf.export`.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def interpolate_lora(
 
     keys = [sorted(k for k in sd if ".lora_A." in k) for _, sd, _ in terms]
     if any(k != keys[0] for k in keys):
-        raise UserError("adapters wrap different modules; interpolation can only be written merged")
+        raise UserError("the two adapters wrap different modules: their interpolation is not one LoRA adapter")
     out: dict[str, torch.Tensor] = {}
     total_rank = None
     for a_key in keys[0]:
@@ -66,7 +68,7 @@ def interpolate_lora(
         out[b_key] = torch.cat(b_parts, dim=1).contiguous()
         rank = out[a_key].shape[0]
         if total_rank not in (None, rank):
-            raise UserError("adapters use per-module ranks; interpolation can only be written merged")
+            raise UserError("the adapters use per-module ranks: their interpolation is not one LoRA adapter")
         total_rank = rank
     return out, int(total_rank or 0)
 
@@ -99,6 +101,39 @@ def is_scalable_lora(cfg: dict, state: dict) -> bool:
         and not cfg.get("use_dora")
         and all(any(tag in k for tag in LORA_A + LORA_B) for k in state)
     )
+
+
+def lora_interpolation(
+    alpha: float, tuned: tuple[dict, dict[str, torch.Tensor]], start: tuple[dict, dict[str, torch.Tensor]] | None = None,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """theta(alpha) = (1 - alpha) * theta_start + alpha * theta_tuned as one LoRA adapter, exactly.
+
+    ``tuned`` / ``start``: (adapter config, adapter state dict) of the fine-tuned LoRA and of the SFT
+    LoRA it started from; ``start`` None means the base model. Returns (adapter config, state dict):
+    from the base, the tuned adapter with B scaled by alpha (:func:`scale_lora`, same config); from an
+    SFT LoRA, both products side by side (:func:`interpolate_lora`), rank r = r_sft + r_tuned with
+    ``lora_alpha = r`` (scale 1). The config does not depend on alpha. UserError when the result is not
+    one LoRA (see :func:`is_exact_lora`, or the two wrap different modules).
+    """
+    if not is_exact_lora(tuned, start):
+        raise UserError("this interpolation is not exactly one LoRA adapter (it needs LoRA adapters "
+                        "without DoRA or full module copies, and plain ones when starting from an SFT adapter)")  # fmt: skip
+    tuned_cfg, tuned_state = tuned
+    if start is None:
+        return tuned_cfg, scale_lora(tuned_state, alpha)
+    state, rank = interpolate_lora([(1.0 - alpha, start[1], start[0]), (alpha, tuned_state, tuned_cfg)])
+    return dict(tuned_cfg, r=rank, lora_alpha=rank, use_rslora=False), state
+
+
+def is_exact_lora(tuned: tuple[dict, dict], start: tuple[dict, dict] | None) -> bool:
+    """Whether :func:`lora_interpolation` applies: a scalable LoRA from the base, two plain LoRAs from an SFT one.
+
+    (From an SFT LoRA the two must also wrap the same modules with one rank each; that is checked
+    when the products are stacked.)
+    """
+    if start is None:
+        return is_scalable_lora(*tuned)
+    return is_plain_lora(*tuned) and is_plain_lora(*start)
 
 
 def mix_parameters(tuned: nn.Module, start: nn.Module, alpha: float, names: tuple[str, str]) -> None:
