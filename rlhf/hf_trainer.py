@@ -39,6 +39,66 @@ def trainer_kwargs(cfg: TrainingConfig, output_dir: str, has_eval: bool, eval_st
     }
 
 
+class WholeEvalSet:
+    """Mixin for a ``transformers.Trainer``: on N processes every process evaluates the whole eval set.
+
+    ``Trainer`` gives each process 1/N of the eval set and, to keep the shares equal, pads the last one with
+    repeats of the first examples, which then count in the loss and in TRL's metrics (DPO's reward accuracy,
+    margins, log-probs). Here every process walks the batches one process would and keeps its own values
+    (the trainer's cross-batch gather is skipped), so ``evaluate()`` returns the one-process figures. Inside a
+    batch TRL still gathers over processes, i.e. N identical copies, whose means are the one-process means.
+    Evaluation costs one process's time on each; training is still split. One process: ``Trainer`` as is.
+    """
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.accelerator.num_processes == 1:
+            return super().get_eval_dataloader(eval_dataset)
+        import datasets
+        from accelerate.data_loader import prepare_data_loader
+        from torch.utils.data import DataLoader
+
+        if isinstance(eval_dataset, str):
+            dataset = self.eval_dataset[eval_dataset]
+        else:
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        collate = self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="Evaluation")
+        else:
+            collate = self._get_collator_with_removed_columns(collate, description="Evaluation")
+        loader = DataLoader(dataset, batch_size=self.args.eval_batch_size, collate_fn=collate,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        # accelerate's wrapper for one "process" (no sharding): while iterated it is the loader gather_for_metrics
+        # consults, even when an evaluation runs in the middle of a training epoch
+        loader = prepare_data_loader(loader, num_processes=1, process_index=0, put_on_device=False)
+        loader.whole_eval_set = True
+        return loader
+
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        if not getattr(dataloader, "whole_eval_set", False):
+            return super().evaluation_loop(dataloader, *args, **kwargs)
+        saved, self.gather_function = self.gather_function, self._own_values
+        try:
+            return super().evaluation_loop(dataloader, *args, **kwargs)
+        finally:
+            self.gather_function = saved
+
+    def _own_values(self, tensors, *args, **kwargs):
+        """``gather_for_metrics`` of one process: every process already holds every value. The trainer repeats a
+        batch's loss ``eval_batch_size`` times; in a short last batch only its real rows are kept."""
+        from accelerate.utils import recursively_apply
+
+        state = self.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            return recursively_apply(lambda t: t[: state.remainder], tensors)
+        return tensors
+
+
+def whole_eval_set(trainer_cls: type) -> type:
+    """``trainer_cls`` with :class:`WholeEvalSet` mixed in."""
+    return type(trainer_cls.__name__, (WholeEvalSet, trainer_cls), {"__module__": __name__})
+
+
 class Stopwatch:
     def __init__(self):
         self.start = time.perf_counter()

@@ -95,7 +95,7 @@ def staged_output(output_dir: str | os.PathLike, key: str = "output_dir"):
     behind. An ``output_dir`` that is an existing file is refused before anything is written.
     """
     final = check_output_dir(output_dir, key).resolve()
-    staging = final.with_name(final.name + ".incomplete")
+    staging = staging_path(final)
     with created_parents(final):
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -113,6 +113,40 @@ def staged_output(output_dir: str | os.PathLike, key: str = "output_dir"):
             final.rename(old)
         staging.rename(final)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_path(final: Path) -> Path:
+    """The folder :func:`staged_output` fills before it replaces ``final``."""
+    return final.with_name(final.name + ".incomplete")
+
+
+@contextmanager
+def shared_staged_output(output_dir: str | os.PathLike, key: str = "output_dir"):
+    """:func:`staged_output` for a stage that N launched processes run together; ``staged_output`` in one.
+
+    Rank 0 prepares the staging folder and, once every process has left the body, publishes it; every
+    process gets the same path (so a trainer's own files, such as checkpoints, have one place), and the
+    others return only after the folder is published. Only rank 0 writes our files (the caller checks
+    :func:`rlhf.distributed.is_main`). If a process fails, the launcher stops the others.
+    """
+    from rlhf import distributed
+
+    if distributed.world_size() == 1:
+        with staged_output(output_dir, key) as work:
+            yield work
+        return
+    if distributed.is_main():
+        with staged_output(output_dir, key) as work:
+            distributed.barrier()  # 1: the staging folder exists
+            yield work
+            distributed.barrier()  # 2: every process is done with it
+        distributed.barrier()  # 3: published
+        return
+    staging = staging_path(check_output_dir(output_dir, key).resolve())
+    distributed.barrier()  # 1
+    yield staging
+    distributed.barrier()  # 2
+    distributed.barrier()  # 3
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:
