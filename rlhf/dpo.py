@@ -19,6 +19,9 @@ Output folder (written through ``staged_output``, so nothing appears if the run 
       adapter_config.json, adapter_model.safetensors   the policy LoRA (PEFT, base = the original base)
       tokenizer files                                  the tokenizer it was trained with
       run_config.yaml, metrics.json, logs/             resolved config, results, metrics.jsonl + TensorBoard
+
+Launched on N processes (``accelerate launch``), every process trains on its share of each batch (TRL's
+trainer synchronises the gradients) and rank 0 alone writes the folder.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
 from rlhf.errors import DataError, UserError
-from rlhf.outputs import staged_output, write_json
+from rlhf.outputs import shared_staged_output, write_json
 
 # the loss types TRL 1.16's DPOTrainer implements (trl/trainer/dpo_trainer.py, _compute_loss)
 LOSS_TYPES = Literal[
@@ -161,7 +164,7 @@ def build_trainer(cfg: DPOStageConfig, work: Path, train_pairs, held_pairs, logg
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf.hf_trainer import trainer_kwargs
+    from rlhf.hf_trainer import trainer_kwargs, whole_eval_set
     from rlhf.models import load_tokenizer, pick_device, tokenizer_source
     from rlhf.tracking import LoggerCallback
 
@@ -181,7 +184,7 @@ def build_trainer(cfg: DPOStageConfig, work: Path, train_pairs, held_pairs, logg
         dataset_num_proc=None,
         dataloader_pin_memory=pick_device().type == "cuda",
     )
-    trainer = DPOTrainer(
+    trainer = whole_eval_set(DPOTrainer)(
         model=model,
         args=args,
         train_dataset=pairs_to_dataset(train_pairs),
@@ -228,6 +231,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     """Train the policy adapter with DPO and write ``cfg.output_dir``; returns the metrics of ``metrics.json``."""
     import shutil
 
+    from rlhf import distributed
     from rlhf.data import fingerprint
     from rlhf.hf_trainer import Stopwatch
     from rlhf.models import count_parameters, resolve_model_path
@@ -238,29 +242,33 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     if cfg.sft_adapter:
         check_sft_adapter(cfg.sft_adapter)  # before anything is loaded or written
     train_pairs, held_pairs = load_splits(cfg)
-    if not cfg.sft_adapter:
+    main, world = distributed.is_main(), distributed.world_size()
+    if not cfg.sft_adapter and main:
         print(
             f"DPO without sft_adapter: the reference is {cfg.model_name_or_path} itself (adapters disabled)",
             file=sys.stderr,
         )
-    with staged_output(cfg.output_dir) as work:
-        logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard")
+    with shared_staged_output(cfg.output_dir) as work:
+        logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard") if main else None
         try:
             trainer = build_trainer(cfg, work, train_pairs, held_pairs, logger)
             trainable, total = count_parameters(trainer.model)
             dropped = len(train_pairs) - len(trainer.train_dataset)
-            print(
-                f"DPO ({cfg.loss_type}, beta {cfg.beta}): {len(trainer.train_dataset)} train pairs, "
-                f"{len(held_pairs)} held-out pairs, {trainable:,} of {total:,} parameters trainable, reference = "
-                + (f"SFT adapter {cfg.sft_adapter}" if cfg.sft_adapter else f"{cfg.model_name_or_path}")
-                + (f", {dropped} pairs dropped (prompt longer than max_length)" if dropped else ""),
-                file=sys.stderr,
-            )
+            if main:
+                print(
+                    f"DPO ({cfg.loss_type}, beta {cfg.beta}): {len(trainer.train_dataset)} train pairs, "
+                    f"{len(held_pairs)} held-out pairs, {trainable:,} of {total:,} parameters trainable, reference = "
+                    + (f"SFT adapter {cfg.sft_adapter}" if cfg.sft_adapter else f"{cfg.model_name_or_path}")
+                    + (f", {dropped} pairs dropped (prompt longer than max_length)" if dropped else "")
+                    + (f", {world} processes" if world > 1 else ""),
+                    file=sys.stderr,
+                )
             result = trainer.train()
             runtime = result.metrics.get("train_runtime", 0.0)
             metrics = {
                 "loss_type": cfg.loss_type,
                 "beta": cfg.beta,
+                "world_size": world,
                 "train_loss": result.metrics.get("train_loss"),
                 **train_metrics(trainer),
                 "train_pairs": len(trainer.train_dataset),
@@ -277,15 +285,20 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
             if held_pairs:
                 held = held_out_metrics(trainer)
                 metrics.update(held)
-                logger.log(trainer.state.global_step, {f"final/{k}": v for k, v in held.items()})
+                if logger is not None:
+                    logger.log(trainer.state.global_step, {f"final/{k}": v for k, v in held.items()})
         finally:
-            logger.close()
-        save_policy(trainer.model, work, resolve_model_path(cfg.model_name_or_path))
-        trainer.processing_class.save_pretrained(str(work))
-        shutil.rmtree(work / "trainer", ignore_errors=True)
-        metrics["wall_time_s"] = watch.seconds
-        save_config(cfg, work / "run_config.yaml")
-        write_json(work / "metrics.json", metrics)
+            if logger is not None:
+                logger.close()
+        if main:
+            save_policy(trainer.model, work, resolve_model_path(cfg.model_name_or_path))
+            trainer.processing_class.save_pretrained(str(work))
+            shutil.rmtree(work / "trainer", ignore_errors=True)
+            metrics["wall_time_s"] = watch.seconds
+            save_config(cfg, work / "run_config.yaml")
+            write_json(work / "metrics.json", metrics)
+    if not main:
+        return metrics
     acc = metrics.get("eval_rewards/accuracies")
     tail = ""
     if acc is not None:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
 from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
 from rlhf.errors import ConfigError
-from rlhf.hf_trainer import Stopwatch, trainer_kwargs
-from rlhf.outputs import check_not_input, staged_output, write_json
+from rlhf.hf_trainer import Stopwatch, trainer_kwargs, whole_eval_set
+from rlhf.outputs import check_not_input, shared_staged_output, write_json
 
 if TYPE_CHECKING:  # the config above is imported by the CLI parser: torch & co. load only when a run starts
     from torch import nn
@@ -144,7 +144,7 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
     )
-    return SFTTrainer(
+    return whole_eval_set(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=train,
@@ -156,9 +156,14 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
 
 
 def run_sft(cfg: SFTStageConfig) -> dict:
-    """Train and write ``cfg.output_dir`` (adapter or model, tokenizer, run_config.yaml, metrics.json)."""
+    """Train and write ``cfg.output_dir`` (adapter or model, tokenizer, run_config.yaml, metrics.json).
+
+    Launched on N processes, every process trains (TRL's trainer shards the batches and synchronises the
+    gradients) and rank 0 alone writes the folder.
+    """
     import shutil
 
+    from rlhf import distributed
     from rlhf.models import count_parameters
     from rlhf.reft import save_reft
     from rlhf.tracking import MetricsLogger
@@ -166,18 +171,21 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     watch = Stopwatch()
     check_not_input(cfg.output_dir, {"dataset_name": cfg.dataset_name, "eval_dataset_name": cfg.eval_dataset_name,
                                      "model_name_or_path": cfg.model_name_or_path})  # fmt: skip
-    with staged_output(cfg.output_dir) as work:
-        logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard")
+    main, world = distributed.is_main(), distributed.world_size()
+    with shared_staged_output(cfg.output_dir) as work:
+        logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard") if main else None
         trainer = build_trainer(cfg, work, logger)
         trainable, total = count_parameters(trainer.model)
-        print(
-            f"SFT ({cfg.method}): {len(trainer.train_dataset)} train examples, "
-            f"{trainable:,} of {total:,} parameters trainable",
-            file=sys.stderr,
-        )
+        if main:
+            print(
+                f"SFT ({cfg.method}): {len(trainer.train_dataset)} train examples, "
+                f"{trainable:,} of {total:,} parameters trainable" + (f", {world} processes" if world > 1 else ""),
+                file=sys.stderr,
+            )
         result = trainer.train()
         metrics = {
             "method": cfg.method,
+            "world_size": world,
             "train_loss": result.metrics.get("train_loss"),
             "train_examples": len(trainer.train_dataset),
             "steps": trainer.state.global_step,
@@ -190,17 +198,22 @@ def run_sft(cfg: SFTStageConfig) -> dict:
             eval_loss = trainer.evaluate()["eval_loss"]
             metrics.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
             metrics["eval_examples"] = len(trainer.eval_dataset)
-        logger.close()
-        if cfg.method == "loreft":
-            save_reft(trainer.model, work)
-        else:
-            trainer.save_model(str(work))
-        trainer.processing_class.save_pretrained(str(work))
-        shutil.rmtree(work / "trainer", ignore_errors=True)
-        metrics["wall_time_s"] = watch.seconds
-        metrics["tokens_per_s"] = round(metrics["tokens_seen"] / max(result.metrics.get("train_runtime", 1e-9), 1e-9), 1)
-        save_config(cfg, work / "run_config.yaml")
-        write_json(work / "metrics.json", metrics)
+        if logger is not None:
+            logger.close()
+        if cfg.method != "loreft":
+            trainer.save_model(str(work))  # every process: sharded set-ups gather the weights; rank 0 writes
+        runtime = max(result.metrics.get("train_runtime", 1e-9), 1e-9)
+        metrics["tokens_per_s"] = round(metrics["tokens_seen"] / runtime, 1)
+        if main:
+            if cfg.method == "loreft":
+                save_reft(trainer.model, work)
+            trainer.processing_class.save_pretrained(str(work))
+            shutil.rmtree(work / "trainer", ignore_errors=True)
+            metrics["wall_time_s"] = watch.seconds
+            save_config(cfg, work / "run_config.yaml")
+            write_json(work / "metrics.json", metrics)
+    if not main:
+        return metrics
     eval_part = f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
     print(f"SFT done in {metrics['wall_time_s']:.0f}s: {cfg.output_dir}{eval_part}", file=sys.stderr)
     return metrics
