@@ -45,6 +45,29 @@ def score_pairs(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> di
     }
 
 
+def score_pairs_shared(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> dict:
+    """:func:`score_pairs` with the work split over the launched processes; every process gets the whole result.
+
+    Process r of W scores pairs r, r + W, r + 2W, ...; the parts are gathered and put back in order, so each
+    pair is scored exactly once (no pair repeated to even out the shares, none dropped). One process: ``score_pairs``.
+    """
+    from rlhf import distributed
+
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1 or not pairs:
+        return score_pairs(scorer, pairs, batch_size)
+    mine = pairs[rank::world]
+    part = score_pairs(scorer, mine, batch_size) if mine else None
+    parts = distributed.all_gather_object(part)
+    out: dict = {}
+    for r, got in enumerate(parts):
+        if got is None:
+            continue
+        for key, values in got.items():
+            out.setdefault(key, [None] * len(pairs))[r::world] = values
+    return out
+
+
 def evaluate_pairs(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> dict:
     """:func:`reward.losses.preference_metrics` of ``scorer`` on ``pairs``."""
     from reward.losses import preference_metrics

@@ -144,11 +144,16 @@ def train_member(
     cfg: RewardStageConfig, index: int, work: Path, dest: Path, train_pairs, held_pairs, logger
 ) -> MemberResult:
     """Train member ``index`` (the RM itself when ``cfg.ensemble == 1``), score what the metrics need, save its
-    adapter into ``dest`` and free the model."""
-    from reward.evaluate import score_pairs
+    adapter into ``dest`` and free the model.
+
+    Launched on N processes, every process trains on its share of each batch and scores its share of the
+    held-out and statistics pairs (each process then holds all the scores); rank 0 alone writes ``dest``.
+    """
+    from reward.evaluate import score_pairs_shared
     from reward.losses import pearson
     from reward.modeling import save_length_head
     from reward.scorer import RewardScorer
+    from rlhf import distributed
     from rlhf.models import count_parameters
 
     single = cfg.ensemble == 1
@@ -163,17 +168,20 @@ def train_member(
         for column in ("chosen_ids", "rejected_ids")
         for ids in list(trainer.train_dataset[column])
     )
-    print(
-        ("" if single else f"member {index}/{cfg.ensemble} (seed {member_cfg.seed}): ")
-        + f"reward model: {len(pairs)} train pairs"
-        + ("" if single or not cfg.ensemble_bootstrap else f" ({len({id(p) for p in pairs})} distinct)")
-        + f", {len(held_pairs)} held-out pairs, {trainable:,} of {total:,} parameters trainable"
-        + (f", {truncated} sequences truncated to {cfg.max_length} tokens" if truncated else ""),
-        file=sys.stderr,
-    )
+    main, world = distributed.is_main(), distributed.world_size()
+    if main:
+        print(
+            ("" if single else f"member {index}/{cfg.ensemble} (seed {member_cfg.seed}): ")
+            + f"reward model: {len(pairs)} train pairs"
+            + ("" if single or not cfg.ensemble_bootstrap else f" ({len({id(p) for p in pairs})} distinct)")
+            + f", {len(held_pairs)} held-out pairs, {trainable:,} of {total:,} parameters trainable"
+            + (f", {truncated} sequences truncated to {cfg.max_length} tokens" if truncated else "")
+            + (f", {world} processes" if world > 1 else ""),
+            file=sys.stderr,
+        )
     result = trainer.train()
     runtime = result.metrics.get("train_runtime", 0.0)
-    pairs_seen = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    pairs_seen = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     pairs_seen = min(pairs_seen, round(len(pairs) * cfg.num_train_epochs)) if cfg.max_steps < 0 else pairs_seen
     metrics = {
         "seed": member_cfg.seed,
@@ -191,21 +199,23 @@ def train_member(
     model = trainer.model
     scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length)
     bs = cfg.per_device_eval_batch_size
-    held = score_pairs(scorer, held_pairs, bs) if held_pairs else None
-    sample = score_pairs(scorer, stats_sample(train_pairs, cfg.stats_max_pairs, cfg.seed), bs)
+    held = score_pairs_shared(scorer, held_pairs, bs) if held_pairs else None
+    sample = score_pairs_shared(scorer, stats_sample(train_pairs, cfg.stats_max_pairs, cfg.seed), bs)
     length_corr = None
     if trainer.length_head is not None:
         if held_pairs:
             length_scorer = RewardScorer(scorer.trunk, trainer.length_head, tokenizer, max_length=cfg.max_length,
                                          owner=model)
-            length_held = score_pairs(length_scorer, held_pairs, bs)
+            length_held = score_pairs_shared(length_scorer, held_pairs, bs)
             length_corr = pearson(
                 length_held["chosen"] + length_held["rejected"],
                 [float(x) for x in held["chosen_len"] + held["rejected_len"]],
             )
-        save_length_head(dest, trainer.length_head)
-    trainer.save_model(str(dest))
-    shutil.rmtree(work / "trainer", ignore_errors=True)
+        if main:
+            save_length_head(dest, trainer.length_head)
+    trainer.save_model(str(dest))  # every process: sharded set-ups gather the weights; rank 0 writes
+    if main:
+        shutil.rmtree(work / "trainer", ignore_errors=True)
     hidden_size = model.config.get_text_config().hidden_size
     del trainer, model, scorer
     gc.collect()
@@ -215,12 +225,14 @@ def train_member(
 def training_summary(cfg: RewardStageConfig, members: list[MemberResult], train_pairs, held_pairs) -> dict:
     """The training figures of ``metrics.json``: one member's, or an ensemble's totals (steps, runtime,
     trained parameters summed; ``train_loss`` averaged) plus a ``members`` list."""
+    from rlhf import distributed
     from rlhf.data import fingerprint
 
     k = len(members)
     trained = [dict(m.metrics) for m in members]
     runtime = sum(m["train_runtime_s"] for m in trained)
     metrics = {
+        "world_size": distributed.world_size(),
         "train_loss": trained[0]["train_loss"] if k == 1 else sum(m["train_loss"] for m in trained) / k,
         "train_pairs": len(train_pairs),
         "eval_pairs": len(held_pairs),

@@ -146,6 +146,33 @@ def pooled_rewards(
     return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower))
 
 
+def pooled_through(
+    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled features (B, H), rewards (B,) float32) from one call of ``model`` itself: (B, T) -> ...
+
+    ``model`` is the sequence-classification model as a trainer holds it (inside a DDP, FSDP or DeepSpeed
+    wrapper too), so the wrapper sees the forward pass and synchronises the gradients. ``head`` is its
+    ``score`` module; its input ``h`` (B, T, H) and output (B, T, 1) are read at each row's last attended
+    position, so the values are those of :func:`pooled_hidden` / :func:`pooled_rewards` (the wrapper's own
+    pooled ``logits``, at the last non-pad token, are not used).
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, output):
+        seen["hidden"], seen["scores"] = args[0], output  # (B, T, H), (B, T, 1)
+
+    handle = head.register_forward_hook(keep)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
+    finally:
+        handle.remove()
+    rows = torch.arange(input_ids.shape[0], device=seen["scores"].device)
+    last = last_token_index(attention_mask).to(rows.device)
+    return seen["hidden"][rows, last], seen["scores"][rows, last].squeeze(-1).float()
+
+
 def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
     for p in module.parameters():
         return p.dtype

@@ -5,7 +5,8 @@ A scalar reward model (``*ForSequenceClassification``, one label) trained with T
 has one), LoRA on the trunk and the ``score`` head trained in full (``modules_to_save``). The base
 is ``model_name_or_path``, or that base with the LoRA ``sft_adapter`` merged into its weights.
 
-Output folder (written through ``staged_output``, so nothing appears if the run fails)::
+Output folder (written through ``staged_output``, so nothing appears if the run fails; launched on N
+processes, every process trains and scores its share and rank 0 alone writes it)::
 
     output_dir/
       adapter_config.json, adapter_model.safetensors   RM LoRA + score head (PEFT, task SEQ_CLS); member 0's
@@ -43,7 +44,7 @@ from pathlib import Path
 
 from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
 from rlhf.hf_trainer import Stopwatch
-from rlhf.outputs import check_not_input, staged_output, write_json
+from rlhf.outputs import check_not_input, shared_staged_output, write_json
 
 
 @dataclasses.dataclass
@@ -118,6 +119,7 @@ def run_reward(cfg: RewardStageConfig) -> dict:
     ``metrics.json``."""
     from reward.member import combine_members, member_calibrations, train_member, training_summary
     from reward.modeling import MEMBERS_DIR, SFT_COPY, check_lora_adapter, write_ensemble, write_metadata
+    from rlhf import distributed
     from rlhf.models import resolve_model_path
     from rlhf.pairs import load_splits
     from rlhf.tracking import MetricsLogger
@@ -129,21 +131,27 @@ def run_reward(cfg: RewardStageConfig) -> dict:
         check_lora_adapter(cfg.sft_adapter)  # before any data or model loads
     train_pairs, held_pairs = load_splits(cfg)
     k = cfg.ensemble
-    with staged_output(cfg.output_dir) as work:
-        logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard")
+    main = distributed.is_main()
+    with shared_staged_output(cfg.output_dir) as work:
+        logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard") if main else None
         try:
             members = []
             for i in range(k):
                 dest = work if k == 1 else work / MEMBERS_DIR / str(i)
-                dest.mkdir(parents=True, exist_ok=True)
+                if main:
+                    dest.mkdir(parents=True, exist_ok=True)
                 members.append(train_member(cfg, i, work, dest, train_pairs, held_pairs, logger))
             metrics = training_summary(cfg, members, train_pairs, held_pairs)
-            calibrations = member_calibrations(members) if k > 1 else None
-            final, stats = combine_members(cfg, members, held_pairs, calibrations)
-            metrics.update(final)
-            logger.log(metrics["steps"], {f"final/{key}": v for key, v in final.items()})
+            if main:  # every process holds the same scores; rank 0 reports and writes
+                calibrations = member_calibrations(members) if k > 1 else None
+                final, stats = combine_members(cfg, members, held_pairs, calibrations)
+                metrics.update(final)
+                logger.log(metrics["steps"], {f"final/{key}": v for key, v in final.items()})
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
+        if not main:
+            return metrics
 
         tokenizer = members[0].tokenizer
         tokenizer.save_pretrained(str(work))

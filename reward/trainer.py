@@ -14,7 +14,12 @@ same pooled features) plus :func:`reward.losses.length_disentangle_loss` and
 :func:`reward.losses.orthogonality_loss`; the logged accuracy/margin/rewards are the quality head's,
 which is what scoring uses. While training the length head is a submodule of the model (so the
 optimizer and gradient clipping include it); it is saved apart from the adapter.
-Single process only (the trunk is called directly, not through a DDP wrapper).
+
+On N processes (``accelerate launch``) each process takes its share of every batch: the forward pass goes
+through the model as the trainer wraps it (:func:`reward.modeling.pooled_through`), so DDP (or DeepSpeed,
+FSDP) synchronises the gradients; the frozen base has no gradients to synchronise. Logged metrics are
+gathered over the processes; periodic evaluations run the whole held-out set on every process
+(:class:`~rlhf.hf_trainer.WholeEvalSet`).
 
 Distinct responses are scored once per batch (:class:`UniqueCollator`): the pairs of a batch point
 into its distinct sequences. With ``groups`` (a key per pair, e.g. its prompt) the batches are
@@ -32,7 +37,8 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from reward.losses import bradley_terry_loss, length_disentangle_loss, orthogonality_loss, pearson_t, unique_rows
-from reward.modeling import apply_head, head_linear, pooled_hidden, pooled_rewards, trunk_and_head
+from reward.modeling import apply_head, head_linear, pooled_through, trunk_and_head
+from rlhf.hf_trainer import WholeEvalSet
 
 LENGTH_COLUMNS = ("chosen_len", "rejected_len")
 LENGTH_HEAD = "length_head"  # attribute of the sequence-classification model while training
@@ -89,7 +95,7 @@ class GroupedSampler(torch.utils.data.Sampler):
             yield from (rows[j] for j in torch.randperm(len(rows), generator=gen).tolist())
 
 
-class PairwiseRewardTrainer(RewardTrainer):
+class PairwiseRewardTrainer(WholeEvalSet, RewardTrainer):
     """``RewardTrainer`` scoring through :func:`pooled_rewards`; the loss is ``-log sigmoid(r_c - r_r - m)``."""
 
     def __init__(self, *args, length_head: torch.nn.Module | None = None, length_coef: float = 1.0,
@@ -124,14 +130,11 @@ class PairwiseRewardTrainer(RewardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        trunk, head = trunk_and_head(self.accelerator.unwrap_model(model))
+        _, head = trunk_and_head(self.accelerator.unwrap_model(model))
         pair = inputs["pair_index"]  # (B, 2) rows of the U distinct sequences
-        if self.length_head is None:
-            rewards = pooled_rewards(trunk, head, inputs["input_ids"], inputs["attention_mask"])  # (U,)
-            ranked = rewards
-        else:
-            pooled = pooled_hidden(trunk, inputs["input_ids"], inputs["attention_mask"])  # (U, H)
-            rewards = apply_head(head, pooled)  # (U,) quality
+        pooled, rewards = pooled_through(model, head, inputs["input_ids"], inputs["attention_mask"])  # (U, H), (U,)
+        ranked = rewards
+        if self.length_head is not None:
             length_rewards = apply_head(self.length_head, pooled)  # (U,)
             ranked = rewards + length_rewards
         chosen, rejected = ranked[pair[:, 0]], ranked[pair[:, 1]]  # (B,), (B,)
@@ -144,18 +147,28 @@ class PairwiseRewardTrainer(RewardTrainer):
             loss = loss + self.orthogonal_coef * orthogonality_loss(head_linear(head).weight, self.length_head.weight)
             chosen, rejected = rewards[pair[:, 0]], rewards[pair[:, 1]]  # what scoring uses, for the logged metrics
 
-        if mode == "train":
-            self._total_train_tokens += int(inputs["attention_mask"].sum().item())
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         with torch.no_grad():
-            self._metrics[mode]["min_reward"].append(rewards.min().item())
-            self._metrics[mode]["mean_reward"].append(rewards.mean().item())
-            self._metrics[mode]["max_reward"].append(rewards.max().item())
-            self._metrics[mode]["accuracy"].append((chosen > rejected).float().mean().item())
-            self._metrics[mode]["margin"].append((chosen - rejected).mean().item())
+            self._log_batch(mode, inputs["attention_mask"], rewards, chosen, rejected)
             if self.length_head is not None:
                 self._metrics[mode]["length_corr_quality"].append(pearson_t(rewards, lengths).item())
                 self._metrics[mode]["length_corr_length_head"].append(pearson_t(length_rewards, lengths).item())
         if return_outputs:
             return loss, {"logits": torch.stack([chosen, rejected], dim=1)}  # (B, 2)
         return loss
+
+    def _log_batch(self, mode: str, attention_mask, rewards, chosen, rejected) -> None:
+        """Batch metrics over all processes: rewards of the distinct rows (U,), accuracy and margin of the
+        pairs (B,) (an evaluation pass's padding repeats are dropped by ``gather_for_metrics``)."""
+        acc = self.accelerator
+        summary = torch.stack([rewards.min(), rewards.max(), rewards.sum(), rewards.new_tensor(float(rewards.numel())),
+                               attention_mask.sum().to(rewards.device, torch.float)])  # fmt: skip
+        low, high, total, count, tokens = acc.gather(summary[None]).T  # each (world,)
+        pairs = acc.gather_for_metrics(torch.stack([chosen, rejected], dim=1).detach())  # (sum of B, 2)
+        if mode == "train":
+            self._total_train_tokens += int(tokens.sum().item())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        self._metrics[mode]["min_reward"].append(low.min().item())
+        self._metrics[mode]["mean_reward"].append((total.sum() / count.sum()).item())
+        self._metrics[mode]["max_reward"].append(high.max().item())
+        self._metrics[mode]["accuracy"].append((pairs[:, 0] > pairs[:, 1]).float().mean().item())
+        self._metrics[mode]["margin"].append((pairs[:, 0] - pairs[:, 1]).mean().item())
