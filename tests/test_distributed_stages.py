@@ -1,0 +1,227 @@
+"""rlhf sft, reward and dpo on two CPU processes (gloo) against the same stages on one.
+
+One ``accelerate launch --config_file configs/accelerate/cpu_2proc.yaml`` starts a process pair that runs
+the three stages one after the other (tests/stages_driver.py, through ``rlhf.cli.main``), each with 4
+examples per process; the one-process references run here with 8. Same global batch, same data order,
+same seed: the trained weights must agree up to float rounding (different padding widths and summation
+order; Adam's normalisation can magnify it in an element whose gradient is near zero), within ATOL below.
+Without synchronised gradients each process would follow its own half batch and miss by the size of an
+update itself (~1e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.testing import write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_2PROC = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
+WORDS = ["sun", "tree", "river", "cloud", "stone", "bird", "road", "city", "rain", "light"]
+STAGES = ("sft", "reward", "dpo")
+# every element of every trained tensor: |two - one| <= ATOL, 1% of the least that training moves the LoRA B
+# weights here (1e-2 in 3 steps at these learning rates; measured: at most 2e-5 apart, in the reward model)
+ATOL = 1e-4
+MIN_MOVE = 5e-3
+
+
+# helper functions
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sft_rows() -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"Say the word number {i}."},
+                          {"role": "assistant", "content": f"Word {i} is {WORDS[i % 10]}."}]} for i in range(32)]
+
+
+def preference_rows() -> list[dict]:
+    """1 to 3 pairs per prompt (so batches by prompt have ragged groups): chosen = rejected + ' thanks'."""
+    rng = random.Random(0)
+    rows = []
+    for prompt in range(20):
+        for _ in range(1 + prompt % 3):
+            body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+            rows.append({"prompt": f"Say something about the {WORDS[prompt % 10]} {prompt}.",
+                         "chosen": body + " thanks", "rejected": body})
+    return rows  # 39 pairs
+
+
+def make_sft_adapter(model_dir: str, folder: Path) -> str:
+    """A LoRA 'SFT adapter' with random, non-zero A and B, for DPO's policy and reference."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def stage_args(stage: str, inputs: dict, out: Path, per_device: int) -> list[str]:
+    common = ["--model_name_or_path", inputs["model"], "--output_dir", str(out), "--max_steps", "3",
+              "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", "4",
+              "--report_to", "none", "--logging_steps", "1", "--seed", "7"]  # fmt: skip
+    if stage == "sft":
+        return ["sft", *common, "--dataset_name", inputs["sft"], "--eval_fraction", "0.2", "--lora_r", "4",
+                "--lora_alpha", "8", "--lora_dropout", "0", "--learning_rate", "1e-2"]  # fmt: skip
+    if stage == "reward":
+        return ["reward", *common, "--dataset_name", inputs["prefs"], "--eval_fraction", "0.2", "--lora_r", "4",
+                "--lora_alpha", "8", "--learning_rate", "5e-3", "--stats_max_pairs", "9"]  # fmt: skip
+    return ["dpo", *common, "--dataset_name", inputs["prefs"], "--sft_adapter", inputs["sft_adapter"],
+            "--eval_fraction", "0.2", "--learning_rate", "1e-2"]  # fmt: skip
+
+
+def run_in_process(argv: list[str]) -> None:
+    from rlhf.cli import main
+
+    assert main(argv) == 0, argv
+
+
+def launch_two(commands: list[list[str]], watch: Path, tmp: Path) -> subprocess.CompletedProcess:
+    plan = tmp / "plan.json"
+    plan.write_text(json.dumps({"commands": commands, "watch": str(watch), "report": str(tmp / "changes")}))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--config_file", str(CPU_2PROC), "--main_process_port", str(free_port()),
+           str(REPO / "tests" / "stages_driver.py"), str(plan)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_USE_CPU", None)  # rlhf.cli must set it itself (no GPU here)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+# the runs: one process pair for all three stages, then the one-process references
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    inputs = {
+        "model": tiny_model_dir,
+        "sft": str(write_jsonl(tmp / "sft.jsonl", sft_rows())),
+        "prefs": str(write_jsonl(tmp / "prefs.jsonl", preference_rows())),
+        "sft_adapter": make_sft_adapter(tiny_model_dir, tmp / "sft_adapter"),
+    }
+    two, one = tmp / "two", tmp / "one"
+    done = launch_two([stage_args(s, inputs, two / s, per_device=4) for s in STAGES], two, tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process has; two threads on a busy 2-core machine are ~10x slower
+    try:
+        for stage in STAGES:
+            run_in_process(stage_args(stage, inputs, one / stage, per_device=8))
+    finally:
+        torch.set_num_threads(threads)
+    changes = {r: json.loads((tmp / f"changes.rank{r}.json").read_text()) for r in (0, 1)}
+    return {"two": two, "one": one, "inputs": inputs, "changes": changes, "log": done.stderr}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(runs, stage):
+    two, one = runs["two"] / stage, runs["one"] / stage
+    assert metrics(two)["world_size"] == 2, "the launch did not form one group of 2 processes"
+    assert metrics(one)["world_size"] == 1
+    assert metrics(two)["steps"] == metrics(one)["steps"] == 3
+    got, want = adapter(two), adapter(one)
+    assert got.keys() == want.keys() and want
+    start = adapter(Path(runs["inputs"]["sft_adapter"])) if stage == "dpo" else {}  # a fresh LoRA's B is 0
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, atol=ATOL, rtol=0, msg=lambda m: f"{stage} {name}: {m}")
+    moved = max((t - start.get(n, torch.zeros_like(t))).abs().max().item() for n, t in want.items() if "lora_B" in n)
+    assert moved > MIN_MOVE, f"{stage}: training barely moved the weights ({moved:.2e}); the comparison says little"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_held_out_metrics_are_those_of_one_process(runs, stage):
+    """6 SFT examples or 9 pairs held out, batches of 4 on each of 2 processes: shares of the 8 a step takes
+    would be padded with repeats; the metrics must be those of one process over each example once."""
+    got, want = metrics(runs["two"] / stage), metrics(runs["one"] / stage)
+    keys = [k for k in want if k.startswith("eval_") and isinstance(want[k], float)]
+    held = got.get("eval_pairs", got.get("eval_examples"))
+    assert len(keys) >= 2 and held == want.get("eval_pairs", want.get("eval_examples")) and held % 8
+    assert {k: got[k] for k in keys} == pytest.approx({k: want[k] for k in keys}, rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_only_rank_zero_writes_the_output_folder(runs, stage):
+    assert runs["changes"][1] == [], "rank 1 wrote under the output folders"
+    two, one = runs["two"] / stage, runs["one"] / stage
+    assert tree(two) == tree(one)  # same layout as a one-process run
+    lines = (two / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((one / "logs" / "metrics.jsonl").read_text().splitlines())  # logged once, not per rank
+    assert not list(two.parent.glob("*.incomplete")) and not list(two.parent.glob("*.old"))
+
+
+def test_reward_held_out_pairs_are_each_scored_once(runs):
+    """The two processes score alternate held-out pairs and gather them: the result is that of one scorer over
+    every pair, none repeated to even the shares (the held-out count is odd) and none dropped."""
+    from reward import RewardScorer
+    from reward.evaluate import evaluate_pairs
+    from reward.train import RewardStageConfig
+    from rlhf.pairs import load_splits
+
+    folder = runs["two"] / "reward"
+    got = metrics(folder)
+    cfg = RewardStageConfig(model_name_or_path=runs["inputs"]["model"], dataset_name=runs["inputs"]["prefs"],
+                            eval_fraction=0.2, seed=7)  # fmt: skip
+    _, held = load_splits(cfg)
+    assert len(held) % 2 == 1 and got["eval_pairs"] == len(held)
+    want = evaluate_pairs(RewardScorer.from_pretrained(folder, precision="fp32"), held, batch_size=4)
+    for key in ("accuracy", "mean_margin"):
+        assert got[f"eval_{key}"] == pytest.approx(want[key], abs=1e-5)
+
+
+@pytest.mark.parametrize("by_prompt", [True, False])
+def test_reward_batches_split_over_processes_into_the_global_batch(by_prompt):
+    """The reward trainer's loader as accelerate shards it for 2 processes: in every step the two ranks get
+    distinct pairs that together are the one-process batch of twice the size."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from reward.trainer import GroupedSampler
+
+    n = 39
+    groups = [i // 3 for i in range(n)]
+
+    def loader(batch: int, rank: int, world: int):
+        sampler = GroupedSampler(groups, seed=7) if by_prompt else RandomSampler(range(n))
+        torch.manual_seed(7)
+        dl = DataLoader(list(range(n)), batch_size=batch, sampler=sampler)
+        return [b.tolist() for b in prepare_data_loader(dl, num_processes=world, process_index=rank,
+                                                        put_on_device=False, use_seedable_sampler=True)]  # fmt: skip
+
+    whole = loader(8, 0, 1)
+    ranks = [loader(4, r, 2) for r in (0, 1)]
+    full_steps = n // 8
+    assert len(ranks[0]) == len(ranks[1])
+    for step in range(full_steps):
+        a, b = ranks[0][step], ranks[1][step]
+        assert not set(a) & set(b)
+        assert a + b == whole[step]
