@@ -33,6 +33,11 @@ class EvalConfig(SamplingConfig):
         0.2, "length-controlled win rate: only pairs whose word counts differ by less than this fraction of the "
         "longer answer, |a - b| / max(a, b) < tolerance (in (0, 1])"
     )
+    alpha_sweep: Optional[list[float]] = field(
+        None, "comma-separated alphas in [0, 1] (e.g. 0,0.25,0.5,0.75,1): evaluate each interpolation theta(alpha) = "
+        "(1 - alpha) * baseline + alpha * policy against the baseline (policy: a LoRA adapter; baseline: 'base' or a "
+        "LoRA adapter on the same base); eval.json gets a 'sweep' list, plus alpha_sweep.png (win rate against KL)"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -43,3 +48,14 @@ class EvalConfig(SamplingConfig):
         require(self.do_sample or self.samples_per_prompt == 1,
                 "config key 'samples_per_prompt' > 1 needs do_sample: true (greedy answers would repeat)")
         require(0 < self.length_tolerance <= 1, "config key 'length_tolerance' must be in (0, 1]")
+        if self.alpha_sweep is not None:
+            self.alpha_sweep = checked_alphas(self.alpha_sweep)
+
+
+def checked_alphas(alphas: list[float]) -> list[float]:
+    """The sweep's alphas in increasing order; none, one outside [0, 1] or one given twice is a ConfigError."""
+    require(bool(alphas), "config key 'alpha_sweep' lists no alpha (give e.g. 0,0.25,0.5,0.75,1)")
+    for a in alphas:
+        require(0.0 <= a <= 1.0, f"config key 'alpha_sweep' must hold alphas in [0, 1] (no extrapolation), got {a:g}")
+        require(alphas.count(a) == 1, f"config key 'alpha_sweep' lists alpha {a:g} more than once")
+    return sorted(alphas)

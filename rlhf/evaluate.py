@@ -160,11 +160,16 @@ def plot_results(result: dict, out_dir: Path, ppo_logs: str | None) -> list[str]
     fig.savefig(out_dir / "win_rate.png", dpi=100)
     plt.close(fig)
     written.append(str(out_dir / "win_rate.png"))
+    return written + plot_ppo_logs(out_dir, ppo_logs)
+
+
+def plot_ppo_logs(out_dir: Path, ppo_logs: str | None) -> list[str]:
+    """``ppo_curves.png`` from ``ppo_logs/metrics.jsonl`` when there is one: ``[its path]``, else ``[]``."""
     log_file = Path(ppo_logs) / "metrics.jsonl" if ppo_logs else None
-    if log_file and log_file.is_file():
-        rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-        written.append(plot_training_curves(rows, out_dir / "ppo_curves.png"))
-    return written
+    if not (log_file and log_file.is_file()):
+        return []
+    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    return [plot_training_curves(rows, out_dir / "ppo_curves.png")]
 
 
 def plot_training_curves(rows: list[dict], path: Path) -> str:
@@ -206,11 +211,58 @@ def load_rule(name: str) -> Callable[[str, str], float]:
     return fn
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    check_output_dir(cfg.out_dir, "out_dir")  # a file there stops the run before any model loads
-    # each prompt repeated: comparison i pairs the i-th sample of both policies for the same prompt
+def load_judges(cfg: EvalConfig) -> dict[str, Callable[[list, list[str]], list[float]]]:
+    """The judges of ``cfg``: ``reward_model`` and/or ``rule``, each ``f(prompts, responses) -> scores``."""
+    judges = {}
+    if cfg.reward_model:
+        from reward import RewardScorer  # wiring: scoring lives in the reward package
+
+        judges["reward_model"] = RewardScorer.from_pretrained(cfg.reward_model).score
+    if cfg.rule:
+        rule = load_rule(cfg.rule)
+        judges["rule"] = lambda prompts, texts: [rule(prompt_text(p), t) for p, t in zip(prompts, texts)]
+    return judges
+
+
+def compare(cfg: EvalConfig, texts: dict[str, list[str]], scores: dict[str, dict[str, list[float]]],
+            kl: list[float]) -> dict:  # fmt: skip
+    """One policy against the baseline on paired answers: mean KL, mean words, a win rate per judge, length control.
+
+    ``texts``: role ("policy", "baseline") -> responses; ``scores``: judge -> role -> scores, paired with
+    them; ``kl``: per-response KL of the policy to the baseline on the policy's answers.
+    """
+    result: dict = {
+        "kl_policy_to_baseline": mean(kl),
+        "response_words": {r: mean([len(t.split()) for t in texts[r]]) for r in texts},
+    }
+    for judge, by_role in scores.items():
+        result[judge] = win_rate(by_role["policy"], by_role["baseline"])
+        if judge == "rule":
+            result[judge]["name"] = cfg.rule
+        result[judge].update(policy_mean=mean(by_role["policy"]), baseline_mean=mean(by_role["baseline"]))
+    judged = {judge: (by_role["policy"], by_role["baseline"]) for judge, by_role in scores.items()}
+    result["length_controlled"] = length_controlled(texts["policy"], texts["baseline"], judged, cfg.length_tolerance)
+    return result
+
+
+def eval_setup(cfg: EvalConfig) -> tuple[dict, list, SamplingSettings]:
+    """The header of eval.json, the prompts (each repeated ``samples_per_prompt`` times: comparison i pairs the
+    i-th sample of both policies for the same prompt) and the sampling settings."""
     prompts = [p for p in load_prompts(cfg.dataset_name, cfg.max_prompts) for _ in range(cfg.samples_per_prompt)]
-    settings = SamplingSettings(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
+    header = {
+        "n_prompts": len(prompts) // cfg.samples_per_prompt,
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "do_sample": cfg.do_sample,
+        "temperature": cfg.temperature if cfg.do_sample else None,
+    }
+    return header, prompts, SamplingSettings(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    if cfg.alpha_sweep:
+        return run_alpha_sweep(cfg)
+    check_output_dir(cfg.out_dir, "out_dir")  # a file there stops the run before any model loads
+    result, prompts, settings = eval_setup(cfg)
     temperature = cfg.temperature if cfg.do_sample else 1.0
     device = pick_device()
     texts, batches, models = {}, {}, {}
@@ -223,31 +275,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         )
     kl = kl_to(models["baseline"], batches["policy"], temperature)
     del models
-    result: dict = {
-        "n_prompts": len(prompts) // cfg.samples_per_prompt,
-        "samples_per_prompt": cfg.samples_per_prompt,
-        "do_sample": cfg.do_sample,
-        "temperature": cfg.temperature if cfg.do_sample else None,
-        "kl_policy_to_baseline": mean(kl),
-        "response_words": {r: mean([len(t.split()) for t in texts[r]]) for r in texts},
-    }
+    judges = load_judges(cfg)
+    scores = {j: {role: judge(prompts, texts[role]) for role in texts} for j, judge in judges.items()}
+    result.update(compare(cfg, texts, scores, kl))
     plain = [prompt_text(p) for p in prompts]
-    judged: dict[str, tuple[list[float], list[float]]] = {}  # judge -> (policy scores, baseline scores)
-    if cfg.reward_model:
-        from reward import RewardScorer  # wiring: scoring lives in the reward package
-
-        scorer = RewardScorer.from_pretrained(cfg.reward_model)
-        scores = {r: scorer.score(prompts, texts[r]) for r in texts}
-        judged["reward_model"] = (scores["policy"], scores["baseline"])
-        result["reward_model"] = win_rate(scores["policy"], scores["baseline"])
-        result["reward_model"].update(policy_mean=mean(scores["policy"]), baseline_mean=mean(scores["baseline"]))
-    if cfg.rule:
-        rule = load_rule(cfg.rule)
-        scores = {r: [rule(p, t) for p, t in zip(plain, texts[r])] for r in texts}
-        judged["rule"] = (scores["policy"], scores["baseline"])
-        result["rule"] = win_rate(scores["policy"], scores["baseline"])
-        result["rule"].update(name=cfg.rule, policy_mean=mean(scores["policy"]), baseline_mean=mean(scores["baseline"]))
-    result["length_controlled"] = length_controlled(texts["policy"], texts["baseline"], judged, cfg.length_tolerance)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot_results(result, out_dir, cfg.ppo_logs)
@@ -257,6 +288,77 @@ def run_eval(cfg: EvalConfig) -> dict:
     write_json(out_dir / "eval.json", result)
     print_summary(result, cfg.show_samples)
     return result
+
+
+def run_alpha_sweep(cfg: EvalConfig) -> dict:
+    """``rlhf eval --alpha_sweep``: theta(alpha) = (1 - alpha) theta_baseline + alpha theta_policy against the baseline.
+
+    The baseline answers once; for each alpha the interpolation answers the same prompts with the same
+    seed and is compared as :func:`run_eval` compares a policy (:func:`compare`). One base model serves
+    every point (:class:`rlhf.alpha_sweep.SweepModel`). eval.json: the header, ``sweep`` (one entry per
+    alpha, increasing: ``alpha`` + what ``compare`` reports, each judge's block flagged ``pareto``),
+    ``plots`` and ``samples`` (each prompt's baseline answer and one answer per alpha).
+    """
+    import time
+
+    from rlhf.alpha_sweep import SweepModel, pareto_front, plot_alpha_sweep, sweep_ends
+
+    out_dir = check_output_dir(cfg.out_dir, "out_dir")
+    ends = sweep_ends(cfg.policy, cfg.baseline, cfg.model_name_or_path)  # bad ends stop here, before any model loads
+    result, prompts, settings = eval_setup(cfg)
+    result.update(sweep_from=ends.start_kind, sweep_baseline=ends.baseline or ends.base, sweep_policy=cfg.policy)
+    judges = load_judges(cfg)
+    temperature = cfg.temperature if cfg.do_sample else 1.0
+    tokenizer = load_tokenizer(tokenizer_source(ends.base, cfg.policy))
+    sweep = SweepModel(ends, pick_device())
+    started = time.perf_counter()
+    with sweep.baseline() as model:
+        baseline, _ = sample_with_logprobs(model, tokenizer, prompts, settings, cfg.batch_size, cfg.seed, False)
+    baseline_scores = {j: judge(prompts, baseline) for j, judge in judges.items()}
+    seconds = time.perf_counter() - started
+    print(f"alpha sweep: the baseline answered {len(prompts)} prompts ({seconds:.1f} s)", file=sys.stderr)
+    points, answers = [], {}
+    for i, alpha in enumerate(cfg.alpha_sweep, start=1):
+        started = time.perf_counter()
+        with sweep.at(alpha) as model:
+            answers[alpha], batches = sample_with_logprobs(
+                model, tokenizer, prompts, settings, cfg.batch_size, cfg.seed
+            )
+        with sweep.baseline() as model:
+            kl = kl_to(model, batches, temperature)
+        scores = {j: {"policy": judge(prompts, answers[alpha]), "baseline": baseline_scores[j]}
+                  for j, judge in judges.items()}  # fmt: skip
+        points.append({"alpha": alpha, **compare(cfg, {"policy": answers[alpha], "baseline": baseline}, scores, kl)})
+        print(f"alpha {alpha:g} ({i}/{len(cfg.alpha_sweep)}): {format_point(points[-1])} "
+              f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    del sweep
+    for judge in judges:
+        front = pareto_front([(p["kl_policy_to_baseline"], p[judge]["win_rate"]) for p in points])
+        for point, on_front in zip(points, front):
+            point[judge]["pareto"] = on_front
+    result["sweep"] = points
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = [plot_alpha_sweep(points, out_dir / "alpha_sweep.png")] + plot_ppo_logs(out_dir, cfg.ppo_logs)
+    result["samples"] = [
+        {"prompt": prompt_text(p), "baseline": baseline[i], "alphas": {f"{a:g}": answers[a][i] for a in answers}}
+        for i, p in enumerate(prompts)
+    ]
+    write_json(out_dir / "eval.json", result)
+    for judge in judges:
+        front = ", ".join(f"{p['alpha']:g}" for p in points if p[judge]["pareto"])
+        print(f"Pareto front (KL vs win rate under {judge}): alpha {front}", file=sys.stderr)
+    print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'alpha_sweep.png'}", file=sys.stderr)
+    return result
+
+
+def format_point(point: dict) -> str:
+    """One line for one point of a sweep: win rates with intervals, KL, mean words."""
+    parts = [f"win rate under {judge} {point[judge]['win_rate']:.3f} [{point[judge]['ci_low']:.3f}, "
+             f"{point[judge]['ci_high']:.3f}]" for judge in ("reward_model", "rule") if judge in point]  # fmt: skip
+    words = point["response_words"]
+    parts.append(f"KL {point['kl_policy_to_baseline']:.3f}")
+    parts.append(f"mean words {words['policy']:.1f} vs baseline {words['baseline']:.1f}")
+    return "; ".join(parts)
 
 
 def print_summary(result: dict, show: int) -> None:
