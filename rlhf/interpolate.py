@@ -104,7 +104,9 @@ def is_scalable_lora(cfg: dict, state: dict) -> bool:
 
 
 def lora_interpolation(
-    alpha: float, tuned: tuple[dict, dict[str, torch.Tensor]], start: tuple[dict, dict[str, torch.Tensor]] | None = None,
+    alpha: float,
+    tuned: tuple[dict, dict[str, torch.Tensor]],
+    start: tuple[dict, dict[str, torch.Tensor]] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """theta(alpha) = (1 - alpha) * theta_start + alpha * theta_tuned as one LoRA adapter, exactly.
 
@@ -116,8 +118,8 @@ def lora_interpolation(
     one LoRA (see :func:`is_exact_lora`, or the two wrap different modules).
     """
     if not is_exact_lora(tuned, start):
-        raise UserError("this interpolation is not exactly one LoRA adapter (it needs LoRA adapters "
-                        "without DoRA or full module copies, and plain ones when starting from an SFT adapter)")  # fmt: skip
+        raise UserError("this interpolation is not exactly one LoRA adapter (that needs LoRA without DoRA or "
+                        "full module copies, and plain LoRA on both sides from an SFT adapter)")  # fmt: skip
     tuned_cfg, tuned_state = tuned
     if start is None:
         return tuned_cfg, scale_lora(tuned_state, alpha)
