@@ -64,6 +64,8 @@ def _lora_adapter(folder: str, role: str) -> dict:
     from rlhf.models import check_adapter, read_adapter_config
 
     path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--alpha_sweep: the {role} folder {folder} is not found")
     if is_full_model(path):
         kind = "a full model folder"
     elif (path / "reft_config.json").is_file():
@@ -73,9 +75,9 @@ def _lora_adapter(folder: str, role: str) -> dict:
         cfg = read_adapter_config(folder)
         if cfg.get("peft_type") == "LORA":
             return cfg
-        kind = f"a {cfg.get('peft_type')} adapter"
+        kind = f"a PEFT {cfg.get('peft_type')} adapter"
     else:
-        kind = "neither an adapter folder nor a model folder"
+        raise UserError(f"--alpha_sweep: the {role} {folder} is neither an adapter folder nor a model folder")
     raise UserError(f"--alpha_sweep interpolates LoRA adapters, but the {role} {folder} is {kind}; write single "
                     "points with rlhf export --mode interpolate and evaluate each")  # fmt: skip
 

@@ -16,14 +16,15 @@ from rlhf.export import ExportConfig, run_export
 from rlhf.testing import write_jsonl
 
 
-def lora(base_dir, folder, seed, start=None, targets=("q_proj", "v_proj")):
+def lora(base_dir, folder, seed, start=None, targets=("q_proj", "v_proj"), dora=False):
     """A LoRA adapter with random non-zero A and B; ``start``: train on from that adapter (a copy of it, moved)."""
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     if start:
         model = PeftModel.from_pretrained(base, start, is_trainable=True)
     else:
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False))
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, use_dora=dora)
+        model = get_peft_model(base, cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
@@ -130,11 +131,13 @@ def test_unsupported_ends_are_one_line_errors(ends, tiny_model_dir, tmp_path, ca
                          IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
     ia3.save_pretrained(tmp_path / "ia3")
     other = lora(tiny_model_dir, tmp_path / "other", seed=4, targets=("k_proj", "o_proj"))
+    dora = lora(tiny_model_dir, tmp_path / "dora", seed=5, dora=True)
     cases = [
         (tiny_model_dir, sft, "the policy " + tiny_model_dir + " is a full model folder"),
-        (str(tmp_path / "ia3"), "base", "is a IA3 adapter"),
+        (str(tmp_path / "ia3"), "base", "is a PEFT IA3 adapter"),
         (policy, tiny_model_dir, "the baseline " + tiny_model_dir + " is a full model folder"),
         (other, sft, "wrap different modules: their interpolation is not one LoRA adapter"),
+        (dora, "base", "this interpolation is not exactly one LoRA adapter"),
     ]
     capsys.readouterr()  # the loading bars above
     for i, (pol, base, message) in enumerate(cases):
