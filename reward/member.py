@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf.hf_trainer import trainer_kwargs
+from rlhf.hf_trainer import parallel_notice, trainer_kwargs
 
 if TYPE_CHECKING:
     from reward.train import RewardStageConfig
@@ -179,6 +179,9 @@ def train_member(
             + (f", {world} processes" if world > 1 else ""),
             file=sys.stderr,
         )
+        notice = parallel_notice(trainer) if index == 0 else ""
+        if notice:
+            print(notice, file=sys.stderr)
     result = trainer.train()
     runtime = result.metrics.get("train_runtime", 0.0)
     pairs_seen = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world

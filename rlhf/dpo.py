@@ -233,7 +233,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
 
     from rlhf import distributed
     from rlhf.data import fingerprint
-    from rlhf.hf_trainer import Stopwatch
+    from rlhf.hf_trainer import Stopwatch, parallel_notice
     from rlhf.models import count_parameters, resolve_model_path
     from rlhf.pairs import load_splits
     from rlhf.tracking import MetricsLogger
@@ -263,6 +263,9 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
                     + (f", {world} processes" if world > 1 else ""),
                     file=sys.stderr,
                 )
+                notice = parallel_notice(trainer)
+                if notice:
+                    print(notice, file=sys.stderr)
             result = trainer.train()
             runtime = result.metrics.get("train_runtime", 0.0)
             metrics = {

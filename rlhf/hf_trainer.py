@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from rlhf.config import TrainingConfig
@@ -37,6 +38,22 @@ def trainer_kwargs(cfg: TrainingConfig, output_dir: str, has_eval: bool, eval_st
         "dataloader_num_workers": 0,
         **eval_kwargs,
     }
+
+
+def parallel_notice(trainer) -> str:
+    """A warning when the launch asked for DeepSpeed or FSDP but accelerate runs something else, else "".
+
+    Without a GPU ``rlhf.cli`` has accelerate use the CPU, and accelerate then trains plain data-parallel
+    (DDP over gloo) whatever the config file says: correct, but nothing is sharded.
+    """
+    asked = [name for name, var in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP"))
+             if os.environ.get(var, "false").lower() == "true"]  # fmt: skip
+    runs = trainer.accelerator.distributed_type.value
+    if not asked or runs in ("DEEPSPEED", "FSDP"):
+        return ""
+    return (f"warning: the accelerate config asks for {' and '.join(asked)}, but accelerate runs {runs} with "
+            f"{trainer.accelerator.num_processes} process(es) here (DeepSpeed and FSDP need GPUs): plain "
+            "data-parallel training, nothing sharded")
 
 
 class WholeEvalSet:

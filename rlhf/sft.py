@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
 from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
 from rlhf.errors import ConfigError
-from rlhf.hf_trainer import Stopwatch, trainer_kwargs, whole_eval_set
+from rlhf.hf_trainer import Stopwatch, parallel_notice, trainer_kwargs, whole_eval_set
 from rlhf.outputs import check_not_input, shared_staged_output, write_json
 
 if TYPE_CHECKING:  # the config above is imported by the CLI parser: torch & co. load only when a run starts
@@ -182,6 +182,9 @@ def run_sft(cfg: SFTStageConfig) -> dict:
                 f"{trainable:,} of {total:,} parameters trainable" + (f", {world} processes" if world > 1 else ""),
                 file=sys.stderr,
             )
+            notice = parallel_notice(trainer)
+            if notice:
+                print(notice, file=sys.stderr)
         result = trainer.train()
         metrics = {
             "method": cfg.method,

@@ -225,3 +225,35 @@ def test_reward_batches_split_over_processes_into_the_global_batch(by_prompt):
         a, b = ranks[0][step], ranks[1][step]
         assert not set(a) & set(b)
         assert a + b == whole[step]
+
+
+def test_a_deepspeed_or_fsdp_config_that_runs_as_ddp_is_reported(monkeypatch):
+    """Without GPUs accelerate trains a DeepSpeed or FSDP config as plain DDP over gloo; the stages say so."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rlhf.hf_trainer import parallel_notice
+
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(var, raising=False)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+    assert parallel_notice(trainer) == ""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert "asks for DeepSpeed, but accelerate runs MULTI_CPU with 2 process(es)" in parallel_notice(trainer)
+    trainer.accelerator.distributed_type = DistributedType.DEEPSPEED
+    assert parallel_notice(trainer) == ""
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"cpu_2proc": ("MULTI_GPU", 2), "single_gpu": ("NO", 1), "multi_gpu": ("MULTI_GPU", 2),
+                "deepspeed_zero2": ("DEEPSPEED", 2), "deepspeed_zero3": ("DEEPSPEED", 2), "fsdp": ("FSDP", 2),
+                "multi_node": ("MULTI_GPU", 16)}  # fmt: skip
+    for name, (kind, processes) in expected.items():
+        path = CPU_2PROC.with_name(f"{name}.yaml")
+        assert path.read_text().startswith("# accelerate launch --config_file configs/accelerate/"), name
+        config = load_config_from_file(str(path))
+        assert (config.distributed_type.value, config.num_processes) == (kind, processes), name
+    assert load_config_from_file(str(CPU_2PROC.with_name("deepspeed_zero2.yaml"))).deepspeed_config["zero_stage"] == 2
