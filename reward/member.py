@@ -64,6 +64,9 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         dataset_num_proc=None,
         dataloader_pin_memory=device.type == "cuda",
+        # every trainable parameter gets a gradient each step; the length head is used outside the model's forward,
+        # which DDP's search for unused parameters would take for unused (and then see its gradient twice)
+        ddp_find_unused_parameters=False,
     )
     num_layers = model.config.get_text_config().num_hidden_layers
     return PairwiseRewardTrainer(

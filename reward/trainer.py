@@ -17,7 +17,9 @@ optimizer and gradient clipping include it); it is saved apart from the adapter.
 
 On N processes (``accelerate launch``) each process takes its share of every batch: the forward pass goes
 through the model as the trainer wraps it (:func:`reward.modeling.pooled_through`), so DDP (or DeepSpeed,
-FSDP) synchronises the gradients; the frozen base has no gradients to synchronise. Logged metrics are
+FSDP) synchronises the gradients; the frozen base has no gradients to synchronise. The length head's
+correlation term is taken over each process's micro-batch, as it is over each micro-batch under gradient
+accumulation (N processes train like one with N accumulation steps). Logged metrics are
 gathered over the processes; periodic evaluations run the whole held-out set on every process
 (:class:`~rlhf.hf_trainer.WholeEvalSet`).
 

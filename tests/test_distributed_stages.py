@@ -1,8 +1,11 @@
 """rlhf sft, reward and dpo on two CPU processes (gloo) against the same stages on one.
 
 One ``accelerate launch --config_file configs/accelerate/cpu_2proc.yaml`` starts a process pair that runs
-the three stages one after the other (tests/stages_driver.py, through ``rlhf.cli.main``), each with 4
-examples per process; the one-process references run here with 8. Same global batch, same data order,
+the stages one after the other (tests/stages_driver.py, through ``rlhf.cli.main``), each with 4 examples per
+process; the one-process references run here with 8. ``reward_ensemble`` is ``rlhf reward`` with two members,
+the length head (used outside the model's forward) and an evaluation after every step; its length term is a
+correlation over each process's micro-batch, as over each micro-batch under gradient accumulation, so its
+reference is one process with 4 examples and 2 accumulation steps. Same global batch, same data order,
 same seed: the trained weights must agree up to float rounding (different padding widths and summation
 order; Adam's normalisation can magnify it in an element whose gradient is near zero), within ATOL below.
 Without synchronised gradients each process would follow its own half batch and miss by the size of an
@@ -27,7 +30,8 @@ from rlhf.testing import write_jsonl
 REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
 WORDS = ["sun", "tree", "river", "cloud", "stone", "bird", "road", "city", "rain", "light"]
-STAGES = ("sft", "reward", "dpo")
+RUNS = ("sft", "reward", "dpo", "reward_ensemble")
+LOGGED = {"loss", "grad_norm", "accuracy", "accuracies", "margin", "margins", "mean_token_accuracy"}  # compared
 # every element of every trained tensor: |two - one| <= ATOL, 1% of the least that training moves the LoRA B
 # weights here (1e-2 in 3 steps at these learning rates; measured: at most 2e-5 apart, in the reward model)
 ATOL = 1e-4
@@ -72,16 +76,18 @@ def make_sft_adapter(model_dir: str, folder: Path) -> str:
     return str(folder)
 
 
-def stage_args(stage: str, inputs: dict, out: Path, per_device: int) -> list[str]:
+def stage_args(run: str, inputs: dict, out: Path, per_device: int, accumulate: int = 1) -> list[str]:
     common = ["--model_name_or_path", inputs["model"], "--output_dir", str(out), "--max_steps", "3",
-              "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", "4",
+              "--per_device_train_batch_size", str(per_device), "--gradient_accumulation_steps", str(accumulate),
+              "--per_device_eval_batch_size", "4",
               "--report_to", "none", "--logging_steps", "1", "--seed", "7"]  # fmt: skip
-    if stage == "sft":
+    if run == "sft":
         return ["sft", *common, "--dataset_name", inputs["sft"], "--eval_fraction", "0.2", "--lora_r", "4",
                 "--lora_alpha", "8", "--lora_dropout", "0", "--learning_rate", "1e-2"]  # fmt: skip
-    if stage == "reward":
+    if run.startswith("reward"):
+        extra = ["--ensemble", "2", "--length_debias", "length_head", "--eval_steps", "1"] if run != "reward" else []
         return ["reward", *common, "--dataset_name", inputs["prefs"], "--eval_fraction", "0.2", "--lora_r", "4",
-                "--lora_alpha", "8", "--learning_rate", "5e-3", "--stats_max_pairs", "9"]  # fmt: skip
+                "--lora_alpha", "8", "--learning_rate", "5e-3", "--stats_max_pairs", "9", *extra]  # fmt: skip
     return ["dpo", *common, "--dataset_name", inputs["prefs"], "--sft_adapter", inputs["sft_adapter"],
             "--eval_fraction", "0.2", "--learning_rate", "1e-2"]  # fmt: skip
 
@@ -103,10 +109,16 @@ def launch_two(commands: list[list[str]], watch: Path, tmp: Path) -> subprocess.
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def adapter(folder: Path) -> dict[str, torch.Tensor]:
+def adapter(folder: Path, name: str = "adapter_model.safetensors") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "adapter_model.safetensors"))
+    return load_file(str(folder / name))
+
+
+def logged(folder: Path) -> list[dict]:
+    """The LOGGED figures of every line of logs/metrics.jsonl (keys like ``member0/eval_accuracy`` included)."""
+    lines = [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k.rsplit("/", 1)[-1].removeprefix("eval_") in LOGGED} for row in lines]
 
 
 def tree(folder: Path) -> set[str]:
@@ -130,46 +142,57 @@ def runs(tiny_model_dir, tmp_path_factory):
         "sft_adapter": make_sft_adapter(tiny_model_dir, tmp / "sft_adapter"),
     }
     two, one = tmp / "two", tmp / "one"
-    done = launch_two([stage_args(s, inputs, two / s, per_device=4) for s in STAGES], two, tmp)
+    done = launch_two([stage_args(r, inputs, two / r, per_device=4) for r in RUNS], two, tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched process has; two threads on a busy 2-core machine are ~10x slower
     try:
-        for stage in STAGES:
-            run_in_process(stage_args(stage, inputs, one / stage, per_device=8))
+        for run in RUNS:
+            split = run == "reward_ensemble"  # see the module docstring
+            shape = {"per_device": 4, "accumulate": 2} if split else {"per_device": 8}
+            run_in_process(stage_args(run, inputs, one / run, **shape))
     finally:
         torch.set_num_threads(threads)
     changes = {r: json.loads((tmp / f"changes.rank{r}.json").read_text()) for r in (0, 1)}
     return {"two": two, "one": one, "inputs": inputs, "changes": changes, "log": done.stderr}
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", RUNS)
 def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(runs, stage):
     two, one = runs["two"] / stage, runs["one"] / stage
     assert metrics(two)["world_size"] == 2, "the launch did not form one group of 2 processes"
     assert metrics(one)["world_size"] == 1
-    assert metrics(two)["steps"] == metrics(one)["steps"] == 3
-    got, want = adapter(two), adapter(one)
-    assert got.keys() == want.keys() and want
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*.safetensors"))
+    assert len(files) == (6 if stage == "reward_ensemble" else 1)  # adapter + length head: top level, members/0, /1
+    for file in files:
+        got, want = adapter(two, file), adapter(one, file)
+        assert got.keys() == want.keys() and want
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, atol=ATOL, rtol=0, msg=lambda m: f"{file} {name}: {m}")
+    want = adapter(one)
     start = adapter(Path(runs["inputs"]["sft_adapter"])) if stage == "dpo" else {}  # a fresh LoRA's B is 0
-    for name, tensor in want.items():
-        torch.testing.assert_close(got[name], tensor, atol=ATOL, rtol=0, msg=lambda m: f"{stage} {name}: {m}")
     moved = max((t - start.get(n, torch.zeros_like(t))).abs().max().item() for n, t in want.items() if "lora_B" in n)
     assert moved > MIN_MOVE, f"{stage}: training barely moved the weights ({moved:.2e}); the comparison says little"
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_held_out_metrics_are_those_of_one_process(runs, stage):
+@pytest.mark.parametrize("stage", RUNS)
+def test_held_out_and_logged_metrics_are_those_of_one_process(runs, stage):
     """6 SFT examples or 9 pairs held out, batches of 4 on each of 2 processes: shares of the 8 a step takes
-    would be padded with repeats; the metrics must be those of one process over each example once."""
-    got, want = metrics(runs["two"] / stage), metrics(runs["one"] / stage)
+    would be padded with repeats; the metrics must be those of one process over each example once. The
+    training logs (loss, gradient norm, accuracy, margins) are over the global batch, gathered from both."""
+    two, one = runs["two"] / stage, runs["one"] / stage
+    got, want = metrics(two), metrics(one)
     keys = [k for k in want if k.startswith("eval_") and isinstance(want[k], float)]
     held = got.get("eval_pairs", got.get("eval_examples"))
     assert len(keys) >= 2 and held == want.get("eval_pairs", want.get("eval_examples")) and held % 8
     assert {k: got[k] for k in keys} == pytest.approx({k: want[k] for k in keys}, rel=1e-3, abs=1e-4)
+    got_logs, want_logs = logged(two), logged(one)
+    assert len(got_logs) == len(want_logs) and sum(map(len, want_logs)) >= 6
+    for got_row, want_row in zip(got_logs, want_logs):
+        assert got_row == pytest.approx(want_row, rel=1e-3, abs=1e-4)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", RUNS)
 def test_only_rank_zero_writes_the_output_folder(runs, stage):
     assert runs["changes"][1] == [], "rank 1 wrote under the output folders"
     two, one = runs["two"] / stage, runs["one"] / stage
