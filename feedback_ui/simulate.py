@@ -41,7 +41,10 @@ def label_until_done(url: str, name: str, password: str, rule: RuleScore, *, min
     from gradio_client import Client
 
     # ssl_verify only matters for https; off for plain http it spares a TLS context (~60 ms CPU) per request
-    client = Client(url, auth=(name, password), verbose=False, ssl_verify=not url.startswith("http://"))
+    # a login hashes the password (scrypt, about 0.3 s on an idle core): on a loaded machine httpx's 5 s
+    # default timeout is too short for it
+    client = Client(url, auth=(name, password), verbose=False, ssl_verify=not url.startswith("http://"),
+                    httpx_kwargs={"timeout": 60})
     rng = random.Random(f"{seed}-{name}")
     task = client.predict(api_name="/next_task")
     votes = 0

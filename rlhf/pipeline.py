@@ -38,6 +38,20 @@ class PipelineConfig:
     num_processes: int = field(
         1, "processes for the training stages (sft, reward, ppo, dpo): > 1 starts each with `accelerate launch`"
     )
+    rounds: int = field(
+        1, "RLHF rounds: round r >= 2 samples candidates from round r-1's aligned policy, labels them, retrains "
+        "the reward model on all preferences so far and continues PPO from round r-1's adapter (in round-r/)"
+    )
+    reference: Literal["sft", "previous"] = field(
+        "sft", "rounds >= 2: PPO's KL reference is the SFT policy, or the previous round's aligned policy"
+    )
+    round_selection: Literal["uncertainty", "random", "all"] = field(
+        "uncertainty", "rounds >= 2: which comparisons of the new candidates are labelled (the previous round's "
+        "reward model picks the ones it is least sure about)"
+    )
+    round_label_budget: Optional[int] = field(
+        None, "rounds >= 2: comparisons labelled per round (null = as many as round 1 created)"
+    )
     force: bool = field(False, "re-run stages whose output already exists")
     align: Literal["ppo", "dpo"] = field(
         "ppo", "how the SFT policy is aligned: PPO against the reward model, or DPO on the preference pairs"
@@ -67,6 +81,10 @@ class PipelineConfig:
         require(0.0 <= self.rule_noise < 0.5, "config key 'rule_noise' must be in [0, 0.5)")
         require(self.rule_min_gap >= 0.0, "config key 'rule_min_gap' must be >= 0")
         require(self.num_processes >= 1, "config key 'num_processes' must be >= 1")
+        require(self.rounds >= 1, "config key 'rounds' must be >= 1")
+        require(self.rounds == 1 or self.align == "ppo", "config key 'rounds' > 1 needs align: ppo")
+        require(self.round_label_budget is None or self.round_label_budget >= 1,
+                "config key 'round_label_budget' must be >= 1 (or null)")
         other = "dpo" if self.align == "ppo" else "ppo"
         require(self.stop_after != other,
                 f"config key 'stop_after' is {other}, a stage align: {self.align} does not run")
@@ -76,6 +94,31 @@ class PipelineConfig:
 
     def path(self, name: str) -> Path:
         return Path(self.work_dir) / name
+
+
+SHARED = ("sft", "labels.db", ".sim-passwords", "launch", "summary.json")  # one for all rounds
+
+
+class Round:
+    """Round ``number``'s view of the pipeline config: round 1 writes into ``work_dir`` (as a 1-round
+    pipeline does), round r >= 2 into ``work_dir/round-r/``; the SFT adapter and the labels database
+    (so the preferences of every round so far) are shared."""
+
+    def __init__(self, cfg: PipelineConfig, number: int):
+        self.cfg, self.number = cfg, number
+
+    def __getattr__(self, name):
+        return getattr(self.cfg, name)
+
+    def path(self, name: str) -> Path:
+        if self.number == 1 or name in SHARED:
+            return self.cfg.path(name)
+        folder = self.cfg.path(f"round-{self.number}")
+        return folder / name if name else folder
+
+    @property
+    def previous(self) -> "Round | None":
+        return Round(self.cfg, self.number - 1) if self.number > 1 else None
 
 
 def stage_config(cls, pipeline: PipelineConfig, section: str, derived: dict):
@@ -95,8 +138,9 @@ class Step:
     run: Callable[[], object]
 
 
-def run_steps(steps: list[Step], force: bool, stop_after: str | None) -> list[dict]:
-    """Run each step unless its output exists; returns one summary row per step."""
+def run_steps(steps: list[Step], force: bool, stop_after: str | None, last: bool = True) -> list[dict]:
+    """Run each step unless its output exists; returns one summary row per step. Stops after the step
+    named ``stop_after`` if it ran (or, in the ``last`` round, in any case)."""
     rows = []
     for step in steps:
         if step.done() and not force:
@@ -107,7 +151,7 @@ def run_steps(steps: list[Step], force: bool, stop_after: str | None) -> list[di
             start = time.perf_counter()
             step.run()
             rows.append({"stage": step.name, "status": "ran", "seconds": round(time.perf_counter() - start, 1)})
-        if step.name == stop_after:
+        if step.name == stop_after and (last or rows[-1]["status"] == "ran"):
             break
     return rows
 
@@ -191,6 +235,11 @@ def ppo_step(cfg: PipelineConfig) -> Step:
         "reward_model": str(cfg.path("reward")),
         "overwrite_output_dir": True,
     }
+    previous = getattr(cfg, "previous", None)
+    if previous is not None:  # continue from the previous round's policy
+        derived["policy_init"] = str(previous.path("ppo"))
+        if cfg.reference == "previous":
+            derived["sft_adapter"] = derived.pop("policy_init")
     stage = stage_config(PPOStageConfig, cfg, "ppo", derived)
 
     return Step("ppo", _exists(out), launched(cfg, "ppo", stage, lambda: run_ppo(stage)))
@@ -251,9 +300,21 @@ def candidates_step(cfg: PipelineConfig) -> Step:
         "adapter": str(cfg.path("sft")),
         "seed": cfg.seed,
     }
+    previous = getattr(cfg, "previous", None)
+    if previous is not None:  # the previous round's policy answers (new samples); its reward model picks what to label
+        derived["adapter"] = str(previous.path(cfg.align))
+        derived["seed"] = cfg.seed + previous.number
     stage = stage_config(LabelCandidatesConfig, cfg, "candidates", derived)
+    if previous is not None:
+        stage.selection = cfg.round_selection
+        stage.reward_model = str(previous.path("reward")) if cfg.round_selection == "uncertainty" else None
 
     def run():
+        if previous is not None and stage.selection != "all":
+            first = _read_json(cfg.cfg.path("candidates.json"))  # round 1's
+            stage.label_budget = cfg.round_label_budget or first.get("new_comparisons")
+            if not stage.label_budget:
+                raise ConfigError("round_label_budget is null and round 1 recorded no comparison count")
         write_json(cfg.path("candidates.json"), run_label_candidates(stage))
 
     return Step("candidates", _exists(cfg.path(""), "candidates.json"), run)
@@ -381,6 +442,11 @@ def print_summary(summary: dict) -> None:
         lines.append(f"{label:<34} {value}")
     for plot in summary["plots"]:
         lines.append(f"{'plot':<34} {plot}")
+    if summary.get("rounds"):
+        lines += ["", "round  RM held-out acc  win vs SFT (rule)  win vs SFT (RM)  KL to SFT  seconds"]
+        lines += [f"{r['round']:<6} {fmt(r['rm_heldout_accuracy']):>15}  {fmt(r['win_rate_vs_sft_rule']):>17}  "
+                  f"{fmt(r['win_rate_vs_sft_rm']):>15}  {fmt(r['kl_to_sft']):>9}  {r['total_seconds']:>7.1f}"
+                  for r in summary["rounds"]]
     print("\n".join(lines))
 
 
@@ -389,10 +455,24 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     align_step = dpo_step if cfg.align == "dpo" else ppo_step
     builders = [sft_step, candidates_step, label_step, prefs_step, reward_step, align_step, export_step, eval_step]
-    steps = [build(cfg) for build in builders]  # every config is validated before anything runs
+    rounds = [Round(cfg, r) for r in range(1, cfg.rounds + 1)]
+    plans = [[build(view) for build in (builders if view.number == 1 else builders[1:])] for view in rounds]
+    # every config is validated before anything runs
     check_output_dir(cfg.work_dir, "work_dir").mkdir(parents=True, exist_ok=True)
-    rows = run_steps(steps, cfg.force, cfg.stop_after)
-    summary = summarize(cfg, rows)
+    per_round = []
+    for view, steps in zip(rounds, plans):
+        if view.number > 1:
+            print(f"[pipeline] round {view.number} of {cfg.rounds}", file=sys.stderr)
+            view.path("").mkdir(exist_ok=True)
+        rows = run_steps(steps, cfg.force, cfg.stop_after, last=view.number == cfg.rounds)
+        per_round.append(summarize(view, rows))
+        if rows and rows[-1]["stage"] == cfg.stop_after and (rows[-1]["status"] == "ran" or view.number == cfg.rounds):
+            break
+    summary = dict(per_round[-1])
+    if cfg.rounds > 1:
+        summary["rounds"] = [{"round": i + 1, **{k: v for k, v in r.items() if k != "plots"}}
+                             for i, r in enumerate(per_round)]
+        summary["total_seconds"] = round(sum(r["total_seconds"] for r in per_round), 1)
     write_json(cfg.path("summary.json"), summary)
     print_summary(summary)
     if cfg.stop_after == "candidates":

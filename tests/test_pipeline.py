@@ -60,6 +60,30 @@ def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
     again = json.loads((run / "summary.json").read_text())
     assert all(r["status"] == "skipped" for r in again["stages"])
 
+    # a second round on top: round 1's policy answers, its RM picks 10 comparisons, PPO continues from round 1
+    args = ["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--round_label_budget", "10"]
+    assert main(args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["status"] == "skipped" for r in summary["rounds"][0]["stages"])
+    assert [r["stage"] for r in summary["rounds"][1]["stages"]] == [
+        "candidates", "label", "prefs", "reward", "ppo", "export", "eval"]
+    assert all(r["status"] == "ran" for r in summary["rounds"][1]["stages"])
+    round2 = run / "round-2"
+    candidates = json.loads((round2 / "candidates.json").read_text())
+    assert str(run / "ppo") in candidates["policy"] and candidates["new_comparisons"] == 10
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("select count(*) from comparisons")).scalar() == n_comparisons + 10
+    ppo_config = yaml.safe_load((round2 / "ppo" / "run_config.yaml").read_text())
+    assert ppo_config["policy_init"] == str(run / "ppo") and ppo_config["sft_adapter"] == str(run / "sft")
+    first, second = (len((d / "prefs.jsonl").read_text().splitlines()) for d in (run, round2))
+    assert second > first  # the reward model of round 2 trains on both rounds' preferences
+    assert summary["aligned_adapter"] == str(round2 / "export")
+    assert "round  RM held-out acc" in capsys.readouterr().out
+    assert main(args) == 0  # and an interrupted or finished run continues where it stopped
+    again = json.loads((run / "summary.json").read_text())
+    assert all(r["status"] == "skipped" for rnd in again["rounds"] for r in rnd["stages"])
+
 
 def test_pipeline_stops_after_candidates_for_human_labelers(pipeline_yaml, tmp_path, capsys):
     assert main(["pipeline", "--config", str(pipeline_yaml), "--stop_after", "candidates"]) == 0
