@@ -66,6 +66,18 @@ def pytest_make_collect_report(collector):
 # models and caches
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Every test runs torch on one thread: the tiny models' matrices gain nothing from a second one, and on a
+    2-core machine shared with the processes some tests launch, a second thread only adds contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama causal LM + local tokenizer saved with save_pretrained."""

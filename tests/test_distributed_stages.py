@@ -144,15 +144,10 @@ def runs(tiny_model_dir, tmp_path_factory):
     two, one = tmp / "two", tmp / "one"
     done = launch_two([stage_args(r, inputs, two / r, per_device=4) for r in RUNS], two, tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each launched process has; two threads on a busy 2-core machine are ~10x slower
-    try:
-        for run in RUNS:
-            split = run == "reward_ensemble"  # see the module docstring
-            shape = {"per_device": 4, "accumulate": 2} if split else {"per_device": 8}
-            run_in_process(stage_args(run, inputs, one / run, **shape))
-    finally:
-        torch.set_num_threads(threads)
+    for run in RUNS:  # on one torch thread, as each launched process (tests/conftest.py)
+        split = run == "reward_ensemble"  # see the module docstring
+        shape = {"per_device": 4, "accumulate": 2} if split else {"per_device": 8}
+        run_in_process(stage_args(run, inputs, one / run, **shape))
     changes = {r: json.loads((tmp / f"changes.rank{r}.json").read_text()) for r in (0, 1)}
     return {"two": two, "one": one, "inputs": inputs, "changes": changes, "log": done.stderr}
 

@@ -10,7 +10,7 @@ from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.trainer import run_ppo
-from test_ppo_stage import REWARDED, _one_thread, ppo_config  # noqa: F401  (fixture re-used)
+from test_ppo_stage import REWARDED, ppo_config
 
 
 class Crash(Exception):

@@ -10,7 +10,7 @@ from rlhf.ppo import wiring
 from rlhf.ppo.monitor import MonitorPoint, best_point
 from rlhf.ppo.scorers import FunctionScorer, TokenCountScorer
 from rlhf.ppo.trainer import run_ppo
-from test_ppo_stage import REWARDED, _one_thread, ppo_config, read_jsonl  # noqa: F401  (fixture re-used)
+from test_ppo_stage import REWARDED, ppo_config, read_jsonl
 
 
 def test_best_point_takes_the_highest_score_and_the_earliest_of_equals():

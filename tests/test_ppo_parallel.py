@@ -73,7 +73,6 @@ def test_two_processes_train_the_same_weights_as_one(launched, tiny_model_dir, t
     assert _completed(work, name) == 2, proc.stderr[-3000:]
     two = json.loads((work / name / "metrics.json").read_text())
     assert two["world_size"] == 2 and two["rollouts"] == 16
-    torch.set_num_threads(1)
     one = _driver().run(tiny_model_dir, tmp_path, name)
     assert one["world_size"] == 1
     a, b = _adapter(tmp_path / name), _adapter(work / name)

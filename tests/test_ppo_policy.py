@@ -11,7 +11,7 @@ from rlhf.ppo.policy import POLICY, REFERENCE, VALUE, build_actor_critic
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import ScoreInput, TokenCountScorer, TokenScorer
 from rlhf.ppo.trainer import run_ppo
-from test_ppo_stage import _one_thread, make_sft_adapter, ppo_config  # noqa: F401  (fixture re-used)
+from test_ppo_stage import make_sft_adapter, ppo_config
 
 
 def train_tiny_reward_model(tiny_model_dir, folder, **overrides):

@@ -10,7 +10,7 @@ from rlhf.ppo.policy import POLICY, REFERENCE, build_actor_critic
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.trainer import run_ppo
-from test_ppo_stage import Capture, _one_thread, make_sft_adapter, ppo_config  # noqa: F401  (fixture re-used)
+from test_ppo_stage import Capture, make_sft_adapter, ppo_config
 
 BLOCK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

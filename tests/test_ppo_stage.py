@@ -16,14 +16,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 REWARDED = list(range(10, 42))   # reward = number of response tokens with an id in 10..41
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)     # tiny matrices: threads only add overhead and contention
-    yield
-    torch.set_num_threads(threads)
-
-
 def ppo_config(model_dir, out, **overrides) -> PPOStageConfig:
     values = dict(
         model_name_or_path=model_dir, dataset_name="sample:prompts", output_dir=str(out), max_steps=4,

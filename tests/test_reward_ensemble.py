@@ -26,12 +26,6 @@ from test_reward_model import easy_rows, policy_model, some_texts
 K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def rm_config(tiny_model_dir, tmp, **overrides) -> RewardStageConfig:
