@@ -319,7 +319,7 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     gold_rows = read_gold(cfg.gold_file) if cfg.gold_file else []
     resolve_model_path(cfg.model_name_or_path)
     if cfg.adapter:
-        check_adapter(cfg.adapter)
+        check_adapter(cfg.adapter, hooked=True)  # load_model attaches LoReFT / bottleneck adapters too
     if cfg.reward_model:
         check_reward_model(cfg.reward_model)
     select = cfg.selection != "all"

@@ -33,7 +33,7 @@ from torch import nn
 
 from rlhf.data import to_messages
 from rlhf.errors import ConfigError, UserError
-from rlhf.models import check_adapter, read_adapter_config
+from rlhf.models import check_adapter, hooked_adapter_type, not_peft_message, read_adapter_config
 from rlhf.outputs import read_json
 
 METADATA_FILE = "reward_model.json"
@@ -231,6 +231,9 @@ def build_reward_model(base: str, sft_adapter: str | None, dtype: torch.dtype, d
 
 def check_lora_adapter(adapter: str) -> dict:
     """The adapter_config of a LoRA adapter folder; ConfigError for anything else."""
+    hooked = hooked_adapter_type(adapter)
+    if hooked is not None:
+        raise ConfigError(f"config key 'sft_adapter': {not_peft_message(adapter, hooked.method)}")
     config_file = Path(adapter) / "adapter_config.json"
     if not config_file.is_file():
         raise ConfigError(f"config key 'sft_adapter': {adapter} has no adapter_config.json")

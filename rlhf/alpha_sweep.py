@@ -61,15 +61,15 @@ class SweepEnds:
 def _lora_adapter(folder: str, role: str) -> dict:
     """The adapter config of a LoRA adapter folder; anything else is a UserError naming ``role``."""
     from rlhf.export import is_full_model
-    from rlhf.models import check_adapter, read_adapter_config
+    from rlhf.models import check_adapter, hooked_adapter_type, read_adapter_config
 
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise UserError(f"--alpha_sweep: the {role} folder {folder} is not found")
     if is_full_model(path):
         kind = "a full model folder"
-    elif (path / "reft_config.json").is_file():
-        kind = "a LoReFT adapter"
+    elif hooked_adapter_type(path) is not None:
+        kind = f"a {hooked_adapter_type(path).method} adapter"
     elif (path / "adapter_config.json").is_file():
         check_adapter(folder)
         cfg = read_adapter_config(folder)

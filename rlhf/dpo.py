@@ -119,13 +119,14 @@ def pairs_to_dataset(pairs):
 
 def check_sft_adapter(sft_adapter: str) -> None:
     """The SFT folder must hold a PEFT LoRA adapter (DPO copies it into the policy and the reference)."""
-    from rlhf.models import read_adapter_config
+    from rlhf.models import hooked_adapter_type, not_peft_message, read_adapter_config
 
     path = Path(sft_adapter)
     if not path.is_dir():
         raise UserError(f"config key 'sft_adapter': folder not found: {sft_adapter}")
-    if (path / "reft_config.json").is_file():
-        raise UserError(f"sft_adapter {sft_adapter} is a LoReFT intervention; DPO needs a LoRA adapter")
+    hooked = hooked_adapter_type(path)
+    if hooked is not None:
+        raise UserError(f"config key 'sft_adapter': {not_peft_message(sft_adapter, hooked.method)}")
     if not (path / "adapter_config.json").is_file():
         raise UserError(
             f"sft_adapter folder {sft_adapter} has no adapter_config.json "

@@ -20,7 +20,7 @@ from rlhf.data import load_prompts, prompt_text
 from rlhf.errors import UserError
 from rlhf.eval_config import EvalConfig  # noqa: F401 (re-exported: rlhf.evaluate.EvalConfig)
 from rlhf.generation import SamplingSettings, decode_responses, response_logprobs, response_mask, sample_batch
-from rlhf.models import adapter_base, load_model, load_tokenizer, pick_device, tokenizer_source
+from rlhf.models import ADAPTER_CONFIGS, adapter_base, load_model, load_tokenizer, pick_device, tokenizer_source
 from rlhf.outputs import check_output_dir, write_json
 
 
@@ -107,7 +107,7 @@ def policy_source(folder: str, base_override: str | None) -> tuple[str, str | No
         if not base_override:
             raise UserError("baseline 'base' needs model_name_or_path")
         return base_override, None
-    if (path / "adapter_config.json").is_file() or (path / "reft_config.json").is_file():
+    if any((path / name).is_file() for name in ADAPTER_CONFIGS):
         return base_override or adapter_base(folder), str(path)
     if (path / "config.json").is_file():
         return str(path), None

@@ -31,8 +31,8 @@ class ExportConfig:
     """Options of ``rlhf export``."""
 
     adapter: str = field(
-        "", "fine-tuned PEFT adapter folder (e.g. the output_dir of rlhf ppo); interpolate also takes a full model "
-        "folder"
+        "", "fine-tuned PEFT adapter folder (e.g. the output_dir of rlhf ppo; a loreft or bottleneck_adapter folder "
+        "with mode adapter only); interpolate also takes a full model folder"
     )
     mode: Literal["adapter", "merged", "interpolate"] = field("adapter", "what to write")
     out: str = field("outputs/export", "output folder")
@@ -68,12 +68,25 @@ class ExportConfig:
 # helper functions
 
 
-def adapter_config(folder: str | Path) -> dict:
-    from rlhf.models import read_adapter_config
+def adapter_config(folder: str | Path, hooked: bool = False) -> dict:
+    """The config of a PEFT adapter folder (or, with ``hooked``, of a LoReFT / bottleneck adapter folder)."""
+    from rlhf.models import hooked_adapter_type, read_adapter_config
 
-    if not (Path(folder) / "adapter_config.json").is_file():
+    kind = hooked_adapter_type(folder)
+    if kind is not None and not hooked:
+        raise UserError(f"{folder} is a {kind.method} adapter (modules hooked on the base): it cannot be merged "
+                        "into the weights or interpolated; export it with --mode adapter, or train LoRA to merge")
+    if kind is None and not (Path(folder) / "adapter_config.json").is_file():
         raise UserError(f"adapter folder {folder} has no adapter_config.json (export takes PEFT adapters)")
     return read_adapter_config(folder)
+
+
+def adapter_files(folder: str | Path) -> tuple[str, str]:
+    """(config file, weights file) of a PEFT or hooked adapter folder."""
+    from rlhf.models import hooked_adapter_type
+
+    kind = hooked_adapter_type(folder)
+    return (kind.config_file, kind.weights_file) if kind else ADAPTER_FILES
 
 
 def load_adapter_state(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -169,9 +182,9 @@ def check_export_sources(folders: list[str], out: Path) -> None:
             weights = [Path(folder) / "model.safetensors"]
             weights = [w for w in weights if w.is_file()]
         else:
-            weights = [Path(folder) / "adapter_model.safetensors"]
+            weights = [Path(folder) / adapter_files(folder)[1]]
             if not weights[0].is_file():
-                raise UserError(f"adapter folder {folder} has no adapter_model.safetensors")
+                raise UserError(f"adapter folder {folder} has no {weights[0].name}")
         for w in weights:
             check_safetensors(w)
         resolved = Path(folder).expanduser().resolve()
@@ -246,7 +259,7 @@ def run_export(cfg: ExportConfig) -> Path:
     else:
         if is_full_model(cfg.adapter):
             raise UserError(f"{cfg.adapter} is a full model folder: only --mode interpolate takes one")
-        acfg = adapter_config(cfg.adapter)
+        acfg = adapter_config(cfg.adapter, hooked=cfg.mode == "adapter")
         base = cfg.model_name_or_path or acfg.get("base_model_name_or_path")
         if not base:
             raise UserError(f"adapter {cfg.adapter} does not record its base model; pass --model_name_or_path")
@@ -260,10 +273,10 @@ def run_export(cfg: ExportConfig) -> Path:
     details: dict = {"mode": cfg.mode, "source_adapter": str(Path(cfg.adapter).resolve())}
     with staged_output(cfg.out, "out") as work:
         if cfg.mode == "adapter":
-            for name in ADAPTER_FILES:
-                shutil.copy2(Path(cfg.adapter) / name, work / name)
+            config_file, weights_file = adapter_files(cfg.adapter)
+            shutil.copy2(Path(cfg.adapter) / weights_file, work / weights_file)
             cfg_out = dict(acfg, base_model_name_or_path=base)
-            (work / "adapter_config.json").write_text(json.dumps(cfg_out, indent=2))
+            (work / config_file).write_text(json.dumps(cfg_out, indent=2))
             tokenizer.save_pretrained(work)
         elif cfg.mode == "merged":
             save_merged(merged_model(base, cfg.adapter), tokenizer, work)

@@ -44,7 +44,7 @@ class GenerateConfig(SamplingConfig):
     """Options of ``rlhf generate``."""
 
     model_name_or_path: str = field("smollm2-135m-instruct", "base model: HF folder, hub id or embedded alias")
-    adapter: Optional[str] = field(None, "PEFT adapter folder applied on the base")
+    adapter: Optional[str] = field(None, "adapter folder applied on the base (PEFT, loreft or bottleneck_adapter)")
     dataset_name: str = field("sample:prompts_test", "prompts file (`prompt` column: string or messages)")
     out: str = field("generations.jsonl", "output JSONL with `prompt` and `response` per line")
     num_return_sequences: int = field(1, "responses per prompt (one line each)")

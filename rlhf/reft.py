@@ -11,19 +11,19 @@ of the chosen blocks' outputs (so generation sees the same edit as training),
 and W = R, b = 0 at initialisation, so training starts from the base model.
 
 Saved as ``reft_config.json`` + ``reft_interventions.safetensors``;
-``rlhf.models.load_model(base, adapter=folder)`` re-attaches them.
+``rlhf.models.load_model(base, adapter=folder)`` re-attaches them. The interventions are a
+hooked module adapter (:mod:`rlhf.hooked`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from rlhf.models import decoder_layers
+from rlhf.hooked import HookedAdapter, attached_adapter, decoder_layers
 
 CONFIG_FILE = "reft_config.json"
 WEIGHTS_FILE = "reft_interventions.safetensors"
@@ -46,55 +46,35 @@ class LoReFTIntervention(nn.Module):
         return h + edit @ r  # (..., d)
 
 
-def _hook(intervention: LoReFTIntervention):
-    def apply(module, args, output):
-        if isinstance(output, tuple):
-            return (intervention(output[0]),) + tuple(output[1:])
-        return intervention(output)
+class LoReFT(HookedAdapter):
+    """One :class:`LoReFTIntervention` per edited block, keyed by the block index, on the block's output."""
 
-    return apply
+    method = "loreft"
+    config_file = CONFIG_FILE
+    weights_file = WEIGHTS_FILE
+    attribute = "reft_interventions"
+    type_key = "reft_type"
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, settings: dict) -> LoReFT:
+        """``settings``: ``layers`` (negative indices count from the top) and ``rank``."""
+        n_blocks = len(decoder_layers(model)[1])
+        layers, rank = sorted({int(i) % n_blocks for i in settings["layers"]}), int(settings["rank"])
+        hidden = model.config.hidden_size
+        return cls({"layers": layers, "rank": rank}, {str(i): LoReFTIntervention(hidden, rank) for i in layers})
+
+    def sites(self, model: nn.Module) -> dict[str, nn.Module]:
+        blocks = decoder_layers(model)[1]
+        return {key: blocks[int(key)] for key in self}
 
 
-def attach_reft(model: nn.Module, layers: list[int], rank: int) -> nn.ModuleDict:
+def attach_reft(model: nn.Module, layers: list[int], rank: int) -> LoReFT:
     """Add LoReFT interventions on the outputs of ``layers`` (negative indices count from the top).
 
-    The interventions live in ``model.reft_interventions`` so optimisers and
-    ``named_parameters`` see them; every other parameter is frozen.
+    The interventions live in ``model.reft_interventions``; every other parameter is frozen.
     """
-    blocks = decoder_layers(model)[1]
-    resolved = sorted({i % len(blocks) for i in layers})
-    model.requires_grad_(False)
-    hidden = model.config.hidden_size
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    interventions = nn.ModuleDict({str(i): LoReFTIntervention(hidden, rank) for i in resolved}).to(device)
-    if dtype != torch.float32:
-        interventions.to(dtype)
-    for i in resolved:
-        blocks[i].register_forward_hook(_hook(interventions[str(i)]))
-    model.reft_interventions = interventions
-    model.reft_config = {"layers": resolved, "rank": rank, "base_model_name_or_path": model.config.name_or_path}
-    return interventions
+    return LoReFT.from_settings(model, {"layers": layers, "rank": rank}).attach(model)
 
 
 def save_reft(model: nn.Module, folder: str | Path) -> None:
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.reft_interventions.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps({"reft_type": "loreft", **model.reft_config}, indent=2))
-
-
-def is_reft_folder(folder: str | Path) -> bool:
-    return (Path(folder) / CONFIG_FILE).is_file()
-
-
-def load_reft(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Attach the interventions saved in ``folder`` to ``model`` (in place) and return it."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    interventions = attach_reft(model, cfg["layers"], cfg["rank"])
-    interventions.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
-    return model
+    attached_adapter(model).save(folder)

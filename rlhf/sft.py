@@ -30,7 +30,7 @@ class SFTStageConfig(TrainingConfig):
     eval_fraction: float = field(0.1, "fraction of the training data held out for eval loss (0 disables)")
     eval_steps: int = field(10, "evaluate every N optimizer steps")
     early_stopping_patience: int = field(0, "stop after N evaluations without eval-loss improvement (0 = off)")
-    method: Literal["lora", "full", "freeze", "prompt_tuning", "prefix_tuning", "loreft"] = field(
+    method: Literal["lora", "full", "freeze", "prompt_tuning", "prefix_tuning", "loreft", "bottleneck_adapter"] = field(
         "lora", "what is trained"
     )
     lora_r: int = field(16, "LoRA rank")
@@ -41,6 +41,15 @@ class SFTStageConfig(TrainingConfig):
     num_virtual_tokens: int = field(20, "prompt_tuning/prefix_tuning: number of virtual tokens")
     reft_rank: int = field(4, "loreft: rank r of each intervention")
     reft_layers: list[int] = field([], "loreft: blocks whose outputs are edited (negative = from the top; empty = all)")
+    adapter_reduction_factor: int = field(
+        16, "bottleneck_adapter: hidden size / bottleneck width of each adapter (16: width 36 on a 576-wide model)"
+    )
+    adapter_placement: Literal["attention", "mlp", "both"] = field(
+        "mlp", "bottleneck_adapter: adapters after every block's MLP (Pfeiffer), attention, or both (Houlsby)"
+    )
+    adapter_non_linearity: Literal["relu", "gelu", "silu", "tanh"] = field(
+        "relu", "bottleneck_adapter: activation between the down- and up-projection"
+    )
     completion_only_loss: bool = field(True, "compute the loss only on the assistant completion")
     max_length: int = field(512, "truncate examples to this many tokens")
     max_train_samples: Optional[int] = field(None, "use at most this many training examples")
@@ -53,6 +62,7 @@ class SFTStageConfig(TrainingConfig):
         require(self.freeze_trainable_layers >= 1, "config key 'freeze_trainable_layers' must be >= 1")
         require(self.num_virtual_tokens >= 1, "config key 'num_virtual_tokens' must be >= 1")
         require(self.reft_rank >= 1, "config key 'reft_rank' must be >= 1")
+        require(self.adapter_reduction_factor >= 1, "config key 'adapter_reduction_factor' must be >= 1")
         require(0 <= self.eval_fraction < 1, "config key 'eval_fraction' must be in [0, 1)")
         require(self.eval_steps >= 1, "config key 'eval_steps' must be >= 1")
         require(self.max_length >= 16, "config key 'max_length' must be >= 16")
@@ -103,6 +113,7 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
     from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from rlhf.bottleneck import attach_bottleneck
     from rlhf.models import decoder_layers, load_base_model, load_tokenizer, pick_device, pick_dtype
     from rlhf.reft import attach_reft
     from rlhf.tracking import LoggerCallback
@@ -124,6 +135,8 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
         if any(not -n_blocks <= i < n_blocks for i in cfg.reft_layers):
             raise ConfigError(f"config key 'reft_layers' must index the model's {n_blocks} blocks")
         attach_reft(model, cfg.reft_layers or list(range(n_blocks)), cfg.reft_rank)
+    if cfg.method == "bottleneck_adapter":
+        attach_bottleneck(model, cfg.adapter_reduction_factor, cfg.adapter_placement, cfg.adapter_non_linearity)
 
     kwargs = trainer_kwargs(cfg, str(work_dir / "trainer"), evaluation is not None, cfg.eval_steps)
     callbacks = [LoggerCallback(logger)] if logger else []
@@ -164,8 +177,8 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     import shutil
 
     from rlhf import distributed
+    from rlhf.hooked import attached_adapter
     from rlhf.models import count_parameters
-    from rlhf.reft import save_reft
     from rlhf.tracking import MetricsLogger
 
     watch = Stopwatch()
@@ -203,13 +216,14 @@ def run_sft(cfg: SFTStageConfig) -> dict:
             metrics["eval_examples"] = len(trainer.eval_dataset)
         if logger is not None:
             logger.close()
-        if cfg.method != "loreft":
+        hooked = attached_adapter(trainer.model)  # loreft, bottleneck_adapter: saved as their own files
+        if hooked is None:
             trainer.save_model(str(work))  # every process: sharded set-ups gather the weights; rank 0 writes
         runtime = max(result.metrics.get("train_runtime", 1e-9), 1e-9)
         metrics["tokens_per_s"] = round(metrics["tokens_seen"] / runtime, 1)
         if main:
-            if cfg.method == "loreft":
-                save_reft(trainer.model, work)
+            if hooked is not None:
+                hooked.save(work)
             trainer.processing_class.save_pretrained(str(work))
             shutil.rmtree(work / "trainer", ignore_errors=True)
             metrics["wall_time_s"] = watch.seconds
