@@ -37,7 +37,8 @@ def lora_config_for(cfg: RewardStageConfig, num_layers: int):
 
 
 def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, logger: MetricsLogger | None):
-    """A :class:`~reward.trainer.PairwiseRewardTrainer` on the (SFT-merged) base with a fresh RM LoRA."""
+    """A :class:`~reward.trainer.PairwiseRewardTrainer` on the (SFT-merged) base with a fresh RM LoRA, or with
+    fresh LoReFT interventions (``method: loreft``, :mod:`reward.reft`)."""
     from trl import RewardConfig
 
     from reward.data import pairs_to_dataset
@@ -51,6 +52,10 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
     model = build_reward_model(
         cfg.model_name_or_path, cfg.sft_adapter, dtype=pick_dtype(cfg.precision, device), device=device, seed=cfg.seed
     )
+    if cfg.method == "loreft":
+        from reward.reft import attach_reward_interventions
+
+        attach_reward_interventions(model, cfg.reft_layers, cfg.reft_rank)
     with_margin = cfg.use_margin and any(p.margin is not None for p in train_pairs)
     length_head = new_length_head(model, cfg.seed) if cfg.length_debias == "length_head" else None
     with_lengths = length_head is not None
@@ -75,7 +80,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=lora_config_for(cfg, num_layers),
+        peft_config=lora_config_for(cfg, num_layers) if cfg.method == "lora" else None,
         callbacks=[LoggerCallback(logger)] if logger else [],
         length_head=length_head,
         length_coef=cfg.length_head_coef,
@@ -219,7 +224,13 @@ def train_member(
             )
         if main:
             save_length_head(dest, trainer.length_head)
-    trainer.save_model(str(dest))  # every process: sharded set-ups gather the weights; rank 0 writes
+    if cfg.method == "loreft":
+        if main:
+            from reward.reft import save_reward_interventions
+
+            save_reward_interventions(model, dest)
+    else:
+        trainer.save_model(str(dest))  # every process: sharded set-ups gather the weights; rank 0 writes
     if main:
         shutil.rmtree(work / "trainer", ignore_errors=True)
     hidden_size = model.config.get_text_config().hidden_size
@@ -239,6 +250,7 @@ def training_summary(cfg: RewardStageConfig, members: list[MemberResult], train_
     runtime = sum(m["train_runtime_s"] for m in trained)
     metrics = {
         "world_size": distributed.world_size(),
+        "method": cfg.method,
         "train_loss": trained[0]["train_loss"] if k == 1 else sum(m["train_loss"] for m in trained) / k,
         "train_pairs": len(train_pairs),
         "eval_pairs": len(held_pairs),

@@ -42,6 +42,7 @@ ENSEMBLE_FILE = "ensemble.json"
 MEMBERS_DIR = "members"
 LENGTH_HEAD_FILE = "length_head.safetensors"
 SFT_COPY = "sft_adapter"
+REFT_HEAD_FILE = "score_head.safetensors"  # method loreft: the score head (the interventions: rlhf.hooked files)
 FORMAT = "rlhf-reward-model"
 ENSEMBLE_FORMAT = "rlhf-reward-ensemble"
 INPUT_FORMAT = "chat_template(prompt, add_generation_prompt=True) + response + eos, left-truncated to max_length"
@@ -204,7 +205,8 @@ def head_linear(head: nn.Module) -> nn.Linear:
 
 
 def build_reward_model(base: str, sft_adapter: str | None, dtype: torch.dtype, device: torch.device, seed: int):
-    """``AutoModelForSequenceClassification`` (num_labels=1) on ``base``, with a LoRA SFT adapter merged first.
+    """``AutoModelForSequenceClassification`` (num_labels=1) on ``base``, with a LoRA SFT adapter merged first
+    (a hooked SFT adapter, which only a LoReFT reward model takes, is attached frozen: :mod:`reward.reft`).
 
     The score head is initialised after ``transformers.set_seed(seed)``, so runs are reproducible.
     """
@@ -220,7 +222,13 @@ def build_reward_model(base: str, sft_adapter: str | None, dtype: torch.dtype, d
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     except OSError as exc:
         raise UserError(f"cannot load model {base}: {str(exc).splitlines()[0]}") from None
-    if sft_adapter:
+    hooked = hooked_adapter_type(sft_adapter)
+    if hooked is not None:
+        check_adapter(sft_adapter, hooked=True)
+        trunk, _ = trunk_and_head(model)
+        hooked.load(trunk, sft_adapter)  # on the trunk: the reward interventions go on the model itself
+        getattr(trunk, hooked.attribute).requires_grad_(False)
+    elif sft_adapter:
         check_lora_adapter(sft_adapter)
         merged = load_model(base, adapter=sft_adapter, dtype=dtype, device=torch.device("cpu"), merge=True)
         trunk, _ = trunk_and_head(model)
@@ -250,7 +258,9 @@ def check_lora_adapter(adapter: str) -> dict:
 def adapter_digest(adapter: str | Path) -> str:
     """SHA-256 of an adapter's weight file(s): identifies an SFT adapter wherever it was copied to."""
     digest = hashlib.sha256()
-    files = sorted(Path(adapter).glob("adapter_model.*"))
+    hooked = hooked_adapter_type(adapter)
+    files = [Path(adapter) / hooked.weights_file] if hooked else sorted(Path(adapter).glob("adapter_model.*"))
+    files = [f for f in files if f.is_file()]
     if not files:
         raise UserError(f"adapter folder {adapter} has no adapter_model weights")
     for f in files:
@@ -274,7 +284,8 @@ def write_metadata(
         "sft_adapter": SFT_COPY if sft_adapter else None,
         "sft_adapter_source": str(Path(sft_adapter).resolve()) if sft_adapter else None,
         "sft_adapter_sha256": adapter_digest(sft_adapter) if sft_adapter else None,
-        "sft_merged": bool(sft_adapter),
+        "sft_merged": bool(sft_adapter) and hooked_adapter_type(sft_adapter) is None,
+        "sft_method": _adapter_method(sft_adapter) if sft_adapter else None,
         "max_length": max_length,
         "hidden_size": hidden_size,
         "input": INPUT_FORMAT,
@@ -285,17 +296,33 @@ def write_metadata(
     return meta
 
 
+def _adapter_method(adapter: str) -> str:
+    hooked = hooked_adapter_type(adapter)
+    return hooked.method if hooked is not None else "lora"
+
+
 def read_metadata(folder: str | Path) -> dict:
-    """``reward_model.json`` of a reward-model folder (UserError naming what is missing)."""
+    """``reward_model.json`` of a reward-model folder (UserError naming what is missing).
+
+    A LoRA reward model (``method`` absent or ``lora``) needs ``adapter_config.json``, a LoReFT one its
+    intervention and head files (:func:`check_reft_files`).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"reward model folder not found: {folder}")
     meta_file = folder / METADATA_FILE
-    if not meta_file.is_file() or not (folder / "adapter_config.json").is_file():
+    try:
+        loreft = meta_file.is_file() and is_reft_reward(json.loads(meta_file.read_text()))
+    except (OSError, ValueError, AttributeError):  # unreadable: reported below as for any reward model
+        loreft = False
+    if loreft:
+        check_reft_files(folder)
+    elif not meta_file.is_file() or not (folder / "adapter_config.json").is_file():
         raise UserError(
             f"{folder} is not a reward model written by `rlhf reward` (no {METADATA_FILE} / adapter_config.json)"
         )
-    read_adapter_config(folder)
+    else:
+        read_adapter_config(folder)
     meta = read_json(meta_file, "reward model description")
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_file} is not a {FORMAT} description")
@@ -303,6 +330,21 @@ def read_metadata(folder: str | Path) -> dict:
         if not isinstance(meta.get(key), kind):
             raise UserError(f"{meta_file}: '{key}' is missing or not a {kind.__name__}")
     return meta
+
+
+def is_reft_reward(meta: dict) -> bool:
+    """Whether a ``reward_model.json`` describes a LoReFT reward model (:mod:`reward.reft`)."""
+    return meta.get("method", "lora") == "loreft"
+
+
+def check_reft_files(folder: Path) -> None:
+    """The files of a LoReFT reward-model folder; its interventions' config and weights checked as for SFT."""
+    from rlhf.reft import LoReFT
+
+    for name in (LoReFT.config_file, LoReFT.weights_file, REFT_HEAD_FILE):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder} is a LoReFT reward model without {name}")
+    check_adapter(str(folder), hooked=True)
 
 
 def read_stats(folder: str | Path) -> dict:

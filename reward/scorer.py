@@ -3,10 +3,12 @@
 Two ways to get one:
 
 * ``RewardScorer.from_pretrained(dir)`` -- standalone: base model (+ merged SFT adapter when the
-  RM was trained on one) + the RM's LoRA adapter and score head.
+  RM was trained on one) + the RM's LoRA adapter and score head (or, for ``--method loreft``, its
+  LoReFT interventions and score head, :mod:`reward.reft`).
 * ``RewardScorer.attach(peft_model, tokenizer, dir)`` -- on the policy's ``PeftModel`` (same base
   weights in memory): the RM's LoRA becomes a frozen extra adapter, the head a frozen
-  ``nn.Linear``; scoring switches adapters and restores everything afterwards.
+  ``nn.Linear``; scoring switches adapters and restores everything afterwards. LoReFT reward models
+  are never attached (see :meth:`RewardScorer.incompatibility`).
 
 Both score through :func:`reward.modeling.pooled_rewards` with the input layout documented in
 :mod:`reward.modeling`, so they give the same numbers for the same texts.
@@ -33,6 +35,7 @@ from reward.modeling import (
     adapter_digest,
     encode_for_reward,
     head_linear,
+    is_reft_reward,
     lower_hidden,
     member_calibrations,
     member_dirs,
@@ -89,8 +92,16 @@ class RewardScorer:
         sft = str(Path(path) / meta["sft_adapter"]) if meta.get("sft_adapter") else None
         base = meta["base_model_path"] if Path(meta["base_model_path"]).exists() else meta["base_model"]
         model = build_reward_model(base, sft, dtype=dtype, device=device, seed=0)
-        dirs = member_dirs(path)
         tokenizer = load_tokenizer(str(path))
+        if is_reft_reward(meta):
+            from reward.reft import load_reward_interventions
+
+            model = load_reward_interventions(model, path).eval()
+            trunk, head = trunk_and_head(model)
+            return cls(
+                trunk, head, tokenizer, max_length=meta["max_length"], stats=read_stats(path), metadata=meta, owner=model
+            )
+        dirs = member_dirs(path)
         if len(dirs) == 1:
             model = PeftModel.from_pretrained(model, str(dirs[0]), is_trainable=False).eval()
             trunk, head = trunk_and_head(model)
@@ -135,6 +146,10 @@ class RewardScorer:
         from rlhf.models import resolve_model_path
 
         meta = read_metadata(reward_dir)
+        if is_reft_reward(meta):
+            from reward.reft import STANDALONE_REASON
+
+            return STANDALONE_REASON
         try:
             same_base = Path(resolve_model_path(base_model)).resolve() == Path(meta["base_model_path"]).resolve()
         except UserError:

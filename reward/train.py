@@ -4,12 +4,16 @@ A scalar reward model (``*ForSequenceClassification``, one label) trained with T
 ``RewardTrainer`` on preference pairs (Bradley-Terry loss, minus the data's ``margin`` when it
 has one), LoRA on the trunk and the ``score`` head trained in full (``modules_to_save``). The base
 is ``model_name_or_path``, or that base with the LoRA ``sft_adapter`` merged into its weights.
+``method: loreft`` adapts the trunk with LoReFT interventions instead (:mod:`reward.reft`; it can also
+start from a hooked SFT adapter, attached frozen; one member, no ``lora_top_layers``).
 
 Output folder (written through ``staged_output``, so nothing appears if the run fails; launched on N
 processes, every process trains and scores its share and rank 0 alone writes it)::
 
     output_dir/
       adapter_config.json, adapter_model.safetensors   RM LoRA + score head (PEFT, task SEQ_CLS); member 0's
+      reft_config.json, reft_interventions.safetensors,
+      score_head.safetensors                           method loreft, in place of the PEFT files
       tokenizer files                                  the tokenizer the RM was trained with
       reward_model.json                                base, merged SFT adapter, max_length, input layout
       sft_adapter/                                     copy of the merged SFT adapter (only with sft_adapter)
@@ -56,7 +60,15 @@ class RewardStageConfig(TrainingConfig):
     )
     output_dir: str = field("outputs/reward", "folder for the reward model, reward_stats.json, metrics.json")
     learning_rate: float = field(2e-4, "peak learning rate")
-    sft_adapter: Optional[str] = field(None, "LoRA SFT adapter merged into the base before the RM LoRA is added")
+    sft_adapter: Optional[str] = field(
+        None, "SFT adapter the RM starts from: a LoRA merged into the base; with method loreft also a loreft or "
+        "bottleneck_adapter folder, attached frozen under the reward interventions"
+    )
+    method: Literal["lora", "loreft"] = field(
+        "lora", "backbone adaptation: LoRA on the trunk, or LoReFT interventions on block outputs (+ the score head)"
+    )
+    reft_rank: int = field(4, "loreft: rank r of each intervention")
+    reft_layers: list[int] = field([], "loreft: blocks whose outputs are edited (negative = from the top; empty = all)")
     eval_dataset_name: Optional[str] = field(None, "separate held-out preference file (overrides eval_fraction)")
     eval_fraction: float = field(0.1, "fraction of distinct prompts held out (all their pairs) for accuracy")
     eval_steps: int = field(0, "also evaluate every N optimizer steps during training (0 = only at the end)")
@@ -106,6 +118,11 @@ class RewardStageConfig(TrainingConfig):
         require(1 <= self.ensemble <= 16, "config key 'ensemble' must be between 1 and 16")
         require(self.length_head_coef >= 0, "config key 'length_head_coef' must be >= 0")
         require(self.length_orthogonal_coef >= 0, "config key 'length_orthogonal_coef' must be >= 0")
+        require(self.reft_rank >= 1, "config key 'reft_rank' must be >= 1")
+        if self.method == "loreft":
+            require(self.ensemble == 1, "config key 'ensemble' needs method lora (a loreft reward model is one member)")
+            require(not self.lora_top_layers,
+                    "config key 'lora_top_layers' is a LoRA option: with method loreft choose blocks with reft_layers")
         if self.sft_adapter:
             require(Path(self.sft_adapter).is_dir(), f"config key 'sft_adapter': folder not found: {self.sft_adapter}")
         require(
@@ -118,7 +135,8 @@ def run_reward(cfg: RewardStageConfig) -> dict:
     """Train the RM (or its ``ensemble`` members) and write ``cfg.output_dir``; returns the metrics written to
     ``metrics.json``."""
     from reward.member import combine_members, member_calibrations, train_member, training_summary
-    from reward.modeling import MEMBERS_DIR, SFT_COPY, check_lora_adapter, write_ensemble, write_metadata
+    from reward.modeling import MEMBERS_DIR, SFT_COPY, write_ensemble, write_metadata
+    from reward.reft import check_reft_layers, check_sft_adapter
     from rlhf import distributed
     from rlhf.models import resolve_model_path
     from rlhf.pairs import load_splits
@@ -128,7 +146,9 @@ def run_reward(cfg: RewardStageConfig) -> dict:
     check_not_input(cfg.output_dir, {"dataset_name": cfg.dataset_name, "eval_dataset_name": cfg.eval_dataset_name,
                                      "sft_adapter": cfg.sft_adapter, "model_name_or_path": cfg.model_name_or_path})
     if cfg.sft_adapter:
-        check_lora_adapter(cfg.sft_adapter)  # before any data or model loads
+        check_sft_adapter(cfg.sft_adapter, cfg.method)  # before any data or model loads
+    if cfg.method == "loreft":
+        check_reft_layers(cfg.model_name_or_path, cfg.reft_layers)
     train_pairs, held_pairs = load_splits(cfg)
     k = cfg.ensemble
     main = distributed.is_main()
@@ -164,7 +184,7 @@ def run_reward(cfg: RewardStageConfig) -> dict:
                                   for m, c in zip(members, calibrations)], bootstrap=cfg.ensemble_bootstrap)
         if cfg.sft_adapter:
             shutil.copytree(cfg.sft_adapter, work / SFT_COPY, ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
-        extra = {}
+        extra = {"method": cfg.method}
         if k > 1:
             extra["ensemble"] = k
         if cfg.length_debias != "none":
