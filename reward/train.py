@@ -122,7 +122,8 @@ class RewardStageConfig(TrainingConfig):
         if self.method == "loreft":
             require(self.ensemble == 1, "config key 'ensemble' needs method lora (a loreft reward model is one member)")
             require(not self.lora_top_layers,
-                    "config key 'lora_top_layers' is a LoRA option: with method loreft choose blocks with reft_layers")
+                    "config key 'lora_top_layers' is a LoRA option (configs/reward.yaml sets it): with method loreft "
+                    "set it to 0 and choose the blocks with reft_layers")
         if self.sft_adapter:
             require(Path(self.sft_adapter).is_dir(), f"config key 'sft_adapter': folder not found: {self.sft_adapter}")
         require(
