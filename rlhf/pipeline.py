@@ -45,9 +45,10 @@ class PipelineConfig:
     reference: Literal["sft", "previous"] = field(
         "sft", "rounds >= 2: PPO's KL reference is the SFT policy, or the previous round's aligned policy"
     )
-    round_selection: Literal["uncertainty", "random", "all"] = field(
-        "uncertainty", "rounds >= 2: which comparisons of the new candidates are labelled (the previous round's "
-        "reward model picks the ones it is least sure about)"
+    round_selection: Literal["random", "uncertainty", "all"] = field(
+        "random", "rounds >= 2: which comparisons of the new candidates are labelled: random, or those the previous "
+        "round's reward model is least sure about (on the demo's labels 60 % of those were ties: "
+        "bench/RESULTS.md, active vs random labeling)"
     )
     round_label_budget: Optional[int] = field(
         None, "rounds >= 2: comparisons labelled per round (null = as many as round 1 created)"

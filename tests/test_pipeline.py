@@ -61,7 +61,8 @@ def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
     assert all(r["status"] == "skipped" for r in again["stages"])
 
     # a second round on top: round 1's policy answers, its RM picks 10 comparisons, PPO continues from round 1
-    args = ["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--round_label_budget", "10"]
+    args = ["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--round_label_budget", "10",
+            "--round_selection", "uncertainty"]
     assert main(args) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
