@@ -30,9 +30,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
+from rlhf.config import Literal, Optional, TrainingConfig, field, require
 from rlhf.errors import DataError, UserError
-from rlhf.outputs import shared_staged_output, write_json
+from rlhf.outputs import shared_staged_output
 
 # the loss types TRL 1.16's DPOTrainer implements (trl/trainer/dpo_trainer.py, _compute_loss)
 LOSS_TYPES = Literal[
@@ -230,11 +230,9 @@ def train_metrics(trainer) -> dict:
 
 def run_dpo(cfg: DPOStageConfig) -> dict:
     """Train the policy adapter with DPO and write ``cfg.output_dir``; returns the metrics of ``metrics.json``."""
-    import shutil
-
     from rlhf import distributed
     from rlhf.data import fingerprint
-    from rlhf.hf_trainer import Stopwatch, parallel_notice
+    from rlhf.hf_trainer import Stopwatch, finish_output, parallel_notice
     from rlhf.models import count_parameters, resolve_model_path
     from rlhf.pairs import load_splits
     from rlhf.tracking import MetricsLogger
@@ -296,11 +294,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
                 logger.close()
         if main:
             save_policy(trainer.model, work, resolve_model_path(cfg.model_name_or_path))
-            trainer.processing_class.save_pretrained(str(work))
-            shutil.rmtree(work / "trainer", ignore_errors=True)
-            metrics["wall_time_s"] = watch.seconds
-            save_config(cfg, work / "run_config.yaml")
-            write_json(work / "metrics.json", metrics)
+            finish_output(trainer, work, cfg, metrics, watch.seconds)
     if not main:
         return metrics
     acc = metrics.get("eval_rewards/accuracies")

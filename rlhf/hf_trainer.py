@@ -123,3 +123,20 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return round(time.perf_counter() - self.start, 2)
+
+
+def finish_output(trainer, work, cfg, metrics: dict, seconds: float) -> None:
+    """Rank 0's last writes into a TRL stage's staging folder: the tokenizer, ``run_config.yaml`` and
+    ``metrics.json`` (with ``wall_time_s``), without the trainer's own checkpoints folder."""
+    import shutil
+    from pathlib import Path
+
+    from rlhf.config import save_config
+    from rlhf.outputs import write_json
+
+    work = Path(work)
+    trainer.processing_class.save_pretrained(str(work))
+    shutil.rmtree(work / "trainer", ignore_errors=True)
+    metrics["wall_time_s"] = seconds
+    save_config(cfg, work / "run_config.yaml")
+    write_json(work / "metrics.json", metrics)

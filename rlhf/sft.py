@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
+from rlhf.config import Literal, Optional, TrainingConfig, field, require
 from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
 from rlhf.errors import ConfigError
-from rlhf.hf_trainer import Stopwatch, parallel_notice, trainer_kwargs, whole_eval_set
-from rlhf.outputs import check_not_input, shared_staged_output, write_json
+from rlhf.hf_trainer import Stopwatch, finish_output, parallel_notice, trainer_kwargs, whole_eval_set
+from rlhf.outputs import check_not_input, shared_staged_output
 
 if TYPE_CHECKING:  # the config above is imported by the CLI parser: torch & co. load only when a run starts
     from torch import nn
@@ -174,8 +174,6 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     Launched on N processes, every process trains (TRL's trainer shards the batches and synchronises the
     gradients) and rank 0 alone writes the folder.
     """
-    import shutil
-
     from rlhf import distributed
     from rlhf.hooked import attached_adapter
     from rlhf.models import count_parameters
@@ -224,11 +222,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
         if main:
             if hooked is not None:
                 hooked.save(work)
-            trainer.processing_class.save_pretrained(str(work))
-            shutil.rmtree(work / "trainer", ignore_errors=True)
-            metrics["wall_time_s"] = watch.seconds
-            save_config(cfg, work / "run_config.yaml")
-            write_json(work / "metrics.json", metrics)
+            finish_output(trainer, work, cfg, metrics, watch.seconds)
     if not main:
         return metrics
     eval_part = f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
