@@ -14,12 +14,15 @@ options, the base it adapts) + ``<weights_file>`` (safetensors: its state dict o
 ``rlhf.models.load_model(base, adapter=folder)`` re-attaches a saved folder via :meth:`HookedAdapter.load`.
 
 Such an adapter is not a PEFT adapter: it cannot be merged into the weights, interpolated, or stacked
-under a PEFT policy (PPO, DPO, a reward backbone).
+under a PEFT policy (DPO, a reward backbone). PPO trains a LoReFT policy directly: the hooks read their
+edit through :meth:`HookedAdapter.edit_for`, so one set of hooks runs the policy's edits, the frozen
+reference's (:meth:`HookedAdapter.swapped`) or none.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,8 +41,11 @@ def decoder_layers(model) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda item: len(item[1]))
 
 
-def _edit_output(edit: nn.Module):
+def _edit_output(adapter: HookedAdapter, key: str):
     def hook(module, args, output):
+        edit = adapter.edit_for(key)
+        if edit is None:
+            return output
         if isinstance(output, tuple):
             return (edit(output[0]),) + tuple(output[1:])
         return edit(output)
@@ -70,6 +76,7 @@ class HookedAdapter(nn.ModuleDict):
         self.settings = dict(settings)  # what config_file records besides the method and the base
         self.base_model_name_or_path: str | None = None
         self._handles: list = []
+        self._swap: tuple = ()  # (edits,) while swapped(edits) runs; edits None = no edit
 
     @classmethod
     def from_settings(cls, model: nn.Module, settings: dict) -> HookedAdapter:
@@ -90,10 +97,29 @@ class HookedAdapter(nn.ModuleDict):
         param = next(model.parameters())
         self.to(device=param.device, dtype=param.dtype if param.dtype.is_floating_point else None)
         for key, module in sites.items():
-            self._handles.append(module.register_forward_hook(_edit_output(self[key])))
+            self._handles.append(module.register_forward_hook(_edit_output(self, key)))
         setattr(model, self.attribute, self)
         self.base_model_name_or_path = getattr(model.config, "name_or_path", None)
         return self
+
+    def edit_for(self, key: str) -> nn.Module | None:
+        """The edit the hook on site ``key`` applies now (None: the site's output passes unchanged)."""
+        if not self._swap:
+            return self[key]
+        edits = self._swap[0]
+        return None if edits is None else edits[key]
+
+    @contextmanager
+    def swapped(self, edits: nn.ModuleDict | None):
+        """Run the body with ``edits`` (same keys, e.g. a frozen copy) in place of this adapter's own;
+        None: no edit at all (the bare base)."""
+        if edits is not None and set(edits) != set(self):
+            raise ValueError("swapped edits must have the adapter's site keys")
+        saved, self._swap = self._swap, (edits,)
+        try:
+            yield
+        finally:
+            self._swap = saved
 
     def config(self) -> dict:
         return {self.type_key: self.method, **self.settings, "base_model_name_or_path": self.base_model_name_or_path}

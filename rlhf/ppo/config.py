@@ -29,11 +29,12 @@ class PPOStageConfig(TrainingConfig):
     dataset_name: str = field("sample:prompts", "prompts (`prompt` column: string or message list)")
     output_dir: str = field("outputs/ppo", "folder for the aligned adapter, checkpoints/, logs/, metrics.json")
     sft_adapter: Optional[str] = field(
-        None, "SFT LoRA adapter folder: becomes the frozen reference and the starting point of the policy"
+        None, "SFT adapter folder (LoRA, or LoReFT from `rlhf sft --method loreft`: then the policy trains "
+        "interventions): becomes the frozen reference and the starting point of the policy"
     )
     policy_init: Optional[str] = field(
-        None, "start the policy from this LoRA adapter (e.g. the previous round's aligned policy) instead of a "
-        "copy of sft_adapter, which stays the reference; same LoRA shape"
+        None, "start the policy from this adapter (e.g. the previous round's aligned policy) instead of a "
+        "copy of sft_adapter, which stays the reference; same kind and shape as sft_adapter"
     )
     reward_model: Optional[str] = field(
         None, "reward-model folder written by `rlhf reward`, or `rule` (reward.rules: concise answers ending in '.')"

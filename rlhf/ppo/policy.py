@@ -77,8 +77,8 @@ class ActorCritic:
     """The shared ``PeftModel`` + value head, with forward helpers per role."""
 
     def __init__(self, peft_model, has_reference_adapter: bool, value_model: str = "separate"):
-        self.peft = peft_model
-        self.base = peft_model.get_base_model()
+        self.peft = peft_model  # a PeftModel; a plain model for a hooked policy (rlhf.ppo.hooked_policy)
+        self.base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
         self.decoder = self.base.get_decoder()
         self.lm_head = self.base.get_output_embeddings()
         self.has_reference_adapter = has_reference_adapter

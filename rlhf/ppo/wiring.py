@@ -15,6 +15,7 @@ from rlhf.errors import ConfigError, UserError
 from rlhf.models import (
     check_adapter,
     decoder_layers,
+    hooked_adapter_type,
     load_base_model,
     load_tokenizer,
     lora_config,
@@ -69,11 +70,18 @@ def prepare_output_dir(cfg: PPOStageConfig) -> Path:
 
 def load_actor(cfg: PPOStageConfig):
     """(tokenizer, actor, resolved base path): one base model in memory, policy (+ reference) adapters on it."""
+    hooked = hooked_adapter_type(cfg.sft_adapter)
     if cfg.sft_adapter:  # a missing or malformed config stops here, before the base loads
         try:
-            check_adapter(cfg.sft_adapter)
+            check_adapter(cfg.sft_adapter, hooked=hooked is not None)
         except UserError as exc:
             raise UserError(f"sft_adapter: {exc}") from None
+    if hooked is not None and hooked.method != "loreft":
+        raise UserError(f"sft_adapter {cfg.sft_adapter} is a {hooked.method} adapter; PPO trains LoRA or LoReFT "
+                        "policies (rlhf sft --method lora or --method loreft)")
+    if hooked is not None and cfg.critic:
+        raise UserError(f"sft_adapter {cfg.sft_adapter} is a LoReFT adapter: PPO trains a LoReFT policy with a "
+                        f"critic-free advantage_estimator (rloo, grpo, reinforce_pp), not {cfg.advantage_estimator}")
     base_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(base_path, padding_side="left")
     if tokenizer.eos_token_id is None:
@@ -85,6 +93,13 @@ def load_actor(cfg: PPOStageConfig):
         raise ConfigError(f"config key 'lora_top_layers' is {cfg.lora_top_layers} but the model has {n_blocks} blocks")
     lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                        top_layers=cfg.lora_top_layers, num_layers=n_blocks)
+    if hooked is not None:
+        from rlhf.ppo.hooked_policy import build_hooked_actor
+
+        actor = build_hooked_actor(base, sft_adapter=cfg.sft_adapter, kind=hooked, base_name_or_path=base_path,
+                                   policy_init=cfg.policy_init)
+        actor.freeze_policy_below(0)
+        return tokenizer, actor, base_path
     value_model = cfg.value_model if cfg.critic else "none"
     actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora, value_model=value_model,
                                base_name_or_path=base_path, policy_init=cfg.policy_init)
@@ -124,6 +139,8 @@ def load_reward_scorer(cfg: PPOStageConfig, actor: ActorCritic, tokenizer, base_
     from reward import RewardScorer
 
     reason = RewardScorer.incompatibility(cfg.reward_model, base_path, tokenizer)
+    if reason is None and not hasattr(actor.peft, "peft_config"):
+        reason = "the policy is not a PEFT model (LoReFT interventions)"
     if reason is None:
         rm = RewardScorer.attach(actor.peft, tokenizer, cfg.reward_model, adapter_name=REWARD_ADAPTER)
         actor.restore_grad_flags()
@@ -156,7 +173,7 @@ def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) ->
     if actor.value_model == "none":
         return
     rm = getattr(scorer, "rm", None)
-    shares_rm = isinstance(scorer, TokenScorer) and REWARD_ADAPTER in actor.peft.peft_config
+    shares_rm = isinstance(scorer, TokenScorer) and REWARD_ADAPTER in getattr(actor.peft, "peft_config", {})
     if cfg.value_model == "separate":
         # the RM's LoRA is a fair start for the value trunk unless it sits on a merged SFT adapter
         plain_rm = shares_rm and f"{REWARD_ADAPTER}_sft" not in actor.peft.peft_config
