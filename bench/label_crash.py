@@ -8,7 +8,10 @@ there, none is stored twice. After the restart each labeler re-sends the vote
 that was in flight when the server died (same token): it is stored once,
 whether or not it had been committed before the kill.
 
-    python bench/label_crash.py --cycles 3
+    python bench/label_crash.py --cycles 3 [--backend postgresql]
+
+With ``--backend postgresql`` the app serves a throwaway PostgreSQL cluster (durable defaults); only the app
+server is killed, the database server keeps running, and the integrity check is amcheck's on every index.
 
 The record (command, machine, load before and after, date, figures) goes to
 bench/results/label_crash.json (``--record`` to change).
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_record import Record
-from label_load import check_db, connect, free_port, library_versions, start_server, stop_server
+from label_load import bench_database, check_db, connect, free_port, library_versions, start_server, stop_server
 
 from feedback_ui.testing import make_project
 
@@ -89,11 +91,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--labelers", type=int, default=16)
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--kill_after", type=int, default=300, help="acknowledged votes per cycle before the kill")
+    ap.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--record", default=None, help="record file (default bench/results/label_crash.json)")
+    ap.add_argument("--record", default=None,
+                    help="record file (default bench/results/label_crash.json, label_crash_postgresql.json)")
     args = ap.parse_args(argv)
-    record = Record("label_crash", argv, path=args.record)
-    db = str(Path(tempfile.mkdtemp(prefix="label_crash_")) / "crash.db")
+    record = Record("label_crash" + ("" if args.backend == "sqlite" else "_postgresql"), argv, path=args.record)
+    with bench_database(args.backend, "label_crash") as (db, database):
+        summary = run_cycles(args, db)
+    print(json.dumps(summary, indent=2))
+    settings = {"labelers": args.labelers, "cycles": args.cycles, "kill_after": args.kill_after, "think_s": 0,
+                "signal": "SIGKILL", "database": database, **library_versions()}
+    record.write({k: v for k, v in summary.items() if k != "labelers"}, settings)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_cycles(args, db: str) -> dict:
+    """Kill the server ``cycles`` times under load on ``db``, restarting and re-sending; the summary."""
     names = [f"labeler{i:02d}" for i in range(args.labelers)]
     make_project(db, {n: "labeler" for n in names}, n_pairs=args.cycles * args.kill_after * 2 + 200).close()
     acked: list[str] = []
@@ -130,12 +146,6 @@ def main(argv=None) -> dict:
         and all(c["after_kill"]["acknowledged_missing"] == 0 and c["after_kill"]["integrity_check"] == "ok"
                 for c in cycles),
     }  # fmt: skip
-    print(json.dumps(summary, indent=2))
-    settings = {"labelers": args.labelers, "cycles": args.cycles, "kill_after": args.kill_after, "think_s": 0,
-                "signal": "SIGKILL", "database": "SQLite, WAL, synchronous=FULL", **library_versions()}
-    record.write({k: v for k, v in summary.items() if k != "labelers"}, settings)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary
 
 

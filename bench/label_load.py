@@ -8,7 +8,10 @@ case). Every call of ``/vote`` returns the next task, so its latency is the
 vote -> next task latency. Afterwards the database is checked: every
 acknowledged vote is stored exactly once.
 
-    python bench/label_load.py --labelers 32 --votes 2000 [--think 1.0]
+    python bench/label_load.py --labelers 32 --votes 2000 [--think 1.0] [--backend postgresql]
+
+``--backend postgresql`` runs the same on a throwaway PostgreSQL cluster (``initdb`` in a temp folder, Debian's
+server binaries, durable defaults: fsync and synchronous commits on) on the same 2 cores.
 
 Target: p95 <= 150 ms on 2 CPU cores. The record (command, machine, load before
 and after, date, figures) goes to bench/results/label_load_think<T>.json
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -150,11 +154,52 @@ def labeler_loop(client, max_votes: int, acked: list, latencies: list, errors: l
         errors.append(f"{phase}: {exc!r}"[:200])
 
 
+@contextmanager
+def bench_database(backend: str, name: str):
+    """(database file or URL, description) of a fresh database on ``backend``; a PostgreSQL cluster is
+    started for it and deleted afterwards."""
+    if backend == "sqlite":
+        yield str(Path(tempfile.mkdtemp(prefix=f"{name}_")) / f"{name}.db"), "SQLite, WAL, synchronous=FULL"
+        return
+    from feedback_ui.pg_cluster import PostgresCluster, find_postgres_bin
+
+    bindir = find_postgres_bin()
+    if bindir is None:
+        raise SystemExit("error: PostgreSQL server binaries not found (apt-get install -y postgresql)")
+    cluster = PostgresCluster(bindir, durable=True).start()
+    try:
+        version = subprocess.run([str(bindir / "pg_ctl"), "--version"], capture_output=True, text=True).stdout.strip()
+        yield cluster.new_database(), f"{version}, throwaway cluster on loopback, durable defaults (fsync, synchronous_commit on)"
+    finally:
+        cluster.stop()
+
+
+def _stored_keys_and_integrity(db: str) -> tuple[list[str], str]:
+    if not db.startswith("postgresql"):
+        con = sqlite3.connect(db)
+        keys = [k for (k,) in con.execute("SELECT idempotency_key FROM votes")]
+        integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
+        con.close()
+        return keys, integrity
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as con:
+        keys = [k for (k,) in con.execute("SELECT idempotency_key FROM votes")]
+        con.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        indexes = con.execute(
+            "SELECT c.relname, c.oid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'btree' AND c.relnamespace = 'public'::regnamespace"
+        ).fetchall()
+        try:  # every index consistent, and every heap row present in it (amcheck's bt_index_check)
+            for _, oid in indexes:
+                con.execute("SELECT bt_index_check(%s, true)", (oid,))
+        except psycopg.Error as exc:
+            return keys, f"amcheck: {exc}".splitlines()[0]
+    return keys, "ok"
+
+
 def check_db(db: str, acked: list[str]) -> dict:
-    con = sqlite3.connect(db)
-    keys = [k for (k,) in con.execute("SELECT idempotency_key FROM votes")]
-    integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
-    con.close()
+    keys, integrity = _stored_keys_and_integrity(db)
     stored = set(keys)
     return {
         "votes_in_db": len(keys),
@@ -195,13 +240,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--overlap", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=16, help="server --concurrency")
     ap.add_argument("--think", type=float, default=0.0, help="mean seconds a labeler reads before voting (0 = none)")
-    ap.add_argument("--db", default=None, help="database file (default: a temporary one)")
+    ap.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     ap.add_argument("--json", default=None, help="write the summary here")
     ap.add_argument("--record", default=None,
                     help="record file (default bench/results/label_load_think<T>.json, label_load_saturation.json)")
     args = ap.parse_args(argv)
-    record = Record(default_record(args.think), argv, path=args.record)
-    db = args.db or str(Path(tempfile.mkdtemp(prefix="label_load_")) / "load.db")
+    suffix = "" if args.backend == "sqlite" else "_postgresql"
+    record = Record(default_record(args.think) + suffix, argv, path=args.record)
+    with bench_database(args.backend, "label_load") as (db, database):
+        summary = run_load(args, db)
+    print(json.dumps(summary, indent=2))
+    errors = summary.pop("first_errors")
+    settings = {k: summary[k] for k in ("labelers", "overlap", "server_concurrency", "think_s")}
+    settings.update(votes=args.votes, votes_per_labeler=math.ceil(args.votes / args.labelers),
+                    transport="gradio_client over loopback", database=database, **library_versions())
+    record.write({k: v for k, v in summary.items() if k not in settings}, settings, first_errors=errors)
+    if errors:
+        print("first errors:", errors, file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_load(args, db: str) -> dict:
+    """Serve ``db``, let the labelers vote, check the database; the summary."""
     per_labeler = math.ceil(args.votes / args.labelers)
     names = [f"labeler{i:02d}" for i in range(args.labelers)]
     n_pairs = math.ceil(per_labeler * args.labelers / args.overlap) + args.labelers
@@ -242,17 +304,8 @@ def main(argv=None) -> dict:
         **check_db(db, acked),
         "server_cpu_ms_per_vote": per_vote_ms(server_cpu0, server_cpu1, len(acked)),
         "clients_cpu_ms_per_vote": per_vote_ms(client_cpu0, client_cpu1, len(acked)),
+        "first_errors": errors[:3],
     }
-    print(json.dumps(summary, indent=2))
-    settings = {k: summary[k] for k in ("labelers", "overlap", "server_concurrency", "think_s")}
-    settings.update(votes=args.votes, votes_per_labeler=per_labeler, transport="gradio_client over loopback",
-                    database="SQLite, WAL, synchronous=FULL", **library_versions())
-    record.write({k: v for k, v in summary.items() if k not in settings}, settings,
-                 first_errors=errors[:3])  # fmt: skip
-    if errors:
-        print("first errors:", errors[:3], file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary
 
 
