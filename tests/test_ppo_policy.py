@@ -105,16 +105,19 @@ def test_run_with_reward_model_folder(tiny_model_dir, tmp_path, reward_dir):
 
 
 def test_rm_sees_the_layout_it_was_trained_on(tiny_model_dir, tmp_path, reward_dir):
-    """A rollout's token layout scores like the RM's own encoding of the same texts."""
+    """A rollout's token layout scores like the RM's own encoding of the same texts, whether the response
+    ended with EOS or was cut off at the token limit (no EOS: the RM still reads it as it was trained)."""
     from reward import RewardScorer
 
     from rlhf.generation import encode_prompts
 
     _, tokenizer, actor, scorer, _ = _built(tiny_model_dir, tmp_path, reward_dir)
-    prompts = [[{"role": "user", "content": "Say something 1."}], [{"role": "user", "content": "Hi?"}]]
-    responses = ["sun river thanks", "sun"]
+    prompts = [[{"role": "user", "content": "Say something 1."}], [{"role": "user", "content": "Hi?"}],
+               [{"role": "user", "content": "Hi?"}]]
+    responses = ["sun river thanks", "sun", "river sun thanks sun"]
     enc = encode_prompts(tokenizer, prompts, "cpu")
     rows = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    rows[2] = rows[2][:-1]                                   # cut off: no EOS
     R = max(map(len, rows))
     resp = torch.tensor([r + [tokenizer.pad_token_id] * (R - len(r)) for r in rows])
     rmask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in rows])
@@ -122,6 +125,21 @@ def test_rm_sees_the_layout_it_was_trained_on(tiny_model_dir, tmp_path, reward_d
                        torch.cat([enc["attention_mask"], rmask], 1), resp, rmask, enc["input_ids"].shape[1])
     standalone = RewardScorer.from_pretrained(reward_dir, device="cpu").score(prompts, responses)
     assert torch.allclose(scorer.score_batch(batch), torch.tensor(standalone), atol=1e-4)
+    bare = scorer.rm.score_tokens(batch.input_ids, batch.attention_mask)   # read at the last token, no EOS
+    assert abs(float(bare[2]) - standalone[2]) > 1e-3
+
+
+def test_with_final_eos_appends_only_where_missing():
+    from rlhf.ppo.scorers import with_final_eos
+
+    eos, pad = 9, 0
+    ids = torch.tensor([[0, 5, 6, 9, 0], [0, 0, 5, 6, 7], [5, 6, 7, 0, 0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    new_ids, new_mask = with_final_eos(ids, mask, eos, pad)
+    assert new_ids.tolist() == [[0, 5, 6, 9, 0, 0], [0, 0, 5, 6, 7, 9], [5, 6, 7, 9, 0, 0]]
+    assert new_mask.tolist() == [[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    done_ids, done_mask = with_final_eos(new_ids, new_mask, eos, pad)
+    assert done_ids is new_ids and done_mask is new_mask      # every row ends with EOS: unchanged
 
 
 def test_rollout_logprobs_match_training_forward(tiny_model_dir, tmp_path):

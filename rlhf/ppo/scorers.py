@@ -9,7 +9,9 @@ suits it:
   ``PeftModel`` (same base weights, same tokenizer): it scores the token ids
   directly with ``rm.score_tokens(input_ids, attention_mask)``, starting from
   the rollout's bare-base ``trunk`` when the RM's adapters leave those blocks
-  untouched.
+  untouched. A response cut off at ``max_new_tokens`` gets the EOS the RM's
+  training sequences end with (:func:`with_final_eos`): the RM judges the text
+  as it judged the labelled candidates, themselves cut off at a token limit.
 * :class:`TextScorer` wraps a standalone reward model (another base or
   tokenizer): it re-tokenises the texts with ``rm.score(prompts, responses)``.
 
@@ -85,15 +87,39 @@ class _RewardModelScorer(Scorer):
         return aggregate_rewards(torch.as_tensor(member_scores).detach().float(), self.aggregate, self.std_coef)
 
 
+def with_final_eos(input_ids: Tensor, attention_mask: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Rows whose last attended token is not ``eos_id`` get one appended right after it.
+
+    (B, T) ids and mask (left- or right-padded) -> (B, T) unchanged when every row ends with EOS, else
+    (B, T + 1) with a pad column added and EOS written (attended) after each unfinished row's last token.
+    A reward model trained on ``prompt + response + EOS`` (``encode_for_reward``) then reads every
+    rollout at the position it was trained to score, whether or not the policy finished the response.
+    """
+    last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask.long()).argmax(-1)
+    unfinished = input_ids.gather(1, last[:, None]).squeeze(1) != eos_id
+    if not bool(unfinished.any()):
+        return input_ids, attention_mask
+    rows = unfinished.nonzero().squeeze(1)
+    ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], 1), pad_id)], dim=1)
+    mask = torch.cat([attention_mask, attention_mask.new_zeros((attention_mask.shape[0], 1))], dim=1)
+    ids[rows, last[rows] + 1] = eos_id
+    mask[rows, last[rows] + 1] = 1
+    return ids, mask
+
+
 class TokenScorer(_RewardModelScorer):
     """A reward model sharing the policy's base model and tokenizer (``rm.score_tokens``)."""
 
     @torch.no_grad()
     def score_batch(self, batch: ScoreInput) -> Tensor:
-        lower = (batch.trunk, batch.trunk_blocks) if batch.trunk is not None else None
+        tok = self.rm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids, mask = with_final_eos(batch.input_ids, batch.attention_mask, tok.eos_token_id, pad)
+        # the trunk covers the rollout's own columns only: with an EOS column added, the RM runs every block
+        lower = (batch.trunk, batch.trunk_blocks) if batch.trunk is not None and ids is batch.input_ids else None
         if self.members > 1:
-            return self._combine(self.rm.score_tokens(batch.input_ids, batch.attention_mask, lower=lower, members=True))
-        scores = self.rm.score_tokens(batch.input_ids, batch.attention_mask, lower=lower)
+            return self._combine(self.rm.score_tokens(ids, mask, lower=lower, members=True))
+        scores = self.rm.score_tokens(ids, mask, lower=lower)
         return torch.as_tensor(scores).detach().float().reshape(-1)
 
 
