@@ -8,6 +8,7 @@ user's name to Gradio through ``auth_dependency``.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -42,6 +43,11 @@ def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concur
                       assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL) -> Gate:  # fmt: skip
     """An ASGI app serving the labeling Blocks at ``/`` behind the gate (login, origins, headers, limits)."""
     blocks = build_app(store, gold_rate=gold_rate, assignment_ttl=assignment_ttl)
+    # Gradio's queue keeps its last 10,000 events and, by default, rebuilds a pandas summary of all of them
+    # after every event (statistics for its API page, which this app does not serve): a cost per vote that
+    # grows with every vote (bench/RESULTS.md, labeling app). Keep a few events, summarised rarely.
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "200")
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "200")
     blocks.queue(default_concurrency_limit=concurrency, status_update_rate=5)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     gr.mount_gradio_app(
