@@ -178,6 +178,7 @@ def test_value_copied_from_a_top_layer_rm_and_the_rm_share_the_trunk(tiny_model_
     assert actor.value_skip == 1 and scorer.rm.untouched_blocks() == 1
 
     ids, mask = _batch()
+    ids[0, 6] = ids[1, 7] = tokenizer.eos_token_id      # both responses finished (end with EOS)
     resp = ids[:, 4:]
     trunk = actor.value_trunk(ids, mask)
     calls = []
@@ -185,9 +186,13 @@ def test_value_copied_from_a_top_layer_rm_and_the_rm_share_the_trunk(tiny_model_
     shared = scorer.score_batch(ScoreInput([], [], ids, mask, resp, mask[:, 4:], 4, trunk=trunk, trunk_blocks=1))
     assert calls == []                                   # the RM ran only the block above the trunk
     full = scorer.score_batch(ScoreInput([], [], ids, mask, resp, mask[:, 4:], 4))
-    hook.remove()
     assert calls == [1]
     assert torch.allclose(shared, full, atol=1e-5)
+    cut = ids.clone()
+    cut[1, 7] = 29                                       # cut off: scored with an EOS appended, so every block runs
+    scorer.score_batch(ScoreInput([], [], cut, mask, cut[:, 4:], mask[:, 4:], 4, trunk=trunk, trunk_blocks=1))
+    hook.remove()
+    assert calls == [1, 1]
     # a trunk deeper than the RM leaves untouched is not used: the full pass runs
     deeper = scorer.rm.score_tokens(ids, mask, lower=(trunk, 2))
     assert torch.allclose(deeper, full, atol=1e-5)
