@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch import nn
 from rlhf.errors import UserError
 from rlhf.generation import plain_generation_config
 from rlhf.models import sampling_weights
-from rlhf.ppo.policy import POLICY, REFERENCE, ActorCritic, disable_dropout
+from rlhf.ppo.policy import POLICY, REFERENCE, ActorCritic, disable_dropout, replace_files
 
 
 class HookedActor(ActorCritic):
@@ -43,10 +42,6 @@ class HookedActor(ActorCritic):
         self.named_trainable = [(f"{self.adapter.attribute}.{n}", p) for n, p in self.adapter.named_parameters()]
         self._trainable_ids = {id(p) for _, p in self.named_trainable}
         self.restore_grad_flags()
-
-    def restore_grad_flags(self) -> None:
-        for p in self.peft.parameters():
-            p.requires_grad_(id(p) in self._trainable_ids)
 
     @contextmanager
     def use(self, role: str | None):
@@ -66,10 +61,6 @@ class HookedActor(ActorCritic):
             if not self._policy_split_matches_full():
                 self.policy_skip = 0
 
-    def add_value_adapter(self, config=None, init_from: str | None = None) -> None:
-        raise UserError("a LoReFT policy has no value model: use a critic-free advantage_estimator "
-                        "(rloo, grpo or reinforce_pp)")
-
     @torch.no_grad()
     def generate(self, prompt_ids, prompt_mask, generate_kwargs: dict, pad_token_id: int, eos_token_id):
         with sampling_weights(self.peft), plain_generation_config(self.peft):
@@ -82,20 +73,14 @@ class HookedActor(ActorCritic):
     def save_policy(self, out_dir: str | os.PathLike, base_name_or_path: str | None = None) -> None:
         """The policy's interventions as a hooked adapter folder at the top of ``out_dir`` (files replaced
         atomically); ``rlhf generate/eval --adapter`` load it like the SFT stage's."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".policy.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        saved = self.adapter.base_model_name_or_path
         if base_name_or_path:
             self.adapter.base_model_name_or_path = base_name_or_path
-        try:
+
+        def write(tmp: Path) -> Path:
             self.adapter.save(tmp)
-        finally:
-            self.adapter.base_model_name_or_path = saved
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-        shutil.rmtree(tmp, ignore_errors=True)
+            return tmp
+
+        replace_files(out_dir, write)
 
 
 def build_hooked_actor(base_model, *, sft_adapter: str, kind, base_name_or_path: str | None = None,

@@ -348,20 +348,32 @@ class ActorCritic:
 
     def save_policy(self, out_dir: str | os.PathLike, base_name_or_path: str | None = None) -> None:
         """The policy adapter in PEFT format at the top level of ``out_dir`` (files replaced atomically)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".policy.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         config = self.peft.peft_config[POLICY]
-        saved = (config.base_model_name_or_path, config.inference_mode)
-        if base_name_or_path:
-            config.base_model_name_or_path = base_name_or_path
-        try:
-            self.peft.save_pretrained(str(tmp), selected_adapters=[POLICY])
-        finally:
-            config.base_model_name_or_path, config.inference_mode = saved
-        for f in (tmp / POLICY).iterdir():
+
+        def write(tmp: Path) -> Path:
+            saved = (config.base_model_name_or_path, config.inference_mode)
+            if base_name_or_path:
+                config.base_model_name_or_path = base_name_or_path
+            try:
+                self.peft.save_pretrained(str(tmp), selected_adapters=[POLICY])
+            finally:
+                config.base_model_name_or_path, config.inference_mode = saved
+            return tmp / POLICY
+
+        replace_files(out_dir, write)
+
+
+def replace_files(out_dir: str | os.PathLike, write) -> None:
+    """``write(staging)`` saves into a staging folder inside ``out_dir`` and returns the folder holding the
+    files it wrote; each is then moved to the top level of ``out_dir`` (replacing its namesake atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".policy.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for f in write(tmp).iterdir():
             os.replace(f, out / f.name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -91,18 +91,17 @@ def load_actor(cfg: PPOStageConfig):
     n_blocks = len(decoder_layers(base)[1])
     if cfg.lora_top_layers > n_blocks:
         raise ConfigError(f"config key 'lora_top_layers' is {cfg.lora_top_layers} but the model has {n_blocks} blocks")
-    lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                       top_layers=cfg.lora_top_layers, num_layers=n_blocks)
     if hooked is not None:
         from rlhf.ppo.hooked_policy import build_hooked_actor
 
         actor = build_hooked_actor(base, sft_adapter=cfg.sft_adapter, kind=hooked, base_name_or_path=base_path,
                                    policy_init=cfg.policy_init)
-        actor.freeze_policy_below(0)
-        return tokenizer, actor, base_path
-    value_model = cfg.value_model if cfg.critic else "none"
-    actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora, value_model=value_model,
-                               base_name_or_path=base_path, policy_init=cfg.policy_init)
+    else:
+        lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                           top_layers=cfg.lora_top_layers, num_layers=n_blocks)
+        actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora,
+                                   value_model=cfg.value_model if cfg.critic else "none",
+                                   base_name_or_path=base_path, policy_init=cfg.policy_init)
     actor.freeze_policy_below(cfg.lora_top_layers)
     actor.merge_for_generation = cfg.merge_for_generation
     return tokenizer, actor, base_path
