@@ -44,8 +44,8 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
     from reward.data import pairs_to_dataset
     from reward.modeling import build_reward_model
     from reward.trainer import PairwiseRewardTrainer
+    from rlhf.budget import stage_callbacks
     from rlhf.models import load_tokenizer, pick_device, pick_dtype
-    from rlhf.tracking import LoggerCallback
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     device = pick_device()
@@ -81,7 +81,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config_for(cfg, num_layers) if cfg.method == "lora" else None,
-        callbacks=[LoggerCallback(logger)] if logger else [],
+        callbacks=stage_callbacks(cfg, logger),
         length_head=length_head,
         length_coef=cfg.length_head_coef,
         orthogonal_coef=cfg.length_orthogonal_coef,

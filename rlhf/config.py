@@ -271,6 +271,14 @@ class TrainingConfig:
     seed: int = field(42, "random seed")
     num_train_epochs: float = field(1.0, "passes over the training data (ignored when max_steps > 0)")
     max_steps: int = field(-1, "optimizer steps; -1 means use num_train_epochs")
+    max_train_seconds: Optional[float] = field(
+        None, "stop training after the step at which this many seconds have passed on train_clock (the "
+        "learning-rate schedule still spans max_steps); null = no time limit"
+    )
+    train_clock: Literal["wall", "cpu"] = field(
+        "wall", "clock of max_train_seconds: wall = elapsed time, cpu = CPU seconds this process used (all "
+        "threads; steadier than wall time on a shared machine)"
+    )
     learning_rate: float = field(2e-4, "peak learning rate")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
         "cosine", "learning-rate schedule"
@@ -296,6 +304,8 @@ class TrainingConfig:
         require(self.per_device_eval_batch_size >= 1, "config key 'per_device_eval_batch_size' must be >= 1")
         require(self.gradient_accumulation_steps >= 1, "config key 'gradient_accumulation_steps' must be >= 1")
         require(self.max_steps == -1 or self.max_steps >= 1, "config key 'max_steps' must be -1 or >= 1")
+        require(self.max_train_seconds is None or self.max_train_seconds > 0,
+                "config key 'max_train_seconds' must be > 0 (or null)")
         require(self.num_train_epochs > 0, "config key 'num_train_epochs' must be > 0")
         require(self.logging_steps >= 1, "config key 'logging_steps' must be >= 1")
         require(self.warmup_steps >= 0, "config key 'warmup_steps' must be >= 0")

@@ -165,9 +165,9 @@ def build_trainer(cfg: DPOStageConfig, work: Path, train_pairs, held_pairs, logg
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
+    from rlhf.budget import stage_callbacks
     from rlhf.hf_trainer import trainer_kwargs, whole_eval_set
     from rlhf.models import load_tokenizer, pick_device, tokenizer_source
-    from rlhf.tracking import LoggerCallback
 
     tokenizer = load_tokenizer(tokenizer_source(cfg.model_name_or_path, cfg.sft_adapter))
     if tokenizer.eos_token is None:
@@ -192,7 +192,7 @@ def build_trainer(cfg: DPOStageConfig, work: Path, train_pairs, held_pairs, logg
         eval_dataset=pairs_to_dataset(held_pairs) if held_pairs else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[LoggerCallback(logger)] if logger else [],
+        callbacks=stage_callbacks(cfg, logger),
     )
     if cfg.sft_adapter and REFERENCE not in trainer.model.peft_config:
         raise UserError(

@@ -114,9 +114,9 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
     from trl import SFTConfig, SFTTrainer
 
     from rlhf.bottleneck import attach_bottleneck
+    from rlhf.budget import stage_callbacks
     from rlhf.models import decoder_layers, load_base_model, load_tokenizer, pick_device, pick_dtype
     from rlhf.reft import attach_reft
-    from rlhf.tracking import LoggerCallback
 
     dataset = load_sft_dataset(cfg.dataset_name)
     eval_dataset = load_sft_dataset(cfg.eval_dataset_name) if cfg.eval_dataset_name else None
@@ -139,7 +139,7 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
         attach_bottleneck(model, cfg.adapter_reduction_factor, cfg.adapter_placement, cfg.adapter_non_linearity)
 
     kwargs = trainer_kwargs(cfg, str(work_dir / "trainer"), evaluation is not None, cfg.eval_steps)
-    callbacks = [LoggerCallback(logger)] if logger else []
+    callbacks = stage_callbacks(cfg, logger)
     if cfg.early_stopping_patience:
         kwargs.update(
             save_strategy="steps",

@@ -132,6 +132,13 @@ def test_early_stopping_stops(tiny_model_dir, sft_data, tmp_path):
     assert metrics["steps"] < 40
 
 
+def test_time_budget_stops_after_the_step_that_used_it(tiny_model_dir, sft_data, tmp_path):
+    cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, max_steps=40, max_train_seconds=1e-6, train_clock="cpu")
+    metrics = run_sft(cfg)
+    assert metrics["steps"] == 1
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
 def test_bad_dataset_leaves_nothing(tiny_model_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no messages here"}])
     cfg = make_cfg(tiny_model_dir, str(bad), tmp_path)

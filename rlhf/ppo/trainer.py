@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import distributed
+from rlhf.budget import TimeBudget
 from rlhf.data import prompt_text
 from rlhf.errors import ConfigError, UserError
 from rlhf.ppo import checkpoint as ckpt
@@ -355,6 +356,8 @@ class PPOTrainer:
             if self.is_main:
                 tqdm.write(f"resumed from {path} at step {self.step}", file=sys.stderr)
         watch = time.perf_counter()
+        budget = TimeBudget(cfg.max_train_seconds, cfg.train_clock)
+        self.stopped_by_budget = False
         bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", unit="step",
                    disable=not (cfg.progress and self.is_main))
         if self.monitor is not None and self.step == 0:  # the starting policy: the point at KL 0
@@ -374,6 +377,12 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl/k1']:.3f}")
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
                 self.save()
+            if self.step < self.total_steps and budget.exhausted():
+                self.stopped_by_budget = True
+                if self.is_main:
+                    tqdm.write(f"stopping after step {self.step}: max_train_seconds {cfg.max_train_seconds:g} "
+                               f"({cfg.train_clock} clock) used", file=sys.stderr)
+                break
         bar.close()
         if self.saved_step != self.step:
             self.save()
@@ -394,6 +403,7 @@ class PPOTrainer:
             "kl_coef_final": self.kl_ctl.value,
             "reward_normalization": self.normalization,
             "wall_time_s": round(seconds, 2),
+            "stopped_by_time_budget": self.stopped_by_budget,
             "world_size": self.world,
             "peak_rss_mb": distributed.all_gather_object(_peak_rss_mb()),  # one per process
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
