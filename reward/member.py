@@ -50,7 +50,8 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     device = pick_device()
     model = build_reward_model(
-        cfg.model_name_or_path, cfg.sft_adapter, dtype=pick_dtype(cfg.precision, device), device=device, seed=cfg.seed
+        cfg.model_name_or_path, cfg.sft_adapter, dtype=pick_dtype(cfg.precision, device), device=device, seed=cfg.seed,
+        trunk_layers=cfg.trunk_layers,
     )
     if cfg.method == "loreft":
         from reward.reft import attach_reward_interventions
@@ -86,6 +87,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         length_coef=cfg.length_head_coef,
         orthogonal_coef=cfg.length_orthogonal_coef,
         groups=[prompt_key(p) for p in train_pairs] if cfg.batch_by_prompt else None,
+        pooling=cfg.pooling,
     )
 
 
@@ -208,7 +210,7 @@ def train_member(
         "pairs_seen": pairs_seen,
     }
     model = trainer.model
-    scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length)
+    scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length, pool=cfg.pooling)
     bs = cfg.per_device_eval_batch_size
     held = score_pairs_shared(scorer, held_pairs, bs) if held_pairs else None
     sample = score_pairs_shared(scorer, stats_sample(train_pairs, cfg.stats_max_pairs, cfg.seed), bs)
@@ -216,7 +218,7 @@ def train_member(
     if trainer.length_head is not None:
         if held_pairs:
             length_scorer = RewardScorer(scorer.trunk, trainer.length_head, tokenizer, max_length=cfg.max_length,
-                                         owner=model)
+                                         owner=model, metadata={"pool": cfg.pooling})
             length_held = score_pairs_shared(length_scorer, held_pairs, bs)
             length_corr = pearson(
                 length_held["chosen"] + length_held["rejected"],

@@ -47,6 +47,8 @@ FORMAT = "rlhf-reward-model"
 ENSEMBLE_FORMAT = "rlhf-reward-ensemble"
 INPUT_FORMAT = "chat_template(prompt, add_generation_prompt=True) + response + eos, left-truncated to max_length"
 POOLING = "last attended token (attention_mask), position_ids = cumsum(mask) - 1"
+POOLING_LAST_MEAN = "last attended token + mean over attended tokens (attention_mask), one head on their sum"
+POOL_MODES = ("last", "last_mean")
 
 # encoding
 
@@ -99,26 +101,44 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last") -> torch.Tensor:
+    """Per-row pooling of per-position ``values`` (B, T, D) -> (B, D): the value at the last attended position
+    (``last``), or that plus the mean over attended positions (``last_mean``: the mean lets a linear head
+    weigh evidence anywhere in the sequence, the last position keeps what only the end shows)."""
+    mask = attention_mask.to(values.device)
+    rows = torch.arange(values.shape[0], device=values.device)
+    last = values[rows, last_token_index(mask)]
+    if mode == "last":
+        return last
+    if mode != "last_mean":
+        raise ValueError(f"unknown pooling {mode!r}; expected one of {POOL_MODES}")
+    weights = mask.to(values.dtype).unsqueeze(-1)  # (B, T, 1)
+    return last + (values * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def pooled_hidden(
     trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    lower: tuple[torch.Tensor, int] | None = None,
+    lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
 ) -> torch.Tensor:
-    """The trunk's last hidden state at each row's last attended position: (B, T) -> (B, H).
+    """The trunk's last hidden state pooled over each row (:func:`pool`, ``mode``): (B, T) -> (B, H).
 
     ``lower = (h, k)``: ``h`` (B, T, H) is already the input of block ``k`` (the caller guarantees the
     active adapters leave blocks below ``k`` untouched); only blocks ``k`` and up are run.
+    ``stop = n``: the blocks from ``n`` up are not run; the final norm is applied to block ``n - 1``'s output
+    (a reward model trained with ``trunk_layers: n`` on a trunk that has more blocks).
     """
     from rlhf.models import block_range
 
     kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    if lower is None:
+    start, stop = (lower[1] if lower is not None else 0), (stop or len(trunk.layers))
+    if start == 0 and stop == len(trunk.layers):
         out = trunk(input_ids=input_ids, **kwargs)
     else:
-        with block_range(trunk, lower[1], len(trunk.layers)):
-            out = trunk(inputs_embeds=lower[0], **kwargs)
+        inputs = {"inputs_embeds": lower[0]} if lower is not None else {"input_ids": input_ids}
+        with block_range(trunk, start, stop, final_norm=True):
+            out = trunk(**inputs, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)
+    return pool(hidden, attention_mask, mode)  # (B, H)
 
 
 def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -138,24 +158,24 @@ def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 
 def pooled_rewards(
     trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    lower: tuple[torch.Tensor, int] | None = None,
+    lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
 ) -> torch.Tensor:
-    """One scalar per row: ``head(trunk(...)[b, last_token_index[b]])``; (B, T) -> (B,) float32.
+    """One scalar per row: ``head(pooled trunk output)``; (B, T) -> (B,) float32.
 
-    ``lower``: see :func:`pooled_hidden`.
+    ``lower``, ``stop``, ``mode``: see :func:`pooled_hidden`.
     """
-    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower))
+    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower, stop, mode))
 
 
 def pooled_through(
-    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled features (B, H), rewards (B,) float32) from one call of ``model`` itself: (B, T) -> ...
 
     ``model`` is the sequence-classification model as a trainer holds it (inside a DDP, FSDP or DeepSpeed
     wrapper too), so the wrapper sees the forward pass and synchronises the gradients. ``head`` is its
-    ``score`` module; its input ``h`` (B, T, H) and output (B, T, 1) are read at each row's last attended
-    position, so the values are those of :func:`pooled_hidden` / :func:`pooled_rewards` (the wrapper's own
+    ``score`` module; its input ``h`` (B, T, H) and output (B, T, 1) are pooled over each row by :func:`pool`
+    (``mode``), so the values are those of :func:`pooled_hidden` / :func:`pooled_rewards` (the wrapper's own
     pooled ``logits``, at the last non-pad token, are not used).
     """
     seen: dict[str, torch.Tensor] = {}
@@ -169,9 +189,12 @@ def pooled_through(
               position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
     finally:
         handle.remove()
-    rows = torch.arange(input_ids.shape[0], device=seen["scores"].device)
-    last = last_token_index(attention_mask).to(rows.device)
-    return seen["hidden"][rows, last], seen["scores"][rows, last].squeeze(-1).float()
+    pooled = pool(seen["hidden"], attention_mask, mode)
+    rewards = pool(seen["scores"], attention_mask, mode).squeeze(-1).float()  # the head is linear: head(pool(h))
+    bias = head_linear(head).bias
+    if mode == "last_mean" and bias is not None:  # ... up to its bias, counted once per pooled term
+        rewards = rewards - bias.float()
+    return pooled, rewards
 
 
 def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
@@ -204,9 +227,13 @@ def head_linear(head: nn.Module) -> nn.Linear:
 # building
 
 
-def build_reward_model(base: str, sft_adapter: str | None, dtype: torch.dtype, device: torch.device, seed: int):
+def build_reward_model(
+    base: str, sft_adapter: str | None, dtype: torch.dtype, device: torch.device, seed: int, trunk_layers: int = 0
+):
     """``AutoModelForSequenceClassification`` (num_labels=1) on ``base``, with a LoRA SFT adapter merged first
     (a hooked SFT adapter, which only a LoReFT reward model takes, is attached frozen: :mod:`reward.reft`).
+    ``trunk_layers = N > 0`` keeps the lowest N blocks only (then the final norm and the head), see
+    :func:`keep_lower_blocks`.
 
     The score head is initialised after ``transformers.set_seed(seed)``, so runs are reproducible.
     """
@@ -234,7 +261,24 @@ def build_reward_model(base: str, sft_adapter: str | None, dtype: torch.dtype, d
         trunk, _ = trunk_and_head(model)
         trunk.load_state_dict(getattr(merged, merged.base_model_prefix).state_dict())
         del merged
+    if trunk_layers:
+        keep_lower_blocks(model, trunk_layers)
     return model.to(device)
+
+
+def keep_lower_blocks(model: nn.Module, n: int) -> None:
+    """Drop every block above the lowest ``n`` of a ``*ForSequenceClassification`` model (in place): the final
+    norm and the score head then read block ``n - 1``'s output. Scoring an attached RM runs the same blocks
+    of the policy's trunk (:func:`pooled_hidden` with ``stop = n``)."""
+    trunk, _ = trunk_and_head(model)
+    total = len(trunk.layers)
+    if not 1 <= n <= total:
+        raise UserError(f"trunk_layers is {n} but {model.config.name_or_path or 'the model'} has {total} blocks")
+    trunk.layers = trunk.layers[:n]
+    config = model.config.get_text_config()
+    config.num_hidden_layers = n
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:n]
 
 
 def check_lora_adapter(adapter: str) -> dict:
@@ -289,7 +333,7 @@ def write_metadata(
         "max_length": max_length,
         "hidden_size": hidden_size,
         "input": INPUT_FORMAT,
-        "pooling": POOLING,
+        "pooling": POOLING if extra.get("pool", "last") == "last" else POOLING_LAST_MEAN,
         **extra,
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -75,6 +75,9 @@ class RewardScorer:
         self._untouched: int | None = None  # see untouched_blocks (the adapters do not change once attached)
         # ensemble: (head, scope factory) per member, each scope activating that member's adapters only
         self._members = list(members) if members else None
+        # a reward model trained with trunk_layers: N reads block N-1 (the blocks above are not run)
+        self._stop = int(self.metadata.get("trunk_layers") or 0) or None
+        self._pool = self.metadata.get("pool", "last")
 
     # construction
 
@@ -91,7 +94,8 @@ class RewardScorer:
         dtype = pick_dtype(precision, device)
         sft = str(Path(path) / meta["sft_adapter"]) if meta.get("sft_adapter") else None
         base = meta["base_model_path"] if Path(meta["base_model_path"]).exists() else meta["base_model"]
-        model = build_reward_model(base, sft, dtype=dtype, device=device, seed=0)
+        model = build_reward_model(base, sft, dtype=dtype, device=device, seed=0,
+                                   trunk_layers=int(meta.get("trunk_layers") or 0))
         tokenizer = load_tokenizer(str(path))
         if is_reft_reward(meta):
             from reward.reft import load_reward_interventions
@@ -128,10 +132,12 @@ class RewardScorer:
         )
 
     @classmethod
-    def from_model(cls, model: nn.Module, tokenizer, max_length: int, stats: dict | None = None) -> RewardScorer:
-        """Wrap an in-memory ``*ForSequenceClassification`` model (PEFT or not), e.g. right after training."""
+    def from_model(cls, model: nn.Module, tokenizer, max_length: int, stats: dict | None = None,
+                   pool: str = "last") -> RewardScorer:
+        """Wrap an in-memory ``*ForSequenceClassification`` model (PEFT or not), e.g. right after training
+        (``pool``: its ``pooling``; a model built with ``trunk_layers`` has only those blocks already)."""
         trunk, head = trunk_and_head(model)
-        return cls(trunk, head, tokenizer, max_length=max_length, stats=stats, owner=model)
+        return cls(trunk, head, tokenizer, max_length=max_length, stats=stats, owner=model, metadata={"pool": pool})
 
     @classmethod
     def incompatibility(
@@ -297,21 +303,22 @@ class RewardScorer:
         (a plain RM then gives (1, B)).
         """
         device = self.device
-        if lower is not None and not 0 < lower[1] <= self.untouched_blocks():
+        shareable = self.untouched_blocks() if self._stop is None else min(self.untouched_blocks(), self._stop - 1)
+        if lower is not None and not 0 < lower[1] <= shareable:
             lower = None
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if not self._members:
             with self._context():
-                rewards = pooled_rewards(self.trunk, self.head, input_ids, attention_mask, lower)
+                rewards = pooled_rewards(self.trunk, self.head, input_ids, attention_mask, lower, self._stop, self._pool)
             return rewards.unsqueeze(0) if members else rewards
-        if lower is None and self.untouched_blocks() > 0:  # the blocks no member adapts: once for all members
+        if lower is None and shareable > 0:  # the blocks no member adapts: once for all members
             with self._members[0][1]():
-                k = self.untouched_blocks()
-                lower = (lower_hidden(self.trunk, input_ids, attention_mask, k), k)
+                lower = (lower_hidden(self.trunk, input_ids, attention_mask, shareable), shareable)
         per_member = []
         for head, scope in self._members:
             with scope():
-                per_member.append(pooled_rewards(self.trunk, head, input_ids, attention_mask, lower))
+                per_member.append(
+                    pooled_rewards(self.trunk, head, input_ids, attention_mask, lower, self._stop, self._pool))
         stacked = torch.stack(per_member)  # (K, B)
         return stacked if members else stacked.mean(dim=0)
 

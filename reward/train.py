@@ -77,6 +77,15 @@ class RewardStageConfig(TrainingConfig):
     lora_dropout: float = field(0.0, "LoRA dropout (TRL disables dropout while training unless keep_dropout)")
     lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (comma-separated names or all-linear)")
     lora_top_layers: int = field(0, "put LoRA only on the top N transformer blocks (cheaper backward); 0 = all")
+    pooling: Literal["last", "last_mean"] = field(
+        "last", "what the score head reads: the last token's hidden state, or that plus the mean over every token "
+        "(evidence anywhere in the answer, e.g. a digit or a word from the prompt, reaches the head directly)"
+    )
+    trunk_layers: int = field(
+        0, "score from the output of the lowest N blocks, the blocks above are not run (a middle layer carries more "
+        "of what a preference reads than the top one, which is shaped for next-token prediction); lora_top_layers "
+        "then counts down from block N; 0 = every block"
+    )
     keep_dropout: bool = field(False, "keep dropout active while training (TRL's disable_dropout=false)")
     max_length: int = field(512, "keep at most the last N tokens of prompt + response + EOS")
     use_margin: bool = field(True, "subtract the data's `margin` column inside the loss when present")
@@ -108,6 +117,9 @@ class RewardStageConfig(TrainingConfig):
         require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
         require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
         require(self.lora_top_layers >= 0, "config key 'lora_top_layers' must be >= 0")
+        require(self.trunk_layers >= 0, "config key 'trunk_layers' must be >= 0")
+        require(not self.trunk_layers or self.lora_top_layers <= self.trunk_layers,
+                "config key 'lora_top_layers' must be <= trunk_layers (LoRA goes on the top blocks that are run)")
         require(0 <= self.eval_fraction < 1, "config key 'eval_fraction' must be in [0, 1)")
         require(self.eval_steps >= 0, "config key 'eval_steps' must be >= 0")
         require(self.max_length >= 16, "config key 'max_length' must be >= 16")
@@ -124,6 +136,9 @@ class RewardStageConfig(TrainingConfig):
             require(not self.lora_top_layers,
                     "config key 'lora_top_layers' is a LoRA option (configs/reward.yaml sets it): with method loreft "
                     "set it to 0 and choose the blocks with reft_layers")
+            require(not self.trunk_layers,
+                    "config key 'trunk_layers' is a LoRA option (configs/reward.yaml sets it): with method loreft "
+                    "set it to 0")
         if self.sft_adapter:
             require(Path(self.sft_adapter).is_dir(), f"config key 'sft_adapter': folder not found: {self.sft_adapter}")
         require(
@@ -186,6 +201,10 @@ def run_reward(cfg: RewardStageConfig) -> dict:
         if cfg.sft_adapter:
             shutil.copytree(cfg.sft_adapter, work / SFT_COPY, ignore=shutil.ignore_patterns("checkpoint-*", "logs"))
         extra = {"method": cfg.method}
+        if cfg.trunk_layers:
+            extra["trunk_layers"] = cfg.trunk_layers
+        if cfg.pooling != "last":
+            extra["pool"] = cfg.pooling
         if k > 1:
             extra["ensemble"] = k
         if cfg.length_debias != "none":

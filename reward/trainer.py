@@ -101,13 +101,14 @@ class PairwiseRewardTrainer(WholeEvalSet, RewardTrainer):
     """``RewardTrainer`` scoring through :func:`pooled_rewards`; the loss is ``-log sigmoid(r_c - r_r - m)``."""
 
     def __init__(self, *args, length_head: torch.nn.Module | None = None, length_coef: float = 1.0,
-                 orthogonal_coef: float = 1.0, groups: list | None = None, **kwargs):
+                 orthogonal_coef: float = 1.0, groups: list | None = None, pooling: str = "last", **kwargs):
         if kwargs.get("data_collator") is None:
             tokenizer = kwargs["processing_class"]
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             kwargs["data_collator"] = UniqueCollator(pad_token_id=pad, with_lengths=length_head is not None)
         super().__init__(*args, **kwargs)
         self.groups = groups
+        self.pooling = pooling
         self.length_head = length_head
         self.length_coef = length_coef
         self.orthogonal_coef = orthogonal_coef
@@ -134,7 +135,8 @@ class PairwiseRewardTrainer(WholeEvalSet, RewardTrainer):
         mode = "train" if self.model.training else "eval"
         _, head = trunk_and_head(self.accelerator.unwrap_model(model))
         pair = inputs["pair_index"]  # (B, 2) rows of the U distinct sequences
-        pooled, rewards = pooled_through(model, head, inputs["input_ids"], inputs["attention_mask"])  # (U, H), (U,)
+        pooled, rewards = pooled_through(model, head, inputs["input_ids"], inputs["attention_mask"],
+                                         self.pooling)  # (U, H), (U,)
         ranked = rewards
         if self.length_head is not None:
             length_rewards = apply_head(self.length_head, pooled)  # (U,)

@@ -316,15 +316,16 @@ def untouched_blocks(decoder: nn.Module, adapter: str) -> int:
 
 
 @contextmanager
-def block_range(decoder: nn.Module, start: int, stop: int):
-    """Run ``decoder`` over blocks ``start..stop-1`` only; its final norm only when ``stop`` is the last block.
+def block_range(decoder: nn.Module, start: int, stop: int, final_norm: bool = False):
+    """Run ``decoder`` over blocks ``start..stop-1`` only; its final norm only when ``stop`` is the last block
+    or ``final_norm`` is set.
 
     Fed ``inputs_embeds`` = the input of block ``start``, the decoder then returns the output of block
     ``stop - 1`` (position ids and the attention mask are computed as for the whole model).
     """
     layers, norm = decoder.layers, decoder.norm
     decoder.layers = layers[start:stop]
-    if stop < len(layers):
+    if stop < len(layers) and not final_norm:
         decoder.norm = nn.Identity()
     try:
         yield

@@ -324,6 +324,49 @@ def test_lora_on_top_layers_only_trains_and_attaches(tiny_model_dir, tmp_path):
     assert scorer.score(prompts, responses) == pytest.approx(standalone.score(prompts, responses), abs=1e-5)
 
 
+def test_pool_by_hand():
+    from reward.modeling import pool
+
+    values = torch.tensor([[[1.0], [2.0], [6.0], [9.0]], [[4.0], [8.0], [5.0], [7.0]]])  # (2, 4, 1)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right- and left-padded
+    assert pool(values, mask, "last").squeeze(-1).tolist() == [6.0, 7.0]
+    # last + mean over attended positions: 6 + (1 + 2 + 6) / 3 = 9; 7 + (8 + 5 + 7) / 3 = 13.666...
+    assert pool(values, mask, "last_mean").squeeze(-1).tolist() == pytest.approx([9.0, 7 + 20 / 3])
+
+
+@pytest.mark.parametrize("pooling", ["last", "last_mean"])
+def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_model_dir, tmp_path, pooling):
+    cfg = rm_config(tiny_model_dir, tmp_path, trunk_layers=1, lora_top_layers=1, max_steps=3, eval_fraction=0.25,
+                    pooling=pooling)
+    metrics = run_reward(cfg)
+    assert json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())["layers_to_transform"] == [0]
+    assert read_metadata(cfg.output_dir)["trunk_layers"] == 1
+    assert read_metadata(cfg.output_dir).get("pool", "last") == pooling
+    standalone = RewardScorer.from_pretrained(cfg.output_dir)
+    assert len(standalone.trunk.layers) == 1
+    _, held = load_splits(cfg)  # the scores measured right after training are the saved model's
+    assert evaluate_pairs(standalone, held)["mean_margin"] == pytest.approx(metrics["eval_mean_margin"], abs=1e-5)
+    from reward.modeling import pad_right, pooled_through, trunk_and_head
+
+    prompts, responses = some_texts(3)  # the training loss's rewards (pooled through the model) are the scorer's
+    ids, mask = pad_right(standalone.encode(prompts, responses)[0], standalone.tokenizer.pad_token_id)
+    owner = standalone._owner
+    with torch.no_grad():
+        _, through = pooled_through(owner, trunk_and_head(owner)[1], ids, mask, pooling)
+    assert through.tolist() == pytest.approx(standalone.score_tokens(ids, mask).tolist(), abs=1e-5)
+    policy = policy_model(tiny_model_dir)
+    assert len(policy.get_base_model().model.layers) == 2
+    scorer = RewardScorer.attach(policy, standalone.tokenizer, cfg.output_dir)
+    attached = scorer.score(prompts, responses)
+    assert attached == pytest.approx(standalone.score(prompts, responses), abs=1e-5)
+    with torch.no_grad():  # the block above the RM's trunk is not run: changing it changes nothing
+        for p in policy.get_base_model().model.layers[1].parameters():
+            p.add_(0.5)
+    assert scorer.score(prompts, responses) == pytest.approx(attached, abs=1e-6)
+    with pytest.raises(ConfigError, match="lora_top_layers"):
+        rm_config(tiny_model_dir, tmp_path, trunk_layers=1, lora_top_layers=2)
+
+
 def test_margin_column_is_used(tiny_model_dir, tmp_path):
     rows = [dict(r, margin=1.0) for r in easy_rows(24)]
     data = write_jsonl(tmp_path / "margin.jsonl", rows)

@@ -173,6 +173,11 @@ def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) ->
         return
     rm = getattr(scorer, "rm", None)
     shares_rm = isinstance(scorer, TokenScorer) and REWARD_ADAPTER in getattr(actor.peft, "peft_config", {})
+    rm_blocks = (getattr(rm, "metadata", None) or {}).get("trunk_layers")
+    if cfg.value_head_init == "reward" and rm_blocks:
+        notice(f"the reward model scores from block {rm_blocks} (trunk_layers), the value model from the top "
+               "block: the value adapter and head start fresh")
+        shares_rm = False
     if cfg.value_model == "separate":
         # the RM's LoRA is a fair start for the value trunk unless it sits on a merged SFT adapter
         plain_rm = shares_rm and f"{REWARD_ADAPTER}_sft" not in actor.peft.peft_config
@@ -184,7 +189,7 @@ def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) ->
                 top_layers=cfg.value_lora_top_layers, num_layers=len(decoder_layers(actor.decoder)[1]),
                 top_layers_key="value_lora_top_layers",
             ))
-    if cfg.value_head_init != "reward":
+    if cfg.value_head_init != "reward" or rm_blocks:
         return
     head = getattr(rm, "head_weight", None)
     if head is None:
