@@ -8,10 +8,14 @@ case). Every call of ``/vote`` returns the next task, so its latency is the
 vote -> next task latency. Afterwards the database is checked: every
 acknowledged vote is stored exactly once.
 
-    python bench/label_load.py --labelers 32 --votes 2000 [--think 1.0] [--backend postgresql]
+    python bench/label_load.py --labelers 32 --votes 2000 [--think 1.0] [--backend postgresql] [--replicas 2]
 
 ``--backend postgresql`` runs the same on a throwaway PostgreSQL cluster (``initdb`` in a temp folder, Debian's
-server binaries, durable defaults: fsync and synchronous commits on) on the same 2 cores.
+server binaries, durable defaults: fsync and synchronous commits on) on the same 2 cores. ``--replicas N``
+(PostgreSQL) starts N ``rlhf label serve`` processes on N ports over that one database, and labeler i votes
+through replica i mod N, as behind a load balancer with sticky sessions; the check then also counts
+assignments handed out twice (one labeler given one comparison twice) and comparisons voted on by more
+labelers than the overlap.
 
 Target: p95 <= 150 ms on 2 CPU cores. The record (command, machine, load before
 and after, date, figures) goes to bench/results/label_load_think<T>.json
@@ -198,16 +202,36 @@ def _stored_keys_and_integrity(db: str) -> tuple[list[str], str]:
     return keys, "ok"
 
 
-def check_db(db: str, acked: list[str]) -> dict:
+def _assignment_counts(db: str, overlap: int) -> tuple[int, int]:
+    """(assignments of one comparison to one labeler beyond the first, comparisons with more than ``overlap`` votes)."""
+    twice = ("SELECT COUNT(*) FROM (SELECT comparison_id, user_id FROM assignments GROUP BY comparison_id, user_id "
+             "HAVING COUNT(*) > 1) t")
+    over = f"SELECT COUNT(*) FROM (SELECT comparison_id FROM votes GROUP BY comparison_id HAVING COUNT(*) > {int(overlap)}) t"
+    if not db.startswith("postgresql"):
+        con = sqlite3.connect(db)
+        try:
+            return con.execute(twice).fetchone()[0], con.execute(over).fetchone()[0]
+        finally:
+            con.close()
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as con:
+        return con.execute(twice).fetchone()[0], con.execute(over).fetchone()[0]
+
+
+def check_db(db: str, acked: list[str], overlap: int | None = None) -> dict:
     keys, integrity = _stored_keys_and_integrity(db)
     stored = set(keys)
-    return {
+    out = {
         "votes_in_db": len(keys),
         "duplicates_in_db": len(keys) - len(stored),
         "acknowledged": len(acked),
         "acknowledged_missing": sum(t not in stored for t in acked),
         "integrity_check": integrity,
     }
+    if overlap is not None:
+        out["assignments_given_twice"], out["comparisons_over_overlap"] = _assignment_counts(db, overlap)
+    return out
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -217,6 +241,12 @@ def process_cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def servers_cpu_s(servers: list) -> float | None:
+    """CPU seconds of every server process together (None when one is not measurable)."""
+    values = [process_cpu_s(proc.pid) for proc, _ in servers]
+    return None if None in values else sum(values)
 
 
 def own_cpu_s() -> float:
@@ -241,17 +271,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrency", type=int, default=16, help="server --concurrency")
     ap.add_argument("--think", type=float, default=0.0, help="mean seconds a labeler reads before voting (0 = none)")
     ap.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
+    ap.add_argument("--replicas", type=int, default=1, help="server processes over the one database (PostgreSQL)")
     ap.add_argument("--json", default=None, help="write the summary here")
     ap.add_argument("--record", default=None,
                     help="record file (default bench/results/label_load_think<T>.json, label_load_saturation.json)")
     args = ap.parse_args(argv)
-    suffix = "" if args.backend == "sqlite" else "_postgresql"
+    if args.replicas < 1 or (args.replicas > 1 and args.backend != "postgresql"):
+        ap.error("--replicas N > 1 needs --backend postgresql (replicas share one database server)")
+    suffix = ("" if args.backend == "sqlite" else "_postgresql") + (f"_{args.replicas}replicas" if args.replicas > 1 else "")
     record = Record(default_record(args.think) + suffix, argv, path=args.record)
     with bench_database(args.backend, "label_load") as (db, database):
         summary = run_load(args, db)
     print(json.dumps(summary, indent=2))
     errors = summary.pop("first_errors")
-    settings = {k: summary[k] for k in ("labelers", "overlap", "server_concurrency", "think_s")}
+    settings = {k: summary[k] for k in ("labelers", "overlap", "server_concurrency", "think_s", "replicas")}
     settings.update(votes=args.votes, votes_per_labeler=math.ceil(args.votes / args.labelers),
                     transport="gradio_client over loopback", database=database, **library_versions())
     record.write({k: v for k, v in summary.items() if k not in settings}, settings, first_errors=errors)
@@ -268,32 +301,38 @@ def run_load(args, db: str) -> dict:
     names = [f"labeler{i:02d}" for i in range(args.labelers)]
     n_pairs = math.ceil(per_labeler * args.labelers / args.overlap) + args.labelers
     make_project(db, {n: "labeler" for n in names}, n_pairs=n_pairs, overlap=args.overlap).close()
-    port = free_port()
-    server = start_server(db, port, args.concurrency)
+    servers = []
     try:
-        clients = connect(f"http://127.0.0.1:{port}/", names)
+        for _ in range(args.replicas):
+            port = free_port()
+            servers.append((start_server(db, port, args.concurrency), f"http://127.0.0.1:{port}/"))
+        clients = []
+        for r, (_, url) in enumerate(servers):  # labeler i on replica i mod N
+            clients += connect(url, names[r:: args.replicas])
         acked, latencies, errors, stop = [], [], [], threading.Event()
         threads = [
             threading.Thread(target=labeler_loop, args=(c, per_labeler, acked, latencies, errors, stop, args.think, i))
             for i, c in enumerate(clients)
         ]
-        server_cpu0, client_cpu0 = process_cpu_s(server.pid), own_cpu_s()
+        server_cpu0, client_cpu0 = servers_cpu_s(servers), own_cpu_s()
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        server_cpu1, client_cpu1 = process_cpu_s(server.pid), own_cpu_s()
+        server_cpu1, client_cpu1 = servers_cpu_s(servers), own_cpu_s()
         for c in clients:
             c.close()
     finally:
-        stop_server(server)
+        for proc, _ in servers:
+            stop_server(proc)
     summary = {
         "labelers": args.labelers,
         "overlap": args.overlap,
         "server_concurrency": args.concurrency,
         "think_s": args.think,
+        "replicas": args.replicas,
         "votes_per_s": round(len(acked) / wall, 1),
         "latency_p50_ms": round(1000 * statistics.median(latencies), 1),
         "latency_p95_ms": round(1000 * pct(latencies, 0.95), 1),
@@ -301,7 +340,7 @@ def run_load(args, db: str) -> dict:
         "wall_s": round(wall, 1),
         "retried": sum(e.startswith("retried") for e in errors),
         "failed_labelers": sum(not e.startswith("retried") for e in errors),
-        **check_db(db, acked),
+        **check_db(db, acked, args.overlap),
         "server_cpu_ms_per_vote": per_vote_ms(server_cpu0, server_cpu1, len(acked)),
         "clients_cpu_ms_per_vote": per_vote_ms(client_cpu0, client_cpu1, len(acked)),
         "first_errors": errors[:3],
