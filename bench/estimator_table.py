@@ -67,7 +67,8 @@ def timed(cmd: list[str], log: Path) -> dict:
 
 
 def shown(cmd: list[str], work: Path, out: Path) -> str:
-    return shlex.join(cmd).replace(str(work), "WORK").replace(str(out), "OUT").replace(rlhf(), "rlhf")
+    shown = shlex.join(cmd).replace(str(work), "WORK").replace(str(out), "OUT").replace(rlhf(), "rlhf")
+    return shown.replace(f"{ROOT}/", "")
 
 
 def run_row(row: str, work: Path, out: Path, cpu_seconds: float) -> dict:
