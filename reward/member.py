@@ -164,6 +164,7 @@ def train_member(
     from reward.modeling import save_length_head
     from reward.scorer import RewardScorer
     from rlhf import distributed
+    from rlhf.budget import stopped_by_budget
     from rlhf.models import count_parameters
 
     single = cfg.ensemble == 1
@@ -202,6 +203,7 @@ def train_member(
         "train_pairs": len(pairs),
         "distinct_train_pairs": len({id(p) for p in pairs}),
         "steps": trainer.state.global_step,
+        "stopped_by_time_budget": stopped_by_budget(trainer),
         "margin_used": "margin" in trainer.train_dataset.column_names,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -258,6 +260,7 @@ def training_summary(cfg: RewardStageConfig, members: list[MemberResult], train_
         "eval_pairs": len(held_pairs),
         "eval_prompts": len({p.prompt_key for p in held_pairs}),
         "steps": sum(m["steps"] for m in trained),
+        "stopped_by_time_budget": any(m["stopped_by_time_budget"] for m in trained),  # the limit is per member
         "margin_used": trained[0]["margin_used"],
         "sft_adapter": cfg.sft_adapter,
         "trainable_parameters": sum(m["trainable_parameters"] for m in trained),

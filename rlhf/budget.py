@@ -57,6 +57,12 @@ class TimeBudgetCallback(TrainerCallback):
         return control
 
 
+def stopped_by_budget(trainer) -> bool:
+    """Did a :class:`TimeBudgetCallback` of this ``transformers.Trainer`` end its training?"""
+    return any(isinstance(c, TimeBudgetCallback) and c.stopped_at is not None
+               for c in trainer.callback_handler.callbacks)
+
+
 def stage_callbacks(cfg, logger=None) -> list:
     """The callbacks every ``transformers``-based stage gets: its metrics logger and its time budget."""
     from rlhf.tracking import LoggerCallback

@@ -231,6 +231,7 @@ def train_metrics(trainer) -> dict:
 def run_dpo(cfg: DPOStageConfig) -> dict:
     """Train the policy adapter with DPO and write ``cfg.output_dir``; returns the metrics of ``metrics.json``."""
     from rlhf import distributed
+    from rlhf.budget import stopped_by_budget
     from rlhf.data import fingerprint
     from rlhf.hf_trainer import Stopwatch, finish_output, parallel_notice
     from rlhf.models import count_parameters, resolve_model_path
@@ -277,6 +278,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
                 "eval_pairs": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
                 "dropped_pairs": dropped,
                 "steps": trainer.state.global_step,
+                "stopped_by_time_budget": stopped_by_budget(trainer),
                 "sft_adapter": cfg.sft_adapter,
                 "reference": "sft_adapter" if cfg.sft_adapter else "base",
                 "trainable_parameters": trainable,

@@ -175,6 +175,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     gradients) and rank 0 alone writes the folder.
     """
     from rlhf import distributed
+    from rlhf.budget import stopped_by_budget
     from rlhf.hooked import attached_adapter
     from rlhf.models import count_parameters
     from rlhf.tracking import MetricsLogger
@@ -203,6 +204,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
             "train_loss": result.metrics.get("train_loss"),
             "train_examples": len(trainer.train_dataset),
             "steps": trainer.state.global_step,
+            "stopped_by_time_budget": stopped_by_budget(trainer),
             "tokens_seen": int(trainer.state.num_input_tokens_seen),
             "trainable_parameters": trainable,
             "total_parameters": total,

@@ -135,7 +135,7 @@ def test_early_stopping_stops(tiny_model_dir, sft_data, tmp_path):
 def test_time_budget_stops_after_the_step_that_used_it(tiny_model_dir, sft_data, tmp_path):
     cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, max_steps=40, max_train_seconds=1e-6, train_clock="cpu")
     metrics = run_sft(cfg)
-    assert metrics["steps"] == 1
+    assert metrics["steps"] == 1 and metrics["stopped_by_time_budget"] is True
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
