@@ -11,7 +11,9 @@ labelling rule and the RM.
 
 DEMO_WORK is a finished demo pipeline folder (``rlhf pipeline --config configs/demo.yaml``, or ``python
 bench/ppo_bench.py alignment --work DEMO_WORK``): its ``sft/``, ``reward/``, ``prefs.jsonl`` and
-``prefs.test.jsonl`` are the shared inputs. Record: bench/results/estimator_table.json.
+``prefs.test.jsonl`` are the shared inputs. A row whose training (or eval) output is already in OUT is not run
+again (its figures are read back, without its seconds), so an interrupted table continues where it stopped.
+Record: bench/results/estimator_table.json.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the reward model sees and how one scalar comes out of it.
+"""What the reward model sees, how it is built, and the folder it is saved in.
 
 Input (the same in training, ``RewardScorer.score`` and PPO's ``score_tokens``)::
 
@@ -8,15 +8,7 @@ left-truncated to ``max_length`` tokens, so the response and its EOS are always 
 exactly the token layout of a policy rollout (left-padded chat prompt, then the sampled tokens
 up to and including EOS).
 
-Reward::
-
-    h = trunk(ids, attention_mask, position_ids = cumsum(mask) - 1).last_hidden_state   # (B, T, H)
-    r = head(h[b, last attended position of row b])                                      # (B,)
-
-The pooled position comes from the attention mask, not from ``input_ids != pad_token_id``:
-tokenizers whose pad token is their EOS (SmolLM2, the test tokenizer) would otherwise pool the
-token *before* EOS. ``transformers``' own ``*ForSequenceClassification.forward`` uses the latter
-rule, so always score through this module (or ``RewardScorer``).
+How one scalar comes out of it (pooling, the head): :mod:`reward.pooling`.
 
 The folder a trained RM lives in is described by ``reward_model.json`` (see :func:`write_metadata`).
 """
@@ -31,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reward.pooling import pooling_description
 from rlhf.data import to_messages
 from rlhf.errors import ConfigError, UserError
 from rlhf.models import check_adapter, hooked_adapter_type, not_peft_message, read_adapter_config
@@ -46,9 +39,6 @@ REFT_HEAD_FILE = "score_head.safetensors"  # method loreft: the score head (the 
 FORMAT = "rlhf-reward-model"
 ENSEMBLE_FORMAT = "rlhf-reward-ensemble"
 INPUT_FORMAT = "chat_template(prompt, add_generation_prompt=True) + response + eos, left-truncated to max_length"
-POOLING = "last attended token (attention_mask), position_ids = cumsum(mask) - 1"
-POOLING_LAST_MEAN = "last attended token + mean over attended tokens (attention_mask), one head on their sum"
-POOL_MODES = ("last", "last_mean")
 
 # encoding
 
@@ -87,120 +77,7 @@ def pad_right(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-# pooling
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last attended position of each row (right or left padding): (B, T) -> (B,)."""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over attended tokens only, so left padding does not shift them: (B, T) -> (B, T)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last") -> torch.Tensor:
-    """Per-row pooling of per-position ``values`` (B, T, D) -> (B, D): the value at the last attended position
-    (``last``), or that plus the mean over attended positions (``last_mean``: the mean lets a linear head
-    weigh evidence anywhere in the sequence, the last position keeps what only the end shows)."""
-    mask = attention_mask.to(values.device)
-    rows = torch.arange(values.shape[0], device=values.device)
-    last = values[rows, last_token_index(mask)]
-    if mode == "last":
-        return last
-    if mode != "last_mean":
-        raise ValueError(f"unknown pooling {mode!r}; expected one of {POOL_MODES}")
-    weights = mask.to(values.dtype).unsqueeze(-1)  # (B, T, 1)
-    return last + (values * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
-def pooled_hidden(
-    trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
-) -> torch.Tensor:
-    """The trunk's last hidden state pooled over each row (:func:`pool`, ``mode``): (B, T) -> (B, H).
-
-    ``lower = (h, k)``: ``h`` (B, T, H) is already the input of block ``k`` (the caller guarantees the
-    active adapters leave blocks below ``k`` untouched); only blocks ``k`` and up are run.
-    ``stop = n``: the blocks from ``n`` up are not run; the final norm is applied to block ``n - 1``'s output
-    (a reward model trained with ``trunk_layers: n`` on a trunk that has more blocks).
-    """
-    from rlhf.models import block_range
-
-    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    start, stop = (lower[1] if lower is not None else 0), (stop or len(trunk.layers))
-    if start == 0 and stop == len(trunk.layers):
-        out = trunk(input_ids=input_ids, **kwargs)
-    else:
-        inputs = {"inputs_embeds": lower[0]} if lower is not None else {"input_ids": input_ids}
-        with block_range(trunk, start, stop, final_norm=True):
-            out = trunk(**inputs, **kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
-    return pool(hidden, attention_mask, mode)  # (B, H)
-
-
-def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int) -> torch.Tensor:
-    """The input of block ``blocks`` (the output of the blocks below it): (B, T) -> (B, T, H)."""
-    from rlhf.models import block_range
-
-    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    with block_range(trunk, 0, blocks):
-        out = trunk(input_ids=input_ids, **kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """``head(pooled)`` in the head's dtype, one float32 scalar per row: (B, H) -> (B,)."""
-    return head(pooled.to(_param_dtype(head, pooled.dtype))).squeeze(-1).float()
-
-
-def pooled_rewards(
-    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
-) -> torch.Tensor:
-    """One scalar per row: ``head(pooled trunk output)``; (B, T) -> (B,) float32.
-
-    ``lower``, ``stop``, ``mode``: see :func:`pooled_hidden`.
-    """
-    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower, stop, mode))
-
-
-def pooled_through(
-    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled features (B, H), rewards (B,) float32) from one call of ``model`` itself: (B, T) -> ...
-
-    ``model`` is the sequence-classification model as a trainer holds it (inside a DDP, FSDP or DeepSpeed
-    wrapper too), so the wrapper sees the forward pass and synchronises the gradients. ``head`` is its
-    ``score`` module; its input ``h`` (B, T, H) and output (B, T, 1) are pooled over each row by :func:`pool`
-    (``mode``), so the values are those of :func:`pooled_hidden` / :func:`pooled_rewards` (the wrapper's own
-    pooled ``logits``, at the last non-pad token, are not used).
-    """
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(module, args, output):
-        seen["hidden"], seen["scores"] = args[0], output  # (B, T, H), (B, T, 1)
-
-    handle = head.register_forward_hook(keep)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
-    finally:
-        handle.remove()
-    pooled = pool(seen["hidden"], attention_mask, mode)
-    rewards = pool(seen["scores"], attention_mask, mode).squeeze(-1).float()  # the head is linear: head(pool(h))
-    bias = head_linear(head).bias
-    if mode == "last_mean" and bias is not None:  # ... up to its bias, counted once per pooled term
-        rewards = rewards - bias.float()
-    return pooled, rewards
-
-
-def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    for p in module.parameters():
-        return p.dtype
-    return default
+# model structure
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -269,7 +146,7 @@ def build_reward_model(
 def keep_lower_blocks(model: nn.Module, n: int) -> None:
     """Drop every block above the lowest ``n`` of a ``*ForSequenceClassification`` model (in place): the final
     norm and the score head then read block ``n - 1``'s output. Scoring an attached RM runs the same blocks
-    of the policy's trunk (:func:`pooled_hidden` with ``stop = n``)."""
+    of the policy's trunk (:func:`reward.pooling.pooled_hidden` with ``stop = n``)."""
     trunk, _ = trunk_and_head(model)
     total = len(trunk.layers)
     if not 1 <= n <= total:
@@ -333,7 +210,7 @@ def write_metadata(
         "max_length": max_length,
         "hidden_size": hidden_size,
         "input": INPUT_FORMAT,
-        "pooling": POOLING if extra.get("pool", "last") == "last" else POOLING_LAST_MEAN,
+        "pooling": pooling_description(extra.get("pool", "last")),
         **extra,
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -10,7 +10,7 @@ Two ways to get one:
   ``nn.Linear``; scoring switches adapters and restores everything afterwards. LoReFT reward models
   are never attached (see :meth:`RewardScorer.incompatibility`).
 
-Both score through :func:`reward.modeling.pooled_rewards` with the input layout documented in
+Both score through :func:`reward.pooling.pooled_rewards` with the input layout documented in
 :mod:`reward.modeling`, so they give the same numbers for the same texts.
 
 Ensembles (``rlhf reward --ensemble K``): the folder holds ``ensemble.json`` and one adapter per
@@ -36,15 +36,14 @@ from reward.modeling import (
     encode_for_reward,
     head_linear,
     is_reft_reward,
-    lower_hidden,
     member_calibrations,
     member_dirs,
     pad_right,
-    pooled_rewards,
     read_metadata,
     read_stats,
     trunk_and_head,
 )
+from reward.pooling import lower_hidden, pooled_rewards
 from rlhf.errors import UserError
 
 

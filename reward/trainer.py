@@ -4,7 +4,7 @@ TRL computes rewards with ``model(**inputs).logits``; ``transformers``' sequence
 head pools the last token that is not ``pad_token_id``. With pad = EOS (SmolLM2) that is the
 token before the EOS we append, while PPO and :class:`~reward.scorer.RewardScorer` score the EOS
 position. This subclass replaces only the reward computation: rewards come from
-:func:`reward.modeling.pooled_rewards` (last attended token) and the loss from
+:func:`reward.pooling.pooled_rewards` (last attended token) and the loss from
 :func:`reward.losses.bradley_terry_loss`; data preparation, collation, optimisation and TRL's
 logged metrics (accuracy, margin, min/mean/max reward, tokens) are TRL's.
 
@@ -16,7 +16,7 @@ which is what scoring uses. While training the length head is a submodule of the
 optimizer and gradient clipping include it); it is saved apart from the adapter.
 
 On N processes (``accelerate launch``) each process takes its share of every batch: the forward pass goes
-through the model as the trainer wraps it (:func:`reward.modeling.pooled_through`), so DDP (or DeepSpeed,
+through the model as the trainer wraps it (:func:`reward.pooling.pooled_through`), so DDP (or DeepSpeed,
 FSDP) synchronises the gradients; the frozen base has no gradients to synchronise. The length head's
 correlation term is taken over each process's micro-batch, as it is over each micro-batch under gradient
 accumulation (N processes train like one with N accumulation steps). Logged metrics are
@@ -39,7 +39,8 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from reward.losses import bradley_terry_loss, length_disentangle_loss, orthogonality_loss, pearson_t, unique_rows
-from reward.modeling import apply_head, head_linear, pooled_through, trunk_and_head
+from reward.modeling import head_linear, trunk_and_head
+from reward.pooling import apply_head, pooled_through
 from rlhf.hf_trainer import WholeEvalSet
 
 LENGTH_COLUMNS = ("chosen_len", "rejected_len")

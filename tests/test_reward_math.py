@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reward.losses import bradley_terry_loss, mean_std, pearson, preference_metrics
-from reward.modeling import last_token_index, position_ids_from_mask
+from reward.pooling import last_token_index, position_ids_from_mask
 from reward.rules import rule_prefers, rule_score
 
 

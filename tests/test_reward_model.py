@@ -325,7 +325,7 @@ def test_lora_on_top_layers_only_trains_and_attaches(tiny_model_dir, tmp_path):
 
 
 def test_pool_by_hand():
-    from reward.modeling import pool
+    from reward.pooling import pool
 
     values = torch.tensor([[[1.0], [2.0], [6.0], [9.0]], [[4.0], [8.0], [5.0], [7.0]]])  # (2, 4, 1)
     mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right- and left-padded
@@ -346,7 +346,8 @@ def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_mod
     assert len(standalone.trunk.layers) == 1
     _, held = load_splits(cfg)  # the scores measured right after training are the saved model's
     assert evaluate_pairs(standalone, held)["mean_margin"] == pytest.approx(metrics["eval_mean_margin"], abs=1e-5)
-    from reward.modeling import pad_right, pooled_through, trunk_and_head
+    from reward.modeling import pad_right, trunk_and_head
+    from reward.pooling import pooled_through
 
     prompts, responses = some_texts(3)  # the training loss's rewards (pooled through the model) are the scorer's
     ids, mask = pad_right(standalone.encode(prompts, responses)[0], standalone.tokenizer.pad_token_id)

@@ -73,11 +73,14 @@ class HookedActor(ActorCritic):
     def save_policy(self, out_dir: str | os.PathLike, base_name_or_path: str | None = None) -> None:
         """The policy's interventions as a hooked adapter folder at the top of ``out_dir`` (files replaced
         atomically); ``rlhf generate/eval --adapter`` load it like the SFT stage's."""
-        if base_name_or_path:
-            self.adapter.base_model_name_or_path = base_name_or_path
-
         def write(tmp: Path) -> Path:
-            self.adapter.save(tmp)
+            saved = self.adapter.base_model_name_or_path
+            if base_name_or_path:
+                self.adapter.base_model_name_or_path = base_name_or_path
+            try:
+                self.adapter.save(tmp)
+            finally:
+                self.adapter.base_model_name_or_path = saved
             return tmp
 
         replace_files(out_dir, write)

@@ -1,0 +1,143 @@
+"""How one scalar comes out of the reward model: the trunk's hidden states pooled per row, then the head::
+
+    h = trunk(ids, attention_mask, position_ids = cumsum(mask) - 1).last_hidden_state   # (B, T, H)
+    r = head(h[b, last attended position of row b])                    # pooling: last (the default)
+    r = head(h[b, last attended position] + mean over attended positions of h[b])   # pooling: last_mean
+
+The pooled position comes from the attention mask, not from ``input_ids != pad_token_id``:
+tokenizers whose pad token is their EOS (SmolLM2, the test tokenizer) would otherwise pool the
+token *before* EOS. ``transformers``' own ``*ForSequenceClassification.forward`` uses the latter
+rule, so always score through this module (or ``RewardScorer``). A reward model trained with
+``trunk_layers: N`` reads block ``N - 1`` (``stop``). The input layout: :mod:`reward.modeling`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+POOL_MODES = ("last", "last_mean")
+_DESCRIPTIONS = {
+    "last": "last attended token (attention_mask), position_ids = cumsum(mask) - 1",
+    "last_mean": "last attended token + mean over attended tokens (attention_mask), one head on their sum",
+}
+
+
+def pooling_description(mode: str) -> str:
+    """What ``reward_model.json`` says under ``pooling`` for a pooling mode."""
+    return _DESCRIPTIONS[mode]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended position of each row (right or left padding): (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only, so left padding does not shift them: (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last") -> torch.Tensor:
+    """Per-row pooling of per-position ``values`` (B, T, D) -> (B, D): the value at the last attended position
+    (``last``), or that plus the mean over attended positions (``last_mean``: the mean lets a linear head
+    weigh evidence anywhere in the sequence, the last position keeps what only the end shows)."""
+    mask = attention_mask.to(values.device)
+    rows = torch.arange(values.shape[0], device=values.device)
+    last = values[rows, last_token_index(mask)]
+    if mode == "last":
+        return last
+    if mode != "last_mean":
+        raise ValueError(f"unknown pooling {mode!r}; expected one of {POOL_MODES}")
+    weights = mask.to(values.dtype).unsqueeze(-1)  # (B, T, 1)
+    return last + (values * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def pooled_hidden(
+    trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
+) -> torch.Tensor:
+    """The trunk's last hidden state pooled over each row (:func:`pool`, ``mode``): (B, T) -> (B, H).
+
+    ``lower = (h, k)``: ``h`` (B, T, H) is already the input of block ``k`` (the caller guarantees the
+    active adapters leave blocks below ``k`` untouched); only blocks ``k`` and up are run.
+    ``stop = n``: the blocks from ``n`` up are not run; the final norm is applied to block ``n - 1``'s output
+    (a reward model trained with ``trunk_layers: n`` on a trunk that has more blocks).
+    """
+    from rlhf.models import block_range
+
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    start, stop = (lower[1] if lower is not None else 0), (stop or len(trunk.layers))
+    if start == 0 and stop == len(trunk.layers):
+        out = trunk(input_ids=input_ids, **kwargs)
+    else:
+        inputs = {"inputs_embeds": lower[0]} if lower is not None else {"input_ids": input_ids}
+        with block_range(trunk, start, stop, final_norm=True):
+            out = trunk(**inputs, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+    return pool(hidden, attention_mask, mode)  # (B, H)
+
+
+def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The input of block ``blocks`` (the output of the blocks below it): (B, T) -> (B, T, H)."""
+    from rlhf.models import block_range
+
+    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    with block_range(trunk, 0, blocks):
+        out = trunk(input_ids=input_ids, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """``head(pooled)`` in the head's dtype, one float32 scalar per row: (B, H) -> (B,)."""
+    return head(pooled.to(_param_dtype(head, pooled.dtype))).squeeze(-1).float()
+
+
+def pooled_rewards(
+    trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
+) -> torch.Tensor:
+    """One scalar per row: ``head(pooled trunk output)``; (B, T) -> (B,) float32.
+
+    ``lower``, ``stop``, ``mode``: see :func:`pooled_hidden`.
+    """
+    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower, stop, mode))
+
+
+def pooled_through(
+    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled features (B, H), rewards (B,) float32) from one call of ``model`` itself: (B, T) -> ...
+
+    ``model`` is the sequence-classification model as a trainer holds it (inside a DDP, FSDP or DeepSpeed
+    wrapper too), so the wrapper sees the forward pass and synchronises the gradients. ``head`` is its
+    ``score`` module; its input ``h`` (B, T, H) and output (B, T, 1) are pooled over each row by :func:`pool`
+    (``mode``), so the values are those of :func:`pooled_hidden` / :func:`pooled_rewards` (the wrapper's own
+    pooled ``logits``, at the last non-pad token, are not used).
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, output):
+        seen["hidden"], seen["scores"] = args[0], output  # (B, T, H), (B, T, 1)
+
+    handle = head.register_forward_hook(keep)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
+    finally:
+        handle.remove()
+    pooled = pool(seen["hidden"], attention_mask, mode)
+    rewards = pool(seen["scores"], attention_mask, mode).squeeze(-1).float()  # the head is linear: head(pool(h))
+    from reward.modeling import head_linear
+
+    bias = head_linear(head).bias
+    if mode == "last_mean" and bias is not None:  # ... up to its bias, counted once per pooled term
+        rewards = rewards - bias.float()
+    return pooled, rewards
+
+
+def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return default
