@@ -32,7 +32,7 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from feedback_ui.store import Assignment, Comparison, User, utcnow
+from feedback_ui.store import Assignment, Comparison, User, transaction_memo, utcnow
 
 CANDIDATE_WINDOW = 16  # comparison ids fetched per attempt; the conditional UPDATE settles races
 DEFAULT_ASSIGNMENT_TTL = timedelta(minutes=30)  # an open assignment untouched this long is abandoned
@@ -43,11 +43,14 @@ def lock_labeler(session: Session, user_id: int) -> bool:
     on SQLite the store's write lock already serialises writers). Taken first, before any assignment row.
 
     Returns whether the account is disabled, read under the lock: a request that checked the account
-    before an admin disabled it (and re-queued its work) sees it here."""
-    disabled_at = session.scalar(
-        sa.select(User.disabled_at).where(User.id == user_id).with_for_update(key_share=True)
-    )
-    return disabled_at is not None
+    before an admin disabled it (and re-queued its work) sees it here. A second call in the same transaction
+    (a vote, then the next task) answers from a memo without another statement."""
+    held = transaction_memo(session).setdefault("labeler_locks", {})  # {user id: disabled}
+    if user_id not in held:  # the row stays locked until the transaction ends: what was read under it holds
+        held[user_id] = session.scalar(
+            sa.select(User.disabled_at).where(User.id == user_id).with_for_update(key_share=True)
+        ) is not None
+    return held[user_id]
 
 
 def _seen_by(user_id: int):
@@ -212,13 +215,11 @@ def expire_abandoned(session: Session, cutoff: datetime) -> int:
 
 def progress(session: Session, user_id: int) -> tuple[int, int]:
     """(done, total) for the labeler: total = done + open + regular comparisons still available to them."""
-    counts = dict(
-        session.execute(
-            sa.select(Assignment.status, sa.func.count())
-            .where(Assignment.user_id == user_id)
-            .group_by(Assignment.status)
-        ).all()
-    )
-    available = session.scalar(_available(user_id, sa.func.count()))
-    done = counts.get("done", 0)
-    return done, done + counts.get("open", 0) + (available or 0)
+    def mine(status: str):
+        return (sa.select(sa.func.count()).select_from(Assignment)
+                .where(Assignment.user_id == user_id, Assignment.status == status).scalar_subquery())  # fmt: skip
+
+    done, open_, available = session.execute(
+        sa.select(mine("done"), mine("open"), _available(user_id, sa.func.count()).scalar_subquery())
+    ).one()  # one statement
+    return done, done + open_ + available

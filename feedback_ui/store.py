@@ -353,6 +353,19 @@ def make_engine(url: str) -> sa.Engine:
         raise UserError(f"cannot open {url.split('://')[0]} database: driver {exc.name} is not installed") from None
 
 
+def transaction_memo(session: Session) -> dict:
+    """A dict for what stays true until the session's transaction ends (e.g. rows it locked); a :class:`Store`
+    session empties it when a transaction ends."""
+    return session.info.setdefault(_MEMO, {})
+
+
+_MEMO = "transaction_memo"
+
+
+def _forget_transaction_memo(session: Session, _transaction) -> None:
+    session.info.pop(_MEMO, None)
+
+
 class Store:
     """An open database: ``read()`` and ``write()`` give sessions; ``write()`` commits on success."""
 
@@ -366,6 +379,7 @@ class Store:
         self.is_sqlite = self.url.startswith("sqlite")
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "after_transaction_end", _forget_transaction_memo)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:

@@ -75,12 +75,15 @@ def _view(s, a: Optional[Assignment], user_id: int) -> dict:
     done, total = progress(s, user_id)
     if a is None:
         return {**EMPTY_TASK, "done": done, "total": total}
-    c = s.get(Comparison, a.comparison_id)
+    kind, prompt = s.execute(
+        sa.select(Comparison.kind, Prompt.text).join(Prompt, Prompt.id == Comparison.prompt_id)
+        .where(Comparison.id == a.comparison_id)
+    ).one()  # fmt: skip
     texts = dict(s.execute(sa.select(Response.id, Response.text).where(Response.id.in_(a.order))).all())
     return {
         "token": a.token,
-        "kind": c.kind,
-        "prompt": s.get(Prompt, c.prompt_id).text,
+        "kind": kind,
+        "prompt": prompt,
         "responses": [texts[i] for i in a.order],
         "done": done,
         "total": total,
