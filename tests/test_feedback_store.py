@@ -9,9 +9,10 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from feedback_ui import tasks
-from feedback_ui.assign import next_task, progress, skip_task
+from feedback_ui.assign import lock_labeler, next_task, progress, skip_task
 from feedback_ui.auth import add_user, check_login, hash_password, verify_password
-from feedback_ui.store import Assignment, Comparison, Response, SchemaVersion, User, Vote, init_db, open_store
+from feedback_ui.store import (Assignment, Comparison, Response, SchemaVersion, User, Vote, init_db, open_store,
+                               utcnow)  # fmt: skip
 from feedback_ui.testing import PASSWORD, make_project
 from feedback_ui.voting import VoteError, record_vote
 from rlhf.errors import UserError
@@ -214,6 +215,22 @@ def test_open_task_is_served_again_and_skip_frees_the_slot(db_url):
         assert not skip_task(s, ann, first.token)
         assert next_task(s, ann) is None  # skipped: never again for ann
         assert next_task(s, bob) is not None  # the slot went back to the pool
+
+
+def test_the_labeler_lock_is_read_once_per_transaction(db_url):
+    """A vote and its next task lock the labeler's row once; what was read under the lock is forgotten at commit."""
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=1)
+    ann = uid(store, "ann")
+    with store.write() as s:
+        assert lock_labeler(s, ann) is False
+        statements = []
+        sa.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        assert lock_labeler(s, ann) is False  # the row is still held: no second statement
+        assert statements == []
+        s.execute(sa.update(User).where(User.id == ann).values(disabled_at=utcnow()))
+        s.commit()  # the lock is released here
+        assert lock_labeler(s, ann) is True  # read again under a new lock
+        assert sum(q.lstrip().startswith("SELECT users.disabled_at") for q in statements) == 1
 
 
 def test_sides_are_randomised_and_recorded(db_url):
