@@ -50,7 +50,8 @@ def _database_errors(func):
 
     @functools.wraps(func)
     def run(args) -> None:
-        from feedback_ui.store import database_errors, normalize_url
+        from feedback_ui.db_errors import database_errors
+        from feedback_ui.db_url import normalize_url
 
         with database_errors(normalize_url(args.db)):
             func(args)
@@ -176,7 +177,8 @@ def cmd_user_disable(args) -> None:
 def cmd_candidates(args) -> None:
     from feedback_ui.candidates import run_label_candidates
     from feedback_ui.config import LabelCandidatesConfig
-    from feedback_ui.store import database_errors, normalize_url
+    from feedback_ui.db_errors import database_errors
+    from feedback_ui.db_url import normalize_url
 
     cfg = config_from_namespace(LabelCandidatesConfig, args)
     with database_errors(normalize_url(cfg.db)):

@@ -25,7 +25,8 @@ from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
 from feedback_ui.gate import Gate, user_of
 from feedback_ui.pages import SHORTCUTS_HEAD
 from feedback_ui.sessions import SessionPolicy
-from feedback_ui.store import Store, open_store, shown_url
+from feedback_ui.db_url import shown_url
+from feedback_ui.store import Store, open_store
 from feedback_ui.throttle import ThrottlePolicy
 
 AUTH_MESSAGE = "Log in with the account your project admin created."

@@ -13,7 +13,6 @@ same code is safe without the lock.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import threading
 from datetime import datetime, timezone
@@ -24,9 +23,13 @@ import sqlalchemy as sa
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from feedback_ui.db_errors import database_errors
+from feedback_ui.db_url import (MARKER_TABLE, check_sqlite_file, foreign_database, normalize_url, shown_url,
+                                sqlite_path)  # fmt: skip
 from rlhf.errors import UserError
 
 SCHEMA_VERSION = 3  # 2: users.disabled_at, login_sessions, login_failures; 3: votes.voided_at
+PG_CONNECT_TIMEOUT_S = 10
 
 
 # helper functions
@@ -41,155 +44,6 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
-PG_CONNECT_TIMEOUT_S = 10
-
-
-def _postgres_driver() -> str:
-    """``postgresql+psycopg`` when only psycopg 3 is installed (SQLAlchemy's bare ``postgresql`` means psycopg2)."""
-    import importlib.util
-
-    if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
-        return "postgresql+psycopg"
-    return "postgresql"
-
-
-def normalize_url(db: str) -> str:
-    """A file path or database URL -> a SQLAlchemy URL (file paths become absolute ``sqlite:///``)."""
-    if not db or not db.strip():
-        raise UserError("no database given (set --db to a file path or a database URL)")
-    if "://" in db:
-        scheme, _, rest = db.partition("://")
-        if scheme in ("postgres", "postgresql") or scheme.startswith("postgresql+"):
-            url = f"{_postgres_driver()}://{rest}" if "+" not in scheme else db
-            try:
-                sa.engine.make_url(url).port  # noqa: B018 - parses host and port
-            except (sa.exc.ArgumentError, ValueError):  # the message could quote a password
-                raise UserError(f"invalid {scheme} URL: cannot parse user, host, port and database from it") from None
-            return url
-        if scheme != "sqlite" or not rest.startswith("/") or rest == "/":
-            raise UserError(f"unsupported database URL '{db}': use a file path, sqlite:///FILE or postgresql://...")
-        db = rest[1:]  # sqlite:///relative or sqlite:////absolute
-    path = Path(db).expanduser().resolve()
-    if not path.parent.is_dir():
-        raise UserError(f"folder of database file {path} does not exist")
-    return f"sqlite:///{path}"
-
-
-def shown_url(url: str) -> str:
-    """``url`` with any password masked, for messages."""
-    return sa.engine.make_url(url).render_as_string(hide_password=True)
-
-
-def sqlite_path(url: str) -> Optional[Path]:
-    """The database file of a ``sqlite:///`` URL (None for other databases)."""
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
-
-
-def _foreign(path_or_url, tables) -> UserError:
-    shown = ", ".join(sorted(tables)[:5])
-    return UserError(f"{path_or_url} is a SQLite database of something else (tables: {shown}); left untouched")
-
-
-def check_sqlite_file(path: Path, create: bool) -> None:
-    """Refuse, before any connection that could change the file, a SQLite path that is not a labeling database.
-
-    Without ``create`` (every command but ``init``) the file must exist and not be empty. A file
-    that is not SQLite is refused and left untouched, and so is a SQLite database of something else
-    (tables, none of them ours) in rollback-journal mode, which opening it here would switch to WAL.
-    (A WAL-mode file keeps its mode when opened: it is checked once connected, in ``_stored_version``.)
-    """
-    import sqlite3
-
-    init = f"run 'rlhf label init --db {path}'"
-    if path.is_dir():
-        raise UserError(f"database {path} is a folder, not a database file")
-    if not path.exists():
-        if not create:
-            raise UserError(f"database file {path} does not exist (not initialised): {init}")
-        return
-    try:
-        with open(path, "rb") as f:
-            head = f.read(100)
-    except OSError as exc:
-        raise UserError(f"cannot read database file {path}: {exc.strerror}") from None
-    if not head:
-        if not create:
-            raise UserError(f"database {path} is empty (not initialised): {init}")
-        return
-    if head[: len(SQLITE_MAGIC)] != SQLITE_MAGIC:
-        raise UserError(f"{path} is not a SQLite database (left untouched); give a database file or a new path")
-    if len(head) > 18 and head[18] == 2:  # WAL mode: a read-only look would leave -wal/-shm files behind
-        return
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as con:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error as exc:
-        raise UserError(f"cannot read SQLite database {path}: {exc}") from None
-    if tables and SchemaVersion.__tablename__ not in tables:
-        raise _foreign(path, tables)
-    if not tables and not create:
-        raise UserError(f"database {path} is not initialised: {init}")
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip()
-    return text.splitlines()[0] if text else type(orig).__name__
-
-
-@contextlib.contextmanager
-def database_errors(url: str) -> Iterator[None]:
-    """Turn a database failure (unreachable server, refused login, broken file) into one UserError line."""
-    try:
-        yield
-    except sa.exc.SQLAlchemyError as exc:
-        raise UserError(f"database {shown_url(url)}: {_first_line(exc)}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Violation:
-    """What an ``IntegrityError`` broke: ``kind`` (unique | foreign_key | not_null | check | other), the table
-    and, where the database says, the column(s) or constraint."""
-
-    kind: str
-    table: Optional[str] = None
-    detail: Optional[str] = None
-
-    def describe(self) -> str:
-        what = {"unique": "a row that already exists", "foreign_key": "a foreign-key violation (a row it refers "
-                "to does not exist)", "not_null": "a required value missing", "check": "a check-constraint "
-                "violation"}.get(self.kind, "an integrity error")  # fmt: skip
-        where = ".".join(x for x in (self.table, self.detail) if x)
-        return f"{what}{f' ({where})' if where else ''}"
-
-
-_PG_STATES = {"23505": "unique", "23503": "foreign_key", "23502": "not_null", "23514": "check"}
-_SQLITE_NAMES = {"UNIQUE": "unique", "PRIMARYKEY": "unique", "FOREIGNKEY": "foreign_key", "NOTNULL": "not_null",
-                 "CHECK": "check"}  # fmt: skip
-
-
-def integrity_violation(exc: BaseException) -> Violation:
-    """Tell integrity errors apart on PostgreSQL (SQLSTATE + diagnostics) and SQLite (extended error code)."""
-    orig = getattr(exc, "orig", None) or exc
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if state:
-        diag = getattr(orig, "diag", None)
-        table = getattr(diag, "table_name", None)
-        detail = getattr(diag, "column_name", None) or getattr(diag, "constraint_name", None)
-        return Violation(_PG_STATES.get(state, "other"), table, detail)
-    name = getattr(orig, "sqlite_errorname", "") or ""  # e.g. SQLITE_CONSTRAINT_UNIQUE
-    kind = _SQLITE_NAMES.get(name.removeprefix("SQLITE_CONSTRAINT_"), "other")
-    text = str(orig)
-    if kind == "other":  # an older sqlite3 module without error names: its message says it
-        kind = next((k for word, k in (("UNIQUE", "unique"), ("FOREIGN KEY", "foreign_key"),
-                                       ("NOT NULL", "not_null"), ("CHECK", "check")) if word in text), "other")  # fmt: skip
-    named = [c.partition(".") for c in text.partition("constraint failed: ")[2].strip().split(", ") if "." in c]
-    if not named:  # SQLite names no table for a foreign key
-        return Violation(kind)
-    return Violation(kind, named[0][0], ", ".join(column for _, _, column in named))
-
-
 # schema
 
 
@@ -198,7 +52,7 @@ class Base(DeclarativeBase):
 
 
 class SchemaVersion(Base):
-    __tablename__ = "schema_version"
+    __tablename__ = MARKER_TABLE
     version: Mapped[int] = mapped_column(primary_key=True)
 
 
@@ -412,7 +266,7 @@ def _stored_version(store: Store) -> Optional[int]:
     tables = set(sa.inspect(store.engine).get_table_names())
     if SchemaVersion.__tablename__ not in tables:
         if tables and store.is_sqlite:
-            raise _foreign(sqlite_path(store.url), tables)
+            raise foreign_database(sqlite_path(store.url), tables)
         return None
     with store.read() as s:
         return s.scalar(sa.select(sa.func.max(SchemaVersion.version)))

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from feedback_ui.assign import expire_abandoned, has_abandoned, lock_labeler, next_task, progress, skip_task
-from feedback_ui.store import (Assignment, Comparison, Prompt, Response, Store, User, Vote, get_setting,
-                               integrity_violation, utcnow)  # fmt: skip
+from feedback_ui.db_errors import integrity_violation
+from feedback_ui.store import Assignment, Comparison, Prompt, Response, Store, User, Vote, get_setting, utcnow
 from feedback_ui.voting import TaskExpired, record_vote
 from rlhf.errors import UserError
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from reward.modeling import encode_for_reward
-from rlhf.pairs import PreferencePair, load_pairs  # noqa: F401  (load_pairs: one loader for rlhf reward and dpo)
+from rlhf.pairs import PreferencePair
 
 
 def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> dict[str, list]:

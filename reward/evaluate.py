@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from reward.pairs_format import PreferencePair
+from rlhf.pairs import PreferencePair
 from rlhf.config import Literal, Optional, field, require
 from rlhf.outputs import check_output_file, write_json
 
@@ -107,7 +107,7 @@ def format_summary(metrics: dict) -> str:
 
 def run_reward_evaluate(cfg: RewardEvalConfig) -> dict:
     """Score every pair of ``cfg.dataset_name`` with ``cfg.reward_model``; print and optionally write the metrics."""
-    from reward.data import load_pairs
+    from rlhf.pairs import load_pairs
     from reward.scorer import RewardScorer
 
     if cfg.out:

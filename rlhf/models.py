@@ -25,7 +25,7 @@ from torch import nn
 
 from rlhf.bottleneck import BottleneckAdapter
 from rlhf.errors import ConfigError, UserError
-from rlhf.hooked import HookedAdapter, decoder_layers  # noqa: F401  (decoder_layers: re-exported)
+from rlhf.hooked import HookedAdapter
 from rlhf.outputs import read_json
 from rlhf.reft import LoReFT
 

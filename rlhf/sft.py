@@ -79,7 +79,7 @@ class SFTStageConfig(TrainingConfig):
 
 def freeze_lower_layers(model: nn.Module, n_trainable: int) -> None:
     """Train only the top ``n_trainable`` blocks, the final norm and the output head."""
-    from rlhf.models import decoder_layers
+    from rlhf.hooked import decoder_layers
 
     prefix, layers = decoder_layers(model)
     if n_trainable > len(layers):
@@ -115,7 +115,8 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
 
     from rlhf.bottleneck import attach_bottleneck
     from rlhf.budget import stage_callbacks
-    from rlhf.models import decoder_layers, load_base_model, load_tokenizer, pick_device, pick_dtype
+    from rlhf.hooked import decoder_layers
+    from rlhf.models import load_base_model, load_tokenizer, pick_device, pick_dtype
     from rlhf.reft import attach_reft
 
     dataset = load_sft_dataset(cfg.dataset_name)

@@ -11,7 +11,7 @@ import yaml
 
 from rlhf.cli import main
 from rlhf.config import build_config
-from rlhf.dpo import POLICY, REFERENCE, DPOStageConfig, build_trainer, run_dpo, save_policy
+from rlhf.dpo import POLICY, REFERENCE, DPOStageConfig, build_trainer, save_policy
 from rlhf.pairs import load_splits
 from rlhf.testing import write_jsonl
 

@@ -211,7 +211,7 @@ def test_export_loads_in_trl_reward_trainer(voted, tiny_model_dir):
     import trl
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from reward.data import load_pairs
+    from rlhf.pairs import load_pairs
 
     store, tmp = voted
     export_preferences(store, str(tmp / "prefs.jsonl"), aggregation="all")

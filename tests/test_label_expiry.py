@@ -11,7 +11,8 @@ from test_feedback_store import count, run_in_threads, uid
 
 from feedback_ui import tasks
 from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL, expire_abandoned, has_abandoned, next_task
-from feedback_ui.store import Assignment, Comparison, Response, Vote, integrity_violation, utcnow
+from feedback_ui.db_errors import integrity_violation
+from feedback_ui.store import Assignment, Comparison, Response, Vote, utcnow
 from feedback_ui.testing import make_project
 from feedback_ui.voting import EXPIRED_MESSAGE
 

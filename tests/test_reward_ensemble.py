@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reward import RewardScorer
-from reward.data import load_pairs
+from rlhf.pairs import load_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import length_disentangle_loss, orthogonality_loss, pearson_t
 from reward.modeling import ENSEMBLE_FILE, LENGTH_HEAD_FILE, METADATA_FILE, read_metadata

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reward import RewardScorer
-from reward.data import load_pairs
+from rlhf.pairs import load_pairs
 from reward.evaluate import evaluate_pairs
 from reward.modeling import build_reward_model, read_metadata
 from reward.member import build_trainer

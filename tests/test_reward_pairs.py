@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from reward.data import load_pairs
-from reward.pairs_format import PreferencePair, detect_layout, normalize_rows, parse_dialogue, split_by_prompt
+from rlhf.pairs import PreferencePair, detect_layout, load_pairs, normalize_rows, parse_dialogue, split_by_prompt
 from rlhf.errors import DataError
 from rlhf.testing import write_jsonl
 

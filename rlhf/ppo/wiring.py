@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from rlhf.errors import ConfigError, UserError
+from rlhf.hooked import decoder_layers
 from rlhf.models import (
     check_adapter,
-    decoder_layers,
     hooked_adapter_type,
     load_base_model,
     load_tokenizer,

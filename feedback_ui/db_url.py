@@ -1,0 +1,101 @@
+"""Where the labeling database is: file paths and URLs, and the checks made before a SQLite file is opened."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import sqlalchemy as sa
+
+from rlhf.errors import UserError
+
+MARKER_TABLE = "schema_version"  # a labeling database has this table (feedback_ui.store.SchemaVersion)
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def _postgres_driver() -> str:
+    """``postgresql+psycopg`` when only psycopg 3 is installed (SQLAlchemy's bare ``postgresql`` means psycopg2)."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg"
+    return "postgresql"
+
+
+def normalize_url(db: str) -> str:
+    """A file path or database URL -> a SQLAlchemy URL (file paths become absolute ``sqlite:///``)."""
+    if not db or not db.strip():
+        raise UserError("no database given (set --db to a file path or a database URL)")
+    if "://" in db:
+        scheme, _, rest = db.partition("://")
+        if scheme in ("postgres", "postgresql") or scheme.startswith("postgresql+"):
+            url = f"{_postgres_driver()}://{rest}" if "+" not in scheme else db
+            try:
+                sa.engine.make_url(url).port  # noqa: B018 - parses host and port
+            except (sa.exc.ArgumentError, ValueError):  # the message could quote a password
+                raise UserError(f"invalid {scheme} URL: cannot parse user, host, port and database from it") from None
+            return url
+        if scheme != "sqlite" or not rest.startswith("/") or rest == "/":
+            raise UserError(f"unsupported database URL '{db}': use a file path, sqlite:///FILE or postgresql://...")
+        db = rest[1:]  # sqlite:///relative or sqlite:////absolute
+    path = Path(db).expanduser().resolve()
+    if not path.parent.is_dir():
+        raise UserError(f"folder of database file {path} does not exist")
+    return f"sqlite:///{path}"
+
+
+def shown_url(url: str) -> str:
+    """``url`` with any password masked, for messages."""
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def sqlite_path(url: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` URL (None for other databases)."""
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def foreign_database(path_or_url, tables) -> UserError:
+    shown = ", ".join(sorted(tables)[:5])
+    return UserError(f"{path_or_url} is a SQLite database of something else (tables: {shown}); left untouched")
+
+
+def check_sqlite_file(path: Path, create: bool) -> None:
+    """Refuse, before any connection that could change the file, a SQLite path that is not a labeling database.
+
+    Without ``create`` (every command but ``init``) the file must exist and not be empty. A file
+    that is not SQLite is refused and left untouched, and so is a SQLite database of something else
+    (tables, none of them ours) in rollback-journal mode, which opening it here would switch to WAL.
+    (A WAL-mode file keeps its mode when opened: it is checked once connected, in ``_stored_version``.)
+    """
+    import sqlite3
+
+    init = f"run 'rlhf label init --db {path}'"
+    if path.is_dir():
+        raise UserError(f"database {path} is a folder, not a database file")
+    if not path.exists():
+        if not create:
+            raise UserError(f"database file {path} does not exist (not initialised): {init}")
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError as exc:
+        raise UserError(f"cannot read database file {path}: {exc.strerror}") from None
+    if not head:
+        if not create:
+            raise UserError(f"database {path} is empty (not initialised): {init}")
+        return
+    if head[: len(SQLITE_MAGIC)] != SQLITE_MAGIC:
+        raise UserError(f"{path} is not a SQLite database (left untouched); give a database file or a new path")
+    if len(head) > 18 and head[18] == 2:  # WAL mode: a read-only look would leave -wal/-shm files behind
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise UserError(f"cannot read SQLite database {path}: {exc}") from None
+    if tables and MARKER_TABLE not in tables:
+        raise foreign_database(path, tables)
+    if not tables and not create:
+        raise UserError(f"database {path} is not initialised: {init}")
