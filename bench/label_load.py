@@ -178,17 +178,29 @@ def bench_database(backend: str, name: str):
         cluster.stop()
 
 
-def _stored_keys_and_integrity(db: str) -> tuple[list[str], str]:
+@contextmanager
+def _connection(db: str):
+    """A connection to the benchmark's database (SQLite file or PostgreSQL URL, autocommit)."""
     if not db.startswith("postgresql"):
         con = sqlite3.connect(db)
-        keys = [k for (k,) in con.execute("SELECT idempotency_key FROM votes")]
-        integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
-        con.close()
-        return keys, integrity
+        try:
+            yield con
+        finally:
+            con.close()
+        return
     import psycopg
 
     with psycopg.connect(db, autocommit=True) as con:
+        yield con
+
+
+def _stored_keys_and_integrity(db: str) -> tuple[list[str], str]:
+    with _connection(db) as con:
         keys = [k for (k,) in con.execute("SELECT idempotency_key FROM votes")]
+        if not db.startswith("postgresql"):
+            return keys, con.execute("PRAGMA integrity_check").fetchone()[0]
+        import psycopg
+
         con.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
         indexes = con.execute(
             "SELECT c.relname, c.oid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
@@ -207,15 +219,7 @@ def _assignment_counts(db: str, overlap: int) -> tuple[int, int]:
     twice = ("SELECT COUNT(*) FROM (SELECT comparison_id, user_id FROM assignments GROUP BY comparison_id, user_id "
              "HAVING COUNT(*) > 1) t")
     over = f"SELECT COUNT(*) FROM (SELECT comparison_id FROM votes GROUP BY comparison_id HAVING COUNT(*) > {int(overlap)}) t"
-    if not db.startswith("postgresql"):
-        con = sqlite3.connect(db)
-        try:
-            return con.execute(twice).fetchone()[0], con.execute(over).fetchone()[0]
-        finally:
-            con.close()
-    import psycopg
-
-    with psycopg.connect(db, autocommit=True) as con:
+    with _connection(db) as con:
         return con.execute(twice).fetchone()[0], con.execute(over).fetchone()[0]
 
 

@@ -28,23 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(backend: str, labelers: int, pairs: int, votes: int, warmup: int = 64) -> dict:
     """Per-vote CPU and wall milliseconds of ``tasks.answer`` with the ``feedback_ui`` importable now."""
-    import tempfile
-
     from feedback_ui.tasks import answer, serve
     from feedback_ui.testing import make_project
+    from label_load import bench_database  # after feedback_ui: it puts this checkout first on sys.path
 
-    cluster = None
-    if backend == "postgresql":
-        from feedback_ui.pg_cluster import PostgresCluster, find_postgres_bin
-
-        bindir = find_postgres_bin()
-        if bindir is None:
-            raise SystemExit("error: PostgreSQL server binaries not found (apt-get install -y postgresql)")
-        cluster = PostgresCluster(bindir, durable=True).start()
-        db = cluster.new_database()
-    else:
-        db = str(Path(tempfile.mkdtemp(prefix="vote_handler_")) / "labels.db")
-    try:
+    with bench_database(backend, "vote_handler") as (db, _):
         names = [f"labeler{i:02d}" for i in range(labelers)]
         store = make_project(db, {n: "labeler" for n in names}, n_pairs=pairs, overlap=2)
         ttl = timedelta(minutes=30)
@@ -62,9 +50,6 @@ def measure(backend: str, labelers: int, pairs: int, votes: int, warmup: int = 6
         run(votes)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         store.close()
-    finally:
-        if cluster is not None:
-            cluster.stop()
     return {"app_cpu_ms_per_vote": round(1000 * cpu / votes, 2), "wall_ms_per_vote": round(1000 * wall / votes, 2)}
 
 

@@ -6,9 +6,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from rlhf.pairs import PreferencePair
 from rlhf.config import Literal, Optional, field, require
 from rlhf.outputs import check_output_file, write_json
+from rlhf.pairs import PreferencePair
 
 
 @dataclasses.dataclass
@@ -107,8 +107,8 @@ def format_summary(metrics: dict) -> str:
 
 def run_reward_evaluate(cfg: RewardEvalConfig) -> dict:
     """Score every pair of ``cfg.dataset_name`` with ``cfg.reward_model``; print and optionally write the metrics."""
-    from rlhf.pairs import load_pairs
     from reward.scorer import RewardScorer
+    from rlhf.pairs import load_pairs
 
     if cfg.out:
         check_output_file(cfg.out, "out")  # before any scoring

@@ -4,7 +4,7 @@ TRL computes rewards with ``model(**inputs).logits``; ``transformers``' sequence
 head pools the last token that is not ``pad_token_id``. With pad = EOS (SmolLM2) that is the
 token before the EOS we append, while PPO and :class:`~reward.scorer.RewardScorer` score the EOS
 position. This subclass replaces only the reward computation: rewards come from
-:func:`reward.pooling.pooled_rewards` (last attended token) and the loss from
+:func:`reward.pooling.pooled_rewards` (with the config's ``pooling``) and the loss from
 :func:`reward.losses.bradley_terry_loss`; data preparation, collation, optimisation and TRL's
 logged metrics (accuracy, margin, min/mean/max reward, tokens) are TRL's.
 

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from reward import RewardScorer
-from rlhf.pairs import load_pairs
 from reward.evaluate import evaluate_pairs, score_pairs
 from reward.losses import length_disentangle_loss, orthogonality_loss, pearson_t
 from reward.modeling import ENSEMBLE_FILE, LENGTH_HEAD_FILE, METADATA_FILE, read_metadata
 from reward.member import bootstrap_pairs
 from reward.train import RewardStageConfig, run_reward
-from rlhf.pairs import load_splits
 from rlhf.errors import ConfigError
+from rlhf.pairs import load_pairs, load_splits
 from rlhf.ppo.aggregate import aggregate_rewards, aggregate_stats, aggregate_table, ensemble_moments
 from rlhf.ppo.scorers import ScoreInput, TextScorer, TokenScorer
 from rlhf.testing import write_jsonl

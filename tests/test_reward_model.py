@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from reward import RewardScorer
-from rlhf.pairs import load_pairs
 from reward.evaluate import evaluate_pairs
 from reward.modeling import build_reward_model, read_metadata
 from reward.member import build_trainer
 from reward.train import RewardStageConfig, run_reward
-from rlhf.pairs import load_splits
 from rlhf.errors import ConfigError, UserError
+from rlhf.pairs import load_pairs, load_splits
 from rlhf.testing import write_jsonl
 
 WORDS = ["sun", "tree", "river", "cloud", "stone", "bird", "road", "city", "rain", "light"]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from rlhf.pairs import PreferencePair, detect_layout, load_pairs, normalize_rows, parse_dialogue, split_by_prompt
 from rlhf.errors import DataError
+from rlhf.pairs import PreferencePair, detect_layout, load_pairs, normalize_rows, parse_dialogue, split_by_prompt
 from rlhf.testing import write_jsonl
 
 Q1, Q2 = "What is the capital of France?", "Name a primary colour."
