@@ -1,4 +1,4 @@
-"""Token-by-token sampling speed on the embedded model, with and without ``rlhf.models.sampling_weights``.
+"""Token-by-token sampling speed on the embedded model, with and without ``rlhf.packed_weights.sampling_weights``.
 
     python bench/sampling_bench.py [--batch 8] [--new_tokens 48] [--repeats 3] [--out FILE]
 
@@ -29,7 +29,8 @@ import torch
 from torch.profiler import profile
 
 from rlhf.generation import encode_prompts
-from rlhf.models import _packed_linear_ops, load_base_model, load_tokenizer, resolve_model_path, sampling_weights
+from rlhf.models import load_base_model, load_tokenizer, resolve_model_path
+from rlhf.packed_weights import _packed_linear_ops, sampling_weights
 
 PROMPTS = ["Explain why the sky is blue.", "Name three fruits.", "What is 2+2?", "Write a haiku about rain.",
            "How do magnets work?", "Give a tip for studying.", "What is a verb?", "Describe a cat."]

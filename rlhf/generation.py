@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.data import to_messages
-from rlhf.models import sampling_weights
+from rlhf.packed_weights import sampling_weights
 from rlhf.ppo.losses import logprobs_from_logits
 
 

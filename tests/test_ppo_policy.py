@@ -172,7 +172,7 @@ def test_merged_policy_generates_like_the_adapter_and_restores_the_base(tiny_mod
     """merge_for_generation: same greedy tokens and logits; the base tensors come back untouched."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf.models import merged_adapter
+    from rlhf.packed_weights import merged_adapter
 
     actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=None,
                                lora=lora_config(4, 8, 0.0, ["all-linear"]))
@@ -213,7 +213,7 @@ def test_merged_adapter_leaves_tied_weights_alone():
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import merged_adapter
+    from rlhf.packed_weights import merged_adapter
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -238,7 +238,7 @@ def test_sampling_weights_compute_like_the_model_and_are_undone():
     """Sampling's prepacked fp32 linears: same logits (float rounding), grad refused, all undone after."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import _packed_linear_ops, sampling_weights
+    from rlhf.packed_weights import _packed_linear_ops, sampling_weights
 
     if _packed_linear_ops() is None:
         pytest.skip("this torch build has no oneDNN prepacked linear: sampling_weights only folds")
@@ -270,7 +270,7 @@ def test_sampling_weights_fold_the_policy_without_touching_the_base(targets):
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import _packed_linear_ops, sampling_weights
+    from rlhf.packed_weights import _packed_linear_ops, sampling_weights
 
     if _packed_linear_ops() is None:
         pytest.skip("this torch build has no oneDNN prepacked linear")
@@ -310,7 +310,7 @@ def test_sampling_weights_leave_adapters_that_are_not_a_plain_fold_on(extra):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import merged_adapter, sampling_weights
+    from rlhf.packed_weights import merged_adapter, sampling_weights
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -337,7 +337,7 @@ def test_sampling_weights_leave_adapters_that_are_not_a_plain_fold_on(extra):
 def test_sampling_weights_do_not_nest_and_are_undone_after_an_error():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf.models import _packed_linear_ops, sampling_weights
+    from rlhf.packed_weights import _packed_linear_ops, sampling_weights
 
     if _packed_linear_ops() is None:
         pytest.skip("this torch build has no oneDNN prepacked linear")
@@ -353,11 +353,11 @@ def test_sampling_weights_do_not_nest_and_are_undone_after_an_error():
 
 
 def test_packed_op_probe_leaves_the_global_rng_alone():
-    import rlhf.models as models
+    import rlhf.packed_weights as packed_weights
 
-    models._PACKED_OPS = None                            # probe again
+    packed_weights._PACKED_OPS = None                    # probe again
     torch.manual_seed(123)
-    models._packed_linear_ops()
+    packed_weights._packed_linear_ops()
     after = torch.rand(3)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(3))

@@ -25,7 +25,7 @@ from torch import nn
 
 from rlhf.errors import UserError
 from rlhf.generation import plain_generation_config
-from rlhf.models import sampling_weights
+from rlhf.packed_weights import sampling_weights
 from rlhf.ppo.policy import POLICY, REFERENCE, ActorCritic, disable_dropout, replace_files
 
 

@@ -45,7 +45,8 @@ from torch import nn
 
 from rlhf.errors import UserError
 from rlhf.generation import plain_generation_config
-from rlhf.models import block_range, sampling_weights, untouched_blocks
+from rlhf.models import block_range, untouched_blocks
+from rlhf.packed_weights import sampling_weights
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
 
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
@@ -327,7 +328,7 @@ class ActorCritic:
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, generate_kwargs: dict, pad_token_id: int,
                  eos_token_id) -> Tensor:
-        """Sample responses (B, R) from the policy with the KV cache, on :func:`rlhf.models.sampling_weights`
+        """Sample responses (B, R) from the policy with the KV cache, on :func:`rlhf.packed_weights.sampling_weights`
         (prepacked weights on CPU; the policy LoRA folded in when ``merge_for_generation``).
 
         Log-probs are recomputed afterwards with the adapter unmerged and unpacked, so these changes
