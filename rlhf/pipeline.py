@@ -15,7 +15,6 @@ This module wires stages together and is, with ``rlhf.cli``, the only place in
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable
 from rlhf.config import Literal, Optional, build_config, config_to_dict, field, require
 from rlhf.errors import ConfigError
 from rlhf.outputs import write_json
+from rlhf.pipeline_summary import print_summary, stage_output, summarize
 
 STAGE_NAMES = ("sft", "candidates", "label", "prefs", "reward", "ppo", "dpo", "export", "eval")
 
@@ -312,7 +312,7 @@ def candidates_step(cfg: PipelineConfig) -> Step:
 
     def run():
         if previous is not None and stage.selection != "all":
-            first = _read_json(cfg.cfg.path("candidates.json"))  # round 1's
+            first = stage_output(cfg.cfg.path("candidates.json"))  # round 1's
             stage.label_budget = cfg.round_label_budget or first.get("new_comparisons")
             if not stage.label_budget:
                 raise ConfigError("round_label_budget is null and round 1 recorded no comparison count")
@@ -387,68 +387,6 @@ def prefs_step(cfg: PipelineConfig) -> Step:
               file=sys.stderr)
 
     return Step("prefs", lambda: cfg.path("prefs.jsonl").is_file(), run)
-
-
-# summary
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def summarize(cfg: PipelineConfig, rows: list[dict]) -> dict:
-    """The headline numbers, read from what the stages wrote (so skipped stages count too)."""
-    reward = _read_json(cfg.path("reward") / "metrics.json")
-    ppo = _read_json(cfg.path("ppo") / "metrics.json") if cfg.align == "ppo" else {}
-    dpo = _read_json(cfg.path("dpo") / "metrics.json") if cfg.align == "dpo" else {}
-    ev = _read_json(cfg.path("eval") / "eval.json")
-    return {
-        "stages": rows,
-        "total_seconds": round(sum(r["seconds"] for r in rows), 1),
-        "align": cfg.align,
-        "rm_heldout_accuracy": reward.get("eval_accuracy"),
-        "ppo_reward_first_steps": ppo.get("reward_first_steps"),
-        "ppo_reward_last_steps": ppo.get("reward_last_steps"),
-        "dpo_heldout_reward_accuracy": dpo.get("eval_rewards/accuracies"),
-        "dpo_heldout_reward_margin": dpo.get("eval_rewards/margins"),
-        "win_rate_vs_sft_rm": ev.get("reward_model", {}).get("win_rate"),
-        "win_rate_vs_sft_rule": ev.get("rule", {}).get("win_rate"),
-        "kl_to_sft": ev.get("kl_policy_to_baseline"),
-        "aligned_adapter": str(cfg.path("export")) if cfg.path("export").is_dir() else None,
-        "plots": ev.get("plots", []),
-    }
-
-
-def print_summary(summary: dict) -> None:
-    def fmt(v):
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["", "stage        status    seconds"]
-    lines += [f"{r['stage']:<12} {r['status']:<9} {r['seconds']:>7.1f}" for r in summary["stages"]]
-    lines += [f"{'total':<22} {summary['total_seconds']:>7.1f}", ""]
-    align_rows = [("PPO reward, first -> last steps", None)] if summary.get("align", "ppo") == "ppo" else [
-        ("DPO held-out reward accuracy", "dpo_heldout_reward_accuracy"),
-        ("DPO held-out reward margin", "dpo_heldout_reward_margin"),
-    ]
-    for label, key in [
-        ("reward model held-out accuracy", "rm_heldout_accuracy"),
-        *align_rows,
-        ("win rate vs SFT under the RM", "win_rate_vs_sft_rm"),
-        ("win rate vs SFT under the rule", "win_rate_vs_sft_rule"),
-        ("KL(aligned || SFT) per response", "kl_to_sft"),
-        ("aligned adapter", "aligned_adapter"),
-    ]:
-        value = (f"{fmt(summary['ppo_reward_first_steps'])} -> {fmt(summary['ppo_reward_last_steps'])}"
-                 if key is None else fmt(summary[key]))  # fmt: skip
-        lines.append(f"{label:<34} {value}")
-    for plot in summary["plots"]:
-        lines.append(f"{'plot':<34} {plot}")
-    if summary.get("rounds"):
-        lines += ["", "round  RM held-out acc  win vs SFT (rule)  win vs SFT (RM)  KL to SFT  seconds"]
-        lines += [f"{r['round']:<6} {fmt(r['rm_heldout_accuracy']):>15}  {fmt(r['win_rate_vs_sft_rule']):>17}  "
-                  f"{fmt(r['win_rate_vs_sft_rm']):>15}  {fmt(r['kl_to_sft']):>9}  {r['total_seconds']:>7.1f}"
-                  for r in summary["rounds"]]
-    print("\n".join(lines))
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
