@@ -33,7 +33,7 @@ def main() -> None:
 
     from rlhf.config import load_yaml
     from rlhf.ppo.config import PPOStageConfig
-    from rlhf.ppo.trainer import run_ppo
+    from rlhf.ppo.stage import run_ppo
 
     k = 1 if args.estimator == "gae" else args.samples_per_prompt
     values = load_yaml("configs/ppo.yaml")

@@ -160,7 +160,7 @@ def body_params(model_path: str) -> tuple[int, int, int]:
 def cmd_ours(args) -> dict:
     from rlhf.models import resolve_model_path
     from rlhf.ppo.config import PPOStageConfig
-    from rlhf.ppo.trainer import run_ppo
+    from rlhf.ppo.stage import run_ppo
 
     set_threads(args.threads)
     s = SETTINGS

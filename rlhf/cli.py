@@ -26,7 +26,7 @@ STAGES = {
     "generate": ("rlhf.generate:GenerateConfig", "rlhf.generate:run_generate",
                  "sample responses for a prompt file into JSONL"),
     "reward": ("reward.train:RewardStageConfig", "reward.train:run_reward", "train a reward model on preference pairs"),
-    "ppo": ("rlhf.ppo.config:PPOStageConfig", "rlhf.ppo.trainer:run_ppo",
+    "ppo": ("rlhf.ppo.config:PPOStageConfig", "rlhf.ppo.stage:run_ppo",
             "optimise the policy adapter against a reward model"),
     "dpo": ("rlhf.dpo:DPOStageConfig", "rlhf.dpo:run_dpo", "DPO of the SFT policy on preference pairs (TRL DPOTrainer)"),
     "export": ("rlhf.export:ExportConfig", "rlhf.export:run_export",

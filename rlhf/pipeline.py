@@ -225,7 +225,7 @@ def reward_step(cfg: PipelineConfig) -> Step:
 
 def ppo_step(cfg: PipelineConfig) -> Step:
     from rlhf.ppo.config import PPOStageConfig
-    from rlhf.ppo.trainer import run_ppo
+    from rlhf.ppo.stage import run_ppo
 
     out = cfg.path("ppo")
     derived = {

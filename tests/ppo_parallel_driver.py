@@ -21,7 +21,8 @@ import torch
 from rlhf import distributed
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.scorers import TokenCountScorer
-from rlhf.ppo.trainer import PPOTrainer, run_ppo
+from rlhf.ppo.stage import run_ppo
+from rlhf.ppo.trainer import PPOTrainer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 REWARDED = list(range(10, 42))

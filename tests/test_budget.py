@@ -47,7 +47,7 @@ def test_config_refuses_a_non_positive_budget():
 def test_ppo_stops_when_the_budget_is_used_and_saves_the_policy(tiny_model_dir, tmp_path):
     from rlhf.ppo.config import PPOStageConfig
     from rlhf.ppo.scorers import TokenCountScorer
-    from rlhf.ppo.trainer import run_ppo
+    from rlhf.ppo.stage import run_ppo
 
     cfg = PPOStageConfig(
         model_name_or_path=tiny_model_dir, output_dir=str(tmp_path / "run"), max_steps=50, rollout_batch_size=2,

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo.scorers import TokenCountScorer
-from rlhf.ppo.trainer import run_ppo
+from rlhf.ppo.stage import run_ppo
 from test_ppo_stage import REWARDED, ppo_config
 
 

@@ -5,7 +5,7 @@ import torch
 from rlhf.errors import UserError
 from rlhf.ppo.policy import POLICY, REFERENCE
 from rlhf.ppo.scorers import TokenCountScorer
-from rlhf.ppo.trainer import run_ppo
+from rlhf.ppo.stage import run_ppo
 from tests.test_ppo_stage import REWARDED, Capture, ppo_config
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 11, 7], [8, 9, 10, 11, 12, 13, 14, 15]])

@@ -9,7 +9,7 @@ from rlhf.errors import ConfigError
 from rlhf.ppo import wiring
 from rlhf.ppo.monitor import MonitorPoint, best_point
 from rlhf.ppo.scorers import FunctionScorer, TokenCountScorer
-from rlhf.ppo.trainer import run_ppo
+from rlhf.ppo.stage import run_ppo
 from test_ppo_stage import REWARDED, ppo_config, read_jsonl
 
 

@@ -10,7 +10,7 @@ from rlhf.models import lora_config
 from rlhf.ppo.policy import POLICY, REFERENCE, VALUE, build_actor_critic
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import ScoreInput, TokenCountScorer, TokenScorer
-from rlhf.ppo.trainer import run_ppo
+from rlhf.ppo.stage import run_ppo
 from test_ppo_stage import make_sft_adapter, ppo_config
 
 

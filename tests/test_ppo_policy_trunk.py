@@ -9,7 +9,7 @@ from rlhf.models import lora_config
 from rlhf.ppo.policy import POLICY, REFERENCE, build_actor_critic
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
-from rlhf.ppo.trainer import run_ppo
+from rlhf.ppo.stage import run_ppo
 from test_ppo_stage import Capture, make_sft_adapter, ppo_config
 
 BLOCK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

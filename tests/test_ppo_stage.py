@@ -8,7 +8,8 @@ import torch
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.policy import POLICY, REFERENCE, VALUE
 from rlhf.ppo.scorers import FunctionScorer, TokenCountScorer
-from rlhf.ppo.trainer import PPOGuardError, run_ppo
+from rlhf.ppo.stage import run_ppo
+from rlhf.ppo.trainer import PPOGuardError
 
 # LoRA on lm_head too: the tiny random model's logits are nearly flat and only
 # an adapter on the output layer can make them peaked within a few steps.

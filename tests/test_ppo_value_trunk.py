@@ -8,7 +8,7 @@ from rlhf.models import block_range, lora_config, untouched_blocks
 from rlhf.ppo.policy import VALUE, build_actor_critic
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
-from rlhf.ppo.trainer import run_ppo
+from rlhf.ppo.stage import run_ppo
 from test_ppo_policy import train_tiny_reward_model
 from test_ppo_stage import Capture, make_sft_adapter, ppo_config
 

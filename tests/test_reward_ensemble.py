@@ -331,7 +331,7 @@ def test_ppo_scorers_aggregate_member_scores(ensemble, tiny_model_dir):
 def test_ppo_wiring_and_one_step_with_an_ensemble(ensemble, tiny_model_dir, tmp_path):
     from rlhf.ppo import wiring
     from rlhf.ppo.config import PPOStageConfig
-    from rlhf.ppo.trainer import run_ppo
+    from rlhf.ppo.stage import run_ppo
 
     rm_cfg, _ = ensemble
     cfg = PPOStageConfig(

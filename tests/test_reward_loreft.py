@@ -169,7 +169,7 @@ def test_ppo_loads_it_standalone_and_runs(trained, tiny_model_dir, tmp_path, cap
 
     from rlhf.ppo import wiring
     from rlhf.ppo.scorers import TextScorer
-    from rlhf.ppo.trainer import run_ppo
+    from rlhf.ppo.stage import run_ppo
 
     cfg_rm, _ = trained
     tokenizer = RewardScorer.from_pretrained(cfg_rm.output_dir).tokenizer

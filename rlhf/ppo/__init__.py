@@ -8,6 +8,7 @@ Modules (each small, one concept):
 * ``scorers``    the reward interface the loop sees (:class:`~rlhf.ppo.scorers.Scorer`) and adapters to it
 * ``rollout``    generate, score, shape rewards, GAE targets
 * ``checkpoint`` atomic checkpoints and exact resume
-* ``trainer``    :class:`~rlhf.ppo.trainer.PPOTrainer` (the loop) and :func:`~rlhf.ppo.trainer.run_ppo` (the stage)
+* ``trainer``    :class:`~rlhf.ppo.trainer.PPOTrainer` (the loop)
+* ``stage``      :func:`~rlhf.ppo.stage.run_ppo` (the ``rlhf ppo`` stage around it)
 * ``wiring``     loading the base once, attaching the reward model (the only place that imports ``reward``)
 """
