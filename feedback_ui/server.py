@@ -50,7 +50,6 @@ def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concur
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "200")
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "200")
     blocks.queue(default_concurrency_limit=concurrency, status_update_rate=5)
-    _pace_queue(blocks._queue)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     gr.mount_gradio_app(
         app,
@@ -69,19 +68,6 @@ def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concur
     gradio_app = next(r.app for r in app.routes if isinstance(getattr(r, "app", None), App))
     return Gate(app, gradio_app, store, allowed_origins=allowed_origins, sessions=sessions, throttle=throttle,
                 auth_message=AUTH_MESSAGE)  # fmt: skip
-
-
-# Gradio's queue looks for new events every 1 ms and for progress updates every 10 ms while idle: ~1,100 event-loop
-# wake-ups a second, 7 % of a core with nobody connected, and time taken from the requests under load. This app
-# reports no progress, and a vote that waits at most 5 ms longer to start costs nothing a labeler notices; the
-# server then spends ~13 % less CPU per vote (bench/RESULTS.md, labeling app).
-QUEUE_PACE_S = {"sleep_when_free": 0.005, "progress_update_sleep_when_free": 0.05}
-
-
-def _pace_queue(queue) -> None:
-    for name, seconds in QUEUE_PACE_S.items():
-        if hasattr(queue, name):  # tests/test_label_server.py checks the attributes are still there
-            setattr(queue, name, seconds)
 
 
 def _uvicorn_config(app, host: str, port: int, ssl_certfile: Optional[str], ssl_keyfile: Optional[str],

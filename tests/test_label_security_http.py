@@ -20,7 +20,7 @@ from gradio_client import Client
 
 from feedback_ui import gate
 from feedback_ui.http_policy import parse_allowed_origins
-from feedback_ui.server import QUEUE_PACE_S, Server
+from feedback_ui.server import Server
 from feedback_ui.store import LoginSession
 from feedback_ui.testing import PASSWORD, make_project
 from rlhf.cli import main
@@ -298,13 +298,3 @@ def test_https_serves_secure_cookies_and_hsts(tmp_path):
     finally:
         server.stop()
         store.close()
-
-
-# serving
-
-
-def test_the_queue_looks_for_events_every_5_ms_not_every_millisecond(app):
-    server, _, _ = app
-    queue = server.server.config.app.gradio_app.get_blocks()._queue
-    assert {name: getattr(queue, name) for name in QUEUE_PACE_S} == {
-        "sleep_when_free": 0.005, "progress_update_sleep_when_free": 0.05}
