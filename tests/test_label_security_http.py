@@ -298,3 +298,13 @@ def test_https_serves_secure_cookies_and_hsts(tmp_path):
     finally:
         server.stop()
         store.close()
+
+
+# serving
+
+
+def test_the_server_runs_on_uvloop_and_httptools(app):
+    """The C event loop and HTTP parser the project depends on are the ones uvicorn picked."""
+    config = app[0].server.config
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert config.get_loop_factory().__module__.split(".")[0] == "uvloop"
