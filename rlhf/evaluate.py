@@ -57,6 +57,14 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+def unchanged(policy_texts: list[str], baseline_texts: list[str]) -> int:
+    """How many paired answers are the baseline's word for word (whitespace at the ends aside): prompts on which
+    the policy did not move at all, whatever a judge says of them."""
+    if len(policy_texts) != len(baseline_texts):
+        raise ValueError(f"{len(policy_texts)} policy answers for {len(baseline_texts)} baseline answers")
+    return sum(p.strip() == b.strip() for p, b in zip(policy_texts, baseline_texts))
+
+
 def length_gap(len_a: int, len_b: int) -> float:
     """Relative length difference ``|a - b| / max(a, b)`` in [0, 1]; 0 when both are empty."""
     longer = max(len_a, len_b)
@@ -234,6 +242,7 @@ def compare(cfg: EvalConfig, texts: dict[str, list[str]], scores: dict[str, dict
     result: dict = {
         "kl_policy_to_baseline": mean(kl),
         "response_words": {r: mean([len(t.split()) for t in texts[r]]) for r in texts},
+        "unchanged": unchanged(texts["policy"], texts["baseline"]),
     }
     for judge, by_role in scores.items():
         result[judge] = win_rate(by_role["policy"], by_role["baseline"])
@@ -368,6 +377,8 @@ def print_summary(result: dict, show: int) -> None:
             print(f"win rate under {judge}: {r['win_rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
                   f"(n={r['n']}; mean policy {r['policy_mean']:.3f} vs baseline {r['baseline_mean']:.3f})", file=sys.stderr)
     print(f"KL(policy || baseline) per response: {result['kl_policy_to_baseline']:.3f}", file=sys.stderr)
+    if "unchanged" in result:
+        print(f"answers word for word the baseline's: {result['unchanged']} of {len(result['samples'])}", file=sys.stderr)
     if "length_controlled" in result:
         print(format_length_controlled(result["length_controlled"]), file=sys.stderr)
     for s in result["samples"][:show]:

@@ -34,6 +34,8 @@ def summarize(cfg: PipelineConfig, rows: list[dict]) -> dict:
         "win_rate_vs_sft_rm": ev.get("reward_model", {}).get("win_rate"),
         "win_rate_vs_sft_rule": ev.get("rule", {}).get("win_rate"),
         "kl_to_sft": ev.get("kl_policy_to_baseline"),
+        "answers_unchanged": ev.get("unchanged"),
+        "answers_judged": len(ev.get("samples", [])) or None,
         "aligned_adapter": str(cfg.path("export")) if cfg.path("export").is_dir() else None,
         "plots": ev.get("plots", []),
     }
@@ -56,10 +58,14 @@ def print_summary(summary: dict) -> None:
         ("win rate vs SFT under the RM", "win_rate_vs_sft_rm"),
         ("win rate vs SFT under the rule", "win_rate_vs_sft_rule"),
         ("KL(aligned || SFT) per response", "kl_to_sft"),
+        ("answers word for word SFT's", "answers_unchanged"),
         ("aligned adapter", "aligned_adapter"),
     ]:
+        if key == "answers_unchanged" and summary.get(key) is None:
+            continue
         value = (f"{fmt(summary['ppo_reward_first_steps'])} -> {fmt(summary['ppo_reward_last_steps'])}"
-                 if key is None else fmt(summary[key]))  # fmt: skip
+                 if key is None else f"{summary[key]} of {summary['answers_judged']}" if key == "answers_unchanged"
+                 else fmt(summary[key]))  # fmt: skip
         lines.append(f"{label:<34} {value}")
     for plot in summary["plots"]:
         lines.append(f"{'plot':<34} {plot}")

@@ -55,6 +55,7 @@ def test_eval_end_to_end_on_tiny_models(tiny_model_dir, tmp_path, monkeypatch):
     assert (saved["rule"]["wins"], saved["rule"]["ties"], saved["rule"]["losses"]) == (wins, ties, 5 - wins - ties)
     assert saved["rule"]["win_rate"] == pytest.approx((wins + ties / 2) / 5)
     assert saved["kl_policy_to_baseline"] > 0  # a random LoRA moves the policy away from the base
+    assert saved["unchanged"] == sum(s["policy"].strip() == s["baseline"].strip() for s in saved["samples"])
     assert (tmp_path / "eval" / "win_rate.png").is_file()
     for side in ("policy", "baseline"):
         words = [len(s[side].split()) for s in saved["samples"]]
@@ -71,6 +72,7 @@ def test_identical_policies_have_zero_kl(tiny_model_dir, tmp_path, monkeypatch):
     result = run_eval(cfg)
     assert abs(result["kl_policy_to_baseline"]) < 1e-5
     assert result["rule"]["ties"] == 2 and result["rule"]["win_rate"] == 0.5
+    assert result["unchanged"] == 2  # the same model answers both prompts as the baseline does
     # Wilson, z=1.96, n=2, p=0.5: denom = 1 + 3.8416/2 = 2.9208; centre = (0.5 + 0.9604) / 2.9208 = 0.5
     # half = 1.96 * sqrt(0.25/2 + 3.8416/16) / 2.9208 = 1.96 * 0.604235 / 2.9208 = 0.405471
     assert result["rule"]["ci_low"] == pytest.approx(0.094529, abs=1e-5)

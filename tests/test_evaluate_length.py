@@ -14,6 +14,7 @@ from rlhf.evaluate import (
     length_gap,
     length_matched,
     run_eval,
+    unchanged,
     word_count,
 )
 from rlhf.testing import write_jsonl
@@ -123,3 +124,12 @@ def test_eval_writes_and_prints_the_length_controlled_block(tiny_model_dir, tmp_
     err = capsys.readouterr().err
     assert "length-controlled (pairs with |words_a - words_b| / max < 0.3): 3 of 3 pairs" in err
     assert "length-matched win rate under rule: 0.500" in err
+
+
+def test_unchanged_counts_answers_that_are_the_baselines_word_for_word():
+    # pairs 1 and 2 are the same text (2 up to surrounding whitespace); 3 differs by one word, 4 by case
+    policy = ["The sky is blue.", " Paris.\n", "The sky is very blue.", "paris."]
+    baseline = ["The sky is blue.", "Paris.", "The sky is blue.", "Paris."]
+    assert unchanged(policy, baseline) == 2
+    with pytest.raises(ValueError, match="3 policy answers for 4"):
+        unchanged(policy[:3], baseline)

@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny model: SFT -> candidates -> app + simulated labelers -> prefs -> RM -> PPO -> export -> eval."""
 
 import json
+import re
 
 import pytest
 import sqlalchemy as sa
@@ -54,6 +55,9 @@ def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
     assert (run / "eval" / "win_rate.png").is_file()
     out = capsys.readouterr().out
     assert "win rate vs SFT under the RM" in out
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert summary["answers_unchanged"] == ev["unchanged"] and summary["answers_judged"] == len(ev["samples"])
+    assert re.search(rf"answers word for word SFT's +{ev['unchanged']} of {len(ev['samples'])}\n", out)
 
     # a second run skips every finished stage
     assert main(["pipeline", "--config", str(pipeline_yaml)]) == 0
