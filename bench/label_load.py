@@ -11,6 +11,7 @@ next task latency. Afterwards the database is checked: every
 acknowledged vote is stored exactly once.
 
     python bench/label_load.py --labelers 32 --votes 2000 [--think 1.0] [--backend postgresql] [--replicas 2]
+        [--client gradio_client]
 
 ``--backend postgresql`` runs the same on a throwaway PostgreSQL cluster (``initdb`` in a temp folder, Debian's
 server binaries, durable defaults: fsync and synchronous commits on) on the same 2 cores. ``--replicas N``
@@ -137,10 +138,10 @@ class DirectClient:
         config = self.http.get("config").raise_for_status().json()
         self.endpoints = {}  # api name -> (fn_index, default of every parameter)
         for i, dep in enumerate(config["dependencies"]):
-            name = dep.get("api_name")
-            if name and f"/{name}" in info:
-                params = info[f"/{name}"]["parameters"]
-                self.endpoints[f"/{name}"] = (dep.get("id", i), [p.get("parameter_default") for p in params])
+            api = f"/{dep.get('api_name')}"
+            if dep.get("api_name") and api in info:
+                params = info[api]["parameters"]
+                self.endpoints[api] = (dep.get("id", i), [p.get("parameter_default") for p in params])
 
     def predict(self, *data, api_name: str):
         fn_index, defaults = self.endpoints[api_name]
