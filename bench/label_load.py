@@ -20,8 +20,8 @@ through replica i mod N, as behind a load balancer with sticky sessions; the che
 assignments handed out twice (one labeler given one comparison twice) and comparisons voted on by more
 labelers than the overlap.
 
-Target: p95 <= 100 ms with 32 labelers at 0.5-1.5 s think time on 2 CPU cores. The record (command, machine, load before
-and after, date, figures) goes to bench/results/label_load_think<T>.json
+Target: p95 <= 100 ms with 32 labelers at 0.5-1.5 s think time on 2 CPU cores. The record (command,
+machine, load before and after, date, figures) goes to bench/results/label_load_think<T>.json
 (label_load_saturation.json without think time; ``--record`` to change).
 """
 

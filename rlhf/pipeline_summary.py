@@ -48,25 +48,24 @@ def print_summary(summary: dict) -> None:
     lines = ["", "stage        status    seconds"]
     lines += [f"{r['stage']:<12} {r['status']:<9} {r['seconds']:>7.1f}" for r in summary["stages"]]
     lines += [f"{'total':<22} {summary['total_seconds']:>7.1f}", ""]
-    align_rows = [("PPO reward, first -> last steps", None)] if summary.get("align", "ppo") == "ppo" else [
-        ("DPO held-out reward accuracy", "dpo_heldout_reward_accuracy"),
-        ("DPO held-out reward margin", "dpo_heldout_reward_margin"),
-    ]
-    for label, key in [
-        ("reward model held-out accuracy", "rm_heldout_accuracy"),
+    if summary.get("align", "ppo") == "ppo":
+        align_rows = [("PPO reward, first -> last steps",
+                       f"{fmt(summary['ppo_reward_first_steps'])} -> {fmt(summary['ppo_reward_last_steps'])}")]
+    else:
+        align_rows = [("DPO held-out reward accuracy", fmt(summary["dpo_heldout_reward_accuracy"])),
+                      ("DPO held-out reward margin", fmt(summary["dpo_heldout_reward_margin"]))]
+    unchanged = summary.get("answers_unchanged")
+    rows = [
+        ("reward model held-out accuracy", fmt(summary["rm_heldout_accuracy"])),
         *align_rows,
-        ("win rate vs SFT under the RM", "win_rate_vs_sft_rm"),
-        ("win rate vs SFT under the rule", "win_rate_vs_sft_rule"),
-        ("KL(aligned || SFT) per response", "kl_to_sft"),
-        ("answers word for word SFT's", "answers_unchanged"),
-        ("aligned adapter", "aligned_adapter"),
-    ]:
-        if key == "answers_unchanged" and summary.get(key) is None:
-            continue
-        value = (f"{fmt(summary['ppo_reward_first_steps'])} -> {fmt(summary['ppo_reward_last_steps'])}"
-                 if key is None else f"{summary[key]} of {summary['answers_judged']}" if key == "answers_unchanged"
-                 else fmt(summary[key]))  # fmt: skip
-        lines.append(f"{label:<34} {value}")
+        ("win rate vs SFT under the RM", fmt(summary["win_rate_vs_sft_rm"])),
+        ("win rate vs SFT under the rule", fmt(summary["win_rate_vs_sft_rule"])),
+        ("KL(aligned || SFT) per response", fmt(summary["kl_to_sft"])),
+        *([("answers word for word SFT's", f"{unchanged} of {summary['answers_judged']}")]
+          if unchanged is not None else []),
+        ("aligned adapter", fmt(summary["aligned_adapter"])),
+    ]
+    lines += [f"{label:<34} {value}" for label, value in rows]
     for plot in summary["plots"]:
         lines.append(f"{'plot':<34} {plot}")
     if summary.get("rounds"):
