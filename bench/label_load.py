@@ -4,8 +4,9 @@ Starts ``rlhf label serve`` in a subprocess on a fresh SQLite database (WAL,
 synchronous=FULL), then runs ``--labelers`` threads on loopback, each with its
 own logged-in client, each casting at most ``ceil(votes / labelers)`` votes
 (bounded loops, no think time: the worst case). The client (``--client``) is
-:class:`DirectClient`, which speaks Gradio's queue protocol as the app's page
-does, or ``gradio_client.Client``, which adds up to 50 ms of polling per call.
+:class:`DirectClient`, which calls the app as its page does, or
+``gradio_client.Client``, which always goes through Gradio's queue and adds up
+to 50 ms of polling per call.
 Every call of ``/vote`` returns the next task, so its latency is the vote ->
 next task latency. Afterwards the database is checked: every
 acknowledged vote is stored exactly once.
@@ -117,11 +118,12 @@ def connect(url: str, names: list[str], parallel: int = 4, attempts: int = 3, cl
 
 
 class DirectClient:
-    """A labeler speaking Gradio's queue protocol over one keep-alive HTTP connection, as the app's page does.
+    """A labeler calling the app over one keep-alive HTTP connection as the app's page does.
 
-    ``POST /gradio_api/queue/join`` puts the call in the queue; ``GET /gradio_api/queue/data`` streams the
-    event's messages (Server-Sent Events) and ends after ``process_completed``. The answer is read the moment
-    it arrives. gradio_client reads the same stream in a thread and polls what that thread received every
+    An endpoint off Gradio's queue (``queue: false`` in the app's config, as the app's own are) is one
+    ``POST /gradio_api/run/<name>`` answered on itself. One on the queue is ``POST /gradio_api/queue/join``,
+    then ``GET /gradio_api/queue/data``, which streams the event's messages (Server-Sent Events) and ends
+    after ``process_completed``; the answer is read the moment it arrives. gradio_client reads the same stream in a thread and polls what that thread received every
     50 ms (``gradio_client.utils.stream_sse_v1plus``), which adds 0–50 ms per call that no browser has.
     Offers what the benchmark uses of ``gradio_client.Client``: ``predict``, ``submit(...).result()``, ``close``.
     """
@@ -136,17 +138,23 @@ class DirectClient:
         self.session_hash = uuid.uuid4().hex
         info = self.http.get("gradio_api/info").raise_for_status().json()["named_endpoints"]
         config = self.http.get("config").raise_for_status().json()
-        self.endpoints = {}  # api name -> (fn_index, default of every parameter)
+        self.endpoints = {}  # api name -> (fn_index, default of every parameter, off the queue)
         for i, dep in enumerate(config["dependencies"]):
             api = f"/{dep.get('api_name')}"
             if dep.get("api_name") and api in info:
                 params = info[api]["parameters"]
-                self.endpoints[api] = (dep.get("id", i), [p.get("parameter_default") for p in params])
+                self.endpoints[api] = (dep.get("id", i), [p.get("parameter_default") for p in params],
+                                       dep.get("queue") is False)
 
     def predict(self, *data, api_name: str):
-        fn_index, defaults = self.endpoints[api_name]
+        fn_index, defaults, direct = self.endpoints[api_name]
         payload = {"data": [*data, *defaults[len(data):]], "fn_index": fn_index, "event_data": None,
                    "trigger_id": None, "session_hash": self.session_hash}  # fmt: skip
+        if direct:
+            answer = self.http.post(f"gradio_api/run{api_name}", json=payload)
+            if answer.status_code != 200:
+                raise RuntimeError(f"{api_name} failed: HTTP {answer.status_code} {answer.text[:200]}")
+            return answer.json()["data"][0]
         event_id = self.http.post("gradio_api/queue/join", json=payload).raise_for_status().json()["event_id"]
         with self.http.stream("GET", "gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
             stream.raise_for_status()
@@ -324,7 +332,8 @@ def own_cpu_s() -> float:
 
 
 TRANSPORTS = {
-    "direct": "Gradio's queue protocol over loopback (httpx, keep-alive, event stream read as it arrives)",
+    "direct": "as the app's page calls it, over loopback (httpx, keep-alive): one POST per call to an endpoint "
+              "off the queue, queue join + event stream read as it arrives otherwise",
     "gradio_client": "gradio_client over loopback (polls received messages every 50 ms)",
 }
 

@@ -14,6 +14,7 @@ from datetime import datetime
 
 import gradio as gr
 
+from feedback_ui.http_policy import EVENT_OPTIONS
 from feedback_ui.requeue import disable_and_requeue
 from feedback_ui.stats import NOT_ENOUGH, agreement_text, collect_stats, shown
 
@@ -147,8 +148,7 @@ def build_admin_tab(store, require_admin, api):
                 f"{result['comparisons_requeued']} comparison(s) back in the pool.")  # fmt: skip
         return [*view(api(collect_stats, store)), said]
 
-    private = {"api_visibility": "private"}
-    refresh.click(on_refresh, [who], numbers, **private)
-    timer.tick(on_refresh, [who], numbers, show_progress="hidden", **private)
-    disable.click(on_disable, [who], [*numbers, done], **private)
+    refresh.click(on_refresh, [who], numbers, **EVENT_OPTIONS)
+    timer.tick(on_refresh, [who], numbers, show_progress="hidden", **EVENT_OPTIONS)
+    disable.click(on_disable, [who], [*numbers, done], **EVENT_OPTIONS)
     return opened, [*numbers, timer]

@@ -5,7 +5,8 @@ and works through :mod:`feedback_ui.tasks`; the Blocks hold no user data
 (the current task token lives in per-session ``gr.State``). Prompts and
 responses are shown in read-only textboxes, so HTML/JS in them is plain text.
 The public API (for ``gradio_client``) is ``/next_task``, ``/vote``, ``/rank``,
-``/skip``, ``/history`` and ``/admin_stats``; UI events are private.
+``/skip``, ``/history`` and ``/admin_stats``; UI events are private. Every event is answered on its own
+request, off Gradio's queue (:data:`feedback_ui.http_policy.EVENT_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from feedback_ui import tasks
 from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
 from feedback_ui.candidates import MAX_RANK  # ranking slots in the UI
 from feedback_ui.admin_view import build_admin_tab
+from feedback_ui.http_policy import EVENT_OPTIONS
 from feedback_ui.stats import collect_stats
 from feedback_ui.store import Store
 from rlhf.errors import UserError
@@ -189,20 +191,19 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
             return ui(tasks.answer, request.username, tok, rate, positions=positions, rationale=why, edit=better,
                       **ttl)  # fmt: skip
 
-        private = {"api_visibility": "private"}
-        demo.load(on_load, None, [*task_outputs, admin_tab, *admin_outputs], **private)
+        demo.load(on_load, None, [*task_outputs, admin_tab, *admin_outputs], **EVENT_OPTIONS)
         for button, (_, choice, _) in zip(pair_buttons, PAIR_BUTTONS):
-            button.click(on_pair(choice), [token, strength, rationale, edit], task_outputs, **private)
-        rank_button.click(on_rank, [token, rationale, edit, *slot_ranks], task_outputs, **private)
+            button.click(on_pair(choice), [token, strength, rationale, edit], task_outputs, **EVENT_OPTIONS)
+        rank_button.click(on_rank, [token, rationale, edit, *slot_ranks], task_outputs, **EVENT_OPTIONS)
 
         def on_skip(tok, request: gr.Request):
             return ui(tasks.skip, request.username, tok, rate, **ttl)
 
-        skip_button.click(on_skip, [token], task_outputs, **private)
-        history_button.click(history, None, history_table, api_name="ui_history", **private)
+        skip_button.click(on_skip, [token], task_outputs, **EVENT_OPTIONS)
+        history_button.click(history, None, history_table, api_name="ui_history", **EVENT_OPTIONS)
 
         for fn in (next_task, vote, rank, skip, history, admin_stats):
-            gr.api(fn, api_name=fn.__name__)
+            gr.api(fn, api_name=fn.__name__, queue=EVENT_OPTIONS["queue"])
     return demo
 
 

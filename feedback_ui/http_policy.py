@@ -23,6 +23,13 @@ from rlhf.errors import UserError
 Origin = tuple  # (scheme, host, port)
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# How every event of the app is wired: hidden from the API page, and answered on the request itself. Off
+# Gradio's queue the page sends one ``POST /gradio_api/run/...`` per click and reads the answer from it, where
+# the queue takes a ``queue/join`` plus a message on the page's event stream, and a queue worker's hand-over:
+# a fifth of the server's CPU per vote and a third of the p95 latency under load (bench/RESULTS.md, labeling
+# app). The handlers run in the server's worker threads, at most ``--concurrency`` at once.
+EVENT_OPTIONS = {"api_visibility": "private", "queue": False}
 HSTS = "max-age=31536000"
 
 # Gradio's page builds itself with JS and injects styles, so styles stay inline; scripts come

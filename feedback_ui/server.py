@@ -49,6 +49,9 @@ def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concur
     # grows with every vote (bench/RESULTS.md, labeling app). Keep a few events, summarised rarely.
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "200")
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "200")
+    # The app's events are off the queue (EVENT_OPTIONS): their handlers run in worker threads, `concurrency` at
+    # once. The queue stays for clients that join it (gradio_client does for every call).
+    blocks.max_threads = concurrency
     blocks.queue(default_concurrency_limit=concurrency, status_update_rate=5)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     gr.mount_gradio_app(

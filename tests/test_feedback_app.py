@@ -48,6 +48,19 @@ def test_vote_through_the_api_is_stored_once(app):
     assert ann.predict(api_name="/history")[0][2] == "B is better"
 
 
+def test_a_call_is_answered_on_its_own_request(app):
+    """One POST carries the call and its answer, as the page sends it (the events are off Gradio's queue)."""
+    server, store = app
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.post("login", data={"username": "bob", "password": PASSWORD}).status_code == 200
+        call = {"session_hash": secrets.token_hex(8)}
+        task = http.post("gradio_api/run/next_task", json={**call, "data": []}).json()["data"][0]
+        before = votes(store, "bob")
+        answer = http.post("gradio_api/run/vote", json={**call, "data": [task["token"], "A", "", "", ""]})
+        assert answer.status_code == 200 and answer.json()["data"][0]["status"] == "saved"
+    assert votes(store, "bob") == before + 1
+
+
 def test_each_labeler_has_their_own_queue(app):
     server, store = app
     ann, bob = client(server, "ann"), client(server, "bob")

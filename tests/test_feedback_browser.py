@@ -49,6 +49,8 @@ def ann_votes(store):
 def test_label_with_mouse_and_keyboard(browser, app):
     server, store = app
     page = login(browser, server.url, "ann")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url))
     wait_done(page, 0, 5)
     # hostile prompt and responses are shown as text and run nothing
     shown = [page.locator(f"#{i} textarea").input_value() for i in ("resp-a", "resp-b")]
@@ -80,6 +82,9 @@ def test_label_with_mouse_and_keyboard(browser, app):
         page.locator(f"#rank-{slot}").get_by_label(rank, exact=True).check()
     page.locator("#btn-rank").click()
     wait_done(page, 4, 4)
+    # every click was one request answered on itself (off Gradio's queue: no join, no event stream)
+    assert sum("/gradio_api/run/" in url for url in sent) >= 5
+    assert not [url for url in sent if "/gradio_api/queue/" in url]
 
     rows = ann_votes(store)
     outcomes = [(v.outcome, v.picked_position) for v, _ in rows]

@@ -65,7 +65,8 @@ def cors_headers(r) -> dict:
 
 @pytest.mark.parametrize("host", ["labels.internal:7860", "localhost"])
 @pytest.mark.parametrize("method, path", [("GET", "config"), ("GET", "gradio_api/info"), ("GET", "gradio_api/token"),
-                                          ("GET", ""), ("POST", "login"), ("POST", "gradio_api/queue/join")])
+                                          ("GET", ""), ("POST", "login"), ("POST", "gradio_api/queue/join"),
+                                          ("POST", "gradio_api/run/vote")])
 def test_foreign_origin_with_credentials_gets_no_data(app, host, method, path):
     server, _, _ = app
     cookie = session_cookie(server)
