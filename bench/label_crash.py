@@ -1,7 +1,7 @@
 """Crash benchmark of the labeling app: kill -9 the server mid-load, restart, lose nothing acknowledged.
 
 Each cycle starts ``rlhf label serve`` on the same SQLite database, runs
-``--labelers`` gradio_client labelers without think time, sends SIGKILL to the
+``--labelers`` labelers without think time (``--client``: as the app's page calls it, or gradio_client), sends SIGKILL to the
 server once ``--kill_after`` votes have been acknowledged, then checks the
 database file: ``PRAGMA integrity_check`` is ok, every acknowledged vote is
 there, none is stored twice. After the restart each labeler re-sends the vote
@@ -29,14 +29,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_record import Record
-from label_load import bench_database, check_db, connect, free_port, library_versions, start_server, stop_server
+from label_load import (TRANSPORTS, bench_database, check_db, connect, free_port, library_versions, start_server,
+                        stop_server)
 
 from feedback_ui.testing import make_project
 
 
-def run_until_killed(url: str, names: list[str], kill_after: int, server, acked: list) -> dict:
+def run_until_killed(url: str, names: list[str], kill_after: int, server, acked: list, client: str) -> dict:
     """Labelers vote until the server is killed; returns each labeler's in-flight token."""
-    clients = connect(url, names)
+    clients = connect(url, names, client=client)
     in_flight: dict[str, str] = {}
     lock, killed = threading.Lock(), threading.Event()
 
@@ -70,10 +71,10 @@ def run_until_killed(url: str, names: list[str], kill_after: int, server, acked:
     return dict(in_flight)
 
 
-def resend(url: str, in_flight: dict[str, str], acked: list) -> dict:
+def resend(url: str, in_flight: dict[str, str], acked: list, client: str) -> dict:
     """After the restart: re-send each in-flight vote with its original token."""
     statuses: dict[str, int] = {}
-    clients = connect(url, list(in_flight))
+    clients = connect(url, list(in_flight), client=client)
     for (name, token), client in zip(in_flight.items(), clients):
         try:
             status = client.predict(token, "A", api_name="/vote")["status"]
@@ -92,6 +93,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--kill_after", type=int, default=300, help="acknowledged votes per cycle before the kill")
     ap.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
+    ap.add_argument("--client", choices=sorted(TRANSPORTS), default="direct",
+                    help="direct: as the app's page calls it (default); gradio_client: through Gradio's queue")
     ap.add_argument("--json", default=None)
     ap.add_argument("--record", default=None,
                     help="record file (default bench/results/label_crash.json, label_crash_postgresql.json)")
@@ -101,7 +104,8 @@ def main(argv=None) -> dict:
         summary = run_cycles(args, db)
     print(json.dumps(summary, indent=2))
     settings = {"labelers": args.labelers, "cycles": args.cycles, "kill_after": args.kill_after, "think_s": 0,
-                "signal": "SIGKILL", "database": database, **library_versions()}
+                "signal": "SIGKILL", "database": database, "transport": TRANSPORTS[args.client],
+                **library_versions()}
     record.write({k: v for k, v in summary.items() if k != "labelers"}, settings)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -119,11 +123,11 @@ def run_cycles(args, db: str) -> dict:
         server = start_server(db, port, 16)
         url = f"http://127.0.0.1:{port}/"
         if cycle:
-            resent = resend(url, cycles[-1]["in_flight"], acked)
+            resent = resend(url, cycles[-1]["in_flight"], acked, args.client)
             cycles[-1]["resent_after_restart"] = resent
         before = len(acked)
         t0 = time.perf_counter()
-        in_flight = run_until_killed(url, names, before + args.kill_after, server, acked)
+        in_flight = run_until_killed(url, names, before + args.kill_after, server, acked, args.client)
         after_kill = check_db(db, acked)
         cycles.append({
             "acknowledged_this_cycle": len(acked) - before,
@@ -135,7 +139,8 @@ def run_cycles(args, db: str) -> dict:
         print(f"cycle {cycle}: {json.dumps({k: v for k, v in cycles[-1].items() if k != 'in_flight'})}", flush=True)
     port = free_port()
     server = start_server(db, port, 16)
-    cycles[-1]["resent_after_restart"] = resend(f"http://127.0.0.1:{port}/", cycles[-1]["in_flight"], acked)
+    cycles[-1]["resent_after_restart"] = resend(f"http://127.0.0.1:{port}/", cycles[-1]["in_flight"], acked,
+                                                args.client)
     stop_server(server)
     final = check_db(db, acked)
     summary = {
