@@ -1,10 +1,10 @@
 """Crash benchmark of the labeling app: kill -9 the server mid-load, restart, lose nothing acknowledged.
 
 Each cycle starts ``rlhf label serve`` on the same SQLite database, runs
-``--labelers`` labelers without think time (``--client``: as the app's page calls it, or gradio_client), sends SIGKILL to the
-server once ``--kill_after`` votes have been acknowledged, then checks the
-database file: ``PRAGMA integrity_check`` is ok, every acknowledged vote is
-there, none is stored twice. After the restart each labeler re-sends the vote
+``--labelers`` labelers without think time (``--client``: as the app's page
+calls it, or gradio_client), sends SIGKILL to the server once ``--kill_after``
+votes have been acknowledged, then checks the database file: ``PRAGMA
+integrity_check`` is ok, every acknowledged vote is there, none is stored twice. After the restart each labeler re-sends the vote
 that was in flight when the server died (same token): it is stored once,
 whether or not it had been committed before the kill.
 
@@ -35,9 +35,9 @@ from label_load import (TRANSPORTS, bench_database, check_db, connect, free_port
 from feedback_ui.testing import make_project
 
 
-def run_until_killed(url: str, names: list[str], kill_after: int, server, acked: list, client: str) -> dict:
+def run_until_killed(url: str, names: list[str], kill_after: int, server, acked: list, transport: str) -> dict:
     """Labelers vote until the server is killed; returns each labeler's in-flight token."""
-    clients = connect(url, names, client=client)
+    clients = connect(url, names, client=transport)
     in_flight: dict[str, str] = {}
     lock, killed = threading.Lock(), threading.Event()
 
@@ -71,10 +71,10 @@ def run_until_killed(url: str, names: list[str], kill_after: int, server, acked:
     return dict(in_flight)
 
 
-def resend(url: str, in_flight: dict[str, str], acked: list, client: str) -> dict:
+def resend(url: str, in_flight: dict[str, str], acked: list, transport: str) -> dict:
     """After the restart: re-send each in-flight vote with its original token."""
     statuses: dict[str, int] = {}
-    clients = connect(url, list(in_flight), client=client)
+    clients = connect(url, list(in_flight), client=transport)
     for (name, token), client in zip(in_flight.items(), clients):
         try:
             status = client.predict(token, "A", api_name="/vote")["status"]
