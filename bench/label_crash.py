@@ -4,9 +4,10 @@ Each cycle starts ``rlhf label serve`` on the same SQLite database, runs
 ``--labelers`` labelers without think time (``--client``: as the app's page
 calls it, or gradio_client), sends SIGKILL to the server once ``--kill_after``
 votes have been acknowledged, then checks the database file: ``PRAGMA
-integrity_check`` is ok, every acknowledged vote is there, none is stored twice. After the restart each labeler re-sends the vote
-that was in flight when the server died (same token): it is stored once,
-whether or not it had been committed before the kill.
+integrity_check`` is ok, every acknowledged vote is there, none is stored twice.
+After the restart each labeler re-sends the vote that was in flight when the
+server died (same token): it is stored once, whether or not it had been
+committed before the kill.
 
     python bench/label_crash.py --cycles 3 [--backend postgresql]
 
