@@ -123,8 +123,9 @@ class DirectClient:
     An endpoint off Gradio's queue (``queue: false`` in the app's config, as the app's own are) is one
     ``POST /gradio_api/run/<name>`` answered on itself. One on the queue is ``POST /gradio_api/queue/join``,
     then ``GET /gradio_api/queue/data``, which streams the event's messages (Server-Sent Events) and ends
-    after ``process_completed``; the answer is read the moment it arrives. gradio_client reads the same stream in a thread and polls what that thread received every
-    50 ms (``gradio_client.utils.stream_sse_v1plus``), which adds 0–50 ms per call that no browser has.
+    after ``process_completed``; the answer is read the moment it arrives. gradio_client reads the same
+    stream in a thread and polls what that thread received every 50 ms
+    (``gradio_client.utils.stream_sse_v1plus``), which adds 0–50 ms per call that no browser has.
     Offers what the benchmark uses of ``gradio_client.Client``: ``predict``, ``submit(...).result()``, ``close``.
     """
 

@@ -1,4 +1,5 @@
-"""What the labeling app allows over HTTP: origins, security headers, the Content-Security-Policy.
+"""What the labeling app allows over HTTP: origins, security headers, the Content-Security-Policy, and how its
+events are called (``EVENT_OPTIONS``).
 
 Pure functions and constants (no web framework imported), so ``rlhf label serve`` can check its
 flags before the app and its libraries load.
@@ -27,8 +28,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # How every event of the app is wired: hidden from the API page, and answered on the request itself. Off
 # Gradio's queue the page sends one ``POST /gradio_api/run/...`` per click and reads the answer from it, where
 # the queue takes a ``queue/join`` plus a message on the page's event stream, and a queue worker's hand-over:
-# a fifth of the server's CPU per vote and a third of the p95 latency under load (bench/RESULTS.md, labeling
-# app). The handlers run in the server's worker threads, at most ``--concurrency`` at once.
+# a fifth of the server's CPU per vote and about 40 % of the p95 latency under load on SQLite (bench/RESULTS.md,
+# labeling app). The handlers run in the server's worker threads, at most ``--concurrency`` at once.
 EVENT_OPTIONS = {"api_visibility": "private", "queue": False}
 HSTS = "max-age=31536000"
 

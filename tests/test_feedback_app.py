@@ -49,7 +49,8 @@ def test_vote_through_the_api_is_stored_once(app):
 
 
 def test_a_call_is_answered_on_its_own_request(app):
-    """One POST carries the call and its answer, as the page sends it (the events are off Gradio's queue)."""
+    """A logged-in POST to ``run/<endpoint>``, the route the page calls, answers and stores the vote once. (That
+    the page uses this route and not the queue is the browser test's check: this route answers either way.)"""
     server, store = app
     with httpx.Client(base_url=server.url, timeout=10) as http:
         assert http.post("login", data={"username": "bob", "password": PASSWORD}).status_code == 200
