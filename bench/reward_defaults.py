@@ -105,6 +105,8 @@ def main() -> None:
     cands = candidates(work / "labels.db")
     record = {"what": "rlhf reward with the shipped defaults on pairs labelled by rules it was not tuned on",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(__file__).resolve().parents[1]).stdout.strip(),
               "config": args.config, "overrides": args.overrides, "candidates": sum(map(len, cands.values())),
               "prompts": len(cands), "runs": []}
     for name in args.rules.split(","):
@@ -132,7 +134,8 @@ def main() -> None:
         run = {"rule": name, "doc": RULES[name].__doc__, "train_pairs": len(train), "test_pairs": len(test),
                "held_out_accuracy": metrics.get("eval_accuracy", metrics.get("accuracy")),
                "length_correlation": metrics.get("eval_length_correlation", metrics.get("length_correlation")),
-               "train_runtime_s": metrics.get("train_runtime_s"), "stage_wall_s": round(wall, 1),
+               "train_runtime_s": metrics.get("train_runtime_s"), "head_probe": metrics.get("head_probe"),
+               "stage_wall_s": round(wall, 1),
                "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2),
                "command": " ".join(cmd[1:])}
         print(json.dumps(run), flush=True)

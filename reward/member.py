@@ -91,6 +91,46 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
     )
 
 
+def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
+    """Set the score head to a linear probe of the training pairs on the model as built (:mod:`reward.probe`):
+    every distinct training sequence pooled once, no gradient. Returns the probe's summary."""
+    import time
+
+    import torch
+
+    from reward.modeling import head_linear, pad_right, trunk_and_head
+    from reward.pooling import pooled_hidden
+    from reward.probe import probe_weights
+
+    start = time.perf_counter()
+    trunk, head = trunk_and_head(trainer.model)
+    tokenizer = trainer.processing_class
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    chosen_ids, rejected_ids = trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"]
+    if len(chosen_ids) != len(pairs):
+        raise RuntimeError(f"the training set has {len(chosen_ids)} rows for {len(pairs)} pairs")
+    distinct = {tuple(ids): None for ids in list(chosen_ids) + list(rejected_ids)}
+    seqs = sorted(distinct, key=len)  # similar lengths together: less padding
+    device = next(trunk.parameters()).device
+    was_training = trunk.training
+    trunk.eval()
+    with torch.no_grad():
+        for i in range(0, len(seqs), cfg.per_device_eval_batch_size):
+            batch = seqs[i : i + cfg.per_device_eval_batch_size]
+            ids, mask = pad_right([list(s) for s in batch], pad, device)
+            for s, row in zip(batch, pooled_hidden(trunk, ids, mask, mode=cfg.pooling).float().cpu()):
+                distinct[s] = row
+    trunk.train(was_training)
+    chosen = torch.stack([distinct[tuple(ids)] for ids in chosen_ids])  # (P, H)
+    rejected = torch.stack([distinct[tuple(ids)] for ids in rejected_ids])
+    weights, summary = probe_weights(chosen, rejected, [prompt_key(p) for p in pairs])
+    linear = head_linear(head)
+    with torch.no_grad():
+        linear.weight.copy_(weights.to(linear.weight.dtype).view_as(linear.weight))
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    return summary
+
+
 def prompt_key(pair) -> str:
     """What pairs of the same prompt share (the prompt's messages as JSON)."""
     import json
@@ -172,6 +212,7 @@ def train_member(
     pairs = train_pairs if single or not cfg.ensemble_bootstrap else bootstrap_pairs(train_pairs, member_cfg.seed)
     member_logger = logger if single or logger is None else _Prefixed(logger, f"member{index}/")
     trainer = build_trainer(member_cfg, work, pairs, held_pairs, member_logger)
+    probe = probe_head(trainer, member_cfg, pairs) if cfg.head_init == "probe" else None
     trainable, total = count_parameters(trainer.model)
     tokenizer = trainer.processing_class
     truncated = sum(
@@ -211,6 +252,8 @@ def train_member(
         "train_runtime_s": round(runtime, 2),
         "pairs_seen": pairs_seen,
     }
+    if probe is not None:
+        metrics["head_probe"] = probe
     model = trainer.model
     scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length, pool=cfg.pooling)
     bs = cfg.per_device_eval_batch_size
@@ -281,6 +324,8 @@ def training_summary(cfg: RewardStageConfig, members: list[MemberResult], train_
         metrics["members"] = trained
     if cfg.length_debias != "none":
         metrics["length_debias"] = cfg.length_debias
+    if k == 1 and "head_probe" in trained[0]:
+        metrics["head_probe"] = trained[0]["head_probe"]  # an ensemble's are in its members list
     return metrics
 
 

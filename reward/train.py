@@ -86,6 +86,10 @@ class RewardStageConfig(TrainingConfig):
         "of what a preference reads than the top one, which is shaped for next-token prediction); lora_top_layers "
         "then counts down from block N; 0 = every block"
     )
+    head_init: Literal["random", "probe"] = field(
+        "random", "start of the score head: random, or a linear probe fitted to the training pairs on the frozen "
+        "trunk's pooled states before the first step (L2 strength by cross-validation over prompts; reward.probe)"
+    )
     keep_dropout: bool = field(False, "keep dropout active while training (TRL's disable_dropout=false)")
     max_length: int = field(512, "keep at most the last N tokens of prompt + response + EOS")
     use_margin: bool = field(True, "subtract the data's `margin` column inside the loss when present")

@@ -1,0 +1,82 @@
+"""The linear-probe start of the reward head (head_init: probe): the math by hand, the wiring on the tiny model."""
+
+import math
+
+import pytest
+import torch
+
+from reward.probe import L2_GRID, choose_l2, cv_accuracy, fit_bradley_terry, folds_by_group, probe_weights
+
+
+def test_one_pair_optimum_by_hand():
+    # softplus(-v) + 0.5 v^2 is minimal where its derivative -1/(1 + e^v) + v is 0: v (1 + e^v) = 1.
+    # Newton's method on that equation by hand from v = 0.4: v = 0.401058...
+    v = fit_bradley_terry(torch.tensor([[1.0]]), l2=0.5)
+    assert v.item() == pytest.approx(0.401058, abs=1e-5)
+    assert v.item() * (1 + math.exp(v.item())) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_opposite_pairs_cancel_and_l2_shrinks():
+    # two pairs that disagree: the gradient at 0 is -(1/2)(1/2) + (1/2)(1/2) = 0, so v = 0
+    assert fit_bradley_terry(torch.tensor([[1.0], [-1.0]]), l2=0.1).abs().item() < 1e-8
+    # a stronger penalty gives a smaller weight on the same pair
+    weak, strong = (fit_bradley_terry(torch.tensor([[2.0, 0.0]]), l2).norm().item() for l2 in (0.01, 1.0))
+    assert weak > strong > 0
+    with pytest.raises(ValueError):
+        fit_bradley_terry(torch.tensor([[1.0]]), l2=0.0)
+
+
+def test_folds_keep_each_group_together():
+    assert folds_by_group(["a", "a", "b", "c", "b", "d"], 2) == [0, 0, 1, 0, 1, 1]
+    assert folds_by_group(["x", "y", "z"], 5) == [0, 1, 2]
+
+
+def test_choose_l2_prefers_the_larger_penalty_on_ties_and_needs_two_groups():
+    # every pair says feature 0 wins: every l2 ranks every held-out fold right, so the largest is chosen
+    diffs = torch.tensor([[1.0, 0.3], [2.0, -0.5], [1.5, 0.1], [0.5, -0.2]])
+    l2, scores = choose_l2(diffs, ["p", "q", "r", "s"], grid=(0.01, 1.0), k=2)
+    assert scores == {0.01: 1.0, 1.0: 1.0} and l2 == 1.0
+    assert choose_l2(diffs, ["p"] * 4) == (max(L2_GRID), {})
+
+
+def test_cv_accuracy_by_hand():
+    # folds: a, c -> 0; b, d -> 1. Fold 0 held out: trained on rows 1, 3 (both +1) -> v > 0: row 0 right, row 2
+    # (-1) wrong. Fold 1 held out: trained on rows 0, 2 (+1, -1) -> v = 0 exactly: rows 1, 3 score 0, not > 0.
+    diffs = torch.tensor([[1.0], [1.0], [-1.0], [1.0]])
+    assert cv_accuracy(diffs, folds_by_group(["a", "b", "c", "d"], 2), l2=0.1) == 0.25
+
+
+def test_probe_weights_read_raw_features():
+    # scaling a feature by 10 scales its standardised difference by 1: the raw weight shrinks by 10
+    chosen = torch.tensor([[2.0, 1.0], [3.0, 0.0], [1.0, 2.0], [2.5, 1.5]])
+    rejected = torch.tensor([[1.0, 1.5], [2.0, 0.5], [0.5, 2.0], [1.0, 1.0]])
+    groups = ["a", "b", "c", "d"]
+    w, summary = probe_weights(chosen, rejected, groups, grid=(0.1,), k=2)
+    scaled = torch.tensor([10.0, 1.0])
+    w10, _ = probe_weights(chosen * scaled, rejected * scaled, groups, grid=(0.1,), k=2)
+    assert torch.allclose(w10 * scaled, w, atol=1e-8)
+    assert summary["l2"] == 0.1 and summary["train_accuracy"] == 1.0
+    assert ((chosen.double() - rejected.double()) @ w > 0).all()
+
+
+def test_probe_head_sets_the_head_the_scorer_reads(tiny_model_dir, tmp_path):
+    from reward.evaluate import evaluate_pairs
+    from reward.member import build_trainer, probe_head
+    from reward.modeling import head_linear, trunk_and_head
+    from reward.scorer import RewardScorer
+    from rlhf.pairs import load_splits
+
+    from tests.test_reward_model import rm_config
+
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean", head_init="probe")
+    train, held = load_splits(cfg)
+    trainer = build_trainer(cfg, tmp_path, train, held, None)
+    head = head_linear(trunk_and_head(trainer.model)[1])
+    before = head.weight.detach().clone()
+    summary = probe_head(trainer, cfg, train)
+    assert not torch.equal(before, head.weight)
+    assert summary["l2"] in L2_GRID and 0.0 <= summary["cv_accuracy"] <= 1.0
+    scorer = RewardScorer.from_model(trainer.model, trainer.processing_class, cfg.max_length, pool=cfg.pooling)
+    # the probe's own training accuracy is what the model now scores on the same pairs
+    assert evaluate_pairs(scorer, train)["accuracy"] == pytest.approx(summary["train_accuracy"], abs=1e-9)
+    assert summary["train_accuracy"] > 0.9  # chosen = rejected + " thanks": one word's evidence in the mean
