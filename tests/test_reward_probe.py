@@ -80,3 +80,18 @@ def test_probe_head_sets_the_head_the_scorer_reads(tiny_model_dir, tmp_path):
     # the probe's own training accuracy is what the model now scores on the same pairs
     assert evaluate_pairs(scorer, train)["accuracy"] == pytest.approx(summary["train_accuracy"], abs=1e-9)
     assert summary["train_accuracy"] > 0.9  # chosen = rejected + " thanks": one word's evidence in the mean
+
+
+def test_run_reward_with_a_probe_head_records_it(tiny_model_dir, tmp_path):
+    import json
+
+    from reward.train import run_reward
+
+    from tests.test_reward_model import rm_config
+
+    cfg = rm_config(tiny_model_dir, tmp_path, head_init="probe", max_steps=6)
+    metrics = run_reward(cfg)
+    probe = metrics["head_probe"]
+    assert probe["l2"] in L2_GRID and probe["seconds"] >= 0 and 0.0 <= probe["train_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "rm" / "metrics.json").read_text())["head_probe"] == probe
+    assert metrics["eval_accuracy"] >= 0.9
