@@ -93,14 +93,17 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
 
 def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     """Set the score head to a linear probe of the training pairs on the model as built (:mod:`reward.probe`):
-    every distinct training sequence pooled once, no gradient. Returns the probe's summary."""
+    every distinct training sequence pooled once, no gradient; margins are not used. Every process computes the
+    same probe (the full training set, deterministic). Returns the probe's summary."""
     import time
 
     import torch
+    from tqdm.auto import tqdm
 
     from reward.modeling import head_linear, pad_right, trunk_and_head
     from reward.pooling import pooled_hidden
     from reward.probe import probe_weights
+    from rlhf import distributed
 
     start = time.perf_counter()
     trunk, head = trunk_and_head(trainer.model)
@@ -114,12 +117,15 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     device = next(trunk.parameters()).device
     was_training = trunk.training
     trunk.eval()
+    bar = tqdm(total=len(seqs), desc="head probe", unit="seq", disable=not distributed.is_main())
     with torch.no_grad():
         for i in range(0, len(seqs), cfg.per_device_eval_batch_size):
             batch = seqs[i : i + cfg.per_device_eval_batch_size]
             ids, mask = pad_right([list(s) for s in batch], pad, device)
             for s, row in zip(batch, pooled_hidden(trunk, ids, mask, mode=cfg.pooling).float().cpu()):
                 distinct[s] = row
+            bar.update(len(batch))
+    bar.close()
     trunk.train(was_training)
     chosen = torch.stack([distinct[tuple(ids)] for ids in chosen_ids])  # (P, H)
     rejected = torch.stack([distinct[tuple(ids)] for ids in rejected_ids])
