@@ -6,8 +6,9 @@ response is run once through the frozen base model; at each depth (0 = the input
 output) the last token's state and the mean over the response's tokens are concatenated, and
 ``reward.probe.probe_weights`` fits a head to the training pairs (penalty by cross-validation over prompts).
 The held-out accuracy of every depth is recorded: no fine-tuning, so it shows what each depth offers a head.
+``--combos 0+20,...`` also fits one probe on several depths' features side by side.
 
-    python bench/reward_depth_probe.py --work WORK --out bench/results/reward_depth_probe.json
+    python bench/reward_depth_probe.py --work WORK --out bench/results/reward_depth_probe.json [--combos 0+20]
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--work", required=True, help="pipeline work folder with labels.db (candidates)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--depths", default="0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30")
+    ap.add_argument("--combos", default="", help="comma-separated groups of depths joined by +, e.g. 0+20,12+20")
     ap.add_argument("--max_train_pairs", type=int, default=300)
     ap.add_argument("--test_fraction", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
@@ -53,6 +55,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     depths = [int(d) for d in args.depths.split(",")]
+    combos = [[int(d) for d in c.split("+")] for c in args.combos.split(",") if c]
+    missing = sorted({d for c in combos for d in c} - set(depths))
+    if missing:
+        raise SystemExit(f"error: --combos uses depths not in --depths: {missing}")
     rules = dict(RULES, demo_rule_score=lambda p, a, b: rule_prefers(p, a, b, min_gap=0.1))
     cands = candidates(Path(args.work) / "labels.db")
     path = resolve_model_path(args.model)
@@ -84,13 +90,15 @@ def main() -> None:
     for name, rule in rules.items():
         train, test = split(labelled_pairs(cands, rule), args.seed, args.test_fraction, args.max_train_pairs)
         per_depth = {}
-        for d, depth in enumerate(depths):
-            def side(rows_, key):
-                return features[[index[(r["prompt"], r[key])] for r in rows_], d]
+        for key, group in [(str(d), [d]) for d in depths] + [("+".join(map(str, c)), c) for c in combos]:
+            columns = [depths.index(d) for d in group]
+
+            def side(rows_, which):
+                return features[[index[(r["prompt"], r[which])] for r in rows_]][:, columns].flatten(1)
             weights, summary = probe_weights(side(train, "chosen"), side(train, "rejected"), [r["prompt"] for r in train])
             held = (side(test, "chosen").double() - side(test, "rejected").double()) @ weights > 0
-            per_depth[depth] = {"held_out_accuracy": round(float(held.double().mean()), 4), **summary}
-            print(name, depth, per_depth[depth], flush=True)
+            per_depth[key] = {"held_out_accuracy": round(float(held.double().mean()), 4), **summary}
+            print(name, key, per_depth[key], flush=True)
         record["rules"][name] = {"train_pairs": len(train), "test_pairs": len(test), "depths": per_depth}
     record["load_avg_after"] = round(os.getloadavg()[0], 2)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
