@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_record import git_commit  # noqa: E402
+
 STOP = {"what", "which", "when", "where", "does", "that", "this", "with", "from", "have", "your", "about", "give",
         "tell", "explain", "describe", "please", "would", "could", "should", "there", "their", "them", "into"}
 
@@ -80,6 +83,16 @@ def labelled_pairs(cands: dict[str, list[str]], rule) -> dict[str, list[dict]]:
     return pairs
 
 
+def split_pairs(pairs: dict[str, list[dict]], seed: int, test_fraction: float, max_train: int
+                ) -> tuple[list[dict], list[dict]]:
+    """(training pairs, held-out pairs): a seeded ``test_fraction`` of the prompts held out whole, at most
+    ``max_train`` training pairs."""
+    prompts = sorted(pairs)
+    random.Random(seed).shuffle(prompts)
+    n_test = max(1, round(len(prompts) * test_fraction))
+    return [r for p in prompts[n_test:] for r in pairs[p]][:max_train], [r for p in prompts[:n_test] for r in pairs[p]]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -105,17 +118,12 @@ def main() -> None:
     cands = candidates(work / "labels.db")
     record = {"what": "rlhf reward with the shipped defaults on pairs labelled by rules it was not tuned on",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).resolve().parents[1]).stdout.strip(),
+              "commit": git_commit(),
               "config": args.config, "overrides": args.overrides, "candidates": sum(map(len, cands.values())),
               "prompts": len(cands), "runs": []}
     for name in args.rules.split(","):
-        pairs = labelled_pairs(cands, RULES[name])
-        prompts = sorted(pairs)
-        random.Random(args.seed).shuffle(prompts)
-        n_test = max(1, round(len(prompts) * args.test_fraction))
-        test = [r for p in prompts[:n_test] for r in pairs[p]]
-        train = [r for p in prompts[n_test:] for r in pairs[p]][: args.max_train_pairs]
+        train, test = split_pairs(labelled_pairs(cands, RULES[name]), args.seed, args.test_fraction,
+                                  args.max_train_pairs)
         folder = work / f"rm_defaults_{name}"
         folder.mkdir(exist_ok=True)
         write_jsonl(folder / "train.jsonl", train)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,14 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reward_defaults import RULES, candidates, labelled_pairs, machine  # noqa: E402
-
-
-def split(pairs: dict, seed: int, test_fraction: float, max_train: int) -> tuple[list, list]:
-    prompts = sorted(pairs)
-    random.Random(seed).shuffle(prompts)
-    n_test = max(1, round(len(prompts) * test_fraction))
-    return [r for p in prompts[n_test:] for r in pairs[p]][:max_train], [r for p in prompts[:n_test] for r in pairs[p]]
+from bench_record import git_commit  # noqa: E402
+from reward_defaults import RULES, candidates, labelled_pairs, machine, split_pairs  # noqa: E402
 
 
 def main() -> None:
@@ -83,12 +75,11 @@ def main() -> None:
     features = torch.cat(rows)  # (N, D, 2H)
     record = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": machine(), "load_avg_before": round(os.getloadavg()[0], 2),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).resolve().parents[1]).stdout.strip(),
+              "commit": git_commit(),
               "command": " ".join(sys.argv), "responses": len(texts),
               "feature_seconds": round(time.perf_counter() - start, 1), "rules": {}}
     for name, rule in rules.items():
-        train, test = split(labelled_pairs(cands, rule), args.seed, args.test_fraction, args.max_train_pairs)
+        train, test = split_pairs(labelled_pairs(cands, rule), args.seed, args.test_fraction, args.max_train_pairs)
         per_depth = {}
         for key, group in [(str(d), [d]) for d in depths] + [("+".join(map(str, c)), c) for c in combos]:
             columns = [depths.index(d) for d in group]

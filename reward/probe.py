@@ -4,9 +4,9 @@ Before any LoRA step, the trunk is frozen as built: each distinct training respo
 (:func:`reward.pooling.pooled_hidden`, the config's ``pooling``), and the head ``w`` is fitted to the
 pairs by L2-regularised Bradley–Terry (logistic regression on feature differences)::
 
-    z      = (x - mean) / std                      # per feature, over the training responses
+    z      = x / std                               # std per feature, over the training responses
     loss   = mean_pairs softplus(-(z_chosen - z_rejected) . v) + l2 * |v|^2
-    w      = v / std                               # the head reads x itself (a constant offset cancels in pairs)
+    w      = v / std                               # the head reads x itself (no mean: it cancels in every pair)
 
 ``l2`` is chosen by k-fold cross-validation over whole prompts (the pairs of one prompt stay in one
 fold), from a fixed grid. Fine-tuning then starts from a head that already ranks the pairs, instead of a
