@@ -53,6 +53,15 @@ def lock_labeler(session: Session, user_id: int) -> bool:
     return held[user_id]
 
 
+def locked_user(session: Session, name: str) -> Optional[User]:
+    """The user named ``name``, its row locked as :func:`lock_labeler` locks it (one statement for both:
+    a later :func:`lock_labeler` in the transaction answers from the memo). Taken first, before any assignment row."""
+    user = session.scalar(sa.select(User).where(User.name == name).with_for_update(key_share=True))
+    if user is not None:
+        transaction_memo(session).setdefault("labeler_locks", {})[user.id] = user.disabled_at is not None
+    return user
+
+
 def _seen_by(user_id: int):
     return sa.select(Assignment.comparison_id).where(Assignment.user_id == user_id)
 
@@ -83,7 +92,10 @@ def _new_assignment(session: Session, user_id: int, comparison: Comparison, rng:
 
 
 def take_slot(session: Session, comparison_id: int) -> bool:
-    """Take one of the comparison's overlap slots; False when all are taken (a conditional UPDATE: no over-fill)."""
+    """Take one of the comparison's overlap slots; False when all are taken (a conditional UPDATE: no over-fill).
+
+    The transaction may hold the comparison's row from here on: :func:`holds_comparison` says so."""
+    transaction_memo(session)["comparison_held"] = True
     return session.execute(
         sa.update(Comparison)
         .where(Comparison.id == comparison_id, Comparison.n_active < Comparison.overlap)
@@ -175,13 +187,23 @@ def _abandoned(cutoff: datetime):
     )
 
 
-def has_abandoned(session: Session, cutoff: datetime) -> bool:
-    """Whether any open assignment was last shown before ``cutoff``: a cheap read before :func:`expire_abandoned`
-    (one index lookup per labeler on (user_id, status), never a scan of all assignments)."""
-    stale = sa.select(Assignment.id).where(
-        Assignment.user_id == User.id, Assignment.status == "open", Assignment.shown_at < cutoff
+def holds_comparison(session: Session) -> bool:
+    """Whether the transaction took a comparison row (:func:`take_slot`): it may take no second one."""
+    return bool(transaction_memo(session).get("comparison_held"))
+
+
+def oldest_open_shown(session: Session) -> Optional[datetime]:
+    """When the longest-waiting open assignment was last shown (None: no open assignment); a cheap read before
+    :func:`expire_abandoned` (one index lookup per labeler on (user_id, status), never a scan of all assignments).
+
+    ``shown_at`` is only ever set to the time of writing, so until this time plus the TTL no assignment can become
+    abandoned: the caller need not look again before then."""
+    per_labeler = (
+        sa.select(sa.func.min(Assignment.shown_at))
+        .where(Assignment.user_id == User.id, Assignment.status == "open")
+        .scalar_subquery()
     )
-    return session.scalar(sa.select(User.id).where(stale.exists()).limit(1)) is not None
+    return session.scalar(sa.select(sa.func.min(per_labeler)).select_from(User))
 
 
 def expire_abandoned(session: Session, cutoff: datetime) -> int:

@@ -216,8 +216,9 @@ def transaction_memo(session: Session) -> dict:
 _MEMO = "transaction_memo"
 
 
-def _forget_transaction_memo(session: Session, _transaction) -> None:
-    session.info.pop(_MEMO, None)
+def _forget_transaction_memo(session: Session, transaction) -> None:
+    if transaction.parent is None:  # the database transaction ended, not a flush's or a savepoint's inner one
+        session.info.pop(_MEMO, None)
 
 
 class Store:
@@ -233,6 +234,7 @@ class Store:
         self.is_sqlite = self.url.startswith("sqlite")
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.memo: dict = {}  # what this process may remember about the database between transactions
         event.listen(self._sessions, "after_transaction_end", _forget_transaction_memo)
 
     @contextlib.contextmanager

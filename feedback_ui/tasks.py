@@ -4,7 +4,8 @@ Every function takes the :class:`Store` and the user's name from the request
 session; nothing is kept between calls. A vote is committed in the same
 transaction that picks the next task, before the caller sees the result.
 With ``assignment_ttl`` set, each call first expires abandoned assignments
-(a cheap read; a short transaction of its own only when there are some).
+(a cheap read, at most once per TTL while nothing can have become abandoned; a
+short transaction of its own only when there are some).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Optional
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from feedback_ui.assign import expire_abandoned, has_abandoned, lock_labeler, next_task, progress, skip_task
+from feedback_ui.assign import (
+    expire_abandoned, holds_comparison, locked_user, next_task, oldest_open_shown, progress, skip_task,
+)
 from feedback_ui.db_errors import integrity_violation
 from feedback_ui.store import Assignment, Comparison, Prompt, Response, Store, User, Vote, get_setting, utcnow
 from feedback_ui.voting import TaskExpired, record_vote
@@ -39,10 +42,16 @@ def expire(store: Store, assignment_ttl: Optional[timedelta]) -> int:
     """Expire assignments left open longer than ``assignment_ttl`` (None: never); returns how many."""
     if assignment_ttl is None:
         return 0
-    cutoff = utcnow() - assignment_ttl
+    now, due = utcnow(), store.memo.get(("expiry_due", assignment_ttl))
+    if due is not None and now < due:  # nothing open can have waited a whole TTL yet
+        return 0
+    cutoff = now - assignment_ttl
     with store.read() as s:
-        if not has_abandoned(s, cutoff):
-            return 0
+        oldest = oldest_open_shown(s)
+    if oldest is None or oldest >= cutoff:  # what opens later is shown later: look again when the oldest is due
+        store.memo[("expiry_due", assignment_ttl)] = min(oldest or now, now) + assignment_ttl
+        return 0
+    store.memo.pop(("expiry_due", assignment_ttl), None)
     with store.write() as s:
         n = expire_abandoned(s, cutoff)
     if n:
@@ -50,8 +59,12 @@ def expire(store: Store, assignment_ttl: Optional[timedelta]) -> int:
     return n
 
 
-def _user(s, name: Optional[str], role: Optional[str] = None) -> User:
-    user = s.scalar(sa.select(User).where(User.name == name)) if name else None
+def _user(s, name: Optional[str], role: Optional[str] = None, *, lock: bool = False) -> User:
+    """The logged-in user; ``lock``: in a write, its row locked as the labeler's (:func:`locked_user`)."""
+    if lock and name:
+        user = locked_user(s, name)
+    else:
+        user = s.scalar(sa.select(User).where(User.name == name)) if name else None
     if user is None:
         raise NotAllowed("not logged in")
     if user.disabled_at is not None:
@@ -95,7 +108,7 @@ def serve(store: Store, name: str, gold_rate: float, status: str = "", *,
     """The user's current task (a new one is assigned if none is open) with progress."""
     expire(store, assignment_ttl)
     with store.write() as s:
-        user = _user(s, name)
+        user = _user(s, name, lock=True)
         view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
     return {**view, "status": status}
 
@@ -114,12 +127,10 @@ def answer(store: Store, name: str, token: str, gold_rate: float, *, assignment_
     expire(store, assignment_ttl)
     try:
         with store.write() as s:
-            user = _user(s, name)
-            lock_labeler(s, user.id)
-            late = s.scalar(sa.select(Assignment.status).where(Assignment.token == token)) == "expired"
+            user = _user(s, name, lock=True)
             stored = record_vote(s, user.id, token, **vote)
             # a late vote took a comparison row's lock: the next task comes in a transaction of its own
-            view = None if late else _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
+            view = None if holds_comparison(s) else _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
         if view is None:
             return serve(store, name, gold_rate, "saved", **again)
     except TaskExpired as exc:
@@ -137,7 +148,7 @@ def skip(store: Store, name: str, token: str, gold_rate: float, *,
          assignment_ttl: Optional[timedelta] = None) -> dict:  # fmt: skip
     expire(store, assignment_ttl)
     with store.write() as s:
-        user = _user(s, name)
+        user = _user(s, name, lock=True)
         skipped = skip_task(s, user.id, token)
         view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
     return {**view, "status": "skipped" if skipped else "nothing to skip"}

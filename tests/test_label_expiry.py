@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from test_feedback_store import count, run_in_threads, uid
 
 from feedback_ui import tasks
-from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL, expire_abandoned, has_abandoned, next_task
+from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL, expire_abandoned, next_task, oldest_open_shown
 from feedback_ui.db_errors import integrity_violation
 from feedback_ui.store import Assignment, Comparison, Response, Vote, utcnow
 from feedback_ui.testing import make_project
@@ -23,11 +23,27 @@ TTL = timedelta(minutes=30)
 
 
 def age(store, name, minutes):
-    """Make the user's open assignments look last shown ``minutes`` ago."""
+    """Make the user's open assignments look last shown ``minutes`` ago.
+
+    The app only ever writes the present into ``shown_at`` and the process remembers, from it, when the next
+    assignment can fall due; a write into the past is none of the app's, so that memory is dropped with it."""
     user_id = uid(store, name)
     with store.write() as s:
         s.execute(sa.update(Assignment).where(Assignment.user_id == user_id, Assignment.status == "open")
                   .values(shown_at=utcnow() - timedelta(minutes=minutes)))  # fmt: skip
+    store.memo.clear()
+
+
+def statements(store):
+    """A list that collects the SQL statements ``store`` runs from now on (SQLite's own BEGIN left out)."""
+    seen = []
+
+    def keep(conn, cursor, statement, *rest):
+        if not statement.startswith("BEGIN"):
+            seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", keep)
+    return seen
 
 
 def statuses(store, name):
@@ -83,6 +99,27 @@ def test_a_late_vote_counts_once_while_the_comparison_still_needs_it(db_url):
     assert slots_match_assignments(store)
 
 
+def test_the_clock_alone_expires_a_task_and_no_read_comes_before_one_can_be_due(db_url, monkeypatch):
+    """No write into the past here: the app's own clock moves on, as it does for an abandoned browser tab."""
+    store = make_project(db_url, {"ann": "labeler", "bob": "labeler"}, n_pairs=1, overlap=1)
+    start = utcnow()
+    first = tasks.serve(store, "ann", 0.0, assignment_ttl=TTL)
+    sql = statements(store)
+    assert tasks.expire(store, TTL) == 0 and sql == []  # ann's task was shown just now: nothing to read yet
+    monkeypatch.setattr(tasks, "utcnow", lambda: start + timedelta(minutes=29))
+    assert tasks.expire(store, TTL) == 0 and sql == []
+    assert not tasks.serve(store, "bob", 0.0, assignment_ttl=TTL)["token"]  # the slot is still ann's
+    monkeypatch.setattr(tasks, "utcnow", lambda: start + timedelta(minutes=31))
+    bobs = tasks.serve(store, "bob", 0.0, assignment_ttl=TTL)
+    assert bobs["prompt"] == first["prompt"] and statuses(store, "ann") == ["expired"]
+    monkeypatch.undo()  # back to the real clock, in which bob's task was shown just now
+    with store.read() as s:
+        assert oldest_open_shown(s) >= start
+    sql.clear()
+    assert tasks.expire(store, TTL) == 0 and len(sql) == 1  # one read, then quiet until bob's task can be due
+    assert tasks.expire(store, TTL) == 0 and len(sql) == 1
+
+
 def test_serving_a_task_again_keeps_it_and_no_ttl_never_expires(db_url):
     store = make_project(db_url, {"ann": "labeler", "bob": "labeler"}, n_pairs=1, overlap=1)
     first = tasks.serve(store, "ann", 0.0, assignment_ttl=TTL)
@@ -118,7 +155,7 @@ def test_sweeps_and_votes_at_once_keep_every_slot_count_exact(db_url):
     for n in late:
         age(store, n, 90)
     with store.read() as s:
-        assert has_abandoned(s, utcnow() - TTL)
+        assert oldest_open_shown(s) < utcnow() - TTL
 
     def label(name, view=None):
         view = view or tasks.serve(store, name, 0.0, assignment_ttl=TTL)
