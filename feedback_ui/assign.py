@@ -167,6 +167,7 @@ def skip_task(session: Session, user_id: int, token: str) -> bool:
         return False
     a.status, a.finished_at = "skipped", utcnow()
     if not a.is_gold:
+        transaction_memo(session)["comparison_held"] = True  # the slot's row is locked until the transaction ends
         session.execute(
             sa.update(Comparison)
             .where(Comparison.id == a.comparison_id, Comparison.n_active > 0)
@@ -188,7 +189,8 @@ def _abandoned(cutoff: datetime):
 
 
 def holds_comparison(session: Session) -> bool:
-    """Whether the transaction took a comparison row (:func:`take_slot`): it may take no second one."""
+    """Whether the transaction took a comparison row (:func:`take_slot`, :func:`skip_task`): it may take no
+    second one, so the next task comes in a transaction of its own."""
     return bool(transaction_memo(session).get("comparison_held"))
 
 

@@ -150,8 +150,12 @@ def skip(store: Store, name: str, token: str, gold_rate: float, *,
     with store.write() as s:
         user = _user(s, name, lock=True)
         skipped = skip_task(s, user.id, token)
-        view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
-    return {**view, "status": "skipped" if skipped else "nothing to skip"}
+        # a skip gave its comparison's slot back under that row's lock: the next task comes in a transaction of its own
+        view = None if holds_comparison(s) else _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
+    status = "skipped" if skipped else "nothing to skip"
+    if view is None:
+        return serve(store, name, gold_rate, status, assignment_ttl=assignment_ttl)
+    return {**view, "status": status}
 
 
 def history(store: Store, name: str, limit: int = 50) -> list[list]:

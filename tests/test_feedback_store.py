@@ -217,6 +217,29 @@ def test_open_task_is_served_again_and_skip_frees_the_slot(db_url):
         assert next_task(s, bob) is not None  # the slot went back to the pool
 
 
+def test_a_flush_keeps_the_labeler_lock_and_a_skip_takes_one_comparison_row_per_transaction(db_url):
+    """The lock order allows one comparison row per transaction: a skip gives its slot back, then the next task
+    takes another comparison in a transaction of its own."""
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=3, overlap=1)
+    ann = uid(store, "ann")
+    with store.write() as s:
+        lock_labeler(s, ann)
+        statements = []
+        sa.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        assert next_task(s, ann) is not None  # inserts and flushes the assignment
+        assert statements and lock_labeler(s, ann) is False
+        assert not any(q.lstrip().startswith("SELECT users.disabled_at") for q in statements)  # no second lock
+    per_transaction = [[]]
+    sa.event.listen(store.engine, "before_cursor_execute", lambda *args: per_transaction[-1].append(args[2]))
+    sa.event.listen(store.engine, "commit", lambda conn: per_transaction.append([]))
+    first = tasks.serve(store, "ann", 0.0)
+    per_transaction[:] = [[]]
+    view = tasks.skip(store, "ann", first["token"], 0.0)
+    assert view["status"] == "skipped" and view["token"] and view["token"] != first["token"]
+    updates = [sum(q.startswith("UPDATE comparisons") for q in t) for t in per_transaction]
+    assert sum(updates) == 2 and max(updates) == 1  # the slot given back, then one taken, in two transactions
+
+
 def test_the_labeler_lock_is_read_once_per_transaction(db_url):
     """A vote and its next task lock the labeler's row once; what was read under the lock is forgotten at commit."""
     store = make_project(db_url, {"ann": "labeler"}, n_pairs=1)
