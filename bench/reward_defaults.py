@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import random
 import re
 import sqlite3
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_record import git_commit  # noqa: E402
+from bench_record import git_commit, machine  # noqa: E402
 
 STOP = {"what", "which", "when", "where", "does", "that", "this", "with", "from", "have", "your", "about", "give",
         "tell", "explain", "describe", "please", "would", "could", "should", "there", "their", "them", "into"}
@@ -95,12 +94,6 @@ def split_pairs(pairs: dict[str, list[dict]], seed: int, test_fraction: float, m
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def main() -> None:

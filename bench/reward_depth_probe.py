@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_record import git_commit  # noqa: E402
-from reward_defaults import RULES, candidates, labelled_pairs, machine, split_pairs  # noqa: E402
+from bench_record import git_commit, machine  # noqa: E402
+from reward_defaults import RULES, candidates, labelled_pairs, split_pairs  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Calls ``feedback_ui.tasks.answer`` (expiry check, the vote, the next task and the view, one
 transaction) in a loop for 32 labelers in turn, one thread, on a fresh SQLite file or a throwaway
 PostgreSQL cluster (durable defaults), and reports the app process's CPU time and the wall time per
-vote. ``bench/label_load.py`` measures the whole server (Gradio's queue, HTTP, the gate); this
+vote, then (untimed, one vote per labeler) the SQL statements and transactions per vote. ``bench/label_load.py`` measures the whole server (Gradio's queue, HTTP, the gate); this
 isolates the part the store's statements decide.
 
     python bench/vote_handler.py --backend postgresql --trees OLD_CHECKOUT,. --rounds 2
@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(backend: str, labelers: int, pairs: int, votes: int, warmup: int = 64) -> dict:
     """Per-vote CPU and wall milliseconds of ``tasks.answer`` with the ``feedback_ui`` importable now."""
+    import sqlalchemy as sa
+
     from feedback_ui.tasks import answer, serve
     from feedback_ui.testing import make_project
     from label_load import bench_database  # after feedback_ui: it puts this checkout first on sys.path
@@ -49,8 +51,21 @@ def measure(backend: str, labelers: int, pairs: int, votes: int, warmup: int = 6
         cpu0, wall0 = time.process_time(), time.perf_counter()
         run(votes)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        counts = {"statements": 0, "transactions": 0}  # after the timing: the listeners cost time themselves
+
+        def statement(conn, cursor, sql, *rest):
+            counts["statements"] += not sql.startswith("BEGIN")  # SQLite's BEGIN is sent as a statement
+
+        def transaction(conn):
+            counts["transactions"] += 1
+
+        sa.event.listen(store.engine, "before_cursor_execute", statement)
+        sa.event.listen(store.engine, "begin", transaction)
+        run(labelers)
         store.close()
-    return {"app_cpu_ms_per_vote": round(1000 * cpu / votes, 2), "wall_ms_per_vote": round(1000 * wall / votes, 2)}
+    return {"app_cpu_ms_per_vote": round(1000 * cpu / votes, 2), "wall_ms_per_vote": round(1000 * wall / votes, 2),
+            "statements_per_vote": round(counts["statements"] / labelers, 2),
+            "transactions_per_vote": round(counts["transactions"] / labelers, 2)}
 
 
 def commit_of(tree: Path) -> str:
@@ -69,7 +84,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--record", default=None, help="record name (default vote_handler_<backend>)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure this tree and print JSON
     args = ap.parse_args(argv)
-    if 2 * args.pairs < args.votes + 64 + args.labelers:
+    if 2 * args.pairs < args.votes + 64 + 2 * args.labelers:
         ap.error("--pairs too small for --votes (each pair takes two votes)")
     if args.one:
         sys.path.insert(0, args.one)
@@ -99,6 +114,7 @@ def main(argv=None) -> dict:
             "runs": rows,
             "median_app_cpu_ms_per_vote": statistics.median(r["app_cpu_ms_per_vote"] for r in rows),
             "median_wall_ms_per_vote": statistics.median(r["wall_ms_per_vote"] for r in rows),
+            **{key: rows[-1][key] for key in ("statements_per_vote", "transactions_per_vote") if key in rows[-1]},
         }
     settings = {"backend": args.backend, "labelers": args.labelers, "pairs": args.pairs, "overlap": 2,
                 "votes_timed": args.votes, "rounds": args.rounds, "assignment_ttl_minutes": 30,

@@ -95,7 +95,7 @@ def take_slot(session: Session, comparison_id: int) -> bool:
     """Take one of the comparison's overlap slots; False when all are taken (a conditional UPDATE: no over-fill).
 
     The transaction may hold the comparison's row from here on: :func:`holds_comparison` says so."""
-    transaction_memo(session)["comparison_held"] = True
+    _hold_comparison(session)
     return session.execute(
         sa.update(Comparison)
         .where(Comparison.id == comparison_id, Comparison.n_active < Comparison.overlap)
@@ -167,7 +167,7 @@ def skip_task(session: Session, user_id: int, token: str) -> bool:
         return False
     a.status, a.finished_at = "skipped", utcnow()
     if not a.is_gold:
-        transaction_memo(session)["comparison_held"] = True  # the slot's row is locked until the transaction ends
+        _hold_comparison(session)  # the slot's row is locked until the transaction ends
         session.execute(
             sa.update(Comparison)
             .where(Comparison.id == a.comparison_id, Comparison.n_active > 0)
@@ -186,6 +186,10 @@ def _abandoned(cutoff: datetime):
         .join(Comparison, Comparison.id == Assignment.comparison_id)
         .where(Assignment.shown_at < cutoff)
     )
+
+
+def _hold_comparison(session: Session) -> None:
+    transaction_memo(session)["comparison_held"] = True
 
 
 def holds_comparison(session: Session) -> bool:

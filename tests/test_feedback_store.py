@@ -28,6 +28,18 @@ def count(store, model, *where):
         return s.scalar(sa.select(sa.func.count()).select_from(model).where(*where))
 
 
+def statements(store):
+    """A list that collects the SQL statements ``store`` runs from now on (SQLite's own BEGIN left out)."""
+    seen = []
+
+    def keep(conn, cursor, statement, *rest):
+        if not statement.startswith("BEGIN"):
+            seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", keep)
+    return seen
+
+
 def run_in_threads(*targets, timeout=60.0):
     """Run each callable in its own thread; the first exception raised in any of them (a failed assertion
     too) is raised again here, in the test's thread, so it fails the test."""
@@ -224,11 +236,10 @@ def test_a_flush_keeps_the_labeler_lock_and_a_skip_takes_one_comparison_row_per_
     ann = uid(store, "ann")
     with store.write() as s:
         lock_labeler(s, ann)
-        statements = []
-        sa.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        sql = statements(store)
         assert next_task(s, ann) is not None  # inserts and flushes the assignment
-        assert statements and lock_labeler(s, ann) is False
-        assert not any(q.lstrip().startswith("SELECT users.disabled_at") for q in statements)  # no second lock
+        assert sql and lock_labeler(s, ann) is False
+        assert not any(q.lstrip().startswith("SELECT users.disabled_at") for q in sql)  # no second lock
     per_transaction = [[]]
     sa.event.listen(store.engine, "before_cursor_execute", lambda *args: per_transaction[-1].append(args[2]))
     sa.event.listen(store.engine, "commit", lambda conn: per_transaction.append([]))
@@ -246,14 +257,13 @@ def test_the_labeler_lock_is_read_once_per_transaction(db_url):
     ann = uid(store, "ann")
     with store.write() as s:
         assert lock_labeler(s, ann) is False
-        statements = []
-        sa.event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        sql = statements(store)
         assert lock_labeler(s, ann) is False  # the row is still held: no second statement
-        assert statements == []
+        assert sql == []
         s.execute(sa.update(User).where(User.id == ann).values(disabled_at=utcnow()))
         s.commit()  # the lock is released here
         assert lock_labeler(s, ann) is True  # read again under a new lock
-        assert sum(q.lstrip().startswith("SELECT users.disabled_at") for q in statements) == 1
+        assert sum(q.lstrip().startswith("SELECT users.disabled_at") for q in sql) == 1
 
 
 def test_sides_are_randomised_and_recorded(db_url):

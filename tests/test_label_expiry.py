@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from test_feedback_store import count, run_in_threads, uid
+from test_feedback_store import count, run_in_threads, statements, uid
 
 from feedback_ui import tasks
 from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL, expire_abandoned, next_task, oldest_open_shown
@@ -33,17 +33,6 @@ def age(store, name, minutes):
                   .values(shown_at=utcnow() - timedelta(minutes=minutes)))  # fmt: skip
     store.memo.clear()
 
-
-def statements(store):
-    """A list that collects the SQL statements ``store`` runs from now on (SQLite's own BEGIN left out)."""
-    seen = []
-
-    def keep(conn, cursor, statement, *rest):
-        if not statement.startswith("BEGIN"):
-            seen.append(statement)
-
-    sa.event.listen(store.engine, "before_cursor_execute", keep)
-    return seen
 
 
 def statuses(store, name):
