@@ -51,7 +51,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
     device = pick_device()
     model = build_reward_model(
         cfg.model_name_or_path, cfg.sft_adapter, dtype=pick_dtype(cfg.precision, device), device=device, seed=cfg.seed,
-        trunk_layers=cfg.trunk_layers,
+        trunk_layers=cfg.trunk_layers, pooling=cfg.pooling,
     )
     if cfg.method == "loreft":
         from reward.reft import attach_reward_interventions
@@ -94,15 +94,17 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
 def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     """Set the score head to a linear probe of the training pairs on the model as built (:mod:`reward.probe`):
     every distinct training sequence pooled once, no gradient; margins are not used. Every process computes the
-    same probe (the full training set, deterministic). Returns the probe's summary."""
+    same probe (the full training set, deterministic). Under ``last_mean_embeddings`` the embedding part is fitted
+    only where cross-validation keeps it (:func:`reward.probe.probe_feature_set`); otherwise it stays 0 and gets no
+    gradient. Returns the probe's summary."""
     import time
 
     import torch
     from tqdm.auto import tqdm
 
     from reward.modeling import head_linear, pad_right, trunk_and_head
-    from reward.pooling import pooled_hidden
-    from reward.probe import probe_weights
+    from reward.pooling import pooled_hidden, uses_embeddings
+    from reward.probe import probe_feature_set, probe_weights
     from rlhf import distributed
 
     start = time.perf_counter()
@@ -129,8 +131,13 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     trunk.train(was_training)
     chosen = torch.stack([distinct[tuple(ids)] for ids in chosen_ids])  # (P, H)
     rejected = torch.stack([distinct[tuple(ids)] for ids in rejected_ids])
-    weights, summary = probe_weights(chosen, rejected, [prompt_key(p) for p in pairs])
     linear = head_linear(head)
+    groups = [prompt_key(p) for p in pairs]
+    if uses_embeddings(cfg.pooling):  # the embeddings beside the state only where cross-validation wants them
+        weights, summary = probe_feature_set(chosen, rejected, groups, narrow=linear.hidden_size)
+        linear.embedding_trainable = summary["features"] == "all"
+    else:
+        weights, summary = probe_weights(chosen, rejected, groups)
     with torch.no_grad():
         linear.weight.copy_(weights.to(linear.weight.dtype).view_as(linear.weight))
     summary["seconds"] = round(time.perf_counter() - start, 2)

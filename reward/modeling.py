@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reward.pooling import pooling_description
+from reward.pooling import feature_head_like, pooling_description, uses_embeddings
 from rlhf.data import to_messages
 from rlhf.errors import ConfigError, UserError
 from rlhf.models import check_adapter, hooked_adapter_type, not_peft_message, read_adapter_config
@@ -105,12 +105,14 @@ def head_linear(head: nn.Module) -> nn.Linear:
 
 
 def build_reward_model(
-    base: str, sft_adapter: str | None, dtype: torch.dtype, device: torch.device, seed: int, trunk_layers: int = 0
+    base: str, sft_adapter: str | None, dtype: torch.dtype, device: torch.device, seed: int, trunk_layers: int = 0,
+    pooling: str = "last",
 ):
     """``AutoModelForSequenceClassification`` (num_labels=1) on ``base``, with a LoRA SFT adapter merged first
     (a hooked SFT adapter, which only a LoReFT reward model takes, is attached frozen: :mod:`reward.reft`).
     ``trunk_layers = N > 0`` keeps the lowest N blocks only (then the final norm and the head), see
-    :func:`keep_lower_blocks`.
+    :func:`keep_lower_blocks`. A ``pooling`` that reads the input embeddings too gets a
+    :class:`~reward.pooling.FeatureHead` as its ``score`` (the usual head's start, 0 on the embedding part).
 
     The score head is initialised after ``transformers.set_seed(seed)``, so runs are reproducible.
     """
@@ -140,6 +142,8 @@ def build_reward_model(
         del merged
     if trunk_layers:
         keep_lower_blocks(model, trunk_layers)
+    if uses_embeddings(pooling):
+        model.score = feature_head_like(model.score)
     return model.to(device)
 
 

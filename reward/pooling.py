@@ -3,6 +3,11 @@
     h = trunk(ids, attention_mask, position_ids = cumsum(mask) - 1).last_hidden_state   # (B, T, H)
     r = head(h[b, last attended position of row b])                    # pooling: last (the default)
     r = head(h[b, last attended position] + mean over attended positions of h[b])   # pooling: last_mean
+    r = head([that sum ; mean over attended positions of E[ids[b]] / rms(E)])      # pooling: last_mean_embeddings
+
+``last_mean_embeddings`` gives the head (a :class:`FeatureHead`, 2H -> 1) the input embeddings ``E`` of the
+tokens beside the block's state: which tokens occur (a digit, a comma, a word) is a token's identity, which the
+embeddings carry and the upper blocks dilute. ``E`` is frozen, so that part is a fixed bag of tokens.
 
 The pooled position comes from the attention mask, not from ``input_ids != pad_token_id``:
 tokenizers whose pad token is their EOS (SmolLM2, the test tokenizer) would otherwise pool the
@@ -16,11 +21,76 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-POOL_MODES = ("last", "last_mean")
+POOL_MODES = ("last", "last_mean", "last_mean_embeddings")
 _DESCRIPTIONS = {
     "last": "last attended token (attention_mask), position_ids = cumsum(mask) - 1",
     "last_mean": "last attended token + mean over attended tokens (attention_mask), one head on their sum",
+    "last_mean_embeddings": "[last attended token + mean over attended tokens ; mean of the input embeddings over "
+                            "attended tokens / rms of the embedding matrix], one head (2H -> 1) on both",
 }
+
+
+def uses_embeddings(mode: str) -> bool:
+    """Whether the head of pooling ``mode`` also reads the input embeddings (a :class:`FeatureHead`)."""
+    return mode == "last_mean_embeddings"
+
+
+def _state_mode(mode: str) -> str:
+    """How the block's hidden states are pooled under ``mode``."""
+    return "last_mean" if uses_embeddings(mode) else mode
+
+
+class FeatureHead(nn.Module):
+    """The score head of ``last_mean_embeddings``: one linear map (1, 2H) over [pooled state ; embedding mean].
+
+    Called on H-wide input (the ``*ForSequenceClassification`` model's own forward applies its ``score``
+    to every position's hidden state) it applies the state part and the bias; on 2H-wide features, all of it.
+    """
+
+    def __init__(self, hidden_size: int, bias: bool = True):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.in_features, self.out_features = 2 * hidden_size, 1
+        self.weight = nn.Parameter(torch.zeros(1, 2 * hidden_size))
+        self.bias = nn.Parameter(torch.zeros(1)) if bias else None
+        self.embedding_trainable = True  # False: the embedding columns get no gradient (they stay as they are)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.hidden_size:
+            return nn.functional.linear(x, self.weight[:, : self.hidden_size], self.bias)
+        state, embedding = self.weight[:, : self.hidden_size], self._embedding_weight()
+        return nn.functional.linear(x, torch.cat([state, embedding], 1), self.bias)
+
+    def embedding_part(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding columns alone (no bias) applied to (B, H) embedding means: (B, 1)."""
+        return nn.functional.linear(features.to(self.weight.dtype), self._embedding_weight())
+
+    def _embedding_weight(self) -> torch.Tensor:
+        embedding = self.weight[:, self.hidden_size :]
+        return embedding if self.embedding_trainable else embedding.detach()
+
+
+def feature_head_like(head: nn.Linear) -> FeatureHead:
+    """A :class:`FeatureHead` whose state part is ``head``'s weight and bias and whose embedding part is 0."""
+    wide = FeatureHead(head.in_features, bias=head.bias is not None).to(head.weight.device, head.weight.dtype)
+    with torch.no_grad():
+        wide.weight[:, : head.in_features].copy_(head.weight)
+        if head.bias is not None:
+            wide.bias.copy_(head.bias)
+    return wide
+
+
+def embedding_mean(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the input embeddings over each row's attended tokens, over the embedding matrix's rms: (B, T) -> (B, H).
+
+    The scale makes the features about as large as a normalised hidden state's, whatever the model's
+    initialisation, so one learning rate suits both parts of the head."""
+    embed = trunk.get_input_embeddings()
+    with torch.no_grad():
+        values = embed(input_ids).float()  # (B, T, H)
+        scale = embed.weight.numel() ** 0.5 / torch.linalg.vector_norm(embed.weight.float())
+        weights = attention_mask.to(values.device, values.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (values * weights).sum(1) / weights.sum(1).clamp(min=1) * scale
 
 
 def pooling_description(mode: str) -> str:
@@ -49,7 +119,7 @@ def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last")
     if mode == "last":
         return last
     if mode != "last_mean":
-        raise ValueError(f"unknown pooling {mode!r}; expected one of {POOL_MODES}")
+        raise ValueError(f"unknown pooling {mode!r} of hidden states; expected 'last' or 'last_mean'")
     weights = mask.to(values.dtype).unsqueeze(-1)  # (B, T, 1)
     return last + (values * weights).sum(1) / weights.sum(1).clamp(min=1)
 
@@ -58,7 +128,8 @@ def pooled_hidden(
     trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
 ) -> torch.Tensor:
-    """The trunk's last hidden state pooled over each row (:func:`pool`, ``mode``): (B, T) -> (B, H).
+    """The trunk's last hidden state pooled over each row (:func:`pool`, ``mode``): (B, T) -> (B, H); under
+    ``last_mean_embeddings`` the embedding mean (:func:`embedding_mean`) follows: (B, 2H), the head's features.
 
     ``lower = (h, k)``: ``h`` (B, T, H) is already the input of block ``k`` (the caller guarantees the
     active adapters leave blocks below ``k`` untouched); only blocks ``k`` and up are run.
@@ -76,7 +147,10 @@ def pooled_hidden(
         with block_range(trunk, start, stop, final_norm=True):
             out = trunk(**inputs, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
-    return pool(hidden, attention_mask, mode)  # (B, H)
+    pooled = pool(hidden, attention_mask, _state_mode(mode))  # (B, H)
+    if not uses_embeddings(mode):
+        return pooled
+    return torch.cat([pooled, embedding_mean(trunk, input_ids, attention_mask).to(pooled.dtype)], -1)  # (B, 2H)
 
 
 def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -90,7 +164,7 @@ def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """``head(pooled)`` in the head's dtype, one float32 scalar per row: (B, H) -> (B,)."""
+    """``head(pooled)`` in the head's dtype, one float32 scalar per row: (B, H) or (B, 2H) -> (B,)."""
     return head(pooled.to(_param_dtype(head, pooled.dtype))).squeeze(-1).float()
 
 
@@ -106,15 +180,17 @@ def pooled_rewards(
 
 
 def pooled_through(
-    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last"
+    model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last",
+    trunk: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled features (B, H), rewards (B,) float32) from one call of ``model`` itself: (B, T) -> ...
+    """(pooled features (B, H) or (B, 2H), rewards (B,) float32) from one call of ``model`` itself: (B, T) -> ...
 
     ``model`` is the sequence-classification model as a trainer holds it (inside a DDP, FSDP or DeepSpeed
     wrapper too), so the wrapper sees the forward pass and synchronises the gradients. ``head`` is its
     ``score`` module; its input ``h`` (B, T, H) and output (B, T, 1) are pooled over each row by :func:`pool`
     (``mode``), so the values are those of :func:`pooled_hidden` / :func:`pooled_rewards` (the wrapper's own
-    pooled ``logits``, at the last non-pad token, are not used).
+    pooled ``logits``, at the last non-pad token, are not used). Under ``last_mean_embeddings`` the head's
+    embedding part is added (``trunk``: the decoder trunk, whose input embeddings it reads).
     """
     seen: dict[str, torch.Tensor] = {}
 
@@ -127,13 +203,20 @@ def pooled_through(
               position_ids=position_ids_from_mask(attention_mask), use_cache=False)  # fmt: skip
     finally:
         handle.remove()
-    pooled = pool(seen["hidden"], attention_mask, mode)
-    rewards = pool(seen["scores"], attention_mask, mode).squeeze(-1).float()  # the head is linear: head(pool(h))
+    state_mode = _state_mode(mode)
+    pooled = pool(seen["hidden"], attention_mask, state_mode)
+    rewards = pool(seen["scores"], attention_mask, state_mode).squeeze(-1).float()  # the head is linear: head(pool(h))
     from reward.modeling import head_linear
 
-    bias = head_linear(head).bias
-    if mode == "last_mean" and bias is not None:  # ... up to its bias, counted once per pooled term
-        rewards = rewards - bias.float()
+    linear = head_linear(head)
+    if state_mode == "last_mean" and linear.bias is not None:  # ... up to its bias, counted once per pooled term
+        rewards = rewards - linear.bias.float()
+    if uses_embeddings(mode):
+        if trunk is None or not isinstance(linear, FeatureHead):
+            raise ValueError("pooling last_mean_embeddings needs the trunk and a FeatureHead")
+        embedded = embedding_mean(trunk, input_ids, attention_mask).to(pooled.dtype)  # (B, H)
+        rewards = rewards + linear.embedding_part(embedded).squeeze(-1).float()
+        pooled = torch.cat([pooled, embedded], -1)  # (B, 2H)
     return pooled, rewards
 
 

@@ -9,7 +9,9 @@ pairs by L2-regularised Bradley–Terry (logistic regression on feature differen
     w      = v / std                               # the head reads x itself (no mean: it cancels in every pair)
 
 ``l2`` is chosen by k-fold cross-validation over whole prompts (the pairs of one prompt stay in one
-fold), from a fixed grid. Fine-tuning then starts from a head that already ranks the pairs, instead of a
+fold), from a fixed grid. Where the features come in two nested sets (``pooling: last_mean_embeddings``: the
+block's state, then the input embeddings beside it), :func:`probe_feature_set` fits both and keeps the wider one
+only if it earns its place by cross-validation. Fine-tuning then starts from a head that already ranks the pairs, instead of a
 random one whose early gradients reshape the trunk to fit it (linear probing then fine-tuning,
 Kumar et al. 2022). Pure functions on tensors; the wiring is :func:`reward.member.probe_head`.
 """
@@ -86,3 +88,20 @@ def probe_weights(chosen: torch.Tensor, rejected: torch.Tensor, groups: list, gr
     v = fit_bradley_terry(diffs, l2)
     summary = {"l2": l2, "cv_accuracy": scores.get(l2), "train_accuracy": float((diffs @ v > 0).double().mean())}
     return v / std, summary
+
+
+def probe_feature_set(chosen: torch.Tensor, rejected: torch.Tensor, groups: list, narrow: int, grid=L2_GRID,
+                      k: int = 5) -> tuple[torch.Tensor, dict]:
+    """:func:`probe_weights` on the first ``narrow`` features and on all of them; the wider set is kept only if
+    its cross-validated accuracy beats the narrower's by more than one standard error of the latter
+    (``sqrt(a (1 - a) / P)`` over the P pairs: the one-standard-error rule, extra features must earn their
+    place). Returns ``w`` (D,), zero beyond ``narrow`` when the narrower set is kept, and the summary of the
+    kept fit with ``features`` (``"narrow"`` or ``"all"``) and both cross-validated accuracies."""
+    w_narrow, narrow_summary = probe_weights(chosen[:, :narrow], rejected[:, :narrow], groups, grid, k)
+    w_all, all_summary = probe_weights(chosen, rejected, groups, grid, k)
+    a, b = narrow_summary["cv_accuracy"], all_summary["cv_accuracy"]
+    wider = a is not None and b is not None and b - a > (a * (1 - a) / len(groups)) ** 0.5
+    both = {"cv_accuracy_narrow": a, "cv_accuracy_all": b}
+    if wider:
+        return w_all, {**all_summary, "features": "all", **both}
+    return torch.cat([w_narrow, w_narrow.new_zeros(chosen.shape[1] - narrow)]), {**narrow_summary, "features": "narrow", **both}

@@ -94,7 +94,7 @@ class RewardScorer:
         sft = str(Path(path) / meta["sft_adapter"]) if meta.get("sft_adapter") else None
         base = meta["base_model_path"] if Path(meta["base_model_path"]).exists() else meta["base_model"]
         model = build_reward_model(base, sft, dtype=dtype, device=device, seed=0,
-                                   trunk_layers=int(meta.get("trunk_layers") or 0))
+                                   trunk_layers=int(meta.get("trunk_layers") or 0), pooling=meta.get("pool", "last"))
         tokenizer = load_tokenizer(str(path))
         if is_reft_reward(meta):
             from reward.reft import load_reward_interventions

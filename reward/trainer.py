@@ -134,10 +134,10 @@ class PairwiseRewardTrainer(WholeEvalSet, RewardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        _, head = trunk_and_head(self.accelerator.unwrap_model(model))
+        trunk, head = trunk_and_head(self.accelerator.unwrap_model(model))
         pair = inputs["pair_index"]  # (B, 2) rows of the U distinct sequences
         pooled, rewards = pooled_through(model, head, inputs["input_ids"], inputs["attention_mask"],
-                                         self.pooling)  # (U, H), (U,)
+                                         self.pooling, trunk)  # (U, H or 2H), (U,)
         ranked = rewards
         if self.length_head is not None:
             length_rewards = apply_head(self.length_head, pooled)  # (U,)

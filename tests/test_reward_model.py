@@ -333,12 +333,49 @@ def test_pool_by_hand():
     assert pool(values, mask, "last_mean").squeeze(-1).tolist() == pytest.approx([9.0, 7 + 20 / 3])
 
 
-@pytest.mark.parametrize("pooling", ["last", "last_mean"])
+def test_embedding_pooling_and_feature_head_by_hand():
+    from reward.pooling import FeatureHead, embedding_mean, feature_head_like
+
+    class Trunk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(3, 2)
+            with torch.no_grad():
+                self.embed.weight.copy_(torch.tensor([[2.0, 0.0], [3.0, -1.0], [1.0, -3.0]]))
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    ids = torch.tensor([[1, 2, 0], [0, 0, 1]])
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    # rms of the matrix: sqrt((4 + 0 + 9 + 1 + 1 + 9) / 6) = 2; row 0: mean of (3,-1), (1,-3) = (2,-2); row 1:
+    # mean of (2, 0), (3, -1) = (2.5, -0.5); both over 2
+    assert embedding_mean(Trunk(), ids, mask).flatten().tolist() == pytest.approx([1.0, -1.0, 1.25, -0.25])
+    head = FeatureHead(2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 2.0, 10.0, 100.0]]))
+        head.bias.fill_(0.5)
+    assert head(torch.tensor([[1.0, 1.0]])).item() == 3.5  # H wide: the state part and the bias
+    assert head(torch.tensor([[1.0, 1.0, 1.0, -1.0]])).item() == 3.5 + 10 - 100
+    assert head.embedding_part(torch.tensor([[1.0, 1.0]])).item() == 110.0  # no bias
+    narrow = torch.nn.Linear(2, 1)
+    wide = feature_head_like(narrow)
+    x = torch.randn(3, 2)
+    assert torch.equal(wide(x), narrow(x)) and torch.equal(wide(torch.cat([x, x], -1)), narrow(x))
+
+
+@pytest.mark.parametrize("pooling", ["last", "last_mean", "last_mean_embeddings"])
 def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_model_dir, tmp_path, pooling):
     cfg = rm_config(tiny_model_dir, tmp_path, trunk_layers=1, lora_top_layers=1, max_steps=3, eval_fraction=0.25,
                     pooling=pooling)
     metrics = run_reward(cfg)
     assert json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())["layers_to_transform"] == [0]
+    if pooling == "last_mean_embeddings":  # the head's embedding part starts at 0 and is trained
+        from reward.attach import lora_weights
+
+        head = next(w for k, w in lora_weights(cfg.output_dir).items() if "score" in k and k.endswith("weight"))
+        hidden = head.shape[1] // 2
+        assert head.shape[0] == 1 and head[:, hidden:].abs().min() > 0
     assert read_metadata(cfg.output_dir)["trunk_layers"] == 1
     assert read_metadata(cfg.output_dir).get("pool", "last") == pooling
     standalone = RewardScorer.from_pretrained(cfg.output_dir)
@@ -352,7 +389,7 @@ def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_mod
     ids, mask = pad_right(standalone.encode(prompts, responses)[0], standalone.tokenizer.pad_token_id)
     owner = standalone._owner
     with torch.no_grad():
-        _, through = pooled_through(owner, trunk_and_head(owner)[1], ids, mask, pooling)
+        _, through = pooled_through(owner, trunk_and_head(owner)[1], ids, mask, pooling, trunk_and_head(owner)[0])
     assert through.tolist() == pytest.approx(standalone.score_tokens(ids, mask).tolist(), abs=1e-5)
     policy = policy_model(tiny_model_dir)
     assert len(policy.get_base_model().model.layers) == 2

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from reward.probe import L2_GRID, choose_l2, cv_accuracy, fit_bradley_terry, folds_by_group, probe_weights
+from reward.probe import (L2_GRID, choose_l2, cv_accuracy, fit_bradley_terry, folds_by_group, probe_feature_set,
+                          probe_weights)
 
 
 def test_one_pair_optimum_by_hand():
@@ -59,7 +60,35 @@ def test_probe_weights_read_raw_features():
     assert ((chosen.double() - rejected.double()) @ w > 0).all()
 
 
-def test_probe_head_sets_the_head_the_scorer_reads(tiny_model_dir, tmp_path):
+def test_feature_set_keeps_the_extra_features_only_where_they_earn_it():
+    signs = torch.tensor([1.0, -1.0] * 10)
+    groups = [f"p{i}" for i in range(20)]
+    # feature 0 decides every pair, feature 1 is noise: the narrow set is kept, the extra weight is exactly 0
+    chosen, rejected = torch.stack([torch.ones(20), signs], 1), torch.zeros(20, 2)
+    w, summary = probe_feature_set(chosen, rejected, groups, narrow=1, grid=(0.1,), k=5)
+    assert summary["features"] == "narrow" and summary["cv_accuracy_narrow"] == 1.0 and w[1] == 0 and w[0] > 0
+    # feature 0 is noise, feature 1 decides every pair: all features
+    chosen = torch.stack([signs, torch.ones(20)], 1)
+    w, summary = probe_feature_set(chosen, rejected, groups, narrow=1, grid=(0.1,), k=5)
+    assert summary["features"] == "all" and summary["cv_accuracy_all"] == 1.0 and w[1] > 0
+
+
+@pytest.mark.parametrize("wider_cv, kept", [(0.85, "narrow"), (0.9, "all")])
+def test_feature_set_one_standard_error_by_hand(monkeypatch, wider_cv, kept):
+    import reward.probe as probe
+
+    # 12 pairs, narrow cross-validated accuracy 0.75: one standard error is sqrt(0.75 * 0.25 / 12) = 0.125, so
+    # 0.85 (+0.10) keeps the narrow set and 0.90 (+0.15) takes all features
+    def fake(chosen, rejected, groups, grid, k):
+        return torch.zeros(chosen.shape[1]), {"l2": 1.0, "cv_accuracy": 0.75 if chosen.shape[1] == 1 else wider_cv}
+
+    monkeypatch.setattr(probe, "probe_weights", fake)
+    _, summary = probe.probe_feature_set(torch.zeros(12, 3), torch.zeros(12, 3), list(range(12)), narrow=1)
+    assert summary["features"] == kept
+
+
+@pytest.mark.parametrize("pooling", ["last_mean", "last_mean_embeddings"])
+def test_probe_head_sets_the_head_the_scorer_reads(tiny_model_dir, tmp_path, pooling):
     from reward.evaluate import evaluate_pairs
     from reward.member import build_trainer, probe_head
     from reward.modeling import head_linear, trunk_and_head
@@ -68,7 +97,7 @@ def test_probe_head_sets_the_head_the_scorer_reads(tiny_model_dir, tmp_path):
 
     from tests.test_reward_model import rm_config
 
-    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean", head_init="probe")
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling=pooling, head_init="probe")
     train, held = load_splits(cfg)
     trainer = build_trainer(cfg, tmp_path, train, held, None)
     head = head_linear(trunk_and_head(trainer.model)[1])
@@ -95,3 +124,27 @@ def test_run_reward_with_a_probe_head_records_it(tiny_model_dir, tmp_path):
     assert probe["l2"] in L2_GRID and probe["seconds"] >= 0 and 0.0 <= probe["train_accuracy"] <= 1.0
     assert json.loads((tmp_path / "rm" / "metrics.json").read_text())["head_probe"] == probe
     assert metrics["eval_accuracy"] >= 0.9
+
+
+def test_an_embedding_part_left_out_by_the_probe_gets_no_gradient(tiny_model_dir, tmp_path):
+    from reward.member import build_trainer
+    from reward.modeling import head_linear, trunk_and_head
+    from reward.train import run_reward
+    from rlhf.pairs import load_splits
+
+    from tests.test_reward_model import rm_config
+
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean_embeddings", max_steps=3)
+    train, held = load_splits(cfg)
+    trainer = build_trainer(cfg, tmp_path, train, held, None)
+    head = head_linear(trunk_and_head(trainer.model)[1])
+    hidden = head.hidden_size
+    head.embedding_trainable = False  # as probe_head leaves it when cross-validation keeps the state alone
+    before = head.weight.detach().clone()
+    trainer.train()
+    assert torch.equal(head.weight[:, hidden:], before[:, hidden:])  # 0 before, 0 after
+    assert not torch.equal(head.weight[:, :hidden], before[:, :hidden])
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean_embeddings", head_init="probe", max_steps=2)
+    probe = run_reward(cfg)["head_probe"]  # the choice and both cross-validated accuracies are recorded
+    assert probe["features"] in ("narrow", "all")
+    assert 0.0 <= probe["cv_accuracy_narrow"] <= 1.0 and 0.0 <= probe["cv_accuracy_all"] <= 1.0
