@@ -3,8 +3,9 @@
 Calls ``feedback_ui.tasks.answer`` (expiry check, the vote, the next task and the view, one
 transaction) in a loop for 32 labelers in turn, one thread, on a fresh SQLite file or a throwaway
 PostgreSQL cluster (durable defaults), and reports the app process's CPU time and the wall time per
-vote, then (untimed, one vote per labeler) the SQL statements and transactions per vote. ``bench/label_load.py`` measures the whole server (Gradio's queue, HTTP, the gate); this
-isolates the part the store's statements decide.
+vote, then (untimed, one vote per labeler) the SQL statements and transactions per vote.
+``bench/label_load.py`` measures the whole server (Gradio's queue, HTTP, the gate); this isolates the part the
+store's statements decide.
 
     python bench/vote_handler.py --backend postgresql --trees OLD_CHECKOUT,. --rounds 2
 

@@ -88,9 +88,18 @@ def embedding_mean(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: to
     embed = trunk.get_input_embeddings()
     with torch.no_grad():
         values = embed(input_ids).float()  # (B, T, H)
-        scale = embed.weight.numel() ** 0.5 / torch.linalg.vector_norm(embed.weight.float())
         weights = attention_mask.to(values.device, values.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (values * weights).sum(1) / weights.sum(1).clamp(min=1) * scale
+        return (values * weights).sum(1) / weights.sum(1).clamp(min=1) * _inverse_rms(embed.weight)
+
+
+def _inverse_rms(weight: torch.Tensor) -> torch.Tensor:
+    """``1 / rms(weight)``, kept on the weight and computed again only when it has changed in place (its version
+    counter): the embedding matrix is read once, not on every call."""
+    cached = getattr(weight, "_inverse_rms", None)
+    if cached is None or cached[0] != weight._version:
+        cached = (weight._version, weight.numel() ** 0.5 / torch.linalg.vector_norm(weight.detach().float()))
+        weight._inverse_rms = cached
+    return cached[1]
 
 
 def pooling_description(mode: str) -> str:

@@ -11,9 +11,9 @@ pairs by L2-regularised Bradley–Terry (logistic regression on feature differen
 ``l2`` is chosen by k-fold cross-validation over whole prompts (the pairs of one prompt stay in one
 fold), from a fixed grid. Where the features come in two nested sets (``pooling: last_mean_embeddings``: the
 block's state, then the input embeddings beside it), :func:`probe_feature_set` fits both and keeps the wider one
-only if it earns its place by cross-validation. Fine-tuning then starts from a head that already ranks the pairs, instead of a
-random one whose early gradients reshape the trunk to fit it (linear probing then fine-tuning,
-Kumar et al. 2022). Pure functions on tensors; the wiring is :func:`reward.member.probe_head`.
+only if it earns its place by cross-validation. Fine-tuning then starts from a head that already ranks the
+pairs, instead of a random one whose early gradients reshape the trunk to fit it (linear probing then
+fine-tuning, Kumar et al. 2022). Pure functions on tensors; the wiring is :func:`reward.member.probe_head`.
 """
 
 from __future__ import annotations
@@ -104,4 +104,5 @@ def probe_feature_set(chosen: torch.Tensor, rejected: torch.Tensor, groups: list
     both = {"cv_accuracy_narrow": a, "cv_accuracy_all": b}
     if wider:
         return w_all, {**all_summary, "features": "all", **both}
-    return torch.cat([w_narrow, w_narrow.new_zeros(chosen.shape[1] - narrow)]), {**narrow_summary, "features": "narrow", **both}
+    padded = torch.cat([w_narrow, w_narrow.new_zeros(chosen.shape[1] - narrow)])
+    return padded, {**narrow_summary, "features": "narrow", **both}

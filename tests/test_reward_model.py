@@ -350,7 +350,11 @@ def test_embedding_pooling_and_feature_head_by_hand():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
     # rms of the matrix: sqrt((4 + 0 + 9 + 1 + 1 + 9) / 6) = 2; row 0: mean of (3,-1), (1,-3) = (2,-2); row 1:
     # mean of (2, 0), (3, -1) = (2.5, -0.5); both over 2
-    assert embedding_mean(Trunk(), ids, mask).flatten().tolist() == pytest.approx([1.0, -1.0, 1.25, -0.25])
+    trunk = Trunk()
+    assert embedding_mean(trunk, ids, mask).flatten().tolist() == pytest.approx([1.0, -1.0, 1.25, -0.25])
+    with torch.no_grad():  # the rms is cached per weight; an in-place change is seen: twice the weights, same means
+        trunk.embed.weight.mul_(2)
+    assert embedding_mean(trunk, ids, mask).flatten().tolist() == pytest.approx([1.0, -1.0, 1.25, -0.25])
     head = FeatureHead(2)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 2.0, 10.0, 100.0]]))
