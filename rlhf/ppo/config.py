@@ -52,6 +52,10 @@ class PPOStageConfig(TrainingConfig):
         None, "micro-batch for forward/backward; null = mini-batch / gradient_accumulation_steps"
     )
     per_device_eval_batch_size: int = field(8, "batch of the no-grad passes (generation, log-probs, values, rewards)")
+    share_prompt_pass: bool = field(
+        True, "with samples_per_prompt K > 1, run each prompt once for its K responses in the log-prob, reference "
+        "and policy training passes (same results up to rounding; mini-batches then hold whole groups)"
+    )
 
     # optimisation (learning_rate etc. come from TrainingConfig)
     learning_rate: float = field(5e-5, "peak learning rate of the policy and value adapters")

@@ -30,6 +30,11 @@ Adapters on the shared ``PeftModel`` (the base weights exist once):
 
 Index convention for a sequence [prompt (P, left-padded) | response (R)]:
 the log-prob and value of response token t come from position P - 1 + t.
+
+``group=K`` on the policy, trunk and reference passes: rows i*K .. i*K+K-1 share their prompt, which
+then runs once per group (:mod:`rlhf.ppo.shared_prompt`; same results up to rounding). It applies
+where ``shares_prompts`` (checked on a probe at start-up) and the rows do share their prompt columns;
+otherwise the rows run whole.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from rlhf.generation import plain_generation_config
 from rlhf.models import block_range, untouched_blocks
 from rlhf.packed_weights import sampling_weights
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.ppo.shared_prompt import groups_share_prompt, position_ids, shared_prompt_hidden
 
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
 VOCAB_ROWS = 2  # sequences per vocabulary projection in no-grad passes
@@ -55,12 +61,6 @@ Tensor = torch.Tensor
 
 
 # helper functions
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions as ``generate`` assigns them to a left-padded batch: cumsum(mask) - 1, 0 on pads. (B, L)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -88,6 +88,7 @@ class ActorCritic:
         self.reference_uses_trunk = False  # the reference leaves the value_skip lowest blocks untouched too
         self.merge_for_generation = False  # sample with the policy LoRA folded into the weights (see generate)
         self.policy_skip = 0  # lowest blocks where policy == reference (frozen): see policy_trunk
+        self.shares_prompts = False  # group=K passes run each prompt once (set below, after a probe)
         self.value_head = None  # value_model "none": a critic-free estimator, no value model at all
         if value_model != "none":
             hidden = self.base.config.get_text_config().hidden_size
@@ -96,6 +97,7 @@ class ActorCritic:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self._refresh_trainable()
+        self.shares_prompts = self._shared_prompt_matches_full()
 
     # adapters
 
@@ -154,6 +156,28 @@ class ActorCritic:
         split = self._upper_hidden_as(POLICY, self.policy_trunk(ids, mask), mask, self.policy_skip)
         return bool(torch.allclose(full[mask.bool()], split[mask.bool()], rtol=1e-4, atol=1e-5))
 
+    @torch.no_grad()
+    def _shared_prompt_matches_full(self) -> bool:
+        """Does the policy pass with each group's prompt run once equal the whole-row pass? A probe of two
+        groups of two rows (left-padded prompts, right-padded responses); models whose forward does not
+        take a KV cache this way fail it, and their rows always run whole."""
+        device = self.lm_head.weight.device
+        vocab = self.base.config.get_text_config().vocab_size
+        ids = (torch.arange(3, 31, device=device).reshape(4, 7) * 7) % vocab
+        ids[1, :3] = ids[0, :3]
+        ids[3, :3] = ids[2, :3]
+        mask = torch.ones_like(ids)
+        mask[2:, 0] = 0
+        mask[1, 6] = 0
+        try:
+            with self.use(POLICY):
+                full = self.hidden_states(ids, mask)
+                shared = shared_prompt_hidden(self.decoder, 2, mask, 3, input_ids=ids)
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            return False
+        keep = mask.bool()
+        return shared.shape == full.shape and bool(torch.allclose(full[keep], shared[keep], rtol=1e-4, atol=1e-4))
+
     def _probe(self) -> tuple[Tensor, Tensor]:
         device = self.lm_head.weight.device
         ids = torch.arange(3, 11, device=device).reshape(2, 4) % self.base.config.get_text_config().vocab_size
@@ -166,10 +190,12 @@ class ActorCritic:
             return self._upper_hidden(trunk, attention_mask, start)
 
     @torch.no_grad()
-    def policy_trunk(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Input of block ``policy_skip`` (B, L, H) under the reference: equal to the policy's there."""
+    def policy_trunk(self, input_ids: Tensor, attention_mask: Tensor, group: int = 1,
+                     prompt_length: int = 0) -> Tensor:
+        """Input of block ``policy_skip`` (B, L, H) under the reference: equal to the policy's there.
+        ``group``: K rows per prompt, the first ``prompt_length`` columns being the prompt (see the module doc)."""
         with self.use(REFERENCE if self.has_reference_adapter else None), block_range(self.decoder, 0, self.policy_skip):
-            return self.hidden_states(input_ids, attention_mask)
+            return self.hidden_states(input_ids, attention_mask, group, prompt_length)
 
     def restore_grad_flags(self) -> None:
         """Only the policy/value adapters and the value head require grad (PEFT's set_adapter flips flags)."""
@@ -233,11 +259,19 @@ class ActorCritic:
 
     # forward helpers
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Final hidden states (B, L, H) under the active adapter."""
-        out = self.decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-        )
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, group: int = 1, prompt_length: int = 0) -> Tensor:
+        """Final hidden states (B, L, H) under the active adapter (``group``: see the module doc)."""
+        return self._decode(attention_mask, group, prompt_length, input_ids=input_ids)
+
+    def _decode(self, attention_mask: Tensor, group: int, prompt_length: int, *, input_ids: Tensor | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """The decoder's last hidden states (B, L, H), each group's prompt run once where it can be."""
+        if group > 1 and self.shares_prompts and groups_share_prompt(attention_mask, prompt_length, group,
+                                                                    input_ids, inputs_embeds):
+            return shared_prompt_hidden(self.decoder, group, attention_mask, prompt_length,
+                                        input_ids=input_ids, inputs_embeds=inputs_embeds)
+        out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask), use_cache=False)
         return out.last_hidden_state
 
     @torch.no_grad()
@@ -246,16 +280,15 @@ class ActorCritic:
         with self.use(None), block_range(self.decoder, 0, self.value_skip):
             return self.hidden_states(input_ids, attention_mask)
 
-    def _upper_hidden(self, trunk: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+    def _upper_hidden(self, trunk: Tensor, attention_mask: Tensor, start: int, group: int = 1,
+                      prompt_length: int = 0) -> Tensor:
         """Final hidden states (B, L, H) from the input ``trunk`` of block ``start`` (active adapter)."""
         with block_range(self.decoder, start, len(self.decoder.layers)):
-            out = self.decoder(inputs_embeds=trunk, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask), use_cache=False)
-        return out.last_hidden_state
+            return self._decode(attention_mask, group, prompt_length, inputs_embeds=trunk)
 
-    def _response_hidden(self, input_ids, attention_mask, prompt_length: int) -> Tensor:
-        h = self.hidden_states(input_ids, attention_mask)           # (B, P + R, H)
-        return h[:, prompt_length - 1 : -1]                           # (B, R, H)
+    def _response_hidden(self, input_ids, attention_mask, prompt_length: int, group: int = 1) -> Tensor:
+        h = self.hidden_states(input_ids, attention_mask, group, prompt_length)  # (B, P + R, H)
+        return h[:, prompt_length - 1 : -1]                                      # (B, R, H)
 
     def _logprobs(self, h: Tensor, response_ids: Tensor, temperature: float, with_entropy: bool):
         """Log-probs (B, R) of ``response_ids`` under softmax(lm_head(h) / temperature), and the entropy.
@@ -277,17 +310,18 @@ class ActorCritic:
         return self.value_head(h.float()).squeeze(-1)                 # (B, R)
 
     def policy_forward(self, input_ids, attention_mask, response_ids, temperature: float,
-                       with_entropy: bool = False, trunk: Tensor | None = None) -> dict:
+                       with_entropy: bool = False, trunk: Tensor | None = None, group: int = 1) -> dict:
         """Policy log-probs (B, R) of ``response_ids``; ``values`` too when the value head is shared.
 
         ``trunk``: :meth:`policy_trunk` of the same batch (only the blocks above ``policy_skip`` run).
+        ``group``: K rows per prompt (see the module doc).
         """
         P = input_ids.shape[1] - response_ids.shape[1]
         with self.use(POLICY):
             if trunk is not None:
-                h = self._upper_hidden(trunk, attention_mask, self.policy_skip)[:, P - 1 : -1]
+                h = self._upper_hidden(trunk, attention_mask, self.policy_skip, group, P)[:, P - 1 : -1]
             else:
-                h = self._response_hidden(input_ids, attention_mask, P)
+                h = self._response_hidden(input_ids, attention_mask, P, group)
             logp, entropy = self._logprobs(h, response_ids, temperature, with_entropy)
             out = {"logprobs": logp, "entropy": entropy}
             if self.value_model == "shared":
@@ -311,18 +345,18 @@ class ActorCritic:
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_ids, temperature: float,
-                           trunk: Tensor | None = None, policy_trunk: Tensor | None = None) -> Tensor:
+                           trunk: Tensor | None = None, policy_trunk: Tensor | None = None, group: int = 1) -> Tensor:
         """Reference log-probs (B, R). ``trunk``: :meth:`value_trunk` of the same batch; when the reference
         leaves those blocks untouched too (``reference_uses_trunk``) they are not run again.
         ``policy_trunk``: :meth:`policy_trunk` of the same batch (computed under the reference)."""
         P = input_ids.shape[1] - response_ids.shape[1]
         with self.use(REFERENCE if self.has_reference_adapter else None):
             if policy_trunk is not None:
-                h = self._upper_hidden(policy_trunk, attention_mask, self.policy_skip)[:, P - 1 : -1]
+                h = self._upper_hidden(policy_trunk, attention_mask, self.policy_skip, group, P)[:, P - 1 : -1]
             elif trunk is not None and self.reference_uses_trunk:
-                h = self._upper_hidden(trunk, attention_mask, self.value_skip)[:, P - 1 : -1]
+                h = self._upper_hidden(trunk, attention_mask, self.value_skip, group, P)[:, P - 1 : -1]
             else:
-                h = self._response_hidden(input_ids, attention_mask, P)
+                h = self._response_hidden(input_ids, attention_mask, P, group)
             return self._logprobs(h, response_ids, temperature, False)[0]
 
     @torch.no_grad()

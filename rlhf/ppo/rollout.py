@@ -217,8 +217,12 @@ def join_responses(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, response_
 
 @torch.no_grad()
 def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: float, generate_kwargs: dict,
-                    max_prompt_length: int, chunk: int, timings: dict) -> Rollout:
-    """Generate, truncate after EOS, run the no-grad passes and score. Fills ``timings`` (seconds)."""
+                    max_prompt_length: int, chunk: int, timings: dict, group: int = 1) -> Rollout:
+    """Generate, truncate after EOS, run the no-grad passes and score. Fills ``timings`` (seconds).
+
+    ``group``: rows i*K .. i*K+K-1 are K samples of one prompt; the log-prob and reference passes then run
+    each prompt once (:mod:`rlhf.ppo.shared_prompt`), in chunks of whole groups.
+    """
     import time
 
     t0 = time.perf_counter()
@@ -231,17 +235,20 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
     P = prompt_ids.shape[1]
 
     logprobs, entropy, ref_logprobs, values, trunks, policy_trunks = [], [], [], [], [], []
+    if group > 1:
+        chunk = max(group, chunk // group * group)
     for sl in _chunks(len(prompts), chunk):
         ids, am = input_ids[sl], attention_mask[sl]
-        lower = actor.policy_trunk(ids, am) if actor.policy_skip else None
-        out = actor.policy_forward(ids, am, response_ids[sl], temperature, with_entropy=True, trunk=lower)
+        lower = actor.policy_trunk(ids, am, group, P) if actor.policy_skip else None
+        out = actor.policy_forward(ids, am, response_ids[sl], temperature, with_entropy=True, trunk=lower,
+                                   group=group)
         logprobs.append(out["logprobs"])
         entropy.append(out["entropy"])
         trunk = actor.value_trunk(ids, am) if actor.value_skip else None
         if actor.value_model != "none":
             values.append(out["values"] if "values" in out else actor.value_forward(ids, am, P, trunk=trunk))
         ref_logprobs.append(actor.reference_logprobs(ids, am, response_ids[sl], temperature, trunk=trunk,
-                                                     policy_trunk=lower))
+                                                     policy_trunk=lower, group=group))
         if trunk is not None:
             trunks.append(trunk)
         if lower is not None:

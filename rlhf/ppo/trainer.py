@@ -137,7 +137,8 @@ class PPOTrainer:
         self.actor.peft.eval()
         rollout = collect_rollout(self.actor, self.tokenizer, self.scorer, prompts, temperature=cfg.temperature,
                                   generate_kwargs=self.generate_kwargs, max_prompt_length=cfg.max_prompt_length,
-                                  chunk=cfg.per_device_eval_batch_size, timings=timings)
+                                  chunk=cfg.per_device_eval_batch_size, timings=timings,
+                                  group=k if cfg.share_prompt_pass else 1)
         bad = (~torch.isfinite(rollout.raw_scores)).sum().item()
         if bad:
             self._stop(f"the reward scorer returned NaN/inf for {bad} of {rollout.size} responses")
@@ -186,13 +187,14 @@ class PPOTrainer:
         acc: dict[str, list[float]] = {}
         device = r.input_ids.device
         comm = 0.0
+        group = self.train_group()
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(r.size, generator=gen)
+            order = shuffled_rows(r.size, group, gen)
             for mb in order.split(cfg.mini_batch_size // self.world):
                 self.optimizer.zero_grad(set_to_none=True)
                 tokens = distributed.all_reduce_sum(r.response_mask[mb.to(device)].sum())
                 for micro in mb.split(cfg.per_device_train_batch_size):
-                    for k, v in self._micro_step(r.select(micro.to(device)), float(tokens)).items():
+                    for k, v in self._micro_step(r.select(micro.to(device)), float(tokens), group).items():
                         acc.setdefault(k, []).append(v)
                 t_comm = time.perf_counter()
                 distributed.sum_gradients(self.params)
@@ -209,14 +211,24 @@ class PPOTrainer:
         local = {k: reduce.get(k, lambda x: sum(x) / len(x))(v) for k, v in acc.items()}
         return distributed.all_reduce_stats(local, reduce)
 
-    def _micro_step(self, d: dict, tokens: float) -> dict:
+    def train_group(self) -> int:
+        """Rows per group in the training passes: samples_per_prompt where each micro-batch can hold whole
+        groups (and ``share_prompt_pass``), else 1 (rows shuffled one by one)."""
+        cfg, k = self.cfg, self.cfg.samples_per_prompt
+        if k < 2 or not cfg.share_prompt_pass or not self.actor.shares_prompts or cfg.gradient_checkpointing:
+            return 1
+        if (cfg.mini_batch_size // self.world) % k or cfg.per_device_train_batch_size % k:
+            return 1
+        return k
+
+    def _micro_step(self, d: dict, tokens: float, group: int = 1) -> dict:
         """Forward/backward of one micro-batch; each loss is its share of the mean over the mini-batch's
-        ``tokens`` response tokens (all micro-batches, all processes)."""
+        ``tokens`` response tokens (all micro-batches, all processes). ``group``: rows per shared prompt."""
         cfg, actor = self.cfg, self.actor
         m = d["response_mask"]
         share = float(m.sum()) / max(tokens, 1.0)  # turns a share of the mini-batch mean into this micro-batch's mean
         out = actor.policy_forward(d["input_ids"], d["attention_mask"], d["response_ids"], cfg.temperature,
-                                   with_entropy=cfg.entropy_coef > 0, trunk=d.get("policy_trunk"))
+                                   with_entropy=cfg.entropy_coef > 0, trunk=d.get("policy_trunk"), group=group)
         pg_loss, pg_stats = policy_loss(out["logprobs"], d["logprobs"], d["advantages"], m, cfg.cliprange, tokens)
         ratio_max = float(pg_stats["ratio_max"])
         if cfg.max_ratio and ratio_max > cfg.max_ratio:
@@ -408,6 +420,13 @@ class PPOTrainer:
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             **({"monitor": [p.as_dict() for p in self.monitor.points]} if self.monitor is not None else {}),
         }
+
+
+def shuffled_rows(n: int, group: int, gen: torch.Generator) -> torch.Tensor:
+    """A random order of ``n`` rows that keeps each group of ``group`` consecutive rows together, in order:
+    the groups are shuffled (group 1: the rows are)."""
+    groups = torch.randperm(n // group, generator=gen)
+    return (groups[:, None] * group + torch.arange(group)).reshape(-1)
 
 
 def _peak_rss_mb() -> float:
