@@ -136,6 +136,7 @@ def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last")
 def pooled_hidden(
     trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
+    group: int = 1, prompt_length: int = 0,
 ) -> torch.Tensor:
     """The trunk's last hidden state pooled over each row (:func:`pool`, ``mode``): (B, T) -> (B, H); under
     ``last_mean_embeddings`` the embedding mean (:func:`embedding_mean`) follows: (B, 2H), the head's features.
@@ -144,32 +145,45 @@ def pooled_hidden(
     active adapters leave blocks below ``k`` untouched); only blocks ``k`` and up are run.
     ``stop = n``: the blocks from ``n`` up are not run; the final norm is applied to block ``n - 1``'s output
     (a reward model trained with ``trunk_layers: n`` on a trunk that has more blocks).
+    ``group = K``, ``prompt_length = P``: rows i*K .. i*K+K-1 share their first P columns (a PPO rollout's K
+    samples of one prompt), which then run once per group (:mod:`rlhf.ppo.shared_prompt`; same values).
     """
     from rlhf.models import block_range
 
-    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     start, stop = (lower[1] if lower is not None else 0), (stop or len(trunk.layers))
+    inputs = {"inputs_embeds": lower[0]} if lower is not None else {"input_ids": input_ids}
     if start == 0 and stop == len(trunk.layers):
-        out = trunk(input_ids=input_ids, **kwargs)
+        hidden = _trunk_hidden(trunk, inputs, attention_mask, group, prompt_length)
     else:
-        inputs = {"inputs_embeds": lower[0]} if lower is not None else {"input_ids": input_ids}
         with block_range(trunk, start, stop, final_norm=True):
-            out = trunk(**inputs, **kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+            hidden = _trunk_hidden(trunk, inputs, attention_mask, group, prompt_length)  # (B, T, H)
     pooled = pool(hidden, attention_mask, _state_mode(mode))  # (B, H)
     if not uses_embeddings(mode):
         return pooled
     return torch.cat([pooled, embedding_mean(trunk, input_ids, attention_mask).to(pooled.dtype)], -1)  # (B, 2H)
 
 
-def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int) -> torch.Tensor:
-    """The input of block ``blocks`` (the output of the blocks below it): (B, T) -> (B, T, H)."""
+def _trunk_hidden(trunk: nn.Module, inputs: dict, attention_mask: torch.Tensor, group: int,
+                  prompt_length: int) -> torch.Tensor:
+    """``trunk(**inputs)``'s last hidden state (B, T, H), each group's prompt run once where the rows share it."""
+    from rlhf.ppo.shared_prompt import groups_share_prompt, shared_prompt_hidden
+
+    if group > 1 and groups_share_prompt(attention_mask, prompt_length, group, inputs.get("input_ids"),
+                                         inputs.get("inputs_embeds")):
+        return shared_prompt_hidden(trunk, group, attention_mask, prompt_length, **inputs)
+    out = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int,
+                 group: int = 1, prompt_length: int = 0) -> torch.Tensor:
+    """The input of block ``blocks`` (the output of the blocks below it): (B, T) -> (B, T, H).
+    ``group``, ``prompt_length``: see :func:`pooled_hidden`."""
     from rlhf.models import block_range
 
-    kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     with block_range(trunk, 0, blocks):
-        out = trunk(input_ids=input_ids, **kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return _trunk_hidden(trunk, {"input_ids": input_ids}, attention_mask, group, prompt_length)
 
 
 def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
@@ -180,12 +194,13 @@ def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 def pooled_rewards(
     trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
+    group: int = 1, prompt_length: int = 0,
 ) -> torch.Tensor:
     """One scalar per row: ``head(pooled trunk output)``; (B, T) -> (B,) float32.
 
-    ``lower``, ``stop``, ``mode``: see :func:`pooled_hidden`.
+    ``lower``, ``stop``, ``mode``, ``group``, ``prompt_length``: see :func:`pooled_hidden`.
     """
-    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower, stop, mode))
+    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower, stop, mode, group, prompt_length))
 
 
 def pooled_through(

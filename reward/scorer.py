@@ -292,7 +292,8 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     lower: tuple[torch.Tensor, int] | None = None, members: bool = False) -> torch.Tensor:
+                     lower: tuple[torch.Tensor, int] | None = None, members: bool = False,
+                     group: int = 1, prompt_length: int = 0) -> torch.Tensor:
         """Rewards (B,) float32 for tokenised sequences (B, T), right- or left-padded (mask marks real tokens).
 
         Sequences should be laid out as in training: chat-templated prompt, response, EOS.
@@ -300,6 +301,8 @@ class RewardScorer:
         sequences; when the RM adapters leave blocks below ``k`` untouched only the blocks above are run.
         An ensemble returns the mean over members, or with ``members=True`` every member's rewards (K, B)
         (a plain RM then gives (1, B)).
+        ``group = K``, ``prompt_length = P``: rows i*K .. i*K+K-1 share their first P columns (a rollout's K
+        samples of one prompt): each prompt then runs once (:func:`reward.pooling.pooled_hidden`).
         """
         device = self.device
         shareable = self.untouched_blocks() if self._stop is None else min(self.untouched_blocks(), self._stop - 1)
@@ -308,16 +311,18 @@ class RewardScorer:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         if not self._members:
             with self._context():
-                rewards = pooled_rewards(self.trunk, self.head, input_ids, attention_mask, lower, self._stop, self._pool)
+                rewards = pooled_rewards(self.trunk, self.head, input_ids, attention_mask, lower, self._stop, self._pool,
+                                         group, prompt_length)
             return rewards.unsqueeze(0) if members else rewards
         if lower is None and shareable > 0:  # the blocks no member adapts: once for all members
             with self._members[0][1]():
-                lower = (lower_hidden(self.trunk, input_ids, attention_mask, shareable), shareable)
+                lower = (lower_hidden(self.trunk, input_ids, attention_mask, shareable, group, prompt_length), shareable)
         per_member = []
         for head, scope in self._members:
             with scope():
                 per_member.append(
-                    pooled_rewards(self.trunk, head, input_ids, attention_mask, lower, self._stop, self._pool))
+                    pooled_rewards(self.trunk, head, input_ids, attention_mask, lower, self._stop, self._pool,
+                                   group, prompt_length))
         stacked = torch.stack(per_member)  # (K, B)
         return stacked if members else stacked.mean(dim=0)
 

@@ -129,6 +129,37 @@ def test_rm_sees_the_layout_it_was_trained_on(tiny_model_dir, tmp_path, reward_d
     assert abs(float(bare[2]) - standalone[2]) > 1e-3
 
 
+def test_rm_runs_a_groups_prompt_once_with_the_same_scores(tiny_model_dir, tmp_path, reward_dir):
+    """A rollout's K samples of a prompt (ScoreInput.group): the attached RM runs the prompt once, same scores."""
+    from reward import RewardScorer
+
+    from rlhf.generation import encode_prompts
+
+    _, tokenizer, actor, scorer, _ = _built(tiny_model_dir, tmp_path, reward_dir)
+    prompts = [[{"role": "user", "content": "Hi?"}]] * 2 + [[{"role": "user", "content": "Say something 1."}]] * 2
+    responses = ["sun river thanks", "sun", "river sun thanks sun", "thanks"]
+    enc = encode_prompts(tokenizer, prompts, "cpu")
+    rows = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    rows[2] = rows[2][:-1]                                   # cut off: the scorer appends the EOS
+    R = max(map(len, rows))
+    resp = torch.tensor([r + [tokenizer.pad_token_id] * (R - len(r)) for r in rows])
+    rmask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in rows])
+    ids, mask = torch.cat([enc["input_ids"], resp], 1), torch.cat([enc["attention_mask"], rmask], 1)
+    seen = []
+    hook = actor.decoder.layers[0].register_forward_hook(lambda m, a, out: seen.append(a[0].shape[0] * a[0].shape[1]))
+    scores = {}
+    for group in (1, 2):
+        seen.clear()
+        scores[group] = scorer.score_batch(ScoreInput(prompts, responses, ids, mask, resp, rmask,
+                                                      enc["input_ids"].shape[1], group=group))
+        scores[f"positions{group}"] = sum(seen)
+    hook.remove()
+    standalone = RewardScorer.from_pretrained(reward_dir, device="cpu").score(prompts, responses)
+    assert torch.allclose(scores[2], scores[1], atol=1e-5)
+    assert torch.allclose(scores[2], torch.tensor(standalone), atol=1e-4)
+    assert scores["positions2"] < scores["positions1"]
+
+
 def test_with_final_eos_appends_only_where_missing():
     from rlhf.ppo.scorers import with_final_eos
 

@@ -7,6 +7,7 @@ Modules (each small, one concept):
 * ``policy``     :class:`~rlhf.ppo.policy.ActorCritic`: policy / reference / value adapters on one ``PeftModel``
 * ``scorers``    the reward interface the loop sees (:class:`~rlhf.ppo.scorers.Scorer`) and adapters to it
 * ``rollout``    generate, score, shape rewards, GAE targets
+* ``shared_prompt`` one prompt pass for a prompt's K samples (KV cache repeated K times)
 * ``checkpoint`` atomic checkpoints and exact resume
 * ``trainer``    :class:`~rlhf.ppo.trainer.PPOTrainer` (the loop)
 * ``stage``      :func:`~rlhf.ppo.stage.run_ppo` (the ``rlhf ppo`` stage around it)

@@ -53,8 +53,8 @@ class PPOStageConfig(TrainingConfig):
     )
     per_device_eval_batch_size: int = field(8, "batch of the no-grad passes (generation, log-probs, values, rewards)")
     share_prompt_pass: bool = field(
-        True, "with samples_per_prompt K > 1, run each prompt once for its K responses in the log-prob, reference "
-        "and policy training passes (same results up to rounding; mini-batches then hold whole groups)"
+        True, "with samples_per_prompt K > 1, run each prompt once for its K responses in the log-prob, reference, "
+        "policy training and attached reward passes (same results up to rounding; mini-batches hold whole groups)"
     )
 
     # optimisation (learning_rate etc. come from TrainingConfig)

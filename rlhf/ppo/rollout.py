@@ -261,7 +261,7 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
     if trunk is None and policy_trunk is not None and not actor.has_reference_adapter:
         trunk, trunk_blocks = policy_trunk, actor.policy_skip  # the bare base's lower blocks: an RM may start there
     batch = ScoreInput(prompts, responses, input_ids, attention_mask, response_ids, mask, P,
-                       trunk=trunk, trunk_blocks=trunk_blocks)
+                       group=group if actor.shares_prompts else 1, trunk=trunk, trunk_blocks=trunk_blocks)
     raw = scorer.score_batch(batch).float().reshape(-1).to(input_ids.device)
     if raw.shape[0] != len(prompts):
         raise ValueError(f"the scorer returned {raw.shape[0]} scores for {len(prompts)} responses")

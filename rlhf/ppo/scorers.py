@@ -56,6 +56,7 @@ class ScoreInput:
     response_ids: Tensor        # (B, R)
     response_mask: Tensor       # (B, R)
     prompt_length: int          # P
+    group: int = 1              # rows i*K .. i*K+K-1 share their prompt columns (K samples of one prompt)
     trunk: Tensor | None = None   # (B, P + R, H) the bare base's input of block ``trunk_blocks``, if computed
     trunk_blocks: int = 0
 
@@ -117,9 +118,10 @@ class TokenScorer(_RewardModelScorer):
         ids, mask = with_final_eos(batch.input_ids, batch.attention_mask, tok.eos_token_id, pad)
         # the trunk covers the rollout's own columns only: with an EOS column added, the RM runs every block
         lower = (batch.trunk, batch.trunk_blocks) if batch.trunk is not None and ids is batch.input_ids else None
+        shared = dict(group=batch.group, prompt_length=batch.prompt_length)
         if self.members > 1:
-            return self._combine(self.rm.score_tokens(ids, mask, lower=lower, members=True))
-        scores = self.rm.score_tokens(ids, mask, lower=lower)
+            return self._combine(self.rm.score_tokens(ids, mask, lower=lower, members=True, **shared))
+        scores = self.rm.score_tokens(ids, mask, lower=lower, **shared)
         return torch.as_tensor(scores).detach().float().reshape(-1)
 
 
