@@ -120,6 +120,24 @@ def test_grouped_passes_equal_whole_rows_and_run_each_prompt_once(tiny_model_dir
     assert (whole["logprobs"] - ref_whole)[keep].abs().max() > 1e-3   # policy and reference differ
 
 
+def test_bf16_models_share_prompts_too(tiny_model_dir):
+    """The start-up probe allows bf16's rounding (the two orders of work round apart), not a wrong result."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    actor = build_actor_critic(base, sft_adapter=None, value_model="none", lora=lora_config(4, 8, 0.0, ["all-linear"]))
+    assert actor.shares_prompts
+    ids, mask, _, _ = _groups()
+    real = mask.bool()
+    with torch.no_grad():
+        whole = actor.hidden_states(ids, mask).float()
+        shared = actor.hidden_states(ids, mask, group=3, prompt_length=4).float()
+        moved = actor.hidden_states(ids, mask.roll(1, dims=1), group=3, prompt_length=4).float()  # wrong layout
+    scale = whole[real].abs().max()
+    assert (shared - whole)[real].abs().max() < 0.03 * scale
+    assert (moved - whole)[real].abs().max() > 0.2 * scale
+
+
 def test_grouped_gradients_equal_whole_rows(tiny_model_dir):
     actor = _actor(tiny_model_dir)
     ids, mask, resp, keep = _groups()
