@@ -4,8 +4,8 @@ Runs `rlhf ppo` with the PPO keys of configs/demo.yaml (RLOO, 4 samples of 8 pro
 folder's SFT adapter and reward model, for a few steps, once with `--share_prompt_pass true` and once with
 `false`, for the policy trained on its top 10 blocks (the demo's) and on every block; the pairs run one after
 the other (A B A B order over the two policy layouts) so that drift in the machine's speed falls on both.
-Step 1 samples the same rollouts in both runs of a pair (same seed, same weights): its reward and KL must
-agree, and its time split is the like-for-like comparison. Records the trainer's per-step time split
+Step 1 samples the same rollouts in both runs of a pair (same seed, same weights; its reward and KL are
+recorded to show it), and its time split is the like-for-like comparison. Records the trainer's per-step time split
 (generation, no-grad passes, scoring, training) with the machine and its load:
 
     python bench/shared_prompt.py --work WORK --out bench/results/shared_prompt.json

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhf.ppo.shared_prompt import decode
+
 POOL_MODES = ("last", "last_mean", "last_mean_embeddings")
 _DESCRIPTIONS = {
     "last": "last attended token (attention_mask), position_ids = cumsum(mask) - 1",
@@ -148,32 +150,19 @@ def pooled_hidden(
     ``group = K``, ``prompt_length = P``: rows i*K .. i*K+K-1 share their first P columns (a PPO rollout's K
     samples of one prompt), which then run once per group (:mod:`rlhf.ppo.shared_prompt`; same values).
     """
+    from contextlib import nullcontext
+
     from rlhf.models import block_range
 
     start, stop = (lower[1] if lower is not None else 0), (stop or len(trunk.layers))
     inputs = {"inputs_embeds": lower[0]} if lower is not None else {"input_ids": input_ids}
-    if start == 0 and stop == len(trunk.layers):
-        hidden = _trunk_hidden(trunk, inputs, attention_mask, group, prompt_length)
-    else:
-        with block_range(trunk, start, stop, final_norm=True):
-            hidden = _trunk_hidden(trunk, inputs, attention_mask, group, prompt_length)  # (B, T, H)
+    whole = start == 0 and stop == len(trunk.layers)
+    with nullcontext() if whole else block_range(trunk, start, stop, final_norm=True):
+        hidden = decode(trunk, attention_mask, group, prompt_length, **inputs)  # (B, T, H)
     pooled = pool(hidden, attention_mask, _state_mode(mode))  # (B, H)
     if not uses_embeddings(mode):
         return pooled
     return torch.cat([pooled, embedding_mean(trunk, input_ids, attention_mask).to(pooled.dtype)], -1)  # (B, 2H)
-
-
-def _trunk_hidden(trunk: nn.Module, inputs: dict, attention_mask: torch.Tensor, group: int,
-                  prompt_length: int) -> torch.Tensor:
-    """``trunk(**inputs)``'s last hidden state (B, T, H), each group's prompt run once where the rows share it."""
-    from rlhf.ppo.shared_prompt import groups_share_prompt, shared_prompt_hidden
-
-    if group > 1 and groups_share_prompt(attention_mask, prompt_length, group, inputs.get("input_ids"),
-                                         inputs.get("inputs_embeds")):
-        return shared_prompt_hidden(trunk, group, attention_mask, prompt_length, **inputs)
-    out = trunk(**inputs, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int,
@@ -183,7 +172,7 @@ def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     from rlhf.models import block_range
 
     with block_range(trunk, 0, blocks):
-        return _trunk_hidden(trunk, {"input_ids": input_ids}, attention_mask, group, prompt_length)
+        return decode(trunk, attention_mask, group, prompt_length, input_ids=input_ids)
 
 
 def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ from rlhf.generation import plain_generation_config
 from rlhf.models import block_range, untouched_blocks
 from rlhf.packed_weights import sampling_weights
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
-from rlhf.ppo.shared_prompt import groups_share_prompt, position_ids, shared_prompt_hidden
+from rlhf.ppo.shared_prompt import decode, shared_pass_matches_whole
 
 POLICY, REFERENCE, VALUE = "policy", "reference", "value"
 VOCAB_ROWS = 2  # sequences per vocabulary projection in no-grad passes
@@ -156,29 +156,11 @@ class ActorCritic:
         split = self._upper_hidden_as(POLICY, self.policy_trunk(ids, mask), mask, self.policy_skip)
         return bool(torch.allclose(full[mask.bool()], split[mask.bool()], rtol=1e-4, atol=1e-5))
 
-    @torch.no_grad()
     def _shared_prompt_matches_full(self) -> bool:
-        """Does the policy pass with each group's prompt run once equal the whole-row pass? A probe of two
-        groups of two rows (left-padded prompts, right-padded responses); models whose forward does not
-        take a KV cache this way fail it, and their rows always run whole."""
-        device = self.lm_head.weight.device
-        vocab = self.base.config.get_text_config().vocab_size
-        ids = (torch.arange(3, 31, device=device).reshape(4, 7) * 7) % vocab
-        ids[1, :3] = ids[0, :3]
-        ids[3, :3] = ids[2, :3]
-        mask = torch.ones_like(ids)
-        mask[2:, 0] = 0
-        mask[1, 6] = 0
-        try:
-            with self.use(POLICY):
-                full = self.hidden_states(ids, mask)
-                shared = shared_prompt_hidden(self.decoder, 2, mask, 3, input_ids=ids)
-        except (TypeError, ValueError, RuntimeError, AttributeError):
-            return False
-        keep = mask.bool()
-        tol = 1e-4 if full.dtype == torch.float32 else 3e-2  # bf16 / fp16 round the two orders of work apart
-        return shared.shape == full.shape and bool(torch.allclose(full[keep].float(), shared[keep].float(),
-                                                                  rtol=tol, atol=tol))
+        """The policy pass with each group's prompt run once equals the whole-row pass on a probe."""
+        with self.use(POLICY):
+            return shared_pass_matches_whole(self.decoder, self.base.config.get_text_config().vocab_size,
+                                             self.lm_head.weight.device)
 
     def _probe(self) -> tuple[Tensor, Tensor]:
         device = self.lm_head.weight.device
@@ -263,18 +245,8 @@ class ActorCritic:
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, group: int = 1, prompt_length: int = 0) -> Tensor:
         """Final hidden states (B, L, H) under the active adapter (``group``: see the module doc)."""
-        return self._decode(attention_mask, group, prompt_length, input_ids=input_ids)
-
-    def _decode(self, attention_mask: Tensor, group: int, prompt_length: int, *, input_ids: Tensor | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        """The decoder's last hidden states (B, L, H), each group's prompt run once where it can be."""
-        if group > 1 and self.shares_prompts and groups_share_prompt(attention_mask, prompt_length, group,
-                                                                    input_ids, inputs_embeds):
-            return shared_prompt_hidden(self.decoder, group, attention_mask, prompt_length,
-                                        input_ids=input_ids, inputs_embeds=inputs_embeds)
-        out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           position_ids=position_ids(attention_mask), use_cache=False)
-        return out.last_hidden_state
+        return decode(self.decoder, attention_mask, group if self.shares_prompts else 1, prompt_length,
+                      input_ids=input_ids)
 
     @torch.no_grad()
     def value_trunk(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -286,7 +258,8 @@ class ActorCritic:
                       prompt_length: int = 0) -> Tensor:
         """Final hidden states (B, L, H) from the input ``trunk`` of block ``start`` (active adapter)."""
         with block_range(self.decoder, start, len(self.decoder.layers)):
-            return self._decode(attention_mask, group, prompt_length, inputs_embeds=trunk)
+            return decode(self.decoder, attention_mask, group if self.shares_prompts else 1, prompt_length,
+                          inputs_embeds=trunk)
 
     def _response_hidden(self, input_ids, attention_mask, prompt_length: int, group: int = 1) -> Tensor:
         h = self.hidden_states(input_ids, attention_mask, group, prompt_length)  # (B, P + R, H)

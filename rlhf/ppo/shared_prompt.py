@@ -91,3 +91,38 @@ def shared_prompt_hidden(decoder, k: int, attention_mask: Tensor, prompt_length:
     tail = decoder(**{key: x[:, P:]}, attention_mask=response_mask_4d(attention_mask, P, dtype),
                    position_ids=position_ids(attention_mask)[:, P:], cache=cache, use_cache=True).last_hidden_state
     return torch.cat([head.repeat_interleave(k, dim=0), tail], dim=1)                  # (B, P + R, H)
+
+
+def decode(decoder, attention_mask: Tensor, group: int = 1, prompt_length: int = 0, *,
+           input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+    """``decoder``'s last hidden states (B, L, H): each group's prompt run once where the rows of a group share
+    their first ``prompt_length`` columns (:func:`shared_prompt_hidden`), else the whole rows in one pass."""
+    if group > 1 and groups_share_prompt(attention_mask, prompt_length, group, input_ids, inputs_embeds):
+        return shared_prompt_hidden(decoder, group, attention_mask, prompt_length,
+                                    input_ids=input_ids, inputs_embeds=inputs_embeds)
+    out = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                  position_ids=position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@torch.no_grad()
+def shared_pass_matches_whole(decoder, vocab_size: int, device) -> bool:
+    """Does ``decoder`` (with its adapters as they are) give the whole-row hidden states when each group's prompt
+    runs once? A probe of two groups of two rows (left-padded prompts, right-padded responses); a model whose
+    forward does not take a KV cache this way fails it (its rows then always run whole). The tolerance allows
+    bf16 / fp16 rounding, which differs between the two orders of work."""
+    ids = (torch.arange(3, 31, device=device).reshape(4, 7) * 7) % vocab_size
+    ids[1, :3] = ids[0, :3]
+    ids[3, :3] = ids[2, :3]
+    mask = torch.ones_like(ids)
+    mask[2:, 0] = 0
+    mask[1, 6] = 0
+    try:
+        whole = decode(decoder, mask, input_ids=ids)
+        shared = shared_prompt_hidden(decoder, 2, mask, 3, input_ids=ids)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return False
+    keep = mask.bool()
+    tol = 1e-4 if whole.dtype == torch.float32 else 3e-2
+    return shared.shape == whole.shape and bool(torch.allclose(whole[keep].float(), shared[keep].float(),
+                                                               rtol=tol, atol=tol))
