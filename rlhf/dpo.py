@@ -203,17 +203,6 @@ def build_trainer(cfg: DPOStageConfig, work: Path, train_pairs, held_pairs, logg
     return trainer
 
 
-def save_policy(model, out: Path, base_path: str) -> None:
-    """The policy adapter alone, in PEFT format at the top level of ``out``, recording ``base_path`` as its base."""
-    config = model.peft_config[POLICY]
-    saved = config.base_model_name_or_path
-    config.base_model_name_or_path = base_path
-    try:
-        model.save_pretrained(str(out), selected_adapters=[POLICY])
-    finally:
-        config.base_model_name_or_path = saved
-
-
 def held_out_metrics(trainer) -> dict:
     """TRL's loss, reward accuracy and margins on the held-out pairs (``eval_`` prefix), as floats."""
     raw = trainer.evaluate()
@@ -234,7 +223,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     from rlhf.budget import stopped_by_budget
     from rlhf.data import fingerprint
     from rlhf.hf_trainer import Stopwatch, finish_output, parallel_notice
-    from rlhf.models import count_parameters, resolve_model_path
+    from rlhf.models import count_parameters, resolve_model_path, save_adapter
     from rlhf.pairs import load_splits
     from rlhf.tracking import MetricsLogger
 
@@ -295,7 +284,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
             if logger is not None:
                 logger.close()
         if main:
-            save_policy(trainer.model, work, resolve_model_path(cfg.model_name_or_path))
+            save_adapter(trainer.model, POLICY, work, resolve_model_path(cfg.model_name_or_path))
             finish_output(trainer, work, cfg, metrics, watch.seconds)
     if not main:
         return metrics

@@ -233,6 +233,21 @@ def adapter_base(adapter: str) -> str | None:
     return read_adapter_config(adapter).get("base_model_name_or_path")
 
 
+def save_adapter(peft_model, name: str, folder: str | os.PathLike, base_name_or_path: str | None = None) -> Path:
+    """Adapter ``name`` of ``peft_model`` in PEFT format under ``folder``, recording ``base_name_or_path`` (when
+    given) as its base; the model's own config is left as it was. Returns the folder holding the files: PEFT
+    puts an adapter not named ``default`` in a subfolder of its name."""
+    config = peft_model.peft_config[name]
+    saved = (config.base_model_name_or_path, config.inference_mode)
+    if base_name_or_path:
+        config.base_model_name_or_path = base_name_or_path
+    try:
+        peft_model.save_pretrained(str(folder), selected_adapters=[name])
+    finally:
+        config.base_model_name_or_path, config.inference_mode = saved
+    return Path(folder) if name == "default" else Path(folder) / name
+
+
 def load_model(
     name_or_path: str,
     adapter: str | None = None,

@@ -192,3 +192,17 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def replace_files(out_dir: str | os.PathLike, write) -> None:
+    """``write(staging)`` saves into a staging folder inside ``out_dir`` and returns the folder holding the
+    files it wrote; each is then moved to the top level of ``out_dir`` (replacing its namesake atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".policy.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for f in write(tmp).iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

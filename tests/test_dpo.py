@@ -11,7 +11,8 @@ import yaml
 
 from rlhf.cli import main
 from rlhf.config import build_config
-from rlhf.dpo import POLICY, REFERENCE, DPOStageConfig, build_trainer, save_policy
+from rlhf.dpo import POLICY, REFERENCE, DPOStageConfig, build_trainer
+from rlhf.models import save_adapter
 from rlhf.pairs import load_splits
 from rlhf.testing import write_jsonl
 
@@ -121,7 +122,7 @@ def test_reference_logps_are_the_sft_policys_and_export_reloads(tiny_model_dir, 
     assert not torch.allclose(completion_logps(model, batch), expected, atol=1e-3)  # and the policy has moved
 
     out = tmp_path / "adapter"
-    save_policy(model, out, tiny_model_dir)
+    assert save_adapter(model, POLICY, out, tiny_model_dir) == out
     assert not (out / REFERENCE).exists()
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model_dir
     ids = torch.randint(0, 500, (2, 12))

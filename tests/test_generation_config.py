@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf.generation import SamplingSettings, encode_prompts, plain_generation_config, sample_batch
 from rlhf.models import load_tokenizer, lora_config
-from rlhf.ppo.policy import build_actor_critic
+from rlhf.ppo.adapters import build_actor_critic
 
 PROMPTS = ["Name a colour.", "Count to three, please."]
 

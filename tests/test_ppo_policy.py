@@ -7,7 +7,8 @@ import torch
 from rlhf.errors import UserError
 from rlhf.ppo import wiring
 from rlhf.models import lora_config
-from rlhf.ppo.policy import POLICY, REFERENCE, VALUE, build_actor_critic
+from rlhf.ppo.adapters import build_actor_critic
+from rlhf.ppo.policy import POLICY, REFERENCE, VALUE
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import ScoreInput, TokenCountScorer, TokenScorer
 from rlhf.ppo.stage import run_ppo

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhf.models import lora_config
-from rlhf.ppo.policy import POLICY, REFERENCE, build_actor_critic
+from rlhf.ppo.adapters import build_actor_critic
+from rlhf.ppo.policy import POLICY, REFERENCE
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.stage import run_ppo

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rlhf.models import lora_config
-from rlhf.ppo.policy import POLICY, build_actor_critic
+from rlhf.ppo.adapters import build_actor_critic
+from rlhf.ppo.policy import POLICY
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.shared_prompt import groups_share_prompt, response_mask_4d

@@ -221,7 +221,7 @@ def test_policy_starts_as_exact_copy_of_sft(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rlhf.models import lora_config
-    from rlhf.ppo.policy import build_actor_critic
+    from rlhf.ppo.adapters import build_actor_critic
 
     sft = make_sft_adapter(tiny_model_dir, tmp_path / "sft")
     actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=str(sft),

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rlhf.models import block_range, lora_config, untouched_blocks
-from rlhf.ppo.policy import VALUE, build_actor_critic
+from rlhf.ppo.adapters import build_actor_critic
+from rlhf.ppo.policy import VALUE
 from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.stage import run_ppo

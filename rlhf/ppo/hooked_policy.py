@@ -25,8 +25,9 @@ from torch import nn
 
 from rlhf.errors import UserError
 from rlhf.generation import plain_generation_config
+from rlhf.outputs import replace_files
 from rlhf.packed_weights import sampling_weights
-from rlhf.ppo.policy import POLICY, REFERENCE, ActorCritic, disable_dropout, replace_files
+from rlhf.ppo.policy import POLICY, REFERENCE, ActorCritic, disable_dropout
 
 
 class HookedActor(ActorCritic):

@@ -23,9 +23,10 @@ from rlhf.models import (
     pick_dtype,
     resolve_model_path,
 )
+from rlhf.ppo.adapters import build_actor_critic
 from rlhf.ppo.checkpoint import list_checkpoints
 from rlhf.ppo.config import PPOStageConfig
-from rlhf.ppo.policy import ActorCritic, build_actor_critic
+from rlhf.ppo.policy import ActorCritic
 from rlhf.ppo.rollout import normalized_head, resolve_normalization
 from rlhf.ppo.scorers import FunctionScorer, Scorer, TextScorer, TokenScorer
 
