@@ -34,7 +34,7 @@ def score_pairs(scorer, pairs: list[PreferencePair], batch_size: int = 16) -> di
     prompts = [p.prompt_messages for p in pairs]
     texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     seqs, lengths = scorer.encode(prompts + prompts, texts)
-    rewards = scorer.score_ids(seqs, batch_size)
+    rewards = scorer.score_ids(seqs, batch_size, response_lengths=lengths)
     n = len(pairs)
     return {
         "chosen": rewards[:n],
@@ -86,7 +86,7 @@ def evaluate_members(scorer, pairs: list[PreferencePair], batch_size: int = 16) 
 
     prompts = [p.prompt_messages for p in pairs]
     seqs, lengths = scorer.encode(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-    per = torch.tensor(scorer.score_ids(seqs, batch_size, members=True))  # (K, 2n)
+    per = torch.tensor(scorer.score_ids(seqs, batch_size, members=True, response_lengths=lengths))  # (K, 2n)
     n, margins = len(pairs), [p.margin for p in pairs]
     mean = aggregate_rewards(per, "mean").tolist()
     metrics = preference_metrics(mean[:n], mean[n:], margins, lengths[:n], lengths[n:])

@@ -43,6 +43,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
 
     from reward.data import pairs_to_dataset
     from reward.modeling import build_reward_model
+    from reward.pooling import needs_response_mask
     from reward.trainer import PairwiseRewardTrainer
     from rlhf.budget import stage_callbacks
     from rlhf.models import load_tokenizer, pick_device, pick_dtype
@@ -59,7 +60,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         attach_reward_interventions(model, cfg.reft_layers, cfg.reft_rank)
     with_margin = cfg.use_margin and any(p.margin is not None for p in train_pairs)
     length_head = new_length_head(model, cfg.seed) if cfg.length_debias == "length_head" else None
-    with_lengths = length_head is not None
+    with_lengths = length_head is not None or needs_response_mask(cfg.pooling)
     train_ds = pairs_to_dataset(tokenizer, train_pairs, cfg.max_length, with_margin, with_lengths)
     periodic = bool(cfg.eval_steps and held_pairs)
     eval_ds = pairs_to_dataset(tokenizer, held_pairs, cfg.max_length, with_margin, with_lengths) if periodic else None
@@ -103,7 +104,7 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     from tqdm.auto import tqdm
 
     from reward.modeling import head_linear, pad_right, trunk_and_head
-    from reward.pooling import pooled_hidden, uses_embeddings
+    from reward.pooling import needs_response_mask, pooled_hidden, response_tail_mask, uses_embeddings
     from reward.probe import probe_feature_set, probe_weights
     from rlhf import distributed
 
@@ -115,6 +116,11 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     if len(chosen_ids) != len(pairs):
         raise RuntimeError(f"the training set has {len(chosen_ids)} rows for {len(pairs)} pairs")
     distinct = {tuple(ids): None for ids in list(chosen_ids) + list(rejected_ids)}
+    lengths = {}  # response tokens of each distinct sequence, where the pooling reads the response's positions
+    if needs_response_mask(cfg.pooling):
+        data = trainer.train_dataset
+        for side in ("chosen", "rejected"):
+            lengths.update(zip(map(tuple, data[f"{side}_ids"]), data[f"{side}_len"]))
     seqs = sorted(distinct, key=len)  # similar lengths together: less padding
     device = next(trunk.parameters()).device
     was_training = trunk.training
@@ -124,7 +130,9 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
         for i in range(0, len(seqs), cfg.per_device_eval_batch_size):
             batch = seqs[i : i + cfg.per_device_eval_batch_size]
             ids, mask = pad_right([list(s) for s in batch], pad, device)
-            for s, row in zip(batch, pooled_hidden(trunk, ids, mask, mode=cfg.pooling).float().cpu()):
+            tail = response_tail_mask(mask, [lengths[s] + 1 for s in batch]) if lengths else None
+            pooled = pooled_hidden(trunk, ids, mask, mode=cfg.pooling, response_mask=tail)
+            for s, row in zip(batch, pooled.float().cpu()):
                 distinct[s] = row
             bar.update(len(batch))
     bar.close()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reward.pooling import feature_head_like, pooling_description, uses_embeddings
+from reward.pooling import embedding_parts, feature_head_like, pooling_description, uses_embeddings
 from rlhf.data import to_messages
 from rlhf.errors import ConfigError, UserError
 from rlhf.models import check_adapter, hooked_adapter_type, not_peft_message, read_adapter_config
@@ -143,7 +143,7 @@ def build_reward_model(
     if trunk_layers:
         keep_lower_blocks(model, trunk_layers)
     if uses_embeddings(pooling):
-        model.score = feature_head_like(model.score)
+        model.score = feature_head_like(model.score, embedding_parts(pooling))
     return model.to(device)
 
 

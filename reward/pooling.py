@@ -4,10 +4,15 @@
     r = head(h[b, last attended position of row b])                    # pooling: last (the default)
     r = head(h[b, last attended position] + mean over attended positions of h[b])   # pooling: last_mean
     r = head([that sum ; mean over attended positions of E[ids[b]] / rms(E)])      # pooling: last_mean_embeddings
+    r = head([... ; max over the response's positions of E[ids[b]] / rms(E)])     # pooling: last_mean_embeddings_max
 
 ``last_mean_embeddings`` gives the head (a :class:`FeatureHead`, 2H -> 1) the input embeddings ``E`` of the
 tokens beside the block's state: which tokens occur (a digit, a comma, a word) is a token's identity, which the
 embeddings carry and the upper blocks dilute. ``E`` is frozen, so that part is a fixed bag of tokens.
+``last_mean_embeddings_max`` adds their element-wise max over the response's tokens (3H -> 1): whether a kind
+of token occurs *at all* in the answer, which a mean dilutes by length. The max is taken over the response
+(``response_mask``, its tokens and the final EOS), not the prompt: the two sides of a pair share the prompt, so
+a token the prompt holds would set the feature on both.
 
 The pooled position comes from the attention mask, not from ``input_ids != pad_token_id``:
 tokenizers whose pad token is their EOS (SmolLM2, the test tokenizer) would otherwise pool the
@@ -23,18 +28,31 @@ from torch import nn
 
 from rlhf.ppo.shared_prompt import decode
 
-POOL_MODES = ("last", "last_mean", "last_mean_embeddings")
+POOL_MODES = ("last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max")
 _DESCRIPTIONS = {
     "last": "last attended token (attention_mask), position_ids = cumsum(mask) - 1",
     "last_mean": "last attended token + mean over attended tokens (attention_mask), one head on their sum",
     "last_mean_embeddings": "[last attended token + mean over attended tokens ; mean of the input embeddings over "
                             "attended tokens / rms of the embedding matrix], one head (2H -> 1) on both",
+    "last_mean_embeddings_max": "[last attended token + mean over attended tokens ; mean of the input embeddings over "
+                                "attended tokens / rms of the embedding matrix ; their max over the response's "
+                                "tokens and EOS / the same rms], one head (3H -> 1) on all three",
 }
 
 
 def uses_embeddings(mode: str) -> bool:
     """Whether the head of pooling ``mode`` also reads the input embeddings (a :class:`FeatureHead`)."""
-    return mode == "last_mean_embeddings"
+    return mode in ("last_mean_embeddings", "last_mean_embeddings_max")
+
+
+def embedding_parts(mode: str) -> int:
+    """How many H-wide embedding features the head of pooling ``mode`` reads beside the state: 0, 1 or 2."""
+    return {"last_mean_embeddings": 1, "last_mean_embeddings_max": 2}.get(mode, 0)
+
+
+def needs_response_mask(mode: str) -> bool:
+    """Whether pooling ``mode`` reads which positions are the response's (``response_mask``)."""
+    return mode == "last_mean_embeddings_max"
 
 
 def _state_mode(mode: str) -> str:
@@ -43,17 +61,18 @@ def _state_mode(mode: str) -> str:
 
 
 class FeatureHead(nn.Module):
-    """The score head of ``last_mean_embeddings``: one linear map (1, 2H) over [pooled state ; embedding mean].
+    """The score head of ``last_mean_embeddings[_max]``: one linear map (1, (1 + parts) H) over [pooled state ;
+    embedding features] (``parts`` = 1: their mean; 2: their mean and their max over the response).
 
     Called on H-wide input (the ``*ForSequenceClassification`` model's own forward applies its ``score``
-    to every position's hidden state) it applies the state part and the bias; on 2H-wide features, all of it.
+    to every position's hidden state) it applies the state part and the bias; on wider features, all of it.
     """
 
-    def __init__(self, hidden_size: int, bias: bool = True):
+    def __init__(self, hidden_size: int, bias: bool = True, parts: int = 1):
         super().__init__()
         self.hidden_size = hidden_size
-        self.in_features, self.out_features = 2 * hidden_size, 1
-        self.weight = nn.Parameter(torch.zeros(1, 2 * hidden_size))
+        self.in_features, self.out_features = (1 + parts) * hidden_size, 1
+        self.weight = nn.Parameter(torch.zeros(1, self.in_features))
         self.bias = nn.Parameter(torch.zeros(1)) if bias else None
         self.embedding_trainable = True  # False: the embedding columns get no gradient (they stay as they are)
 
@@ -64,7 +83,7 @@ class FeatureHead(nn.Module):
         return nn.functional.linear(x, torch.cat([state, embedding], 1), self.bias)
 
     def embedding_part(self, features: torch.Tensor) -> torch.Tensor:
-        """The embedding columns alone (no bias) applied to (B, H) embedding means: (B, 1)."""
+        """The embedding columns alone (no bias) applied to (B, parts * H) embedding features: (B, 1)."""
         return nn.functional.linear(features.to(self.weight.dtype), self._embedding_weight())
 
     def _embedding_weight(self) -> torch.Tensor:
@@ -72,9 +91,10 @@ class FeatureHead(nn.Module):
         return embedding if self.embedding_trainable else embedding.detach()
 
 
-def feature_head_like(head: nn.Linear) -> FeatureHead:
+def feature_head_like(head: nn.Linear, parts: int = 1) -> FeatureHead:
     """A :class:`FeatureHead` whose state part is ``head``'s weight and bias and whose embedding part is 0."""
-    wide = FeatureHead(head.in_features, bias=head.bias is not None).to(head.weight.device, head.weight.dtype)
+    wide = FeatureHead(head.in_features, bias=head.bias is not None, parts=parts).to(head.weight.device,
+                                                                                     head.weight.dtype)
     with torch.no_grad():
         wide.weight[:, : head.in_features].copy_(head.weight)
         if head.bias is not None:
@@ -92,6 +112,34 @@ def embedding_mean(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: to
         values = embed(input_ids).float()  # (B, T, H)
         weights = attention_mask.to(values.device, values.dtype).unsqueeze(-1)  # (B, T, 1)
         return (values * weights).sum(1) / weights.sum(1).clamp(min=1) * _inverse_rms(embed.weight)
+
+
+def embedding_features(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str,
+                       response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The embedding features of pooling ``mode``: :func:`embedding_mean` (B, H), and under
+    ``last_mean_embeddings_max`` beside it their max over each row's response positions (B, 2H)."""
+    mean = embedding_mean(trunk, input_ids, attention_mask)
+    if not needs_response_mask(mode):
+        return mean
+    if response_mask is None:
+        raise ValueError(f"pooling {mode} needs the response_mask of the rows")
+    embed = trunk.get_input_embeddings()
+    with torch.no_grad():
+        values = embed(input_ids).float()  # (B, T, H)
+        keep = response_mask.to(values.device).bool() & attention_mask.to(values.device).bool()
+        if not bool(keep.any(-1).all()):
+            raise ValueError("response_mask marks no position of some row")
+        top = values.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(1)  # (B, H)
+        return torch.cat([mean, top * _inverse_rms(embed.weight)], -1)
+
+
+def response_tail_mask(attention_mask: torch.Tensor, counts) -> torch.Tensor:
+    """1 on the last ``counts[b]`` attended positions of each row (its response and EOS, as
+    :func:`reward.modeling.encode_for_reward` lays them out), 0 elsewhere: (B, T), right or left padding."""
+    mask = attention_mask.long()
+    counts = torch.as_tensor(counts, device=mask.device).long().view(-1, 1)  # (B, 1)
+    from_end = mask.flip(-1).cumsum(-1).flip(-1)  # attended positions from here to the row's end
+    return mask * (from_end <= counts).long()
 
 
 def _inverse_rms(weight: torch.Tensor) -> torch.Tensor:
@@ -138,10 +186,11 @@ def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last")
 def pooled_hidden(
     trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
-    group: int = 1, prompt_length: int = 0,
+    group: int = 1, prompt_length: int = 0, response_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The trunk's last hidden state pooled over each row (:func:`pool`, ``mode``): (B, T) -> (B, H); under
-    ``last_mean_embeddings`` the embedding mean (:func:`embedding_mean`) follows: (B, 2H), the head's features.
+    ``last_mean_embeddings[_max]`` the embedding features (:func:`embedding_features`) follow: (B, 2H or 3H),
+    the head's features (``response_mask`` (B, T): the response's positions, which the max reads).
 
     ``lower = (h, k)``: ``h`` (B, T, H) is already the input of block ``k`` (the caller guarantees the
     active adapters leave blocks below ``k`` untouched); only blocks ``k`` and up are run.
@@ -162,7 +211,8 @@ def pooled_hidden(
     pooled = pool(hidden, attention_mask, _state_mode(mode))  # (B, H)
     if not uses_embeddings(mode):
         return pooled
-    return torch.cat([pooled, embedding_mean(trunk, input_ids, attention_mask).to(pooled.dtype)], -1)  # (B, 2H)
+    embedded = embedding_features(trunk, input_ids, attention_mask, mode, response_mask)
+    return torch.cat([pooled, embedded.to(pooled.dtype)], -1)  # (B, 2H or 3H)
 
 
 def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int,
@@ -183,18 +233,19 @@ def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 def pooled_rewards(
     trunk: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None, mode: str = "last",
-    group: int = 1, prompt_length: int = 0,
+    group: int = 1, prompt_length: int = 0, response_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One scalar per row: ``head(pooled trunk output)``; (B, T) -> (B,) float32.
 
-    ``lower``, ``stop``, ``mode``, ``group``, ``prompt_length``: see :func:`pooled_hidden`.
+    ``lower``, ``stop``, ``mode``, ``group``, ``prompt_length``, ``response_mask``: see :func:`pooled_hidden`.
     """
-    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower, stop, mode, group, prompt_length))
+    return apply_head(head, pooled_hidden(trunk, input_ids, attention_mask, lower, stop, mode, group, prompt_length,
+                                          response_mask))
 
 
 def pooled_through(
     model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last",
-    trunk: nn.Module | None = None,
+    trunk: nn.Module | None = None, response_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled features (B, H) or (B, 2H), rewards (B,) float32) from one call of ``model`` itself: (B, T) -> ...
 
@@ -202,8 +253,9 @@ def pooled_through(
     wrapper too), so the wrapper sees the forward pass and synchronises the gradients. ``head`` is its
     ``score`` module; its input ``h`` (B, T, H) and output (B, T, 1) are pooled over each row by :func:`pool`
     (``mode``), so the values are those of :func:`pooled_hidden` / :func:`pooled_rewards` (the wrapper's own
-    pooled ``logits``, at the last non-pad token, are not used). Under ``last_mean_embeddings`` the head's
-    embedding part is added (``trunk``: the decoder trunk, whose input embeddings it reads).
+    pooled ``logits``, at the last non-pad token, are not used). Under ``last_mean_embeddings[_max]`` the head's
+    embedding part is added (``trunk``: the decoder trunk, whose input embeddings it reads; ``response_mask``: see
+    :func:`pooled_hidden`).
     """
     seen: dict[str, torch.Tensor] = {}
 
@@ -226,10 +278,10 @@ def pooled_through(
         rewards = rewards - linear.bias.float()
     if uses_embeddings(mode):
         if trunk is None or not isinstance(linear, FeatureHead):
-            raise ValueError("pooling last_mean_embeddings needs the trunk and a FeatureHead")
-        embedded = embedding_mean(trunk, input_ids, attention_mask).to(pooled.dtype)  # (B, H)
+            raise ValueError(f"pooling {mode} needs the trunk and a FeatureHead")
+        embedded = embedding_features(trunk, input_ids, attention_mask, mode, response_mask).to(pooled.dtype)
         rewards = rewards + linear.embedding_part(embedded).squeeze(-1).float()
-        pooled = torch.cat([pooled, embedded], -1)  # (B, 2H)
+        pooled = torch.cat([pooled, embedded], -1)  # (B, 2H or 3H)
     return pooled, rewards
 
 

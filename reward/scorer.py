@@ -43,7 +43,7 @@ from reward.modeling import (
     read_stats,
     trunk_and_head,
 )
-from reward.pooling import lower_hidden, pooled_rewards
+from reward.pooling import lower_hidden, pooled_rewards, response_tail_mask
 from rlhf.errors import UserError
 
 
@@ -293,7 +293,7 @@ class RewardScorer:
     @torch.no_grad()
     def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      lower: tuple[torch.Tensor, int] | None = None, members: bool = False,
-                     group: int = 1, prompt_length: int = 0) -> torch.Tensor:
+                     group: int = 1, prompt_length: int = 0, response_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (B,) float32 for tokenised sequences (B, T), right- or left-padded (mask marks real tokens).
 
         Sequences should be laid out as in training: chat-templated prompt, response, EOS.
@@ -303,6 +303,8 @@ class RewardScorer:
         (a plain RM then gives (1, B)).
         ``group = K``, ``prompt_length = P``: rows i*K .. i*K+K-1 share their first P columns (a rollout's K
         samples of one prompt): each prompt then runs once (:func:`reward.pooling.pooled_hidden`).
+        ``response_mask`` (B, T): the response's positions (and its EOS); pooling ``last_mean_embeddings_max`` needs
+        it (:func:`reward.pooling.response_tail_mask` makes it from response lengths).
         """
         device = self.device
         shareable = self.untouched_blocks() if self._stop is None else min(self.untouched_blocks(), self._stop - 1)
@@ -312,7 +314,7 @@ class RewardScorer:
         if not self._members:
             with self._context():
                 rewards = pooled_rewards(self.trunk, self.head, input_ids, attention_mask, lower, self._stop, self._pool,
-                                         group, prompt_length)
+                                         group, prompt_length, response_mask)
             return rewards.unsqueeze(0) if members else rewards
         if lower is None and shareable > 0:  # the blocks no member adapts: once for all members
             with self._members[0][1]():
@@ -322,15 +324,17 @@ class RewardScorer:
             with scope():
                 per_member.append(
                     pooled_rewards(self.trunk, head, input_ids, attention_mask, lower, self._stop, self._pool,
-                                   group, prompt_length))
+                                   group, prompt_length, response_mask))
         stacked = torch.stack(per_member)  # (K, B)
         return stacked if members else stacked.mean(dim=0)
 
     @torch.no_grad()
-    def score_ids(self, seqs: list[list[int]], batch_size: int = 16, members: bool = False) -> list:
+    def score_ids(self, seqs: list[list[int]], batch_size: int = 16, members: bool = False,
+                  response_lengths: list[int] | None = None) -> list:
         """Rewards for token-id lists, batched by similar length (results in input order).
 
-        ``members=True``: one list per member (K lists of ``len(seqs)`` rewards).
+        ``members=True``: one list per member (K lists of ``len(seqs)`` rewards). ``response_lengths``: each
+        sequence's response tokens (as :meth:`encode` returns them; the EOS after them counts too).
         """
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         k = self.ensemble_size if members else 1
@@ -339,7 +343,8 @@ class RewardScorer:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_right([seqs[i] for i in idx], pad, self.device)
-            rewards = self.score_tokens(ids, mask, members=members)
+            tail = None if response_lengths is None else response_tail_mask(mask, [response_lengths[i] + 1 for i in idx])
+            rewards = self.score_tokens(ids, mask, members=members, response_mask=tail)
             for row, values in zip(out, (rewards if members else rewards.unsqueeze(0)).tolist()):
                 for i, r in zip(idx, values):
                     row[i] = r
@@ -350,15 +355,15 @@ class RewardScorer:
         message lists."""
         if not responses:
             return []
-        seqs, _ = self.encode(prompts, responses)
-        return self.score_ids(seqs, batch_size)
+        seqs, lengths = self.encode(prompts, responses)
+        return self.score_ids(seqs, batch_size, response_lengths=lengths)
 
     def score_members(self, prompts: list[Any], responses: list[str], batch_size: int = 16) -> list[list[float]]:
         """Every member's rewards: K lists (members) of B rewards (K = 1 for a plain reward model)."""
         if not responses:
             return [[] for _ in range(self.ensemble_size)]
-        seqs, _ = self.encode(prompts, responses)
-        return self.score_ids(seqs, batch_size, members=True)
+        seqs, lengths = self.encode(prompts, responses)
+        return self.score_ids(seqs, batch_size, members=True, response_lengths=lengths)
 
 
 # helper functions

@@ -40,7 +40,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from reward.losses import bradley_terry_loss, length_disentangle_loss, orthogonality_loss, pearson_t, unique_rows
 from reward.modeling import head_linear, trunk_and_head
-from reward.pooling import apply_head, pooled_through
+from reward.pooling import apply_head, needs_response_mask, pooled_through, response_tail_mask
 from rlhf.hf_trainer import WholeEvalSet
 
 LENGTH_COLUMNS = ("chosen_len", "rejected_len")
@@ -103,10 +103,11 @@ class PairwiseRewardTrainer(WholeEvalSet, RewardTrainer):
 
     def __init__(self, *args, length_head: torch.nn.Module | None = None, length_coef: float = 1.0,
                  orthogonal_coef: float = 1.0, groups: list | None = None, pooling: str = "last", **kwargs):
+        self.with_lengths = length_head is not None or needs_response_mask(pooling)
         if kwargs.get("data_collator") is None:
             tokenizer = kwargs["processing_class"]
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            kwargs["data_collator"] = UniqueCollator(pad_token_id=pad, with_lengths=length_head is not None)
+            kwargs["data_collator"] = UniqueCollator(pad_token_id=pad, with_lengths=self.with_lengths)
         super().__init__(*args, **kwargs)
         self.groups = groups
         self.pooling = pooling
@@ -127,7 +128,7 @@ class PairwiseRewardTrainer(WholeEvalSet, RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self.length_head is not None:
+        if self.with_lengths:
             self._signature_columns = list(self._signature_columns) + [
                 c for c in LENGTH_COLUMNS if c not in self._signature_columns
             ]
@@ -136,8 +137,11 @@ class PairwiseRewardTrainer(WholeEvalSet, RewardTrainer):
         mode = "train" if self.model.training else "eval"
         trunk, head = trunk_and_head(self.accelerator.unwrap_model(model))
         pair = inputs["pair_index"]  # (B, 2) rows of the U distinct sequences
+        response = None
+        if needs_response_mask(self.pooling):  # the response's tokens and the EOS after them
+            response = response_tail_mask(inputs["attention_mask"], inputs["lengths"] + 1)
         pooled, rewards = pooled_through(model, head, inputs["input_ids"], inputs["attention_mask"],
-                                         self.pooling, trunk)  # (U, H or 2H), (U,)
+                                         self.pooling, trunk, response)  # (U, H, 2H or 3H), (U,)
         ranked = rewards
         if self.length_head is not None:
             length_rewards = apply_head(self.length_head, pooled)  # (U,)

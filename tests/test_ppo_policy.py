@@ -161,6 +161,39 @@ def test_rm_runs_a_groups_prompt_once_with_the_same_scores(tiny_model_dir, tmp_p
     assert scores["positions2"] < scores["positions1"]
 
 
+def test_rm_reads_the_rollouts_response_positions(tiny_model_dir, tmp_path, reward_dir, monkeypatch):
+    """The attached RM gets the response's positions (and the EOS it appends) as ``response_mask``: what
+    pooling ``last_mean_embeddings_max`` takes its max over, as the RM's own encoding marks them."""
+    from rlhf.generation import encode_prompts
+
+    _, tokenizer, actor, scorer, _ = _built(tiny_model_dir, tmp_path, reward_dir)
+    prompts = [[{"role": "user", "content": "Say something 1."}], [{"role": "user", "content": "Hi?"}]]
+    responses = ["sun river thanks", "sun"]
+    enc = encode_prompts(tokenizer, prompts, "cpu")
+    rows = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+    rows[1] = rows[1] + [tokenizer.eos_token_id]              # row 0 is cut off: the scorer appends its EOS
+    R = max(map(len, rows))
+    resp = torch.tensor([r + [tokenizer.pad_token_id] * (R - len(r)) for r in rows])
+    rmask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in rows])
+    P = enc["input_ids"].shape[1]
+    seen = {}
+
+    def spy(ids, mask, **kwargs):
+        seen.update(kwargs, ids=ids, mask=mask)
+        return torch.zeros(ids.shape[0])
+
+    monkeypatch.setattr(scorer.rm, "score_tokens", spy)
+    scorer.score_batch(ScoreInput(prompts, responses, torch.cat([enc["input_ids"], resp], 1),
+                                  torch.cat([enc["attention_mask"], rmask], 1), resp, rmask, P))
+    got = seen["response_mask"]
+    want = torch.zeros_like(seen["mask"])
+    lengths = [len(rows[0]) + 1, len(rows[1])]                # tokens + EOS
+    for i, n in enumerate(lengths):
+        want[i, P : P + n] = 1
+    assert got.tolist() == want.tolist()
+    assert seen["ids"][0, P + lengths[0] - 1] == tokenizer.eos_token_id
+
+
 def test_with_final_eos_appends_only_where_missing():
     from rlhf.ppo.scorers import with_final_eos
 

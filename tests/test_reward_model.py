@@ -368,17 +368,58 @@ def test_embedding_pooling_and_feature_head_by_hand():
     assert torch.equal(wide(x), narrow(x)) and torch.equal(wide(torch.cat([x, x], -1)), narrow(x))
 
 
-@pytest.mark.parametrize("pooling", ["last", "last_mean", "last_mean_embeddings"])
+def test_response_tail_mask_by_hand():
+    from reward.pooling import response_tail_mask
+
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])  # right, left, right padding
+    # the last 2, 3 and 5 (more than the row holds: all of it) attended positions
+    assert response_tail_mask(mask, [2, 3, 5]).tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [1, 1, 0, 0, 0, 0]]
+
+
+def test_embedding_max_reads_the_response_only_by_hand():
+    from reward.pooling import embedding_features, embedding_parts, needs_response_mask
+
+    class Trunk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(4, 2)
+            with torch.no_grad():  # rms of the matrix: sqrt((4 + 0 + 9 + 1 + 1 + 9 + 0 + 16) / 8) = sqrt(5)
+                self.embed.weight.copy_(torch.tensor([[2.0, 0.0], [3.0, -1.0], [1.0, -3.0], [0.0, 4.0]]))
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    ids = torch.tensor([[3, 1, 2, 0], [0, 3, 2, 1]])   # prompt token 3 first, then the response
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    response = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])
+    out = embedding_features(Trunk(), ids, mask, "last_mean_embeddings_max", response)  # (2, 4): [mean ; max]
+    r = 5 ** 0.5
+    # row 0: mean of (0,4), (3,-1), (1,-3) = (4/3, 0); max over (3,-1), (1,-3) = (3, -1): token 3's 4 is the prompt's
+    # row 1: mean of (0,4), (1,-3), (3,-1) = (4/3, 0); max over (1,-3), (3,-1) = (3, -1)
+    want = [[4 / 3 / r, 0.0, 3 / r, -1 / r]] * 2
+    assert out.tolist() == [pytest.approx(w) for w in want]
+    with_prompt = embedding_features(Trunk(), ids, mask, "last_mean_embeddings_max", mask)
+    assert with_prompt[0, 3].item() == pytest.approx(4 / r)  # over the whole row, the prompt's token would count
+    with pytest.raises(ValueError, match="response_mask"):
+        embedding_features(Trunk(), ids, mask, "last_mean_embeddings_max")
+    assert embedding_features(Trunk(), ids, mask, "last_mean_embeddings").shape == (2, 2)
+    assert [embedding_parts(m) for m in ("last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max")] \
+        == [0, 0, 1, 2]
+    assert needs_response_mask("last_mean_embeddings_max") and not needs_response_mask("last_mean_embeddings")
+
+
+@pytest.mark.parametrize("pooling", ["last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max"])
 def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_model_dir, tmp_path, pooling):
     cfg = rm_config(tiny_model_dir, tmp_path, trunk_layers=1, lora_top_layers=1, max_steps=3, eval_fraction=0.25,
                     pooling=pooling)
     metrics = run_reward(cfg)
     assert json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())["layers_to_transform"] == [0]
-    if pooling == "last_mean_embeddings":  # the head's embedding part starts at 0 and is trained
+    if pooling.startswith("last_mean_embeddings"):  # the head's embedding part starts at 0 and is trained
         from reward.attach import lora_weights
+        from reward.pooling import embedding_parts
 
         head = next(w for k, w in lora_weights(cfg.output_dir).items() if "score" in k and k.endswith("weight"))
-        hidden = head.shape[1] // 2
+        hidden = head.shape[1] // (1 + embedding_parts(pooling))
         assert head.shape[0] == 1 and head[:, hidden:].abs().min() > 0
     assert read_metadata(cfg.output_dir)["trunk_layers"] == 1
     assert read_metadata(cfg.output_dir).get("pool", "last") == pooling
@@ -389,12 +430,19 @@ def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_mod
     from reward.modeling import pad_right, trunk_and_head
     from reward.pooling import pooled_through
 
+    from reward.pooling import response_tail_mask
+
     prompts, responses = some_texts(3)  # the training loss's rewards (pooled through the model) are the scorer's
-    ids, mask = pad_right(standalone.encode(prompts, responses)[0], standalone.tokenizer.pad_token_id)
+    seqs, lengths = standalone.encode(prompts, responses)
+    ids, mask = pad_right(seqs, standalone.tokenizer.pad_token_id)
+    response = response_tail_mask(mask, [n + 1 for n in lengths])
     owner = standalone._owner
     with torch.no_grad():
-        _, through = pooled_through(owner, trunk_and_head(owner)[1], ids, mask, pooling, trunk_and_head(owner)[0])
-    assert through.tolist() == pytest.approx(standalone.score_tokens(ids, mask).tolist(), abs=1e-5)
+        _, through = pooled_through(owner, trunk_and_head(owner)[1], ids, mask, pooling, trunk_and_head(owner)[0],
+                                    response)
+    assert through.tolist() == pytest.approx(standalone.score_tokens(ids, mask, response_mask=response).tolist(),
+                                             abs=1e-5)
+    assert through.tolist() == pytest.approx(standalone.score(prompts, responses), abs=1e-5)
     policy = policy_model(tiny_model_dir)
     assert len(policy.get_base_model().model.layers) == 2
     scorer = RewardScorer.attach(policy, standalone.tokenizer, cfg.output_dir)

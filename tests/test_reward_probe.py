@@ -87,7 +87,7 @@ def test_feature_set_one_standard_error_by_hand(monkeypatch, wider_cv, kept):
     assert summary["features"] == kept
 
 
-@pytest.mark.parametrize("pooling", ["last_mean", "last_mean_embeddings"])
+@pytest.mark.parametrize("pooling", ["last_mean", "last_mean_embeddings", "last_mean_embeddings_max"])
 def test_probe_head_sets_the_head_the_scorer_reads(tiny_model_dir, tmp_path, pooling):
     from reward.evaluate import evaluate_pairs
     from reward.member import build_trainer, probe_head

@@ -118,7 +118,9 @@ class TokenScorer(_RewardModelScorer):
         ids, mask = with_final_eos(batch.input_ids, batch.attention_mask, tok.eos_token_id, pad)
         # the trunk covers the rollout's own columns only: with an EOS column added, the RM runs every block
         lower = (batch.trunk, batch.trunk_blocks) if batch.trunk is not None and ids is batch.input_ids else None
-        shared = dict(group=batch.group, prompt_length=batch.prompt_length)
+        columns = torch.arange(mask.shape[1], device=mask.device)
+        response = mask * (columns >= batch.prompt_length).to(mask.dtype)  # the response and its EOS
+        shared = dict(group=batch.group, prompt_length=batch.prompt_length, response_mask=response)
         if self.members > 1:
             return self._combine(self.rm.score_tokens(ids, mask, lower=lower, members=True, **shared))
         scores = self.rm.score_tokens(ids, mask, lower=lower, **shared)
