@@ -343,7 +343,9 @@ class RewardScorer:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_right([seqs[i] for i in idx], pad, self.device)
-            tail = None if response_lengths is None else response_tail_mask(mask, [response_lengths[i] + 1 for i in idx])
+            tail = None
+            if response_lengths is not None:  # the response's tokens and the EOS after them
+                tail = response_tail_mask(mask, [response_lengths[i] + 1 for i in idx])
             rewards = self.score_tokens(ids, mask, members=members, response_mask=tail)
             for row, values in zip(out, (rewards if members else rewards.unsqueeze(0)).tolist()):
                 for i, r in zip(idx, values):

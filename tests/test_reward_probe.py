@@ -152,7 +152,7 @@ def test_an_embedding_part_left_out_by_the_probe_gets_no_gradient(tiny_model_dir
 
 @pytest.mark.parametrize("kind", ["ensemble_length_head", "loreft"])
 def test_the_shipped_head_options_with_ensembles_length_heads_and_loreft(tiny_model_dir, tmp_path, kind):
-    """pooling last_mean_embeddings + head_init probe (configs/reward.yaml) with the other reward options: the
+    """pooling last_mean_embeddings_max + head_init probe (configs/reward.yaml) with the other reward options: the
     saved model scores the held-out pairs as training measured them."""
     from reward.evaluate import evaluate_pairs
     from reward.scorer import RewardScorer
@@ -163,7 +163,8 @@ def test_the_shipped_head_options_with_ensembles_length_heads_and_loreft(tiny_mo
 
     extra = (dict(ensemble=2, length_debias="length_head", ensemble_bootstrap=False) if kind == "ensemble_length_head"
              else dict(method="loreft", reft_rank=4, reft_layers=[]))
-    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean_embeddings", head_init="probe", max_steps=3, **extra)
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean_embeddings_max", head_init="probe", max_steps=3,
+                    **extra)
     metrics = run_reward(cfg)
     scorer = RewardScorer.from_pretrained(cfg.output_dir)
     _, held = load_splits(cfg)

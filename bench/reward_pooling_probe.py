@@ -1,0 +1,99 @@
+"""Which pooled features of the frozen embedded model carry what a rule reads? An L2 Bradley-Terry probe per set.
+
+The candidates of a pipeline work folder are paired and labelled as in ``bench/reward_defaults.py`` (same rules,
+prompt split and pair cap), plus the demo's ``rule_score`` (ties under 0.1). Every distinct response is run once
+through the frozen base model and pooled as the shipped reward model pools it (``reward.pooling``: block
+``--trunk_layers``' last + mean state, the input embeddings' mean over the attended tokens, and their max over the
+response's tokens). ``reward.probe.probe_weights`` fits a head on each feature set to the training pairs (penalty by
+cross-validation over prompts); the held-out and cross-validated accuracies are recorded. No fine-tuning: it shows
+what each set offers a head.
+
+    python bench/reward_pooling_probe.py --work WORK --out bench/results/reward_pooling_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_record import git_commit, machine  # noqa: E402
+from reward_defaults import RULES, candidates, labelled_pairs, split_pairs  # noqa: E402
+
+SETS = {  # feature columns, in units of H: 0 = state, 1 = embedding mean, 2 = embedding max over the whole row,
+    "state": [0],  # 3 = embedding max over the response
+    "state+mean": [0, 1],
+    "state+max_row": [0, 2],
+    "state+mean+max_row": [0, 1, 2],
+    "state+mean+max_response": [0, 1, 3],  # pooling last_mean_embeddings_max
+}
+
+
+def main() -> None:
+    from reward.modeling import encode_for_reward, pad_right
+    from reward.pooling import embedding_features, pooled_hidden, response_tail_mask
+    from reward.probe import probe_weights
+    from reward.rules import rule_prefers
+    from rlhf.models import load_base_model, load_tokenizer, resolve_model_path
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="pipeline work folder with labels.db (candidates)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--trunk_layers", type=int, default=20)
+    ap.add_argument("--max_train_pairs", type=int, default=300)
+    ap.add_argument("--test_fraction", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max_length", type=int, default=256)
+    ap.add_argument("--out", default="bench/results/reward_pooling_probe.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rules = dict(RULES, demo_rule_score=lambda p, a, b: rule_prefers(p, a, b, min_gap=0.1))
+    cands = candidates(Path(args.work) / "labels.db")
+    path = resolve_model_path(args.model)
+    tokenizer, model = load_tokenizer(path), load_base_model(path).eval()
+    trunk = getattr(model, model.base_model_prefix)
+    texts = sorted({(p, r) for p, rs in cands.items() for r in rs})
+    index = {t: i for i, t in enumerate(texts)}
+    seqs, lengths = encode_for_reward(tokenizer, [t[0] for t in texts], [t[1] for t in texts], args.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hidden = trunk.config.hidden_size
+    start, rows = time.perf_counter(), []
+    with torch.no_grad():
+        for i in range(0, len(seqs), 16):
+            ids, mask = pad_right(seqs[i : i + 16], pad)
+            response = response_tail_mask(mask, [n + 1 for n in lengths[i : i + 16]])
+            state_mean = pooled_hidden(trunk, ids, mask, stop=args.trunk_layers, mode="last_mean_embeddings")
+            max_row = embedding_features(trunk, ids, mask, "last_mean_embeddings_max", mask)[:, hidden:]
+            max_response = embedding_features(trunk, ids, mask, "last_mean_embeddings_max", response)[:, hidden:]
+            rows.append(torch.cat([state_mean, max_row, max_response], -1))
+    features = torch.cat(rows)  # (N, 4H)
+    record = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": machine(), "load_avg_before": round(os.getloadavg()[0], 2), "commit": git_commit(),
+              "command": " ".join(sys.argv), "responses": len(texts),
+              "feature_seconds": round(time.perf_counter() - start, 1), "rules": {}}
+    for name, rule in rules.items():
+        train, test = split_pairs(labelled_pairs(cands, rule), args.seed, args.test_fraction, args.max_train_pairs)
+        per_set = {}
+        for key, parts in SETS.items():
+            columns = [p * hidden + j for p in parts for j in range(hidden)]
+
+            def side(rows_, which):
+                return features[[index[(r["prompt"], r[which])] for r in rows_]][:, columns]
+            groups = [r["prompt"] for r in train]
+            weights, summary = probe_weights(side(train, "chosen"), side(train, "rejected"), groups)
+            held = (side(test, "chosen").double() - side(test, "rejected").double()) @ weights > 0
+            per_set[key] = {"held_out_accuracy": round(float(held.double().mean()), 4), **summary}
+            print(name, key, per_set[key], flush=True)
+        record["rules"][name] = {"train_pairs": len(train), "test_pairs": len(test), "sets": per_set}
+    record["load_avg_after"] = round(os.getloadavg()[0], 2)
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
