@@ -95,9 +95,9 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
 def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     """Set the score head to a linear probe of the training pairs on the model as built (:mod:`reward.probe`):
     every distinct training sequence pooled once, no gradient; margins are not used. Every process computes the
-    same probe (the full training set, deterministic). Under ``last_mean_embeddings`` the embedding part is fitted
-    only where cross-validation keeps it (:func:`reward.probe.probe_feature_set`); otherwise it stays 0 and gets no
-    gradient. Returns the probe's summary."""
+    same probe (the full training set, deterministic). Under ``last_mean_embeddings[_max]`` the embedding part is
+    fitted only where cross-validation keeps it (:func:`reward.probe.probe_feature_set`); otherwise it stays 0 and
+    gets no gradient. Returns the probe's summary."""
     import time
 
     import torch

@@ -107,30 +107,32 @@ def embedding_mean(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
     The scale makes the features about as large as a normalised hidden state's, whatever the model's
     initialisation, so one learning rate suits both parts of the head."""
-    embed = trunk.get_input_embeddings()
-    with torch.no_grad():
-        values = embed(input_ids).float()  # (B, T, H)
-        weights = attention_mask.to(values.device, values.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (values * weights).sum(1) / weights.sum(1).clamp(min=1) * _inverse_rms(embed.weight)
+    return embedding_features(trunk, input_ids, attention_mask, "last_mean_embeddings")
 
 
 def embedding_features(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str,
                        response_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The embedding features of pooling ``mode``: :func:`embedding_mean` (B, H), and under
-    ``last_mean_embeddings_max`` beside it their max over each row's response positions (B, 2H)."""
-    mean = embedding_mean(trunk, input_ids, attention_mask)
-    if not needs_response_mask(mode):
-        return mean
-    if response_mask is None:
-        raise ValueError(f"pooling {mode} needs the response_mask of the rows")
+    ``last_mean_embeddings_max`` beside it their max over each row's response positions (B, 2H); both over the
+    embedding matrix's rms. ``response_mask`` (B, T) is required for the max (``RewardScorer.score_ids`` makes it
+    from ``response_lengths``)."""
+    with_max = needs_response_mask(mode)
+    if with_max and response_mask is None:
+        raise ValueError(f"pooling {mode} needs the response's positions (response_mask; RewardScorer.score_ids: "
+                         "response_lengths)")
     embed = trunk.get_input_embeddings()
     with torch.no_grad():
         values = embed(input_ids).float()  # (B, T, H)
+        scale = _inverse_rms(embed.weight)
+        weights = attention_mask.to(values.device, values.dtype).unsqueeze(-1)  # (B, T, 1)
+        mean = (values * weights).sum(1) / weights.sum(1).clamp(min=1) * scale
+        if not with_max:
+            return mean
         keep = response_mask.to(values.device).bool() & attention_mask.to(values.device).bool()
         if not bool(keep.any(-1).all()):
             raise ValueError("response_mask marks no position of some row")
         top = values.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(1)  # (B, H)
-        return torch.cat([mean, top * _inverse_rms(embed.weight)], -1)
+        return torch.cat([mean, top * scale], -1)
 
 
 def response_tail_mask(attention_mask: torch.Tensor, counts) -> torch.Tensor:
@@ -226,7 +228,7 @@ def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def apply_head(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """``head(pooled)`` in the head's dtype, one float32 scalar per row: (B, H) or (B, 2H) -> (B,)."""
+    """``head(pooled)`` in the head's dtype, one float32 scalar per row: (B, H), (B, 2H) or (B, 3H) -> (B,)."""
     return head(pooled.to(_param_dtype(head, pooled.dtype))).squeeze(-1).float()
 
 
@@ -247,7 +249,7 @@ def pooled_through(
     model: nn.Module, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last",
     trunk: nn.Module | None = None, response_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled features (B, H) or (B, 2H), rewards (B,) float32) from one call of ``model`` itself: (B, T) -> ...
+    """(pooled features (B, H), (B, 2H) or (B, 3H), rewards (B,) float32) from one call of ``model`` itself: ...
 
     ``model`` is the sequence-classification model as a trainer holds it (inside a DDP, FSDP or DeepSpeed
     wrapper too), so the wrapper sees the forward pass and synchronises the gradients. ``head`` is its

@@ -9,8 +9,8 @@ pairs by L2-regularised Bradley–Terry (logistic regression on feature differen
     w      = v / std                               # the head reads x itself (no mean: it cancels in every pair)
 
 ``l2`` is chosen by k-fold cross-validation over whole prompts (the pairs of one prompt stay in one
-fold), from a fixed grid. Where the features come in two nested sets (``pooling: last_mean_embeddings``: the
-block's state, then the input embeddings beside it), :func:`probe_feature_set` fits both and keeps the wider one
+fold), from a fixed grid. Where the features come in two nested sets (``pooling: last_mean_embeddings[_max]``:
+the block's state, then the input embeddings' features beside it), :func:`probe_feature_set` fits both and keeps the wider one
 only if it earns its place by cross-validation. Fine-tuning then starts from a head that already ranks the
 pairs, instead of a random one whose early gradients reshape the trunk to fit it (linear probing then
 fine-tuning, Kumar et al. 2022). Pure functions on tensors; the wiring is :func:`reward.member.probe_head`.

@@ -334,7 +334,8 @@ class RewardScorer:
         """Rewards for token-id lists, batched by similar length (results in input order).
 
         ``members=True``: one list per member (K lists of ``len(seqs)`` rewards). ``response_lengths``: each
-        sequence's response tokens (as :meth:`encode` returns them; the EOS after them counts too).
+        sequence's response tokens, as :meth:`encode` returns them (the EOS after them counts too); required by
+        pooling ``last_mean_embeddings_max``, which takes a max over the response's positions.
         """
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         k = self.ensemble_size if members else 1

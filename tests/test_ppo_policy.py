@@ -35,6 +35,12 @@ def reward_dir(tiny_model_dir, tmp_path_factory):
     return train_tiny_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm"))
 
 
+@pytest.fixture(scope="module")
+def reward_dir_max(tiny_model_dir, tmp_path_factory):
+    """A reward model whose head also reads the input embeddings' max over the response."""
+    return train_tiny_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm_max"), pooling="last_mean_embeddings_max")
+
+
 def _built(tiny_model_dir, tmp_path, reward_dir):
     from transformers import AutoModelForCausalLM
 
@@ -105,13 +111,16 @@ def test_run_with_reward_model_folder(tiny_model_dir, tmp_path, reward_dir):
     assert metrics["reward_normalization"] == "rm_stats" and metrics["steps"] == 2
 
 
-def test_rm_sees_the_layout_it_was_trained_on(tiny_model_dir, tmp_path, reward_dir):
+@pytest.mark.parametrize("pooling", ["last", "last_mean_embeddings_max"])
+def test_rm_sees_the_layout_it_was_trained_on(tiny_model_dir, tmp_path, request, pooling):
     """A rollout's token layout scores like the RM's own encoding of the same texts, whether the response
-    ended with EOS or was cut off at the token limit (no EOS: the RM still reads it as it was trained)."""
+    ended with EOS or was cut off at the token limit (no EOS: the RM still reads it as it was trained); with
+    ``last_mean_embeddings_max`` the max reads the rollout's response columns as the RM's encoding marks them."""
     from reward import RewardScorer
 
     from rlhf.generation import encode_prompts
 
+    reward_dir = request.getfixturevalue("reward_dir" if pooling == "last" else "reward_dir_max")
     _, tokenizer, actor, scorer, _ = _built(tiny_model_dir, tmp_path, reward_dir)
     prompts = [[{"role": "user", "content": "Say something 1."}], [{"role": "user", "content": "Hi?"}],
                [{"role": "user", "content": "Hi?"}]]
@@ -126,8 +135,14 @@ def test_rm_sees_the_layout_it_was_trained_on(tiny_model_dir, tmp_path, reward_d
                        torch.cat([enc["attention_mask"], rmask], 1), resp, rmask, enc["input_ids"].shape[1])
     standalone = RewardScorer.from_pretrained(reward_dir, device="cpu").score(prompts, responses)
     assert torch.allclose(scorer.score_batch(batch), torch.tensor(standalone), atol=1e-4)
-    bare = scorer.rm.score_tokens(batch.input_ids, batch.attention_mask)   # read at the last token, no EOS
+    whole = batch.attention_mask
+    bare = scorer.rm.score_tokens(batch.input_ids, whole, response_mask=whole)   # read at the last token, no EOS
     assert abs(float(bare[2]) - standalone[2]) > 1e-3
+    if pooling != "last":  # the max over the prompt's columns too would score otherwise: the test can tell
+        from rlhf.ppo.scorers import with_final_eos
+
+        ids, mask = with_final_eos(batch.input_ids, whole, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert (scorer.rm.score_tokens(ids, mask, response_mask=mask) - torch.tensor(standalone)).abs().max() > 1e-3
 
 
 def test_rm_runs_a_groups_prompt_once_with_the_same_scores(tiny_model_dir, tmp_path, reward_dir):

@@ -408,6 +408,35 @@ def test_embedding_max_reads_the_response_only_by_hand():
     assert needs_response_mask("last_mean_embeddings_max") and not needs_response_mask("last_mean_embeddings")
 
 
+def test_training_reads_the_response_positions_the_scorer_reads(tiny_model_dir, tmp_path):
+    """pooling last_mean_embeddings_max: the training loss's rewards (the response positions made from the
+    collator's lengths) are the scorer's on the same texts, with every part of the head, the max's too, non-zero."""
+    from reward.modeling import head_linear, trunk_and_head
+
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean_embeddings_max", max_steps=1)
+    train, held = load_splits(cfg)
+    trainer = build_trainer(cfg, tmp_path, train, held, None)
+    trainer.model.eval()
+    head = head_linear(trunk_and_head(trainer.model)[1])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        head.weight.normal_()
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    scorer = RewardScorer.from_model(trainer.model, trainer.processing_class, cfg.max_length, pool=cfg.pooling)
+    prompts = [p.prompt_messages for p in train[:4]]
+    assert [r["chosen_ids"] for r in rows] == scorer.encode(prompts, [p.chosen for p in train[:4]])[0]
+    with torch.no_grad():
+        _, out = trainer.compute_loss(trainer.model, trainer.data_collator(rows), return_outputs=True)
+    chosen, rejected = out["logits"].T.tolist()
+    assert chosen == pytest.approx(scorer.score(prompts, [p.chosen for p in train[:4]]), abs=1e-4)
+    assert rejected == pytest.approx(scorer.score(prompts, [p.rejected for p in train[:4]]), abs=1e-4)
+    from reward.modeling import pad_right
+
+    ids, mask = pad_right([r["chosen_ids"] for r in rows], scorer.tokenizer.pad_token_id)
+    whole_row = scorer.score_tokens(ids, mask, response_mask=mask).tolist()  # the max over the prompt too
+    assert max(abs(a - b) for a, b in zip(whole_row, chosen)) > 1e-2
+
+
 @pytest.mark.parametrize("pooling", ["last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max"])
 def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_model_dir, tmp_path, pooling):
     cfg = rm_config(tiny_model_dir, tmp_path, trunk_layers=1, lora_top_layers=1, max_steps=3, eval_fraction=0.25,

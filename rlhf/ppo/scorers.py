@@ -7,7 +7,8 @@ suits it:
 
 * :class:`TokenScorer` wraps a reward model attached to the policy's own
   ``PeftModel`` (same base weights, same tokenizer): it scores the token ids
-  directly with ``rm.score_tokens(input_ids, attention_mask)``, starting from
+  directly with ``rm.score_tokens(input_ids, attention_mask, response_mask=...)``
+  (the response's columns, for a pooling that reads them), starting from
   the rollout's bare-base ``trunk`` when the RM's adapters leave those blocks
   untouched. A response cut off at ``max_new_tokens`` gets the EOS the RM's
   training sequences end with (:func:`with_final_eos`): the RM judges the text
