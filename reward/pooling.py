@@ -5,6 +5,8 @@
     r = head(h[b, last attended position] + mean over attended positions of h[b])   # pooling: last_mean
     r = head([that sum ; mean over attended positions of E[ids[b]] / rms(E)])      # pooling: last_mean_embeddings
     r = head([... ; max over the response's positions of E[ids[b]] / rms(E)])     # pooling: last_mean_embeddings_max
+    r = head([h[b, last] + mean over the response's positions of h[b] ; the same two embedding features])
+                                                                                   # pooling: response
 
 ``last_mean_embeddings`` gives the head (a :class:`FeatureHead`, 2H -> 1) the input embeddings ``E`` of the
 tokens beside the block's state: which tokens occur (a digit, a comma, a word) is a token's identity, which the
@@ -12,7 +14,9 @@ embeddings carry and the upper blocks dilute. ``E`` is frozen, so that part is a
 ``last_mean_embeddings_max`` adds their element-wise max over the response's tokens (3H -> 1): whether a kind
 of token occurs *at all* in the answer, which a mean dilutes by length. The max is taken over the response
 (``response_mask``, its tokens and the final EOS), not the prompt: the two sides of a pair share the prompt, so
-a token the prompt holds would set the feature on both.
+a token the prompt holds would set the feature on both. ``response`` takes the states' mean over the response's
+positions too: the prompt's states are the same for both answers of a pair (the decoder is causal), so in a mean
+over every position they only dilute the answer's evidence by the prompt's length.
 
 The pooled position comes from the attention mask, not from ``input_ids != pad_token_id``:
 tokenizers whose pad token is their EOS (SmolLM2, the test tokenizer) would otherwise pool the
@@ -28,7 +32,7 @@ from torch import nn
 
 from rlhf.ppo.shared_prompt import decode
 
-POOL_MODES = ("last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max")
+POOL_MODES = ("last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max", "response")
 _DESCRIPTIONS = {
     "last": "last attended token (attention_mask), position_ids = cumsum(mask) - 1",
     "last_mean": "last attended token + mean over attended tokens (attention_mask), one head on their sum",
@@ -37,26 +41,31 @@ _DESCRIPTIONS = {
     "last_mean_embeddings_max": "[last attended token + mean over attended tokens ; mean of the input embeddings over "
                                 "attended tokens / rms of the embedding matrix ; their max over the response's "
                                 "tokens and EOS / the same rms], one head (3H -> 1) on all three",
+    "response": "[last attended token + mean over the response's tokens and EOS ; mean of the input embeddings over "
+                "attended tokens / rms of the embedding matrix ; their max over the response's tokens and EOS / the "
+                "same rms], one head (3H -> 1) on all three",
 }
 
 
 def uses_embeddings(mode: str) -> bool:
     """Whether the head of pooling ``mode`` also reads the input embeddings (a :class:`FeatureHead`)."""
-    return mode in ("last_mean_embeddings", "last_mean_embeddings_max")
+    return mode in ("last_mean_embeddings", "last_mean_embeddings_max", "response")
 
 
 def embedding_parts(mode: str) -> int:
     """How many H-wide embedding features the head of pooling ``mode`` reads beside the state: 0, 1 or 2."""
-    return {"last_mean_embeddings": 1, "last_mean_embeddings_max": 2}.get(mode, 0)
+    return {"last_mean_embeddings": 1, "last_mean_embeddings_max": 2, "response": 2}.get(mode, 0)
 
 
 def needs_response_mask(mode: str) -> bool:
     """Whether pooling ``mode`` reads which positions are the response's (``response_mask``)."""
-    return mode == "last_mean_embeddings_max"
+    return mode in ("last_mean_embeddings_max", "response")
 
 
 def _state_mode(mode: str) -> str:
     """How the block's hidden states are pooled under ``mode``."""
+    if mode == "response":
+        return "last_response_mean"
     return "last_mean" if uses_embeddings(mode) else mode
 
 
@@ -170,17 +179,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last") -> torch.Tensor:
+def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last",
+         response_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row pooling of per-position ``values`` (B, T, D) -> (B, D): the value at the last attended position
     (``last``), or that plus the mean over attended positions (``last_mean``: the mean lets a linear head
-    weigh evidence anywhere in the sequence, the last position keeps what only the end shows)."""
+    weigh evidence anywhere in the sequence, the last position keeps what only the end shows), or plus the mean
+    over the response's positions (``last_response_mean``, ``response_mask`` (B, T))."""
     mask = attention_mask.to(values.device)
     rows = torch.arange(values.shape[0], device=values.device)
     last = values[rows, last_token_index(mask)]
     if mode == "last":
         return last
-    if mode != "last_mean":
-        raise ValueError(f"unknown pooling {mode!r} of hidden states; expected 'last' or 'last_mean'")
+    if mode == "last_response_mean":
+        if response_mask is None:
+            raise ValueError("pooling response needs the response's positions (response_mask; "
+                             "RewardScorer.score_ids: response_lengths)")
+        mask = mask * response_mask.to(mask.device, mask.dtype)
+    elif mode != "last_mean":
+        raise ValueError(f"unknown pooling {mode!r} of hidden states; expected 'last', 'last_mean' or "
+                         "'last_response_mean'")
     weights = mask.to(values.dtype).unsqueeze(-1)  # (B, T, 1)
     return last + (values * weights).sum(1) / weights.sum(1).clamp(min=1)
 
@@ -210,7 +227,7 @@ def pooled_hidden(
     whole = start == 0 and stop == len(trunk.layers)
     with nullcontext() if whole else block_range(trunk, start, stop, final_norm=True):
         hidden = decode(trunk, attention_mask, group, prompt_length, **inputs)  # (B, T, H)
-    pooled = pool(hidden, attention_mask, _state_mode(mode))  # (B, H)
+    pooled = pool(hidden, attention_mask, _state_mode(mode), response_mask)  # (B, H)
     if not uses_embeddings(mode):
         return pooled
     embedded = embedding_features(trunk, input_ids, attention_mask, mode, response_mask)
@@ -255,7 +272,7 @@ def pooled_through(
     wrapper too), so the wrapper sees the forward pass and synchronises the gradients. ``head`` is its
     ``score`` module; its input ``h`` (B, T, H) and output (B, T, 1) are pooled over each row by :func:`pool`
     (``mode``), so the values are those of :func:`pooled_hidden` / :func:`pooled_rewards` (the wrapper's own
-    pooled ``logits``, at the last non-pad token, are not used). Under ``last_mean_embeddings[_max]`` the head's
+    pooled ``logits``, at the last non-pad token, are not used). Under a pooling that reads embeddings the head's
     embedding part is added (``trunk``: the decoder trunk, whose input embeddings it reads; ``response_mask``: see
     :func:`pooled_hidden`).
     """
@@ -271,12 +288,12 @@ def pooled_through(
     finally:
         handle.remove()
     state_mode = _state_mode(mode)
-    pooled = pool(seen["hidden"], attention_mask, state_mode)
-    rewards = pool(seen["scores"], attention_mask, state_mode).squeeze(-1).float()  # the head is linear: head(pool(h))
+    pooled = pool(seen["hidden"], attention_mask, state_mode, response_mask)
+    rewards = pool(seen["scores"], attention_mask, state_mode, response_mask).squeeze(-1).float()  # head(pool(h))
     from reward.modeling import head_linear
 
     linear = head_linear(head)
-    if state_mode == "last_mean" and linear.bias is not None:  # ... up to its bias, counted once per pooled term
+    if state_mode != "last" and linear.bias is not None:  # the head is linear: up to its bias, once per pooled term
         rewards = rewards - linear.bias.float()
     if uses_embeddings(mode):
         if trunk is None or not isinstance(linear, FeatureHead):

@@ -77,12 +77,13 @@ class RewardStageConfig(TrainingConfig):
     lora_dropout: float = field(0.0, "LoRA dropout (TRL disables dropout while training unless keep_dropout)")
     lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (comma-separated names or all-linear)")
     lora_top_layers: int = field(0, "put LoRA only on the top N transformer blocks (cheaper backward); 0 = all")
-    pooling: Literal["last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max"] = field(
+    pooling: Literal["last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max", "response"] = field(
         "last", "what the score head reads: the last token's hidden state, or that plus the mean over every token "
         "(evidence anywhere in the answer, e.g. a digit or a word from the prompt, reaches the head directly); "
         "last_mean_embeddings: that sum beside the mean of the tokens' input embeddings (which tokens occur), "
         "one head on both; last_mean_embeddings_max: also the embeddings' max over the response's tokens (whether "
-        "a kind of token occurs in the answer at all)"
+        "a kind of token occurs in the answer at all); response: as last_mean_embeddings_max, with the states' mean "
+        "over the response's tokens instead of every token (the prompt's states are the same for both answers)"
     )
     trunk_layers: int = field(
         0, "score from the output of the lowest N blocks, the blocks above are not run (a middle layer carries more "

@@ -36,9 +36,9 @@ def reward_dir(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reward_dir_max(tiny_model_dir, tmp_path_factory):
-    """A reward model whose head also reads the input embeddings' max over the response."""
-    return train_tiny_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm_max"), pooling="last_mean_embeddings_max")
+def reward_dir_response(tiny_model_dir, tmp_path_factory):
+    """A reward model whose head reads the response's positions (its states' mean, its embeddings' max)."""
+    return train_tiny_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm_response"), pooling="response")
 
 
 def _built(tiny_model_dir, tmp_path, reward_dir):
@@ -111,16 +111,16 @@ def test_run_with_reward_model_folder(tiny_model_dir, tmp_path, reward_dir):
     assert metrics["reward_normalization"] == "rm_stats" and metrics["steps"] == 2
 
 
-@pytest.mark.parametrize("pooling", ["last", "last_mean_embeddings_max"])
+@pytest.mark.parametrize("pooling", ["last", "response"])
 def test_rm_sees_the_layout_it_was_trained_on(tiny_model_dir, tmp_path, request, pooling):
     """A rollout's token layout scores like the RM's own encoding of the same texts, whether the response
     ended with EOS or was cut off at the token limit (no EOS: the RM still reads it as it was trained); with
-    ``last_mean_embeddings_max`` the max reads the rollout's response columns as the RM's encoding marks them."""
+    ``response`` pooling the means and the max read the rollout's response columns as the RM's encoding marks them."""
     from reward import RewardScorer
 
     from rlhf.generation import encode_prompts
 
-    reward_dir = request.getfixturevalue("reward_dir" if pooling == "last" else "reward_dir_max")
+    reward_dir = request.getfixturevalue("reward_dir" if pooling == "last" else "reward_dir_response")
     _, tokenizer, actor, scorer, _ = _built(tiny_model_dir, tmp_path, reward_dir)
     prompts = [[{"role": "user", "content": "Say something 1."}], [{"role": "user", "content": "Hi?"}],
                [{"role": "user", "content": "Hi?"}]]

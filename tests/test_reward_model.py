@@ -331,6 +331,10 @@ def test_pool_by_hand():
     assert pool(values, mask, "last").squeeze(-1).tolist() == [6.0, 7.0]
     # last + mean over attended positions: 6 + (1 + 2 + 6) / 3 = 9; 7 + (8 + 5 + 7) / 3 = 13.666...
     assert pool(values, mask, "last_mean").squeeze(-1).tolist() == pytest.approx([9.0, 7 + 20 / 3])
+    response = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])  # last + mean over the response: 6 + 4 = 10; 7 + 6 = 13
+    assert pool(values, mask, "last_response_mean", response).squeeze(-1).tolist() == pytest.approx([10.0, 13.0])
+    with pytest.raises(ValueError, match="response_mask"):
+        pool(values, mask, "last_response_mean")
 
 
 def test_embedding_pooling_and_feature_head_by_hand():
@@ -403,17 +407,19 @@ def test_embedding_max_reads_the_response_only_by_hand():
     with pytest.raises(ValueError, match="response_mask"):
         embedding_features(Trunk(), ids, mask, "last_mean_embeddings_max")
     assert embedding_features(Trunk(), ids, mask, "last_mean_embeddings").shape == (2, 2)
-    assert [embedding_parts(m) for m in ("last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max")] \
-        == [0, 0, 1, 2]
-    assert needs_response_mask("last_mean_embeddings_max") and not needs_response_mask("last_mean_embeddings")
+    assert [embedding_parts(m) for m in ("last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max",
+                                         "response")] == [0, 0, 1, 2, 2]
+    assert needs_response_mask("last_mean_embeddings_max") and needs_response_mask("response")
+    assert not needs_response_mask("last_mean_embeddings")
 
 
-def test_training_reads_the_response_positions_the_scorer_reads(tiny_model_dir, tmp_path):
-    """pooling last_mean_embeddings_max: the training loss's rewards (the response positions made from the
+@pytest.mark.parametrize("pooling", ["last_mean_embeddings_max", "response"])
+def test_training_reads_the_response_positions_the_scorer_reads(tiny_model_dir, tmp_path, pooling):
+    """Poolings that read the response's positions: the training loss's rewards (the positions made from the
     collator's lengths) are the scorer's on the same texts, with every part of the head, the max's too, non-zero."""
     from reward.modeling import head_linear, trunk_and_head
 
-    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean_embeddings_max", max_steps=1)
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling=pooling, max_steps=1)
     train, held = load_splits(cfg)
     trainer = build_trainer(cfg, tmp_path, train, held, None)
     trainer.model.eval()
@@ -437,13 +443,14 @@ def test_training_reads_the_response_positions_the_scorer_reads(tiny_model_dir, 
     assert max(abs(a - b) for a, b in zip(whole_row, chosen)) > 1e-2
 
 
-@pytest.mark.parametrize("pooling", ["last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max"])
+@pytest.mark.parametrize("pooling", ["last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max",
+                                     "response"])
 def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_model_dir, tmp_path, pooling):
     cfg = rm_config(tiny_model_dir, tmp_path, trunk_layers=1, lora_top_layers=1, max_steps=3, eval_fraction=0.25,
                     pooling=pooling)
     metrics = run_reward(cfg)
     assert json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())["layers_to_transform"] == [0]
-    if pooling.startswith("last_mean_embeddings"):  # the head's embedding part starts at 0 and is trained
+    if pooling.startswith("last_mean_embeddings") or pooling == "response":  # the embedding part starts at 0, trains
         from reward.attach import lora_weights
         from reward.pooling import embedding_parts
 
