@@ -4,7 +4,8 @@ The candidates of a pipeline work folder are paired and labelled as in ``bench/r
 prompt split and pair cap), plus the demo's ``rule_score`` (ties under 0.1). Every distinct response is run once
 through the frozen base model and pooled as the shipped reward model pools it (``reward.pooling``: block
 ``--trunk_layers``' last + mean state, the input embeddings' mean over the attended tokens, and their max over the
-response's tokens). ``reward.probe.probe_weights`` fits a head on each feature set to the training pairs (penalty by
+response's tokens; and the state with its mean over the response, as pooling ``response``).
+``reward.probe.probe_weights`` fits a head on each feature set to the training pairs (penalty by
 cross-validation over prompts); the held-out and cross-validated accuracies are recorded. No fine-tuning: it shows
 what each set offers a head.
 
@@ -26,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_record import git_commit, machine  # noqa: E402
 from reward_defaults import RULES, candidates, labelled_pairs, split_pairs  # noqa: E402
 
-SETS = {  # feature columns, in units of H: 0 = state, 1 = embedding mean, 2 = embedding max over the whole row,
-    "state": [0],  # 3 = embedding max over the response
-    "state+mean": [0, 1],
+SETS = {  # feature columns, in units of H: 0 = state (last + mean over every token), 1 = embedding mean,
+    "state": [0],  # 2 = embedding max over the whole row, 3 = embedding max over the response,
+    "state+mean": [0, 1],  # 4 = state with the mean over the response's tokens (last + response mean)
     "state+max_row": [0, 2],
     "state+mean+max_row": [0, 1, 2],
     "state+mean+max_response": [0, 1, 3],  # pooling last_mean_embeddings_max
+    "response_state": [4],
+    "response_state+mean+max_response": [4, 1, 3],  # pooling response
 }
 
 
@@ -71,8 +74,10 @@ def main() -> None:
             state_mean = pooled_hidden(trunk, ids, mask, stop=args.trunk_layers, mode="last_mean_embeddings")
             max_row = embedding_features(trunk, ids, mask, "last_mean_embeddings_max", mask)[:, hidden:]
             max_response = embedding_features(trunk, ids, mask, "last_mean_embeddings_max", response)[:, hidden:]
-            rows.append(torch.cat([state_mean, max_row, max_response], -1))
-    features = torch.cat(rows)  # (N, 4H)
+            response_state = pooled_hidden(trunk, ids, mask, stop=args.trunk_layers, mode="response",
+                                           response_mask=response)[:, :hidden]
+            rows.append(torch.cat([state_mean, max_row, max_response, response_state], -1))
+    features = torch.cat(rows)  # (N, 5H)
     record = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": machine(), "load_avg_before": round(os.getloadavg()[0], 2), "commit": git_commit(),
               "command": " ".join(sys.argv), "responses": len(texts),
