@@ -27,10 +27,21 @@ from bench_record import git_commit, machine  # noqa: E402
 from reward_defaults import RULES, candidates, labelled_pairs, split_pairs  # noqa: E402
 
 
+def probe_pairs(features: torch.Tensor, index: dict, train: list[dict], test: list[dict]) -> dict:
+    """``reward.probe.probe_weights`` fitted to the training pairs on ``features`` (N, D), the row of a response
+    being ``index[(prompt, response)]``; its held-out accuracy on ``test`` and the probe's summary."""
+    from reward.probe import probe_weights
+
+    def side(rows, which):
+        return features[[index[(r["prompt"], r[which])] for r in rows]]
+    weights, summary = probe_weights(side(train, "chosen"), side(train, "rejected"), [r["prompt"] for r in train])
+    held = (side(test, "chosen").double() - side(test, "rejected").double()) @ weights > 0
+    return {"held_out_accuracy": round(float(held.double().mean()), 4), **summary}
+
+
 def main() -> None:
     from reward.modeling import encode_for_reward, pad_right
     from reward.pooling import last_token_index, position_ids_from_mask
-    from reward.probe import probe_weights
     from reward.rules import rule_prefers
     from rlhf.models import load_base_model, load_tokenizer, resolve_model_path
 
@@ -83,12 +94,7 @@ def main() -> None:
         per_depth = {}
         for key, group in [(str(d), [d]) for d in depths] + [("+".join(map(str, c)), c) for c in combos]:
             columns = [depths.index(d) for d in group]
-
-            def side(rows_, which):
-                return features[[index[(r["prompt"], r[which])] for r in rows_]][:, columns].flatten(1)
-            weights, summary = probe_weights(side(train, "chosen"), side(train, "rejected"), [r["prompt"] for r in train])
-            held = (side(test, "chosen").double() - side(test, "rejected").double()) @ weights > 0
-            per_depth[key] = {"held_out_accuracy": round(float(held.double().mean()), 4), **summary}
+            per_depth[key] = probe_pairs(features[:, columns].flatten(1), index, train, test)
             print(name, key, per_depth[key], flush=True)
         record["rules"][name] = {"train_pairs": len(train), "test_pairs": len(test), "depths": per_depth}
     record["load_avg_after"] = round(os.getloadavg()[0], 2)

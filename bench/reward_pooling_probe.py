@@ -26,24 +26,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_record import git_commit, machine  # noqa: E402
 from reward_defaults import RULES, candidates, labelled_pairs, split_pairs  # noqa: E402
+from reward_depth_probe import probe_pairs  # noqa: E402
 
 SETS = {  # feature columns, in units of H: 0 = state (last + mean over every token), 1 = embedding mean,
-    "state": [0],  # 2 = embedding max over the whole row, 3 = embedding max over the response,
+    "state": [0],  # 2 = embedding max over the response, 3 = embedding max over the whole row,
     "state+mean": [0, 1],  # 4 = state with the mean over the response's tokens (last + response mean)
-    "state+max_row": [0, 2],
-    "state+mean+max_row": [0, 1, 2],
-    "state+mean+max_response": [0, 1, 3],  # pooling last_mean_embeddings_max
+    "state+max_row": [0, 3],
+    "state+mean+max_row": [0, 1, 3],
+    "state+mean+max_response": [0, 1, 2],  # pooling last_mean_embeddings_max
     "response_state": [4],
-    "response_state+mean+max_response": [4, 1, 3],  # pooling response
+    "response_state+mean+max_response": [4, 1, 2],  # pooling response
 }
 
 
 def main() -> None:
     from reward.modeling import encode_for_reward, pad_right
-    from reward.pooling import embedding_features, pooled_hidden, response_tail_mask
-    from reward.probe import probe_weights
+    from reward.pooling import embedding_features, pool, response_tail_mask
     from reward.rules import rule_prefers
-    from rlhf.models import load_base_model, load_tokenizer, resolve_model_path
+    from rlhf.models import block_range, load_base_model, load_tokenizer, resolve_model_path
+    from rlhf.ppo.shared_prompt import decode
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="pipeline work folder with labels.db (candidates)")
@@ -71,12 +72,12 @@ def main() -> None:
         for i in range(0, len(seqs), 16):
             ids, mask = pad_right(seqs[i : i + 16], pad)
             response = response_tail_mask(mask, [n + 1 for n in lengths[i : i + 16]])
-            state_mean = pooled_hidden(trunk, ids, mask, stop=args.trunk_layers, mode="last_mean_embeddings")
-            max_row = embedding_features(trunk, ids, mask, "last_mean_embeddings_max", mask)[:, hidden:]
-            max_response = embedding_features(trunk, ids, mask, "last_mean_embeddings_max", response)[:, hidden:]
-            response_state = pooled_hidden(trunk, ids, mask, stop=args.trunk_layers, mode="response",
-                                           response_mask=response)[:, :hidden]
-            rows.append(torch.cat([state_mean, max_row, max_response, response_state], -1))
+            with block_range(trunk, 0, args.trunk_layers, final_norm=True):  # as reward.pooling.pooled_hidden
+                states = decode(trunk, mask, input_ids=ids)  # (B, T, H), once for both state poolings
+            mean_max = embedding_features(trunk, ids, mask, "response", response)  # [mean ; max over the response]
+            max_row = embedding_features(trunk, ids, mask, "response", mask)[:, hidden:]
+            rows.append(torch.cat([pool(states, mask, "last_mean"), mean_max, max_row,
+                                   pool(states, mask, "last_response_mean", response)], -1))
     features = torch.cat(rows)  # (N, 5H)
     record = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": machine(), "load_avg_before": round(os.getloadavg()[0], 2), "commit": git_commit(),
@@ -87,13 +88,7 @@ def main() -> None:
         per_set = {}
         for key, parts in SETS.items():
             columns = [p * hidden + j for p in parts for j in range(hidden)]
-
-            def side(rows_, which):
-                return features[[index[(r["prompt"], r[which])] for r in rows_]][:, columns]
-            groups = [r["prompt"] for r in train]
-            weights, summary = probe_weights(side(train, "chosen"), side(train, "rejected"), groups)
-            held = (side(test, "chosen").double() - side(test, "rejected").double()) @ weights > 0
-            per_set[key] = {"held_out_accuracy": round(float(held.double().mean()), 4), **summary}
+            per_set[key] = probe_pairs(features[:, columns], index, train, test)
             print(name, key, per_set[key], flush=True)
         record["rules"][name] = {"train_pairs": len(train), "test_pairs": len(test), "sets": per_set}
     record["load_avg_after"] = round(os.getloadavg()[0], 2)

@@ -119,8 +119,8 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     lengths = {}  # response tokens of each distinct sequence, where the pooling reads the response's positions
     if needs_response_mask(cfg.pooling):
         data = trainer.train_dataset
-        for side in ("chosen", "rejected"):
-            lengths.update(zip(map(tuple, data[f"{side}_ids"]), data[f"{side}_len"]))
+        for ids, side in ((chosen_ids, "chosen"), (rejected_ids, "rejected")):
+            lengths.update(zip(map(tuple, ids), data[f"{side}_len"]))
     seqs = sorted(distinct, key=len)  # similar lengths together: less padding
     device = next(trunk.parameters()).device
     was_training = trunk.training

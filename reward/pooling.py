@@ -32,7 +32,16 @@ from torch import nn
 
 from rlhf.ppo.shared_prompt import decode
 
-POOL_MODES = ("last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max", "response")
+# pooling mode: (how the block's states are pooled (:func:`pool`), H-wide embedding features beside them:
+# 0, 1 = their mean, 2 = their mean and their max over the response)
+_MODES = {
+    "last": ("last", 0),
+    "last_mean": ("last_mean", 0),
+    "last_mean_embeddings": ("last_mean", 1),
+    "last_mean_embeddings_max": ("last_mean", 2),
+    "response": ("last_response_mean", 2),
+}
+POOL_MODES = tuple(_MODES)
 _DESCRIPTIONS = {
     "last": "last attended token (attention_mask), position_ids = cumsum(mask) - 1",
     "last_mean": "last attended token + mean over attended tokens (attention_mask), one head on their sum",
@@ -47,26 +56,25 @@ _DESCRIPTIONS = {
 }
 
 
-def uses_embeddings(mode: str) -> bool:
-    """Whether the head of pooling ``mode`` also reads the input embeddings (a :class:`FeatureHead`)."""
-    return mode in ("last_mean_embeddings", "last_mean_embeddings_max", "response")
+def _state_mode(mode: str) -> str:
+    """How the block's hidden states are pooled under ``mode`` (an unknown mode is passed on: :func:`pool` names it)."""
+    return _MODES.get(mode, (mode, 0))[0]
 
 
 def embedding_parts(mode: str) -> int:
     """How many H-wide embedding features the head of pooling ``mode`` reads beside the state: 0, 1 or 2."""
-    return {"last_mean_embeddings": 1, "last_mean_embeddings_max": 2, "response": 2}.get(mode, 0)
+    return _MODES.get(mode, (mode, 0))[1]
+
+
+def uses_embeddings(mode: str) -> bool:
+    """Whether the head of pooling ``mode`` also reads the input embeddings (a :class:`FeatureHead`)."""
+    return embedding_parts(mode) > 0
 
 
 def needs_response_mask(mode: str) -> bool:
-    """Whether pooling ``mode`` reads which positions are the response's (``response_mask``)."""
-    return mode in ("last_mean_embeddings_max", "response")
-
-
-def _state_mode(mode: str) -> str:
-    """How the block's hidden states are pooled under ``mode``."""
-    if mode == "response":
-        return "last_response_mean"
-    return "last_mean" if uses_embeddings(mode) else mode
+    """Whether pooling ``mode`` reads which positions are the response's (``response_mask``): the states' mean
+    over the response, or the embeddings' max over it."""
+    return _state_mode(mode) == "last_response_mean" or embedding_parts(mode) == 2
 
 
 class FeatureHead(nn.Module):
@@ -111,21 +119,16 @@ def feature_head_like(head: nn.Linear, parts: int = 1) -> FeatureHead:
     return wide
 
 
-def embedding_mean(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the input embeddings over each row's attended tokens, over the embedding matrix's rms: (B, T) -> (B, H).
-
-    The scale makes the features about as large as a normalised hidden state's, whatever the model's
-    initialisation, so one learning rate suits both parts of the head."""
-    return embedding_features(trunk, input_ids, attention_mask, "last_mean_embeddings")
-
-
 def embedding_features(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str,
                        response_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The embedding features of pooling ``mode``: :func:`embedding_mean` (B, H), and under
-    ``last_mean_embeddings_max`` beside it their max over each row's response positions (B, 2H); both over the
-    embedding matrix's rms. ``response_mask`` (B, T) is required for the max (``RewardScorer.score_ids`` makes it
-    from ``response_lengths``)."""
-    with_max = needs_response_mask(mode)
+    """The embedding features of pooling ``mode``: the input embeddings' mean over each row's attended tokens
+    (B, H), and where ``mode`` reads two parts beside it their max over the row's response positions (B, 2H).
+
+    Both are over the embedding matrix's rms: the scale makes the features about as large as a normalised hidden
+    state's, whatever the model's initialisation, so one learning rate suits every part of the head.
+    ``response_mask`` (B, T) is required for the max (``RewardScorer.score_ids`` makes it from
+    ``response_lengths``)."""
+    with_max = embedding_parts(mode) == 2
     if with_max and response_mask is None:
         raise ValueError(f"pooling {mode} needs the response's positions (response_mask; RewardScorer.score_ids: "
                          "response_lengths)")

@@ -338,7 +338,7 @@ def test_pool_by_hand():
 
 
 def test_embedding_pooling_and_feature_head_by_hand():
-    from reward.pooling import FeatureHead, embedding_mean, feature_head_like
+    from reward.pooling import FeatureHead, embedding_features, feature_head_like
 
     class Trunk(torch.nn.Module):
         def __init__(self):
@@ -355,10 +355,13 @@ def test_embedding_pooling_and_feature_head_by_hand():
     # rms of the matrix: sqrt((4 + 0 + 9 + 1 + 1 + 9) / 6) = 2; row 0: mean of (3,-1), (1,-3) = (2,-2); row 1:
     # mean of (2, 0), (3, -1) = (2.5, -0.5); both over 2
     trunk = Trunk()
-    assert embedding_mean(trunk, ids, mask).flatten().tolist() == pytest.approx([1.0, -1.0, 1.25, -0.25])
+
+    def means():
+        return embedding_features(trunk, ids, mask, "last_mean_embeddings").flatten().tolist()
+    assert means() == pytest.approx([1.0, -1.0, 1.25, -0.25])
     with torch.no_grad():  # the rms is cached per weight; an in-place change is seen: twice the weights, same means
         trunk.embed.weight.mul_(2)
-    assert embedding_mean(trunk, ids, mask).flatten().tolist() == pytest.approx([1.0, -1.0, 1.25, -0.25])
+    assert means() == pytest.approx([1.0, -1.0, 1.25, -0.25])
     head = FeatureHead(2)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 2.0, 10.0, 100.0]]))
