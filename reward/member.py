@@ -97,15 +97,17 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     every distinct training sequence pooled once, no gradient; margins are not used. Every process computes the
     same probe (the full training set, deterministic). Under ``last_mean_embeddings[_max]`` the embedding part is
     fitted only where cross-validation keeps it (:func:`reward.probe.probe_feature_set`); otherwise it stays 0 and
-    gets no gradient. Returns the probe's summary."""
+    gets no gradient. Under ``auto`` the pooling is chosen the same way (:func:`reward.probe.choose_pooling`) and
+    set on the trainer (``trainer.pooling``). Returns the probe's summary."""
     import time
 
     import torch
     from tqdm.auto import tqdm
 
     from reward.modeling import head_linear, pad_right, trunk_and_head
-    from reward.pooling import needs_response_mask, pooled_hidden, response_tail_mask, uses_embeddings
-    from reward.probe import probe_feature_set, probe_weights
+    from reward.pooling import AUTO_CANDIDATES, needs_response_mask, pooled_hidden_each, response_tail_mask
+    from reward.pooling import uses_embeddings
+    from reward.probe import choose_pooling, probe_feature_set, probe_weights
     from rlhf import distributed
 
     start = time.perf_counter()
@@ -115,6 +117,7 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
     chosen_ids, rejected_ids = trainer.train_dataset["chosen_ids"], trainer.train_dataset["rejected_ids"]
     if len(chosen_ids) != len(pairs):
         raise RuntimeError(f"the training set has {len(chosen_ids)} rows for {len(pairs)} pairs")
+    modes = AUTO_CANDIDATES if cfg.pooling == "auto" else (cfg.pooling,)
     distinct = {tuple(ids): None for ids in list(chosen_ids) + list(rejected_ids)}
     lengths = {}  # response tokens of each distinct sequence, where the pooling reads the response's positions
     if needs_response_mask(cfg.pooling):
@@ -131,21 +134,29 @@ def probe_head(trainer, cfg: RewardStageConfig, pairs) -> dict:
             batch = seqs[i : i + cfg.per_device_eval_batch_size]
             ids, mask = pad_right([list(s) for s in batch], pad, device)
             tail = response_tail_mask(mask, [lengths[s] + 1 for s in batch]) if lengths else None
-            pooled = pooled_hidden(trunk, ids, mask, mode=cfg.pooling, response_mask=tail)
-            for s, row in zip(batch, pooled.float().cpu()):
-                distinct[s] = row
+            pooled = pooled_hidden_each(trunk, ids, mask, modes, response_mask=tail)  # one tensor per mode
+            for j, s in enumerate(batch):
+                distinct[s] = [p[j].float().cpu() for p in pooled]
             bar.update(len(batch))
     bar.close()
     trunk.train(was_training)
-    chosen = torch.stack([distinct[tuple(ids)] for ids in chosen_ids])  # (P, H)
-    rejected = torch.stack([distinct[tuple(ids)] for ids in rejected_ids])
+
+    def features(m: int):  # (P, D) of the chosen and the rejected sequences under modes[m]
+        return (torch.stack([distinct[tuple(ids)][m] for ids in chosen_ids]),
+                torch.stack([distinct[tuple(ids)][m] for ids in rejected_ids]))
+
     linear = head_linear(head)
     groups = [prompt_key(p) for p in pairs]
-    if uses_embeddings(cfg.pooling):  # the embeddings beside the state only where cross-validation wants them
-        weights, summary = probe_feature_set(chosen, rejected, groups, narrow=linear.hidden_size)
+    if cfg.pooling == "auto":  # the pooling, then the embeddings beside its state, by cross-validation
+        chosen_mode, weights, summary = choose_pooling({m: features(i) for i, m in enumerate(modes)}, groups,
+                                                       narrow=linear.hidden_size)
+        trainer.pooling = chosen_mode
+        linear.embedding_trainable = summary["features"] == "all"
+    elif uses_embeddings(cfg.pooling):  # the embeddings beside the state only where cross-validation wants them
+        weights, summary = probe_feature_set(*features(0), groups, narrow=linear.hidden_size)
         linear.embedding_trainable = summary["features"] == "all"
     else:
-        weights, summary = probe_weights(chosen, rejected, groups)
+        weights, summary = probe_weights(*features(0), groups)
     with torch.no_grad():
         linear.weight.copy_(weights.to(linear.weight.dtype).view_as(linear.weight))
     summary["seconds"] = round(time.perf_counter() - start, 2)
@@ -209,6 +220,7 @@ class MemberResult:
     length_head_corr: float | None  # Pearson(length head, response length) on held-out responses
     tokenizer: object
     hidden_size: int
+    pooling: str            # the pooling it was trained with (pooling auto: the probe's choice)
 
 
 def train_member(
@@ -234,6 +246,7 @@ def train_member(
     member_logger = logger if single or logger is None else _Prefixed(logger, f"member{index}/")
     trainer = build_trainer(member_cfg, work, pairs, held_pairs, member_logger)
     probe = probe_head(trainer, member_cfg, pairs) if cfg.head_init == "probe" else None
+    pooling = trainer.pooling  # pooling auto: the one the probe chose
     trainable, total = count_parameters(trainer.model)
     tokenizer = trainer.processing_class
     truncated = sum(
@@ -252,6 +265,9 @@ def train_member(
             + (f", {world} processes" if world > 1 else ""),
             file=sys.stderr,
         )
+        if cfg.pooling == "auto":
+            accuracy = ", ".join(f"{m} {a:.3f}" for m, a in probe["cv_accuracy_by_pooling"].items())
+            print(f"pooling auto: {pooling} (the head probe's cross-validated accuracy: {accuracy})", file=sys.stderr)
         notice = parallel_notice(trainer) if index == 0 else ""
         if notice:
             print(notice, file=sys.stderr)
@@ -276,7 +292,7 @@ def train_member(
     if probe is not None:
         metrics["head_probe"] = probe
     model = trainer.model
-    scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length, pool=cfg.pooling)
+    scorer = RewardScorer.from_model(model, tokenizer, cfg.max_length, pool=pooling)
     bs = cfg.per_device_eval_batch_size
     held = score_pairs_shared(scorer, held_pairs, bs) if held_pairs else None
     sample = score_pairs_shared(scorer, stats_sample(train_pairs, cfg.stats_max_pairs, cfg.seed), bs)
@@ -284,7 +300,7 @@ def train_member(
     if trainer.length_head is not None:
         if held_pairs:
             length_scorer = RewardScorer(scorer.trunk, trainer.length_head, tokenizer, max_length=cfg.max_length,
-                                         owner=model, metadata={"pool": cfg.pooling})
+                                         owner=model, metadata={"pool": pooling})
             length_held = score_pairs_shared(length_scorer, held_pairs, bs)
             length_corr = pearson(
                 length_held["chosen"] + length_held["rejected"],
@@ -304,7 +320,8 @@ def train_member(
     hidden_size = model.config.get_text_config().hidden_size
     del trainer, model, scorer
     gc.collect()
-    return MemberResult(metrics, held, sample["chosen"] + sample["rejected"], length_corr, tokenizer, hidden_size)
+    return MemberResult(metrics, held, sample["chosen"] + sample["rejected"], length_corr, tokenizer, hidden_size,
+                        pooling)
 
 
 def training_summary(cfg: RewardStageConfig, members: list[MemberResult], train_pairs, held_pairs) -> dict:
@@ -333,6 +350,7 @@ def training_summary(cfg: RewardStageConfig, members: list[MemberResult], train_
         "train_runtime_s": round(runtime, 2),
         "train_pairs_per_s": round(sum(m["pairs_seen"] for m in trained) / runtime, 3) if runtime else None,
         "dataset_fingerprint": fingerprint(cfg.dataset_name),
+        "pooling": members[0].pooling,  # pooling auto: the one the head probe chose
     }
     if k > 1:
         metrics["ensemble"] = k

@@ -16,7 +16,9 @@ of token occurs *at all* in the answer, which a mean dilutes by length. The max 
 (``response_mask``, its tokens and the final EOS), not the prompt: the two sides of a pair share the prompt, so
 a token the prompt holds would set the feature on both. ``response`` takes the states' mean over the response's
 positions too: the prompt's states are the same for both answers of a pair (the decoder is causal), so in a mean
-over every position they only dilute the answer's evidence by the prompt's length.
+over every position they only dilute the answer's evidence by the prompt's length. ``auto`` is one of those last
+two, chosen by the head probe's cross-validation on the training pairs before the first step
+(:func:`reward.probe.choose_pooling`); the saved model records the chosen one.
 
 The pooled position comes from the attention mask, not from ``input_ids != pad_token_id``:
 tokenizers whose pad token is their EOS (SmolLM2, the test tokenizer) would otherwise pool the
@@ -40,8 +42,12 @@ _MODES = {
     "last_mean_embeddings": ("last_mean", 1),
     "last_mean_embeddings_max": ("last_mean", 2),
     "response": ("last_response_mean", 2),
+    "auto": ("auto", 2),  # one of AUTO_CANDIDATES, chosen by the head probe before training (never scored as such)
 }
 POOL_MODES = tuple(_MODES)
+# pooling auto: the head probe's candidates, the incumbent first (reward.probe.choose_pooling). Both read the same
+# embedding features, so the head (3H -> 1) and the training rows (with response lengths) are built alike.
+AUTO_CANDIDATES = ("last_mean_embeddings_max", "response")
 _DESCRIPTIONS = {
     "last": "last attended token (attention_mask), position_ids = cumsum(mask) - 1",
     "last_mean": "last attended token + mean over attended tokens (attention_mask), one head on their sum",
@@ -200,7 +206,7 @@ def pool(values: torch.Tensor, attention_mask: torch.Tensor, mode: str = "last",
         mask = mask * response_mask.to(mask.device, mask.dtype)
     elif mode != "last_mean":
         raise ValueError(f"unknown pooling {mode!r} of hidden states; expected 'last', 'last_mean' or "
-                         "'last_response_mean'")
+                         "'last_response_mean' (pooling auto is one of them once the head probe has chosen)")
     weights = mask.to(values.dtype).unsqueeze(-1)  # (B, T, 1)
     return last + (values * weights).sum(1) / weights.sum(1).clamp(min=1)
 
@@ -221,6 +227,17 @@ def pooled_hidden(
     ``group = K``, ``prompt_length = P``: rows i*K .. i*K+K-1 share their first P columns (a PPO rollout's K
     samples of one prompt), which then run once per group (:mod:`rlhf.ppo.shared_prompt`; same values).
     """
+    return pooled_hidden_each(trunk, input_ids, attention_mask, (mode,), lower, stop, group, prompt_length,
+                              response_mask)[0]
+
+
+def pooled_hidden_each(
+    trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, modes: tuple[str, ...],
+    lower: tuple[torch.Tensor, int] | None = None, stop: int | None = None,
+    group: int = 1, prompt_length: int = 0, response_mask: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """:func:`pooled_hidden` under each of ``modes`` from one run of the trunk (the head probe of ``pooling:
+    auto`` compares poolings): one (B, H), (B, 2H) or (B, 3H) tensor per mode."""
     from contextlib import nullcontext
 
     from rlhf.models import block_range
@@ -230,11 +247,17 @@ def pooled_hidden(
     whole = start == 0 and stop == len(trunk.layers)
     with nullcontext() if whole else block_range(trunk, start, stop, final_norm=True):
         hidden = decode(trunk, attention_mask, group, prompt_length, **inputs)  # (B, T, H)
-    pooled = pool(hidden, attention_mask, _state_mode(mode), response_mask)  # (B, H)
-    if not uses_embeddings(mode):
-        return pooled
-    embedded = embedding_features(trunk, input_ids, attention_mask, mode, response_mask)
-    return torch.cat([pooled, embedded.to(pooled.dtype)], -1)  # (B, 2H or 3H)
+    embedded = {}  # embedding features by number of parts: the same for every mode that reads as many
+    out = []
+    for mode in modes:
+        pooled = pool(hidden, attention_mask, _state_mode(mode), response_mask)  # (B, H)
+        parts = embedding_parts(mode)
+        if parts:
+            if parts not in embedded:
+                embedded[parts] = embedding_features(trunk, input_ids, attention_mask, mode, response_mask)
+            pooled = torch.cat([pooled, embedded[parts].to(pooled.dtype)], -1)  # (B, 2H or 3H)
+        out.append(pooled)
+    return out
 
 
 def lower_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int,

@@ -10,9 +10,10 @@ pairs by L2-regularised Bradley–Terry (logistic regression on feature differen
 
 ``l2`` is chosen by k-fold cross-validation over whole prompts (the pairs of one prompt stay in one
 fold), from a fixed grid. Where the features come in two nested sets (``pooling: last_mean_embeddings[_max]``:
-the block's state, then the input embeddings' features beside it), :func:`probe_feature_set` fits both and keeps the wider one
-only if it earns its place by cross-validation. Fine-tuning then starts from a head that already ranks the
-pairs, instead of a random one whose early gradients reshape the trunk to fit it (linear probing then
+the block's state, then the input embeddings' features beside it), :func:`probe_feature_set` fits both and keeps
+the wider one only if it earns its place by cross-validation; :func:`choose_pooling` does the same between
+poolings (``pooling: auto``). Fine-tuning then starts from a head that already ranks the pairs, instead of a
+random one whose early gradients reshape the trunk to fit it (linear probing then
 fine-tuning, Kumar et al. 2022). Pure functions on tensors; the wiring is :func:`reward.member.probe_head`.
 """
 
@@ -100,9 +101,33 @@ def probe_feature_set(chosen: torch.Tensor, rejected: torch.Tensor, groups: list
     w_narrow, narrow_summary = probe_weights(chosen[:, :narrow], rejected[:, :narrow], groups, grid, k)
     w_all, all_summary = probe_weights(chosen, rejected, groups, grid, k)
     a, b = narrow_summary["cv_accuracy"], all_summary["cv_accuracy"]
-    wider = a is not None and b is not None and b - a > (a * (1 - a) / len(groups)) ** 0.5
     both = {"cv_accuracy_narrow": a, "cv_accuracy_all": b}
-    if wider:
+    if beats(b, a, len(groups)):
         return w_all, {**all_summary, "features": "all", **both}
     padded = torch.cat([w_narrow, w_narrow.new_zeros(chosen.shape[1] - narrow)])
     return padded, {**narrow_summary, "features": "narrow", **both}
+
+
+def beats(challenger: float | None, incumbent: float | None, n: int) -> bool:
+    """Whether a cross-validated accuracy ``challenger`` beats ``incumbent`` by more than one standard error of the
+    latter over ``n`` pairs, ``sqrt(a (1 - a) / n)`` (the one-standard-error rule); never when either is unknown."""
+    if challenger is None or incumbent is None:
+        return False
+    return challenger - incumbent > (incumbent * (1 - incumbent) / n) ** 0.5
+
+
+def choose_pooling(candidates: dict, groups: list, narrow: int, grid=L2_GRID, k: int = 5
+                   ) -> tuple[str, torch.Tensor, dict]:
+    """:func:`probe_feature_set` under each pooling of ``candidates`` (name -> (chosen, rejected) features, the
+    incumbent first); another pooling replaces the incumbent only if its cross-validated accuracy beats the
+    incumbent's by more than one standard error (:func:`beats`), the best such one if several do. Returns the
+    chosen name, its head weights and its summary with ``pooling`` and every candidate's cross-validated accuracy
+    (``cv_accuracy_by_pooling``)."""
+    fits = {name: probe_feature_set(chosen, rejected, groups, narrow, grid, k)
+            for name, (chosen, rejected) in candidates.items()}
+    accuracy = {name: summary["cv_accuracy"] for name, (_, summary) in fits.items()}
+    incumbent = next(iter(fits))
+    better = [name for name in fits if beats(accuracy[name], accuracy[incumbent], len(groups))]
+    name = max(better, key=lambda n: accuracy[n]) if better else incumbent
+    weights, summary = fits[name]
+    return name, weights, {**summary, "pooling": name, "cv_accuracy_by_pooling": accuracy}

@@ -77,13 +77,16 @@ class RewardStageConfig(TrainingConfig):
     lora_dropout: float = field(0.0, "LoRA dropout (TRL disables dropout while training unless keep_dropout)")
     lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (comma-separated names or all-linear)")
     lora_top_layers: int = field(0, "put LoRA only on the top N transformer blocks (cheaper backward); 0 = all")
-    pooling: Literal["last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max", "response"] = field(
+    pooling: Literal[
+        "last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max", "response", "auto"
+    ] = field(
         "last", "what the score head reads: the last token's hidden state, or that plus the mean over every token "
         "(evidence anywhere in the answer, e.g. a digit or a word from the prompt, reaches the head directly); "
         "last_mean_embeddings: that sum beside the mean of the tokens' input embeddings (which tokens occur), "
         "one head on both; last_mean_embeddings_max: also the embeddings' max over the response's tokens (whether "
         "a kind of token occurs in the answer at all); response: as last_mean_embeddings_max, with the states' mean "
-        "over the response's tokens instead of every token (the prompt's states are the same for both answers)"
+        "over the response's tokens instead of every token (the prompt's states are the same for both answers); "
+        "auto: one of those two, chosen by the head probe's cross-validation on the training pairs (head_init: probe)"
     )
     trunk_layers: int = field(
         0, "score from the output of the lowest N blocks, the blocks above are not run (a middle layer carries more "
@@ -139,6 +142,8 @@ class RewardStageConfig(TrainingConfig):
         require(self.length_head_coef >= 0, "config key 'length_head_coef' must be >= 0")
         require(self.length_orthogonal_coef >= 0, "config key 'length_orthogonal_coef' must be >= 0")
         require(self.reft_rank >= 1, "config key 'reft_rank' must be >= 1")
+        require(self.pooling != "auto" or self.head_init == "probe",
+                "config key 'pooling': auto is chosen by the head probe; set head_init: probe or name a pooling")
         if self.method == "loreft":
             require(self.ensemble == 1, "config key 'ensemble' needs method lora (a loreft reward model is one member)")
             require(not self.lora_top_layers,
@@ -184,7 +189,9 @@ def run_reward(cfg: RewardStageConfig) -> dict:
                 dest = work if k == 1 else work / MEMBERS_DIR / str(i)
                 if main:
                     dest.mkdir(parents=True, exist_ok=True)
-                members.append(train_member(cfg, i, work, dest, train_pairs, held_pairs, logger))
+                # pooling auto: member 0's probe chooses it for every member (one scorer reads them all alike)
+                member_cfg = dataclasses.replace(cfg, pooling=members[0].pooling) if members else cfg
+                members.append(train_member(member_cfg, i, work, dest, train_pairs, held_pairs, logger))
             metrics = training_summary(cfg, members, train_pairs, held_pairs)
             if main:  # every process holds the same scores; rank 0 reports and writes
                 calibrations = member_calibrations(members) if k > 1 else None
@@ -211,8 +218,8 @@ def run_reward(cfg: RewardStageConfig) -> dict:
         extra = {"method": cfg.method}
         if cfg.trunk_layers:
             extra["trunk_layers"] = cfg.trunk_layers
-        if cfg.pooling != "last":
-            extra["pool"] = cfg.pooling
+        if members[0].pooling != "last":
+            extra["pool"] = members[0].pooling
         if k > 1:
             extra["ensemble"] = k
         if cfg.length_debias != "none":

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from reward.probe import (L2_GRID, choose_l2, cv_accuracy, fit_bradley_terry, folds_by_group, probe_feature_set,
-                          probe_weights)
+from reward.pooling import AUTO_CANDIDATES
+from reward.probe import (L2_GRID, choose_l2, choose_pooling, cv_accuracy, fit_bradley_terry, folds_by_group,
+                          probe_feature_set, probe_weights)
 
 
 def test_one_pair_optimum_by_hand():
@@ -87,6 +88,88 @@ def test_feature_set_one_standard_error_by_hand(monkeypatch, wider_cv, kept):
     assert summary["features"] == kept
 
 
+def test_choose_pooling_keeps_the_incumbent_unless_another_earns_it():
+    signs = torch.tensor([1.0, -1.0] * 10)
+    groups = [f"p{i}" for i in range(20)]
+    rejected = torch.zeros(20, 2)
+    decides = (torch.stack([torch.ones(20), torch.zeros(20)], 1), rejected)  # feature 0 > 0 on every chosen side
+    noise = (torch.stack([signs, torch.zeros(20)], 1), rejected)
+    # both rank every pair: the incumbent (first) stays
+    name, _, summary = choose_pooling({"a": decides, "b": decides}, groups, narrow=1, grid=(0.1,), k=5)
+    assert name == "a" and summary["pooling"] == "a" and summary["cv_accuracy_by_pooling"] == {"a": 1.0, "b": 1.0}
+    # the incumbent's features are noise, the other's rank every pair: the other, with its own probe's weights
+    name, w, summary = choose_pooling({"a": noise, "b": decides}, groups, narrow=1, grid=(0.1,), k=5)
+    assert name == "b" and summary["cv_accuracy_by_pooling"]["b"] == 1.0
+    assert summary["cv_accuracy_by_pooling"]["a"] < 0.5
+    assert torch.equal(w, probe_feature_set(*decides, groups, narrow=1, grid=(0.1,), k=5)[0])
+
+
+@pytest.mark.parametrize("challengers, kept", [((0.85,), "a"), ((0.9,), "b"), ((0.9, 0.95), "c"), ((0.95, 0.9), "b"),
+                                               ((0.85, 0.8), "a")])
+def test_choose_pooling_one_standard_error_by_hand(monkeypatch, challengers, kept):
+    import reward.probe as probe
+
+    # 12 pairs, the incumbent's cross-validated accuracy 0.75: one standard error is sqrt(0.75 * 0.25 / 12) = 0.125,
+    # so a challenger needs more than 0.875; of several that do, the best. Candidate i's features are all i.
+    accuracy = (0.75, *challengers)
+
+    def fake(chosen, rejected, groups, narrow, grid, k):
+        return torch.zeros(chosen.shape[1]), {"cv_accuracy": accuracy[int(chosen[0, 0])]}
+
+    monkeypatch.setattr(probe, "probe_feature_set", fake)
+    names = "abc"[: len(accuracy)]
+    candidates = {name: (torch.full((12, 2), float(i)), torch.zeros(12, 2)) for i, name in enumerate(names)}
+    name, _, summary = probe.choose_pooling(candidates, list(range(12)), narrow=1)
+    assert name == kept == summary["pooling"]
+    assert list(summary["cv_accuracy_by_pooling"].values()) == list(accuracy)
+
+
+def test_pooling_auto_needs_the_probe(tiny_model_dir, tmp_path):
+    from rlhf.errors import ConfigError
+
+    from tests.test_reward_model import rm_config
+
+    with pytest.raises(ConfigError, match="pooling.: auto is chosen by the head probe"):
+        rm_config(tiny_model_dir, tmp_path, pooling="auto", head_init="random")
+
+
+@pytest.mark.parametrize("forced", AUTO_CANDIDATES)
+def test_pooling_auto_trains_scores_and_saves_the_pooling_the_probe_chose(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          forced):
+    """An ensemble of 2 under pooling auto: member 0's probe chooses (here forced to each candidate by leaving it
+    alone among them), member 1 trains with that pooling, reward_model.json names it, and the saved model scores
+    the held-out pairs as training measured them."""
+    import json
+
+    import reward.probe as probe
+    from reward.evaluate import evaluate_pairs
+    from reward.scorer import RewardScorer
+    from reward.train import run_reward
+    from rlhf.pairs import load_splits
+
+    from tests.test_reward_model import rm_config
+
+    real = probe.choose_pooling
+    seen = []
+
+    def only_forced(candidates, *args, **kwargs):
+        seen.append(tuple(candidates))
+        return real({forced: candidates[forced]}, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "choose_pooling", only_forced)
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling="auto", head_init="probe", max_steps=3, ensemble=2,
+                    ensemble_bootstrap=False)
+    metrics = run_reward(cfg)
+    assert seen == [AUTO_CANDIDATES]  # member 0 chose among both; member 1 did not choose again
+    assert metrics["pooling"] == forced and metrics["members"][0]["head_probe"]["pooling"] == forced
+    assert "pooling" not in metrics["members"][1]["head_probe"]
+    assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["pool"] == forced
+    scorer = RewardScorer.from_pretrained(cfg.output_dir)
+    _, held = load_splits(cfg)
+    assert evaluate_pairs(scorer, held)["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    assert evaluate_pairs(scorer, held)["mean_margin"] == pytest.approx(metrics["eval_mean_margin"], abs=1e-4)
+
+
 @pytest.mark.parametrize("pooling", ["last_mean", "last_mean_embeddings", "last_mean_embeddings_max"])
 def test_probe_head_sets_the_head_the_scorer_reads(tiny_model_dir, tmp_path, pooling):
     from reward.evaluate import evaluate_pairs
@@ -152,8 +235,8 @@ def test_an_embedding_part_left_out_by_the_probe_gets_no_gradient(tiny_model_dir
 
 @pytest.mark.parametrize("kind", ["ensemble_length_head", "loreft"])
 def test_the_shipped_head_options_with_ensembles_length_heads_and_loreft(tiny_model_dir, tmp_path, kind):
-    """pooling last_mean_embeddings_max + head_init probe (configs/reward.yaml) with the other reward options: the
-    saved model scores the held-out pairs as training measured them."""
+    """pooling auto + head_init probe (configs/reward.yaml) with the other reward options: the saved model scores
+    the held-out pairs as training measured them."""
     from reward.evaluate import evaluate_pairs
     from reward.scorer import RewardScorer
     from reward.train import run_reward
@@ -163,8 +246,7 @@ def test_the_shipped_head_options_with_ensembles_length_heads_and_loreft(tiny_mo
 
     extra = (dict(ensemble=2, length_debias="length_head", ensemble_bootstrap=False) if kind == "ensemble_length_head"
              else dict(method="loreft", reft_rank=4, reft_layers=[]))
-    cfg = rm_config(tiny_model_dir, tmp_path, pooling="last_mean_embeddings_max", head_init="probe", max_steps=3,
-                    **extra)
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling="auto", head_init="probe", max_steps=3, **extra)
     metrics = run_reward(cfg)
     scorer = RewardScorer.from_pretrained(cfg.output_dir)
     _, held = load_splits(cfg)
