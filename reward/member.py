@@ -266,7 +266,8 @@ def train_member(
             file=sys.stderr,
         )
         if cfg.pooling == "auto":
-            accuracy = ", ".join(f"{m} {a:.3f}" for m, a in probe["cv_accuracy_by_pooling"].items())
+            accuracy = ", ".join(f"{m} " + ("n/a" if a is None else f"{a:.3f}")  # n/a: one prompt, nothing to validate
+                                 for m, a in probe["cv_accuracy_by_pooling"].items())
             print(f"pooling auto: {pooling} (the head probe's cross-validated accuracy: {accuracy})", file=sys.stderr)
         notice = parallel_notice(trainer) if index == 0 else ""
         if notice:

@@ -133,6 +133,23 @@ def test_pooling_auto_needs_the_probe(tiny_model_dir, tmp_path):
         rm_config(tiny_model_dir, tmp_path, pooling="auto", head_init="random")
 
 
+def test_pooling_auto_with_pairs_of_one_prompt_keeps_the_incumbent(tiny_model_dir, tmp_path):
+    """With one training prompt there is nothing to cross-validate on: the first candidate stays, and the run
+    reports that instead of failing."""
+    from reward.train import run_reward
+    from rlhf.testing import write_jsonl
+
+    from tests.test_reward_model import easy_rows, rm_config
+
+    rows = [dict(r, prompt="Say something.") for r in easy_rows(12)]
+    held = write_jsonl(tmp_path / "held.jsonl", easy_rows(8, seed=1))
+    cfg = rm_config(tiny_model_dir, tmp_path, pooling="auto", head_init="probe", max_steps=2,
+                    dataset_name=str(write_jsonl(tmp_path / "one_prompt.jsonl", rows)), eval_dataset_name=str(held))
+    metrics = run_reward(cfg)
+    assert metrics["pooling"] == AUTO_CANDIDATES[0]
+    assert metrics["head_probe"]["cv_accuracy_by_pooling"] == {m: None for m in AUTO_CANDIDATES}
+
+
 @pytest.mark.parametrize("forced", AUTO_CANDIDATES)
 def test_pooling_auto_trains_scores_and_saves_the_pooling_the_probe_chose(tiny_model_dir, tmp_path, monkeypatch,
                                                                           forced):
