@@ -41,7 +41,8 @@ def win_rate(policy_scores: list[float], baseline_scores: list[float], z: float 
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return {"win_rate": p, "ci_low": max(0.0, centre - half), "ci_high": min(1.0, centre + half),
+    # the interval holds p exactly; at p = 0 or 1 rounding can put its end a hair inside (1 - 1e-16)
+    return {"win_rate": p, "ci_low": min(p, max(0.0, centre - half)), "ci_high": max(p, min(1.0, centre + half)),
             "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n}
 
 

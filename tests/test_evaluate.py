@@ -26,6 +26,16 @@ def test_win_rate_hand_computed():
         win_rate([1], [1, 2])
 
 
+def test_the_interval_holds_the_rate_when_every_comparison_goes_one_way(tmp_path):
+    # at p = 1 the Wilson upper end is 1 and at p = 0 the lower end is 0, exactly; rounding put them a hair inside
+    # for 73 of the sizes 1..200 (44: 0.9999999999999999), and the win-rate plot then refused a negative error bar
+    for n in range(1, 201):
+        assert win_rate([1.0] * n, [0.0] * n)["ci_high"] == 1.0
+        assert win_rate([0.0] * n, [1.0] * n)["ci_low"] == 0.0
+    result = {"reward_model": win_rate([1.0] * 44, [0.0] * 44), "rule": win_rate([0.0] * 44, [1.0] * 44)}
+    assert evaluate.plot_results(result, tmp_path, None) == [str(tmp_path / "win_rate.png")]
+
+
 def test_training_curves_plot(tmp_path):
     rows = [{"step": i, "reward_mean": i * 0.1, "kl": i * 0.01, "kl_coef": 0.05} for i in range(5)]
     path = plot_training_curves(rows, tmp_path / "c.png")
