@@ -163,7 +163,8 @@ class RewardStageConfig(TrainingConfig):
 def run_reward(cfg: RewardStageConfig) -> dict:
     """Train the RM (or its ``ensemble`` members) and write ``cfg.output_dir``; returns the metrics written to
     ``metrics.json``."""
-    from reward.member import combine_members, member_calibrations, train_member, training_summary
+    from reward.member import train_member
+    from reward.summary import combine_members, member_calibrations, training_summary
     from reward.modeling import MEMBERS_DIR, SFT_COPY, write_ensemble, write_metadata
     from reward.reft import check_reft_layers, check_sft_adapter
     from rlhf import distributed
