@@ -58,9 +58,12 @@ demo: install
 # CI (CI=true) also runs the slow tests that use the real embedded model, and fails on any skipped test
 # not marked gpu (tests/conftest.py). Extra pytest arguments: make test PYTEST_ARGS="-k store".
 # pytest's exit code 5 (no test collected) is a failure with its own message.
+# The tests run in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them (so a file's
+# browser or model fixture is built once) and torch on one thread in each; TEST_WORKERS=0 runs them in one.
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 define run_pytest
-	@$(PY) -m pytest -q $(1) $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(1) $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "error: pytest collected no tests" >&2; fi; exit $$rc
 endef
 

@@ -4,9 +4,10 @@ CI rule: with ``CI=true`` in the environment a skipped test is a failure, unless
 only thing CI's machine cannot provide). Everything else a test needs is installed by ``make test``, so a skip
 there means a broken set-up, and it must not pass unnoticed.
 
-PostgreSQL: the first test that asks for it starts one throwaway cluster for the whole session (``initdb`` in a
+PostgreSQL: the first test that asks for it starts one throwaway cluster for the session (``initdb`` in a
 temp folder, ``pg_ctl start`` on a free port on 127.0.0.1, as the ``postgres`` user when running as root); each
 test gets a fresh database that is dropped afterwards, and the cluster is stopped and deleted at the end.
+Under ``make test`` (pytest-xdist) each test process is a session of its own, with its own cluster.
 Without the server binaries (``apt-get install -y postgresql``) those tests skip outside CI and fail in it.
 """
 
