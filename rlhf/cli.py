@@ -13,6 +13,7 @@ import importlib.util
 import keyword
 import os
 import sys
+import warnings
 
 from rlhf.config import _Parser, add_config_arguments, config_from_namespace
 from rlhf.errors import UserError
@@ -97,6 +98,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every adapter load: a FutureWarning per
+    # stage that no setting of ours can avoid
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # one of N launched processes
         from rlhf.distributed import prepare_environment
 

@@ -135,3 +135,14 @@ def test_label_admin_commands_import_no_heavy_library(tmp_path):
                      ["label", "export", "--db", db, "--out", str(tmp_path / "p.jsonl")])
     )  # fmt: skip
     assert heavy_modules_after(body, env={**os.environ, "RLHF_PASSWORD": "a long enough secret"}) == []
+
+
+def test_the_cli_hides_only_peft_s_checkpointing_deprecation(capsys):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([]) == 0  # no stage: the help
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`something_else` is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]

@@ -170,3 +170,19 @@ def test_loreft_starts_as_identity_and_reloads(tiny_model_dir, sft_data, tmp_pat
         assert (reloaded(input_ids=ids).logits - trained).abs().max() < 1e-5
     metrics = run_sft(cfg)
     assert metrics["method"] == "loreft" and (tmp_path / "out" / "reft_config.json").is_file()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_gradient_checkpointing_reaches_the_trainer_without_a_deprecation_warning(tiny_model_dir, sft_data, tmp_path,
+                                                                                  on):
+    import warnings
+
+    from trl import SFTConfig
+
+    from rlhf.hf_trainer import trainer_kwargs
+
+    cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, gradient_checkpointing=on)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = SFTConfig(**trainer_kwargs(cfg, str(tmp_path / "trainer"), has_eval=False))
+    assert args.gradient_checkpointing is on  # the name TRL and transformers' Trainer read
