@@ -273,7 +273,9 @@ class ActorCritic:
         rows = h.shape[0] if torch.is_grad_enabled() else VOCAB_ROWS
         logps, entropies = [], []
         for s in range(0, h.shape[0], rows):
-            logits = self.lm_head(h[s : s + rows]).float() / temperature   # (rows, R, V)
+            # h is the response's slice of the sequence's states: made contiguous, the vocabulary-sized product
+            # runs 1.8x faster in fp32 and 6x in bf16 on CPU (bench/RESULTS.md)
+            logits = self.lm_head(h[s : s + rows].contiguous()).float() / temperature   # (rows, R, V)
             logps.append(logprobs_from_logits(logits, response_ids[s : s + rows]))
             if with_entropy:  # differentiable under grad: the entropy bonus needs its gradient
                 entropies.append(entropy_from_logits(logits))
