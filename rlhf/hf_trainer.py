@@ -8,18 +8,9 @@ import time
 from rlhf.config import TrainingConfig
 
 
-def _checkpointing_key() -> str:
-    """``TrainingArguments``' name for activation checkpointing: ``activation_checkpointing`` where it exists (the
-    older ``gradient_checkpointing`` is then a deprecated alias that warns), else ``gradient_checkpointing``."""
-    from transformers import TrainingArguments
-
-    fields = TrainingArguments.__dataclass_fields__
-    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-
-
 def trainer_kwargs(cfg: TrainingConfig, output_dir: str, has_eval: bool, eval_steps: int | None = None) -> dict:
     """Keyword arguments common to TRL's ``SFTConfig`` and ``RewardConfig`` built from our config."""
-    from rlhf.models import pick_device, pick_dtype
+    from rlhf.models import checkpointing_argument, pick_device, pick_dtype
 
     dtype = pick_dtype(cfg.precision, pick_device())
     eval_kwargs = {}
@@ -41,7 +32,7 @@ def trainer_kwargs(cfg: TrainingConfig, output_dir: str, has_eval: bool, eval_st
         "logging_steps": cfg.logging_steps,
         "bf16": dtype == __import__("torch").bfloat16,
         "fp16": cfg.precision == "fp16",
-        _checkpointing_key(): cfg.gradient_checkpointing,
+        checkpointing_argument(): cfg.gradient_checkpointing,
         "report_to": "none",
         "save_strategy": "no",
         "dataloader_num_workers": 0,

@@ -120,6 +120,24 @@ def pick_dtype(precision: str = "auto", device: torch.device | None = None) -> t
     return torch.float32
 
 
+def checkpointing_argument() -> str:
+    """``TrainingArguments``' name for activation checkpointing: ``activation_checkpointing`` where it exists (the
+    older ``gradient_checkpointing`` is then a deprecated alias that warns), else ``gradient_checkpointing``."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing under transformers' current name (``activation_checkpointing_enable``;
+    the older ``gradient_checkpointing_enable`` is a deprecated alias that warns)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_tokenizer(name_or_path: str, padding_side: str = "right"):
     """Tokenizer with a pad token (falls back to EOS) and the requested padding side."""
     from transformers import AutoTokenizer

@@ -29,6 +29,7 @@ from rlhf import distributed
 from rlhf.budget import TimeBudget
 from rlhf.data import prompt_text
 from rlhf.errors import ConfigError, UserError
+from rlhf.models import enable_activation_checkpointing
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.losses import (
@@ -110,7 +111,7 @@ class PPOTrainer:
         self.monitor = monitor  # rlhf.ppo.monitor.Monitor, or None
         disable_dropout(actor.peft)
         if cfg.gradient_checkpointing:
-            actor.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(actor.base)
 
     def _resolve_normalization(self) -> str:
         return resolve_normalization(self.cfg.reward_normalization, getattr(self.scorer, "stats", None))
