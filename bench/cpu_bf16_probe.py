@@ -3,8 +3,9 @@
     python bench/cpu_bf16_probe.py --out bench/results/cpu_bf16_probe.json
 
 Times a no-grad forward and a forward + backward (gradients reach the LoRA only) of 16 rows x 80 tokens, the base
-in fp32 or bf16, the LoRA in fp32 (PEFT's default) or in the base's dtype. CPUs with AVX512-BF16 (``lscpu``
-flags) run bf16 matrix products natively; others convert.
+in fp32 or bf16, the LoRA in fp32 (PEFT's default) or in the base's dtype, attention by torch's fused kernel
+(``sdpa``, transformers' default) or by plain matrix products (``eager``, what ``rlhf.models.load_base_model`` picks
+for bf16 on a CPU). CPUs with AVX512-BF16 (``lscpu`` flags) run bf16 matrix products natively; others convert.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def main() -> None:
         "load_average_before": Path("/proc/loadavg").read_text().split()[:3],
         "runs": [],
     }
-    for base, lora_fp32 in ((torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=base)
+    runs = ((torch.float32, True, "sdpa"), (torch.bfloat16, True, "sdpa"), (torch.bfloat16, False, "sdpa"),
+            (torch.float32, True, "eager"), (torch.bfloat16, True, "eager"))
+    for base, lora_fp32, attention in runs:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=base, attn_implementation=attention)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
                                autocast_adapter_dtype=lora_fp32)
 
@@ -66,6 +69,7 @@ def main() -> None:
 
         lora = next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)
         run = {"base": str(base).removeprefix("torch."), "lora": str(lora).removeprefix("torch."),
+               "attention": attention,
                "forward_s": round(timed(forward, 3), 3), "forward_backward_s": round(timed(forward_backward, 2), 3)}
         print(run, flush=True)
         record["runs"].append(run)

@@ -162,6 +162,15 @@ def tokenizer_source(base: str, adapter: str | None = None) -> str:
     return base
 
 
+def attention_choice(dtype: torch.dtype, device: torch.device) -> dict:
+    """``attn_implementation`` for ``from_pretrained``: eager for half precision on a CPU, where torch's fused
+    attention kernel runs its forward and backward several times slower than the plain matmuls and softmax
+    (bench/RESULTS.md); the model's default everywhere else."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return {"attn_implementation": "eager"}
+    return {}
+
+
 def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, device: torch.device | None = None):
     """A causal LM from a folder, hub id or the embedded alias, on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM
@@ -170,7 +179,7 @@ def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, device:
     device = device or pick_device()
     dtype = dtype or pick_dtype("auto", device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention_choice(dtype, device))
     except OSError as exc:
         raise UserError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from None
     return model.to(device)

@@ -121,11 +121,22 @@ def test_grouped_passes_equal_whole_rows_and_run_each_prompt_once(tiny_model_dir
     assert (whole["logprobs"] - ref_whole)[keep].abs().max() > 1e-3   # policy and reference differ
 
 
-def test_bf16_models_share_prompts_too(tiny_model_dir):
+def test_bf16_on_cpu_loads_with_eager_attention(tiny_model_dir):
+    """Half precision on a CPU runs attention as plain products (torch's fused kernel is several times slower
+    there); fp32 keeps the model's default."""
+    from rlhf.models import load_base_model
+
+    cpu = torch.device("cpu")
+    assert load_base_model(tiny_model_dir, dtype=torch.bfloat16, device=cpu).config._attn_implementation == "eager"
+    assert load_base_model(tiny_model_dir, dtype=torch.float32, device=cpu).config._attn_implementation != "eager"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_bf16_models_share_prompts_too(tiny_model_dir, attention):
     """The start-up probe allows bf16's rounding (the two orders of work round apart), not a wrong result."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation=attention)
     actor = build_actor_critic(base, sft_adapter=None, value_model="none", lora=lora_config(4, 8, 0.0, ["all-linear"]))
     assert actor.shares_prompts
     ids, mask, _, _ = _groups()
