@@ -119,13 +119,14 @@ def build_reward_model(
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from rlhf.models import load_model, resolve_model_path
+    from rlhf.models import attention_choice, load_model, resolve_model_path
 
     path = resolve_model_path(base)
     set_seed(seed)
     try:
         with suppress_seqcls_warning():
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                       **attention_choice(dtype, device))
     except OSError as exc:
         raise UserError(f"cannot load model {base}: {str(exc).splitlines()[0]}") from None
     hooked = hooked_adapter_type(sft_adapter)

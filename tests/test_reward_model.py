@@ -583,3 +583,13 @@ def test_unique_rows_by_hand():
 
     seqs, index = unique_rows([[1, 2], [3]], [[3], [4]])
     assert seqs == [[1, 2], [3], [4]] and index == [(0, 1), (1, 2)]
+
+
+def test_bf16_reward_model_on_cpu_uses_eager_attention(tiny_model_dir):
+    """As the policy's base (``rlhf.models.attention_choice``): plain attention products for half precision on a
+    CPU, the model's default in fp32."""
+    cpu = torch.device("cpu")
+    half = build_reward_model(tiny_model_dir, None, torch.bfloat16, cpu, seed=0)
+    full = build_reward_model(tiny_model_dir, None, torch.float32, cpu, seed=0)
+    assert half.config._attn_implementation == "eager"
+    assert full.config._attn_implementation != "eager"
