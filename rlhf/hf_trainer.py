@@ -12,7 +12,8 @@ def trainer_kwargs(cfg: TrainingConfig, output_dir: str, has_eval: bool, eval_st
     """Keyword arguments common to TRL's ``SFTConfig`` and ``RewardConfig`` built from our config."""
     from rlhf.models import checkpointing_argument, pick_device, pick_dtype
 
-    dtype = pick_dtype(cfg.precision, pick_device())
+    device = pick_device()
+    dtype = pick_dtype(cfg.precision, device)
     eval_kwargs = {}
     if has_eval:
         eval_kwargs = {"eval_strategy": "steps", "eval_steps": eval_steps or cfg.logging_steps}
@@ -32,6 +33,7 @@ def trainer_kwargs(cfg: TrainingConfig, output_dir: str, has_eval: bool, eval_st
         "logging_steps": cfg.logging_steps,
         "bf16": dtype == __import__("torch").bfloat16,
         "fp16": cfg.precision == "fp16",
+        "use_cpu": device.type == "cpu",  # transformers refuses bf16 without a GPU unless told the run is on the CPU
         checkpointing_argument(): cfg.gradient_checkpointing,
         "report_to": "none",
         "save_strategy": "no",
