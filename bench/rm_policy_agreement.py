@@ -8,7 +8,8 @@ rule scores), how often the RM prefers the same answer::
     python bench/rm_policy_agreement.py --reward_model WORK/reward --rule rule_score \
         --eval_json WORK/eval/eval.json [more eval.json ...] --out bench/results/rm_policy_agreement.json
 
-Reported per eval: decided pairs, agreement, and the same split by whether the policy's answer has fewer words.
+Reported per eval: decided pairs, agreement, the disagreements by which answer the RM favours, and the same split by
+whether the policy's answer has fewer words.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def agreement(pairs: list[tuple[float, float, float, float]]) -> dict:
     decided = [(a - b, c - d) for a, b, c, d in pairs if c != d]
     agree = sum((rm > 0) == (rule > 0) for rm, rule in decided)
     return {"decided": len(decided), "rm_agrees": agree,
-            "agreement": round(agree / len(decided), 3) if decided else None}
+            "agreement": round(agree / len(decided), 3) if decided else None,
+            "rm_for_policy_rule_for_baseline": sum(rm > 0 > rule for rm, rule in decided),
+            "rm_for_baseline_rule_for_policy": sum(rm <= 0 < rule for rm, rule in decided)}
 
 
 def main() -> None:
