@@ -459,7 +459,10 @@ def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_mod
 
         head = next(w for k, w in lora_weights(cfg.output_dir).items() if "score" in k and k.endswith("weight"))
         hidden = head.shape[1] // (1 + embedding_parts(pooling))
-        assert head.shape[0] == 1 and head[:, hidden:].abs().min() > 0
+        assert head.shape[0] == 1 and head[:, hidden:2 * hidden].abs().min() > 0  # the mean differs in every pair
+        if embedding_parts(pooling) == 2:  # the max: chosen = rejected + " thanks", so a dimension where no pair's
+            top = head[0, 2 * hidden:]  # " thanks" tops the body's max is equal on both sides, gets no gradient
+            assert top.shape[0] == hidden and (top != 0).float().mean() > 0.5
     assert read_metadata(cfg.output_dir)["trunk_layers"] == 1
     assert read_metadata(cfg.output_dir).get("pool", "last") == pooling
     standalone = RewardScorer.from_pretrained(cfg.output_dir)
