@@ -4,7 +4,8 @@ The candidates of a pipeline work folder are paired and labelled as in ``bench/r
 prompt split and pair cap), plus the demo's ``rule_score`` (ties under 0.1). Every distinct response is run once
 through the frozen base model and pooled as the shipped reward model pools it (``reward.pooling``: block
 ``--trunk_layers``' last + mean state, the input embeddings' mean over the attended tokens, and their max over the
-response's tokens; and the state with its mean over the response, as pooling ``response``).
+response's tokens; the state with its mean over the response, as pooling ``response``; and the element-wise
+products of the prompt's embedding mean with the response's mean and with its max).
 ``reward.probe.probe_weights`` fits a head on each feature set to the training pairs (penalty by
 cross-validation over prompts); the held-out and cross-validated accuracies are recorded. No fine-tuning: it shows
 what each set offers a head.
@@ -36,6 +37,12 @@ SETS = {  # feature columns, in units of H: 0 = state (last + mean over every to
     "state+mean+max_response": [0, 1, 2],  # pooling last_mean_embeddings_max
     "response_state": [4],
     "response_state+mean+max_response": [4, 1, 2],  # pooling response
+    # 5 = the prompt's embedding mean times the response's, element-wise; 6 = the prompt's mean times the
+    # response's max (diagonal bilinear prompt-response matches: what a rule about the prompt's words reads)
+    "state+mean+max_response+match": [0, 1, 2, 5],
+    "response_state+mean+max_response+match": [4, 1, 2, 5],
+    "response_state+mean+max_response+match_max": [4, 1, 2, 6],
+    "response_state+mean+max_response+both": [4, 1, 2, 5, 6],
 }
 
 
@@ -76,9 +83,12 @@ def main() -> None:
                 states = decode(trunk, mask, input_ids=ids)  # (B, T, H), once for both state poolings
             mean_max = embedding_features(trunk, ids, mask, "response", response)  # [mean ; max over the response]
             max_row = embedding_features(trunk, ids, mask, "response", mask)[:, hidden:]
+            prompt_mean = embedding_features(trunk, ids, mask * (1 - response), "last_mean_embeddings")
+            response_mean = embedding_features(trunk, ids, response, "last_mean_embeddings")
             rows.append(torch.cat([pool(states, mask, "last_mean"), mean_max, max_row,
-                                   pool(states, mask, "last_response_mean", response)], -1))
-    features = torch.cat(rows)  # (N, 5H)
+                                   pool(states, mask, "last_response_mean", response),
+                                   prompt_mean * response_mean, prompt_mean * mean_max[:, hidden:]], -1))
+    features = torch.cat(rows)  # (N, 7H)
     record = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": machine(), "load_avg_before": round(os.getloadavg()[0], 2), "commit": git_commit(),
               "command": " ".join(sys.argv), "responses": len(texts),
