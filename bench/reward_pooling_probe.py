@@ -4,8 +4,9 @@ The candidates of a pipeline work folder are paired and labelled as in ``bench/r
 prompt split and pair cap), plus the demo's ``rule_score`` (ties under 0.1). Every distinct response is run once
 through the frozen base model and pooled as the shipped reward model pools it (``reward.pooling``: block
 ``--trunk_layers``' last + mean state, the input embeddings' mean over the attended tokens, and their max over the
-response's tokens; the state with its mean over the response, as pooling ``response``; and the element-wise
-products of the prompt's embedding mean with the response's mean and with its max).
+response's tokens; the state with its mean over the response, as pooling ``response``; the element-wise
+products of the prompt's embedding mean with the response's mean and with its max; and the prompt's coverage by
+the response: its embeddings weighted by their best cosine match among the response's tokens).
 ``reward.probe.probe_weights`` fits a head on each feature set to the training pairs (penalty by
 cross-validation over prompts); the held-out and cross-validated accuracies are recorded. No fine-tuning: it shows
 what each set offers a head.
@@ -43,7 +44,28 @@ SETS = {  # feature columns, in units of H: 0 = state (last + mean over every to
     "response_state+mean+max_response+match": [4, 1, 2, 5],
     "response_state+mean+max_response+match_max": [4, 1, 2, 6],
     "response_state+mean+max_response+both": [4, 1, 2, 5, 6],
+    # 7 = coverage: the prompt's embeddings, each weighted by its best cosine match among the response's tokens,
+    # averaged over the prompt (which of the prompt's words the answer takes up)
+    "response_state+coverage": [4, 7],
+    "response_state+mean+max_response+coverage": [4, 1, 2, 7],
+    "state+mean+max_response+coverage": [0, 1, 2, 7],
 }
+
+
+def coverage(trunk, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """(B, H): per row, the mean over the prompt's tokens of e_i * max_j cos(e_i, e_j) over the response's tokens j,
+    over the embedding matrix's rms."""
+    from reward.pooling import _inverse_rms
+
+    embed = trunk.get_input_embeddings()
+    scale = _inverse_rms(embed.weight)
+    out = []
+    for b in range(ids.shape[0]):
+        e = embed(ids[b]).float()
+        prompt, answer = e[(mask[b] * (1 - response[b])).bool()], e[response[b].bool()]
+        cos = torch.nn.functional.normalize(prompt, dim=-1) @ torch.nn.functional.normalize(answer, dim=-1).T
+        out.append((prompt * cos.amax(1, keepdim=True)).mean(0) * scale)
+    return torch.stack(out)
 
 
 def main() -> None:
@@ -87,8 +109,9 @@ def main() -> None:
             response_mean = embedding_features(trunk, ids, response, "last_mean_embeddings")
             rows.append(torch.cat([pool(states, mask, "last_mean"), mean_max, max_row,
                                    pool(states, mask, "last_response_mean", response),
-                                   prompt_mean * response_mean, prompt_mean * mean_max[:, hidden:]], -1))
-    features = torch.cat(rows)  # (N, 7H)
+                                   prompt_mean * response_mean, prompt_mean * mean_max[:, hidden:],
+                                   coverage(trunk, ids, mask, response)], -1))
+    features = torch.cat(rows)  # (N, 8H)
     record = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": machine(), "load_avg_before": round(os.getloadavg()[0], 2), "commit": git_commit(),
               "command": " ".join(sys.argv), "responses": len(texts),
