@@ -7,8 +7,6 @@
     r = head([... ; max over the response's positions of E[ids[b]] / rms(E)])     # pooling: last_mean_embeddings_max
     r = head([h[b, last] + mean over the response's positions of h[b] ; the same two embedding features])
                                                                                    # pooling: response
-    r = head([... ; mean over the prompt's positions i of E[ids[b, i]] max_j cos(E_i, E_j) over the response's j])
-                                                                                   # pooling: response_coverage
 
 ``last_mean_embeddings`` gives the head (a :class:`FeatureHead`, 2H -> 1) the input embeddings ``E`` of the
 tokens beside the block's state: which tokens occur (a digit, a comma, a word) is a token's identity, which the
@@ -18,12 +16,9 @@ of token occurs *at all* in the answer, which a mean dilutes by length. The max 
 (``response_mask``, its tokens and the final EOS), not the prompt: the two sides of a pair share the prompt, so
 a token the prompt holds would set the feature on both. ``response`` takes the states' mean over the response's
 positions too: the prompt's states are the same for both answers of a pair (the decoder is causal), so in a mean
-over every position they only dilute the answer's evidence by the prompt's length. ``response_coverage`` adds the
-prompt's coverage by the answer (4H -> 1): each prompt token's embedding weighted by its best cosine match among
-the answer's tokens, averaged over the prompt: which of the prompt's words the answer takes up (a relevance cue no
-feature of the answer alone carries; the head weighs content words against the chat template's tokens).
-``auto`` is ``last_mean_embeddings_max`` or ``response``, chosen by the head probe's cross-validation on the
-training pairs before the first step (:func:`reward.probe.choose_pooling`); the saved model records the chosen one.
+over every position they only dilute the answer's evidence by the prompt's length. ``auto`` is one of those last
+two, chosen by the head probe's cross-validation on the training pairs before the first step
+(:func:`reward.probe.choose_pooling`); the saved model records the chosen one.
 
 The pooled position comes from the attention mask, not from ``input_ids != pad_token_id``:
 tokenizers whose pad token is their EOS (SmolLM2, the test tokenizer) would otherwise pool the
@@ -40,14 +35,13 @@ from torch import nn
 from rlhf.ppo.shared_prompt import decode
 
 # pooling mode: (how the block's states are pooled (:func:`pool`), H-wide embedding features beside them:
-# 0, 1 = their mean, 2 = their mean and their max over the response, 3 = those and the prompt's coverage)
+# 0, 1 = their mean, 2 = their mean and their max over the response)
 _MODES = {
     "last": ("last", 0),
     "last_mean": ("last_mean", 0),
     "last_mean_embeddings": ("last_mean", 1),
     "last_mean_embeddings_max": ("last_mean", 2),
     "response": ("last_response_mean", 2),
-    "response_coverage": ("last_response_mean", 3),
     "auto": ("auto", 2),  # one of AUTO_CANDIDATES, chosen by the head probe before training (never scored as such)
 }
 POOL_MODES = tuple(_MODES)
@@ -65,9 +59,6 @@ _DESCRIPTIONS = {
     "response": "[last attended token + mean over the response's tokens and EOS ; mean of the input embeddings over "
                 "attended tokens / rms of the embedding matrix ; their max over the response's tokens and EOS / the "
                 "same rms], one head (3H -> 1) on all three",
-    "response_coverage": "[the four parts of response ; mean over the prompt's tokens of each token's input embedding "
-                         "times its best cosine similarity to the response's tokens and EOS / the same rms], one head "
-                         "(4H -> 1) on all four",
 }
 
 
@@ -77,7 +68,7 @@ def _state_mode(mode: str) -> str:
 
 
 def embedding_parts(mode: str) -> int:
-    """How many H-wide embedding features the head of pooling ``mode`` reads beside the state: 0 to 3."""
+    """How many H-wide embedding features the head of pooling ``mode`` reads beside the state: 0, 1 or 2."""
     return _MODES.get(mode, (mode, 0))[1]
 
 
@@ -88,14 +79,13 @@ def uses_embeddings(mode: str) -> bool:
 
 def needs_response_mask(mode: str) -> bool:
     """Whether pooling ``mode`` reads which positions are the response's (``response_mask``): the states' mean
-    over the response, or the embeddings' max or coverage over it."""
-    return _state_mode(mode) == "last_response_mean" or embedding_parts(mode) >= 2
+    over the response, or the embeddings' max over it."""
+    return _state_mode(mode) == "last_response_mean" or embedding_parts(mode) == 2
 
 
 class FeatureHead(nn.Module):
     """The score head of ``last_mean_embeddings[_max]``: one linear map (1, (1 + parts) H) over [pooled state ;
-    embedding features] (``parts`` = 1: their mean; 2: their mean and their max over the response; 3: those and
-    the prompt's coverage by the response).
+    embedding features] (``parts`` = 1: their mean; 2: their mean and their max over the response).
 
     Called on H-wide input (the ``*ForSequenceClassification`` model's own forward applies its ``score``
     to every position's hidden state) it applies the state part and the bias; on wider features, all of it.
@@ -138,15 +128,14 @@ def feature_head_like(head: nn.Linear, parts: int = 1) -> FeatureHead:
 def embedding_features(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str,
                        response_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The embedding features of pooling ``mode``: the input embeddings' mean over each row's attended tokens
-    (B, H), and where ``mode`` reads two parts beside it their max over the row's response positions (B, 2H), and
-    where it reads three the prompt's coverage by the response (:func:`coverage`; B, 3H).
+    (B, H), and where ``mode`` reads two parts beside it their max over the row's response positions (B, 2H).
 
     Both are over the embedding matrix's rms: the scale makes the features about as large as a normalised hidden
     state's, whatever the model's initialisation, so one learning rate suits every part of the head.
     ``response_mask`` (B, T) is required for the max (``RewardScorer.score_ids`` makes it from
     ``response_lengths``)."""
-    parts = embedding_parts(mode)
-    if parts >= 2 and response_mask is None:
+    with_max = embedding_parts(mode) == 2
+    if with_max and response_mask is None:
         raise ValueError(f"pooling {mode} needs the response's positions (response_mask; RewardScorer.score_ids: "
                          "response_lengths)")
     embed = trunk.get_input_embeddings()
@@ -155,27 +144,13 @@ def embedding_features(trunk: nn.Module, input_ids: torch.Tensor, attention_mask
         scale = _inverse_rms(embed.weight)
         weights = attention_mask.to(values.device, values.dtype).unsqueeze(-1)  # (B, T, 1)
         mean = (values * weights).sum(1) / weights.sum(1).clamp(min=1) * scale
-        if parts < 2:
+        if not with_max:
             return mean
         keep = response_mask.to(values.device).bool() & attention_mask.to(values.device).bool()
         if not bool(keep.any(-1).all()):
             raise ValueError("response_mask marks no position of some row")
         top = values.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(1)  # (B, H)
-        if parts == 2:
-            return torch.cat([mean, top * scale], -1)
-        prompt = attention_mask.to(values.device).bool() & ~keep
-        return torch.cat([mean, top * scale, coverage(values, prompt, keep) * scale], -1)
-
-
-def coverage(values: torch.Tensor, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    """The prompt's coverage by the response: per row, the mean over the prompt's positions i of
-    ``values[i] * max over the response's positions j of cos(values[i], values[j])``; (B, T, H) -> (B, H).
-    ``prompt``, ``response``: (B, T) bool masks; a row without prompt positions gives 0."""
-    unit = nn.functional.normalize(values, dim=-1)
-    cos = unit @ unit.transpose(1, 2)  # (B, T, T)
-    best = cos.masked_fill(~response.unsqueeze(1), float("-inf")).amax(-1)  # (B, T): best match in the response
-    weights = torch.where(prompt, best, torch.zeros_like(best)).unsqueeze(-1)  # (B, T, 1)
-    return (values * weights).sum(1) / prompt.sum(-1, keepdim=True).clamp(min=1).to(values.dtype)
+        return torch.cat([mean, top * scale], -1)
 
 
 def response_tail_mask(attention_mask: torch.Tensor, counts) -> torch.Tensor:
@@ -242,8 +217,7 @@ def pooled_hidden(
     group: int = 1, prompt_length: int = 0, response_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The trunk's last hidden state pooled over each row (:func:`pool`, ``mode``): (B, T) -> (B, H); under
-    ``last_mean_embeddings[_max]``, ``response[_coverage]`` the embedding features (:func:`embedding_features`)
-    follow: (B, 2H to 4H),
+    ``last_mean_embeddings[_max]`` the embedding features (:func:`embedding_features`) follow: (B, 2H or 3H),
     the head's features (``response_mask`` (B, T): the response's positions, which the max reads).
 
     ``lower = (h, k)``: ``h`` (B, T, H) is already the input of block ``k`` (the caller guarantees the

@@ -78,8 +78,7 @@ class RewardStageConfig(TrainingConfig):
     lora_target_modules: list[str] = field(["all-linear"], "modules LoRA wraps (comma-separated names or all-linear)")
     lora_top_layers: int = field(0, "put LoRA only on the top N transformer blocks (cheaper backward); 0 = all")
     pooling: Literal[
-        "last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max", "response", "response_coverage",
-        "auto"
+        "last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max", "response", "auto"
     ] = field(
         "last", "what the score head reads: the last token's hidden state, or that plus the mean over every token "
         "(evidence anywhere in the answer, e.g. a digit or a word from the prompt, reaches the head directly); "
@@ -87,8 +86,6 @@ class RewardStageConfig(TrainingConfig):
         "one head on both; last_mean_embeddings_max: also the embeddings' max over the response's tokens (whether "
         "a kind of token occurs in the answer at all); response: as last_mean_embeddings_max, with the states' mean "
         "over the response's tokens instead of every token (the prompt's states are the same for both answers); "
-        "response_coverage: response plus the prompt's coverage by the answer (each prompt token's embedding times "
-        "its best cosine match among the answer's tokens, averaged: which of the prompt's words the answer takes up); "
         "auto: one of those two, chosen by the head probe's cross-validation on the training pairs (head_init: probe)"
     )
     trunk_layers: int = field(

@@ -416,35 +416,7 @@ def test_embedding_max_reads_the_response_only_by_hand():
     assert not needs_response_mask("last_mean_embeddings")
 
 
-def test_prompt_coverage_by_hand():
-    from reward.pooling import embedding_features, embedding_parts, needs_response_mask
-
-    class Trunk(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(4, 2)
-            with torch.no_grad():  # rms of the matrix: sqrt(5), as above
-                self.embed.weight.copy_(torch.tensor([[2.0, 0.0], [3.0, -1.0], [1.0, -3.0], [0.0, 4.0]]))
-
-        def get_input_embeddings(self):
-            return self.embed
-
-    ids = torch.tensor([[3, 1, 2, 0], [1, 2, 1, 3]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    response = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]])
-    out = embedding_features(Trunk(), ids, mask, "response_coverage", response)  # (2, 6): [mean ; max ; coverage]
-    r, s10 = 5 ** 0.5, 10 ** 0.5
-    # row 0: prompt (0,4); its cosines to the response's (3,-1), (1,-3): -4/(4 s10), -12/(4 s10); best -1/s10
-    # row 1: prompt (3,-1), (1,-3); response (3,-1), (0,4). (3,-1): best 1 (itself); (1,-3): 6/10 = 0.6 against
-    #        (3,-1), -12/(4 s10) against (0,4); coverage = ((3,-1) * 1 + (1,-3) * 0.6) / 2 = (1.8, -1.4)
-    assert out[:, 4:].tolist() == [pytest.approx([0.0, -4 / s10 / r]), pytest.approx([1.8 / r, -1.4 / r])]
-    assert out[:, :4].tolist() == embedding_features(Trunk(), ids, mask, "response", response).tolist()
-    assert embedding_parts("response_coverage") == 3 and needs_response_mask("response_coverage")
-    with pytest.raises(ValueError, match="response_mask"):
-        embedding_features(Trunk(), ids, mask, "response_coverage")
-
-
-@pytest.mark.parametrize("pooling", ["last_mean_embeddings_max", "response", "response_coverage"])
+@pytest.mark.parametrize("pooling", ["last_mean_embeddings_max", "response"])
 def test_training_reads_the_response_positions_the_scorer_reads(tiny_model_dir, tmp_path, pooling):
     """Poolings that read the response's positions: the training loss's rewards (the positions made from the
     collator's lengths) are the scorer's on the same texts, with every part of the head, the max's too, non-zero."""
@@ -475,24 +447,22 @@ def test_training_reads_the_response_positions_the_scorer_reads(tiny_model_dir, 
 
 
 @pytest.mark.parametrize("pooling", ["last", "last_mean", "last_mean_embeddings", "last_mean_embeddings_max",
-                                     "response", "response_coverage"])
+                                     "response"])
 def test_trunk_layers_scores_from_a_lower_block_standalone_and_attached(tiny_model_dir, tmp_path, pooling):
     cfg = rm_config(tiny_model_dir, tmp_path, trunk_layers=1, lora_top_layers=1, max_steps=3, eval_fraction=0.25,
                     pooling=pooling)
     metrics = run_reward(cfg)
     assert json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())["layers_to_transform"] == [0]
-    if pooling.startswith(("last_mean_embeddings", "response")):  # the embedding part starts at 0, trains
+    if pooling.startswith("last_mean_embeddings") or pooling == "response":  # the embedding part starts at 0, trains
         from reward.attach import lora_weights
         from reward.pooling import embedding_parts
 
         head = next(w for k, w in lora_weights(cfg.output_dir).items() if "score" in k and k.endswith("weight"))
         hidden = head.shape[1] // (1 + embedding_parts(pooling))
         assert head.shape[0] == 1 and head[:, hidden:2 * hidden].abs().min() > 0  # the mean differs in every pair
-        if embedding_parts(pooling) >= 2:  # the max: chosen = rejected + " thanks", so a dimension where no pair's
-            top = head[0, 2 * hidden: 3 * hidden]  # " thanks" tops the body's max is equal on both sides: no gradient
+        if embedding_parts(pooling) == 2:  # the max: chosen = rejected + " thanks", so a dimension where no pair's
+            top = head[0, 2 * hidden:]  # " thanks" tops the body's max is equal on both sides, gets no gradient
             assert top.shape[0] == hidden and (top != 0).float().mean() > 0.5
-        if embedding_parts(pooling) == 3:  # the coverage: the prompt's best matches differ with " thanks"
-            assert head[0, 3 * hidden:].shape[0] == hidden and (head[0, 3 * hidden:] != 0).float().mean() > 0.5
     assert read_metadata(cfg.output_dir)["trunk_layers"] == 1
     assert read_metadata(cfg.output_dir).get("pool", "last") == pooling
     standalone = RewardScorer.from_pretrained(cfg.output_dir)
