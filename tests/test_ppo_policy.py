@@ -248,34 +248,6 @@ def test_rollout_logprobs_match_training_forward(tiny_model_dir, tmp_path):
     assert (hot - r.logprobs)[r.response_mask.bool()].abs().max() > 1e-3
 
 
-def test_greedy_rollout_rows_are_the_greedy_answers(tiny_model_dir):
-    """greedy_rollout: row 0 of each group of K is the prompt's greedy answer, the other rows are samples."""
-    from transformers import AutoModelForCausalLM
-
-    from rlhf.models import load_tokenizer
-
-    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
-    actor = build_actor_critic(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sft_adapter=None,
-                               lora=lora_config(4, 8, 0.0, ["all-linear"]))
-    actor.add_value_adapter(lora_config(4, 8, 0.0, ["all-linear"]))
-    prompts = [[{"role": "user", "content": t}] for t in ("Hi", "What is the capital of France?")]
-    k = 3
-    sampled = {"do_sample": True, "max_new_tokens": 8, "temperature": 5.0, "top_k": 0}
-    torch.manual_seed(0)
-    r = collect_rollout(actor, tokenizer, TokenCountScorer([5]), [p for p in prompts for _ in range(k)],
-                        temperature=5.0, generate_kwargs=sampled, max_prompt_length=64, chunk=4, timings={},
-                        group=k, greedy_every=k)
-    g = collect_rollout(actor, tokenizer, TokenCountScorer([5]), prompts, temperature=1.0,
-                        generate_kwargs={"do_sample": False, "max_new_tokens": 8}, max_prompt_length=64, chunk=4,
-                        timings={})
-    assert r.responses[0] == g.responses[0] and r.responses[k] == g.responses[1]
-    # at temperature 5 the samples leave the greedy path
-    assert any(r.responses[i] != r.responses[i - i % k] for i in range(len(r.responses)) if i % k)
-    # the greedy rows are trained on like the others: log-probs at the sampling temperature
-    again = actor.policy_forward(r.input_ids, r.attention_mask, r.response_ids, 5.0)["logprobs"]
-    assert (again - r.logprobs)[r.response_mask.bool()].abs().max() < 1e-5
-
-
 def test_merged_policy_generates_like_the_adapter_and_restores_the_base(tiny_model_dir):
     """merge_for_generation: same greedy tokens and logits; the base tensors come back untouched."""
     from transformers import AutoModelForCausalLM

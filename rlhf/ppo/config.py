@@ -99,10 +99,6 @@ class PPOStageConfig(TrainingConfig):
     reward_aggregate_std_coef: float = field(1.0, "mean_minus_std: weight of the members' standard deviation")
 
     # sampling
-    greedy_rollout: bool = field(
-        False, "with samples_per_prompt K >= 2, the first of each prompt's K rollouts is its greedy answer (argmax "
-        "tokens) instead of a sample, trained on like the others"
-    )
     temperature: float = field(0.7, "sampling temperature; log-probs are recomputed with the same temperature")
     top_p: float = field(1.0, "nucleus sampling threshold (1 keeps the sampling distribution exact)")
     max_new_tokens: int = field(48, "maximum new tokens per response")
@@ -207,8 +203,6 @@ class PPOStageConfig(TrainingConfig):
             "config key 'missing_eos_penalty' must be a finite number or null",
         )
         require(self.temperature > 0, "config key 'temperature' must be > 0")
-        require(not self.greedy_rollout or self.samples_per_prompt >= 2,
-                "config key 'greedy_rollout' needs samples_per_prompt >= 2 (one greedy answer beside the samples)")
         require(0 < self.top_p <= 1, "config key 'top_p' must be in (0, 1]")
         require(self.max_new_tokens >= 1, "config key 'max_new_tokens' must be >= 1")
         require(self.max_prompt_length >= 1, "config key 'max_prompt_length' must be >= 1")

@@ -181,25 +181,14 @@ def process_scores(raw: Tensor, has_eos: Tensor, *, normalization: str, stats: d
 
 
 @torch.no_grad()
-def generate(actor, tokenizer, prompts: list, *, generate_kwargs: dict, max_prompt_length: int, chunk: int,
-             greedy_every: int = 0):
-    """Sample one response per prompt in chunks. Returns (prompt_ids (B, P), prompt_mask, response_ids (B, R)).
-
-    ``greedy_every`` K > 0: rows 0, K, 2K, ... take the argmax token at every step (the prompt's greedy answer)
-    while the other rows sample; chunks then hold whole groups of K rows."""
+def generate(actor, tokenizer, prompts: list, *, generate_kwargs: dict, max_prompt_length: int, chunk: int):
+    """Sample one response per prompt in chunks. Returns (prompt_ids (B, P), prompt_mask, response_ids (B, R))."""
     device = actor.lm_head.weight.device
     parts = []
-    if greedy_every:
-        chunk = max(greedy_every, chunk // greedy_every * greedy_every)
     for sl in _chunks(len(prompts), chunk):
         enc = encode_prompts(tokenizer, prompts[sl], device)
         ids, mask = enc["input_ids"][:, -max_prompt_length:], enc["attention_mask"][:, -max_prompt_length:]
-        kwargs = generate_kwargs
-        if greedy_every:
-            from transformers import LogitsProcessorList
-
-            kwargs = {**generate_kwargs, "logits_processor": LogitsProcessorList([GreedyRows(greedy_every)])}
-        resp = actor.generate(ids, mask, kwargs, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        resp = actor.generate(ids, mask, generate_kwargs, tokenizer.pad_token_id, tokenizer.eos_token_id)
         parts.append((ids, mask, resp))
     P = max(p[0].shape[1] for p in parts)
     R = max(p[2].shape[1] for p in parts)
@@ -208,21 +197,6 @@ def generate(actor, tokenizer, prompts: list, *, generate_kwargs: dict, max_prom
     prompt_mask = torch.cat([_pad_to(p[1], P, 0, left=True) for p in parts])
     response_ids = torch.cat([_pad_to(p[2], R, pad, left=False) for p in parts])
     return prompt_ids, prompt_mask, response_ids
-
-
-class GreedyRows:
-    """Logits processor: rows 0, K, 2K, ... of the batch keep only their argmax token (greedy decoding)."""
-
-    def __init__(self, every: int):
-        self.every = every
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        rows = scores[:: self.every]
-        keep = torch.full_like(rows, float("-inf"))
-        keep.scatter_(1, rows.argmax(dim=1, keepdim=True), 0.0)
-        scores = scores.clone()
-        scores[:: self.every] = rows + keep
-        return scores
 
 
 def join_responses(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor):
@@ -243,8 +217,7 @@ def join_responses(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, response_
 
 @torch.no_grad()
 def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: float, generate_kwargs: dict,
-                    max_prompt_length: int, chunk: int, timings: dict, group: int = 1,
-                    greedy_every: int = 0) -> Rollout:
+                    max_prompt_length: int, chunk: int, timings: dict, group: int = 1) -> Rollout:
     """Generate, truncate after EOS, run the no-grad passes and score. Fills ``timings`` (seconds).
 
     ``group``: rows i*K .. i*K+K-1 are K samples of one prompt; the log-prob and reference passes then run
@@ -254,8 +227,7 @@ def collect_rollout(actor, tokenizer, scorer, prompts: list, *, temperature: flo
 
     t0 = time.perf_counter()
     prompt_ids, prompt_mask, response_ids = generate(
-        actor, tokenizer, prompts, generate_kwargs=generate_kwargs, max_prompt_length=max_prompt_length, chunk=chunk,
-        greedy_every=greedy_every,
+        actor, tokenizer, prompts, generate_kwargs=generate_kwargs, max_prompt_length=max_prompt_length, chunk=chunk
     )
     t1 = time.perf_counter()
     input_ids, attention_mask, response_ids, mask, has_eos = join_responses(tokenizer, prompt_ids, prompt_mask,

@@ -139,8 +139,7 @@ class PPOTrainer:
         rollout = collect_rollout(self.actor, self.tokenizer, self.scorer, prompts, temperature=cfg.temperature,
                                   generate_kwargs=self.generate_kwargs, max_prompt_length=cfg.max_prompt_length,
                                   chunk=cfg.per_device_eval_batch_size, timings=timings,
-                                  group=k if cfg.share_prompt_pass else 1,
-                                  greedy_every=k if cfg.greedy_rollout else 0)
+                                  group=k if cfg.share_prompt_pass else 1)
         bad = (~torch.isfinite(rollout.raw_scores)).sum().item()
         if bad:
             self._stop(f"the reward scorer returned NaN/inf for {bad} of {rollout.size} responses")
