@@ -1,0 +1,86 @@
+"""What the demo's target (0.85 of the greedy comparisons under the rule) asks of a policy.
+
+The demo's rule (``reward.rules.rule_score``) scores an answer by how close its word count is to
+``TARGET_WORDS`` and whether it ends with a full stop; SFT's greedy answers to the 44 held-out prompts are
+the baseline. This reads a demo eval (``eval.json``: SFT's answers) and reports
+
+* the win rate an idealised policy would reach whose every answer ends with "." and has ``TARGET_WORDS +- s``
+  words (each count in that range equally likely; ties count half), for several spreads ``s``;
+* SFT's answers by length (short, near the target, cut off long) and, for each ``demo_ppo_probe`` record
+  given, what its policies won and lost in each group::
+
+    python bench/demo_target_ceiling.py --eval outputs/demo/eval/eval.json \\
+        --probe bench/results/demo_ppo_oracle_probe.json --out bench/results/demo_target_ceiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench_record import Record
+
+from reward.rules import TARGET_WORDS, ends_with_full_stop, rule_score, word_count
+
+
+def ideal_win_rate(baselines: list[str], spread: int) -> float:
+    """Expected win rate of answers that end with "." and have TARGET_WORDS +- spread words (uniform)."""
+    words = range(max(1, TARGET_WORDS - spread), TARGET_WORDS + spread + 1)
+    total = 0.0
+    for b in baselines:
+        sb = rule_score(None, b)
+        scores = [rule_score(None, " ".join(["w"] * (w - 1) + ["w."])) for w in words]
+        total += sum((s > sb) + 0.5 * (s == sb) for s in scores) / len(scores)
+    return total / len(baselines)
+
+
+def group(words: int) -> str:
+    if words < 0.6 * TARGET_WORDS:
+        return "short"
+    return "near" if words <= 1.4 * TARGET_WORDS else "long"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval", required=True, help="a demo eval.json (its baseline answers are SFT's)")
+    parser.add_argument("--probe", action="append", default=[], help="a demo_ppo_probe record (repeatable)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    record = Record("demo_target_ceiling", argv, path=args.out)
+    samples = json.loads(Path(args.eval).read_text())["samples"]
+    baselines = [s["baseline"] for s in samples]
+    groups = [group(word_count(b)) for b in baselines]
+    sft = {}
+    for g in ("short", "near", "long"):
+        members = [b for b, gg in zip(baselines, groups) if gg == g]
+        sft[g] = {"answers": len(members),
+                  "mean_words": round(sum(map(word_count, members)) / max(1, len(members)), 1),
+                  "ending_with_full_stop": sum(map(ends_with_full_stop, members))}
+    figures = {
+        "target_words": TARGET_WORDS,
+        "ideal_policy_win_rate_by_spread": {s: round(ideal_win_rate(baselines, s), 3) for s in (0, 2, 3, 5, 6, 8, 10)},
+        "sft_groups": sft,
+        "probes": {},
+    }
+    for path in args.probe:
+        for name, run in json.loads(Path(path).read_text())["figures"].items():
+            policy = run["policy_answers"]
+            if len(policy) != len(baselines):
+                raise SystemExit(f"error: {path} {name}: {len(policy)} answers, the eval has {len(baselines)}")
+            by_group = {}
+            for g in ("short", "near", "long"):
+                rows = [(p, b) for p, b, gg in zip(policy, baselines, groups) if gg == g]
+                by_group[g] = {
+                    "wins": sum(rule_score(None, p) > rule_score(None, b) for p, b in rows),
+                    "losses": sum(rule_score(None, p) < rule_score(None, b) for p, b in rows),
+                    "policy_mean_words": round(sum(word_count(p) for p, _ in rows) / max(1, len(rows)), 1),
+                    "policy_ending_with_full_stop": sum(ends_with_full_stop(p) for p, _ in rows),
+                }
+            figures["probes"][f"{Path(path).stem}:{name}"] = by_group
+    print(json.dumps(figures, indent=1))
+    record.write(figures, {"eval": args.eval, "probes": args.probe})
+
+
+if __name__ == "__main__":
+    main()
