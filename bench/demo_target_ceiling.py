@@ -2,7 +2,8 @@
 
 The demo's rule (``reward.rules.rule_score``) scores an answer by how close its word count is to
 ``TARGET_WORDS`` and whether it ends with a full stop; SFT's greedy answers to the 44 held-out prompts are
-the baseline. This reads a demo eval (``eval.json``: SFT's answers) and reports
+the baseline. This reads SFT's answers from a demo eval (``eval.json``) or from an earlier record of this
+benchmark (each record keeps them, as ``sft_answers``) and reports
 
 * the win rate an idealised policy would reach whose every answer ends with "." and has ``TARGET_WORDS +- s``
   words (each count in that range equally likely; ties count half), for several spreads ``s``;
@@ -22,17 +23,22 @@ from pathlib import Path
 from bench_record import Record
 
 from reward.rules import TARGET_WORDS, ends_with_full_stop, rule_score, word_count
+from rlhf.evaluate import win_rate
 
 
-def ideal_win_rate(baselines: list[str], spread: int) -> float:
+def ideal_win_rate(baseline_scores: list[float], spread: int) -> float:
     """Expected win rate of answers that end with "." and have TARGET_WORDS +- spread words (uniform)."""
     words = range(max(1, TARGET_WORDS - spread), TARGET_WORDS + spread + 1)
-    total = 0.0
-    for b in baselines:
-        sb = rule_score(None, b)
-        scores = [rule_score(None, " ".join(["w"] * (w - 1) + ["w."])) for w in words]
-        total += sum((s > sb) + 0.5 * (s == sb) for s in scores) / len(scores)
-    return total / len(baselines)
+    ideal = [rule_score(None, " ".join(["w"] * (w - 1) + ["w."])) for w in words]
+    return sum(win_rate([s] * len(baseline_scores), baseline_scores)["win_rate"] for s in ideal) / len(ideal)
+
+
+def sft_answers(path: str) -> list[str]:
+    """SFT's answers from a demo eval.json (its baselines) or from an earlier record of this benchmark."""
+    data = json.loads(Path(path).read_text())
+    if "samples" in data:
+        return [s["baseline"] for s in data["samples"]]
+    return data["figures"]["sft_answers"]
 
 
 def group(words: int) -> str:
@@ -43,13 +49,14 @@ def group(words: int) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eval", required=True, help="a demo eval.json (its baseline answers are SFT's)")
+    parser.add_argument("--eval", required=True,
+                        help="a demo eval.json (its baseline answers are SFT's) or an earlier record of this benchmark")
     parser.add_argument("--probe", action="append", default=[], help="a demo_ppo_probe record (repeatable)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     record = Record("demo_target_ceiling", argv, path=args.out)
-    samples = json.loads(Path(args.eval).read_text())["samples"]
-    baselines = [s["baseline"] for s in samples]
+    baselines = sft_answers(args.eval)
+    baseline_scores = [rule_score(None, b) for b in baselines]
     groups = [group(word_count(b)) for b in baselines]
     sft = {}
     for g in ("short", "near", "long"):
@@ -59,9 +66,11 @@ def main(argv=None) -> None:
                   "ending_with_full_stop": sum(map(ends_with_full_stop, members))}
     figures = {
         "target_words": TARGET_WORDS,
-        "ideal_policy_win_rate_by_spread": {s: round(ideal_win_rate(baselines, s), 3) for s in (0, 2, 3, 5, 6, 8, 10)},
+        "ideal_policy_win_rate_by_spread": {s: round(ideal_win_rate(baseline_scores, s), 3)
+                                            for s in (0, 2, 3, 5, 6, 8, 10)},
         "sft_groups": sft,
         "probes": {},
+        "sft_answers": baselines,
     }
     for path in args.probe:
         for name, run in json.loads(Path(path).read_text())["figures"].items():
@@ -70,15 +79,16 @@ def main(argv=None) -> None:
                 raise SystemExit(f"error: {path} {name}: {len(policy)} answers, the eval has {len(baselines)}")
             by_group = {}
             for g in ("short", "near", "long"):
-                rows = [(p, b) for p, b, gg in zip(policy, baselines, groups) if gg == g]
+                rows = [(p, b) for p, b, gg in zip(policy, baseline_scores, groups) if gg == g]
+                counts = win_rate([rule_score(None, p) for p, _ in rows], [b for _, b in rows]) if rows else {}
                 by_group[g] = {
-                    "wins": sum(rule_score(None, p) > rule_score(None, b) for p, b in rows),
-                    "losses": sum(rule_score(None, p) < rule_score(None, b) for p, b in rows),
+                    "wins": counts.get("wins", 0),
+                    "losses": counts.get("losses", 0),
                     "policy_mean_words": round(sum(word_count(p) for p, _ in rows) / max(1, len(rows)), 1),
                     "policy_ending_with_full_stop": sum(ends_with_full_stop(p) for p, _ in rows),
                 }
             figures["probes"][f"{Path(path).stem}:{name}"] = by_group
-    print(json.dumps(figures, indent=1))
+    print(json.dumps({k: v for k, v in figures.items() if k != "sft_answers"}, indent=1))
     record.write(figures, {"eval": args.eval, "probes": args.probe})
 
 
