@@ -399,15 +399,6 @@ def test_grpo_scores_by_hand():
     close(L.grpo_scores(torch.tensor([2.0, 2.0, 2.0]), 3), [0.0, 0.0, 0.0])
 
 
-def test_best_of_group_scores_by_hand():
-    # group 0 (1, 2, 6): the third is best; group 1 (0, 3, 3): a tie at the top goes to the first of the two
-    close(L.best_of_group_scores(SCORES, 3), [0.0, 0.0, 1.0, 0.0, 1.0, 0.0])
-    # a group whose samples all score the same selects none
-    close(L.best_of_group_scores(torch.tensor([2.0, 2.0, 0.5, 1.0]), 2), [0.0, 0.0, 0.0, 1.0])
-    with pytest.raises(ValueError):
-        L.best_of_group_scores(SCORES, 1)
-
-
 def test_returns_to_go_by_hand():
     r = torch.tensor([[0.1, -0.2, 1.0], [0.5, 2.0, 9.0]])
     m = torch.tensor([[1, 1, 1], [1, 1, 0]])

@@ -141,18 +141,6 @@ def test_rloo_targets_by_hand():
     assert float(w.advantages[5, 1]) == 0.0
 
 
-def test_raft_targets_by_hand():
-    r = compute_targets(_six_rollouts(), SIX, kl_coef=0.5, kl_estimator="k1", gamma=1.0, lam=1.0,
-                        whiten_advantages=False, estimator="raft", group_size=3)
-    # the best of each group (rows 2 and 4) scores 1, the others 0; row 0 token 0 pays 0.5 * 1 of KL
-    expected = [[-0.5, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
-    assert torch.allclose(r.advantages, torch.tensor(expected))
-    w = compute_targets(_six_rollouts(), SIX, kl_coef=0.5, kl_estimator="k1", gamma=1.0, lam=1.0,
-                        whiten_advantages=True, estimator="raft", group_size=3)
-    flat = torch.tensor([-0.5, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0])   # the 11 response tokens
-    assert torch.allclose(w.advantages[w.response_mask.bool()], flat / flat.std(), atol=1e-5)
-
-
 def test_grpo_and_dr_grpo_targets_by_hand():
     r = compute_targets(_six_rollouts(), SIX, kl_coef=0.0, kl_estimator="k1", gamma=1.0, lam=1.0,
                         whiten_advantages=True, estimator="grpo", group_size=3, grpo_scale_std=False)

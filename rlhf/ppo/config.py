@@ -66,7 +66,7 @@ class PPOStageConfig(TrainingConfig):
     cliprange_value: float = field(0.2, "value clip epsilon (around the rollout-time values)")
     vf_coef: float = field(0.1, "weight of the value loss")
     entropy_coef: float = field(0.0, "weight of an entropy bonus (0 = off)")
-    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_pp", "raft"] = field(
+    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = field(
         "gae", "gae: learned value adapter + GAE; rloo: leave-one-out baseline of the prompt's other samples; "
         "grpo: scores normalised within each prompt's samples; reinforce_pp: KL-shaped return whitened over "
         "the batch. The three critic-free ones train no value model and run no value passes"
@@ -160,7 +160,7 @@ class PPOStageConfig(TrainingConfig):
                 f"config key 'rollout_batch_size' ({self.rollout_batch_size}) must be divisible by "
                 f"'samples_per_prompt' ({self.samples_per_prompt})"
             )
-        if self.advantage_estimator in ("rloo", "grpo", "raft") and self.samples_per_prompt < 2:
+        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ConfigError(
                 f"advantage_estimator: {self.advantage_estimator} needs config key 'samples_per_prompt' >= 2 "
                 f"(got {self.samples_per_prompt})"

@@ -191,18 +191,6 @@ def grpo_scores(scores: Tensor, group_size: int, scale_std: bool = True, eps: fl
     return centred.reshape(-1)
 
 
-def best_of_group_scores(scores: Tensor, group_size: int) -> Tensor:
-    """Reward-ranked fine-tuning (RAFT, Dong et al., 2023): 1 for the highest-scored of each prompt's K samples,
-    0 for the others; a group whose K scores are all equal selects none. Ties at the top: the first. (B,) -> (B,)
-    """
-    if group_size < 2:
-        raise ValueError("raft needs at least 2 samples per prompt")
-    g = _groups(scores, group_size)
-    best = torch.nn.functional.one_hot(g.argmax(dim=1), group_size).to(g.dtype)
-    spread = (g.max(dim=1, keepdim=True).values > g.min(dim=1, keepdim=True).values).to(g.dtype)
-    return (best * spread).reshape(-1)
-
-
 def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     """G_t = m_t * (r_t + gamma * G_{t+1}),  G_T = 0. rewards, mask (B, T) -> (B, T), detached.
 

@@ -26,7 +26,6 @@ from rlhf.generation import decode_responses, encode_prompts
 from rlhf.ppo.losses import (
     compute_gae,
     grpo_scores,
-    best_of_group_scores,
     rloo_scores,
     returns_to_go,
     eos_truncation_mask,
@@ -301,8 +300,6 @@ def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_esti
         scores = rloo_scores(scores, group_size)
     elif estimator == "grpo":
         scores = grpo_scores(scores, group_size, scale_std=grpo_scale_std)
-    elif estimator == "raft":
-        scores = best_of_group_scores(scores, group_size)
     penalty = kl_coef if kl_in == "reward" else 0.0
     rollout.rewards, rollout.kl = shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, m, penalty, kl_estimator)
     if estimator == "gae":
@@ -312,7 +309,7 @@ def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_esti
         ret = returns_to_go(rollout.rewards, m, gamma)
         if estimator == "reinforce_pp":
             rollout.advantages = masked_whiten(ret, m, reduce_sum=reduce_sum)
-        elif estimator in ("rloo", "raft") and whiten_advantages:  # scaled only: the leave-one-out baseline already centres
+        elif estimator == "rloo" and whiten_advantages:  # scaled only: the leave-one-out baseline already centres
             rollout.advantages = masked_rescale(ret, m, reduce_sum=reduce_sum)
         else:
             rollout.advantages = ret
