@@ -8,7 +8,9 @@ benchmark (each record keeps them, as ``sft_answers``) and reports
 * the win rate an idealised policy would reach whose every answer ends with "." and has ``TARGET_WORDS +- s``
   words (each count in that range equally likely; ties count half), for several spreads ``s``;
 * SFT's answers by length (short, near the target, cut off long) and, for each ``demo_ppo_probe`` record
-  given, what its policies won and lost in each group::
+  given, what its policies won and lost in each group, and how many of all its wins and losses were by less
+  than the labelers' tie gap (``rule_min_gap`` of the demo config: pairs that close are never labelled, so the
+  reward model is never told which of the two is better)::
 
     python bench/demo_target_ceiling.py --eval outputs/demo/eval/eval.json \\
         --probe bench/results/demo_ppo_oracle_probe.json --out bench/results/demo_target_ceiling.json
@@ -20,6 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
 from bench_record import Record
 
 from reward.rules import TARGET_WORDS, ends_with_full_stop, rule_score, word_count
@@ -52,8 +55,11 @@ def main(argv=None) -> None:
     parser.add_argument("--eval", required=True,
                         help="a demo eval.json (its baseline answers are SFT's) or an earlier record of this benchmark")
     parser.add_argument("--probe", action="append", default=[], help="a demo_ppo_probe record (repeatable)")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+                        help="the demo config whose rule_min_gap is the labelers' tie gap")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    min_gap = float(yaml.safe_load(Path(args.config).read_text())["rule_min_gap"])
     record = Record("demo_target_ceiling", argv, path=args.out)
     baselines = sft_answers(args.eval)
     baseline_scores = [rule_score(None, b) for b in baselines]
@@ -66,6 +72,7 @@ def main(argv=None) -> None:
                   "ending_with_full_stop": sum(map(ends_with_full_stop, members))}
     figures = {
         "target_words": TARGET_WORDS,
+        "labelers_tie_gap": min_gap,
         "ideal_policy_win_rate_by_spread": {s: round(ideal_win_rate(baseline_scores, s), 3)
                                             for s in (0, 2, 3, 5, 6, 8, 10)},
         "sft_groups": sft,
@@ -84,9 +91,14 @@ def main(argv=None) -> None:
                 by_group[g] = {
                     "wins": counts.get("wins", 0),
                     "losses": counts.get("losses", 0),
+                    "decided_within_tie_gap": sum(0 < abs(rule_score(None, p) - b) < min_gap for p, b in rows),
                     "policy_mean_words": round(sum(word_count(p) for p, _ in rows) / max(1, len(rows)), 1),
                     "policy_ending_with_full_stop": sum(ends_with_full_stop(p) for p, _ in rows),
                 }
+            gaps = [rule_score(None, p) - b for p, b in zip(policy, baseline_scores)]
+            by_group["all"] = {"wins": sum(g > 0 for g in gaps), "losses": sum(g < 0 for g in gaps),
+                               "wins_within_tie_gap": sum(0 < g < min_gap for g in gaps),
+                               "losses_within_tie_gap": sum(-min_gap < g < 0 for g in gaps)}
             figures["probes"][f"{Path(path).stem}:{name}"] = by_group
     print(json.dumps({k: v for k, v in figures.items() if k != "sft_answers"}, indent=1))
     record.write(figures, {"eval": args.eval, "probes": args.probe})
