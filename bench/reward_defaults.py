@@ -135,6 +135,7 @@ def main() -> None:
         run = {"rule": name, "doc": RULES[name].__doc__, "train_pairs": len(train), "test_pairs": len(test),
                "held_out_accuracy": metrics.get("eval_accuracy", metrics.get("accuracy")),
                "length_correlation": metrics.get("eval_length_correlation", metrics.get("length_correlation")),
+               **({"member_accuracy": metrics["eval_member_accuracy"]} if "eval_member_accuracy" in metrics else {}),
                "train_runtime_s": metrics.get("train_runtime_s"), "head_probe": metrics.get("head_probe"),
                "stage_wall_s": round(wall, 1),
                "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2),
