@@ -48,6 +48,11 @@ SETS = {  # feature columns, in units of H: 0 = state (last + mean over every to
     # averaged over the prompt (which of the prompt's words the answer takes up)
     "response_state+coverage": [4, 7],
     "response_state+mean+max_response+coverage": [4, 1, 2, 7],
+    # 8 = the state with its sum (not mean) over the response's tokens (last + sum: what a count of something in
+    # the answer needs); 9 = the input embeddings' sum over the response's tokens (a bag of its tokens' counts)
+    "response_sum_state+mean+max_response": [8, 1, 2],
+    "response_state+mean+max_response+embedding_sum": [4, 1, 2, 9],
+    "response_sum_state+mean+max_response+embedding_sum": [8, 1, 2, 9],
     "state+mean+max_response+coverage": [0, 1, 2, 7],
 }
 
@@ -68,6 +73,11 @@ def coverage(trunk, ids: torch.Tensor, mask: torch.Tensor, response: torch.Tenso
     return torch.stack(out)
 
 
+def response_sum(last: torch.Tensor, last_plus_mean: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """last + the states' sum over the response, from ``last`` and ``last + mean over the response``: (B, H)."""
+    return last + (last_plus_mean - last) * response.sum(-1, keepdim=True)
+
+
 def main() -> None:
     from reward.modeling import encode_for_reward, pad_right
     from reward.pooling import embedding_features, pool, response_tail_mask
@@ -84,9 +94,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max_length", type=int, default=256)
     ap.add_argument("--out", default="bench/results/reward_pooling_probe.json")
+    ap.add_argument("--sets", default=",".join(SETS), help="comma-separated feature sets to probe (default: all)")
+    ap.add_argument("--rules", default=None, help="comma-separated rules (default: all, and the demo's)")
     args = ap.parse_args()
     torch.manual_seed(0)
     rules = dict(RULES, demo_rule_score=lambda p, a, b: rule_prefers(p, a, b, min_gap=0.1))
+    rules = {name: rules[name] for name in args.rules.split(",")} if args.rules else rules
+    sets = {name: SETS[name] for name in args.sets.split(",")}
     cands = candidates(Path(args.work) / "labels.db")
     path = resolve_model_path(args.model)
     tokenizer, model = load_tokenizer(path), load_base_model(path).eval()
@@ -110,8 +124,11 @@ def main() -> None:
             rows.append(torch.cat([pool(states, mask, "last_mean"), mean_max, max_row,
                                    pool(states, mask, "last_response_mean", response),
                                    prompt_mean * response_mean, prompt_mean * mean_max[:, hidden:],
-                                   coverage(trunk, ids, mask, response)], -1))
-    features = torch.cat(rows)  # (N, 8H)
+                                   coverage(trunk, ids, mask, response),
+                                   response_sum(pool(states, mask, "last"), pool(states, mask, "last_response_mean",
+                                                response), response),
+                                   response_mean * response.sum(-1, keepdim=True)], -1))
+    features = torch.cat(rows)  # (N, 10H)
     record = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": machine(), "load_avg_before": round(os.getloadavg()[0], 2), "commit": git_commit(),
               "command": " ".join(sys.argv), "responses": len(texts),
@@ -119,7 +136,7 @@ def main() -> None:
     for name, rule in rules.items():
         train, test = split_pairs(labelled_pairs(cands, rule), args.seed, args.test_fraction, args.max_train_pairs)
         per_set = {}
-        for key, parts in SETS.items():
+        for key, parts in sets.items():
             columns = [p * hidden + j for p in parts for j in range(hidden)]
             per_set[key] = probe_pairs(features[:, columns], index, train, test)
             print(name, key, per_set[key], flush=True)
