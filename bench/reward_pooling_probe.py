@@ -98,9 +98,14 @@ def main() -> None:
     ap.add_argument("--rules", default=None, help="comma-separated rules (default: all, and the demo's)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    rules = dict(RULES, demo_rule_score=lambda p, a, b: rule_prefers(p, a, b, min_gap=0.1))
-    rules = {name: rules[name] for name in args.rules.split(",")} if args.rules else rules
-    sets = {name: SETS[name] for name in args.sets.split(",")}
+    every_rule = dict(RULES, demo_rule_score=lambda p, a, b: rule_prefers(p, a, b, min_gap=0.1))
+    rule_names = args.rules.split(",") if args.rules else list(every_rule)
+    set_names = args.sets.split(",")
+    unknown = [n for n in rule_names if n not in every_rule] + [n for n in set_names if n not in SETS]
+    if unknown:
+        raise SystemExit(f"error: unknown rule or feature set: {', '.join(unknown)}")
+    rules = {name: every_rule[name] for name in rule_names}
+    sets = {name: SETS[name] for name in set_names}
     cands = candidates(Path(args.work) / "labels.db")
     path = resolve_model_path(args.model)
     tokenizer, model = load_tokenizer(path), load_base_model(path).eval()
