@@ -24,6 +24,8 @@ from pathlib import Path
 import yaml
 from bench_record import Record
 
+from reward.rules import ends_with_full_stop
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,7 +79,7 @@ def main(argv=None) -> None:
             "reward_model_win_rate": result["reward_model"]["win_rate"],
             "kl_policy_to_baseline": result["kl_policy_to_baseline"],
             "response_words": result["response_words"],
-            "policy_answers_ending_with_full_stop": sum(s["policy"].rstrip().endswith(".") for s in samples),
+            "policy_answers_ending_with_full_stop": sum(ends_with_full_stop(s["policy"]) for s in samples),
             "empty_policy_answers": sum(not s["policy"].strip() for s in samples),
             "ppo_wall_s": metrics["wall_time_s"],
             "ppo_steps": metrics["steps"],

@@ -12,7 +12,7 @@ benchmark (each record keeps them, as ``sft_answers``) and reports
   than the labelers' tie gap (``rule_min_gap`` of the demo config: pairs that close are never labelled, so the
   reward model is never told which of the two is better)::
 
-    python bench/demo_target_ceiling.py --eval outputs/demo/eval/eval.json \\
+    python bench/demo_target_ceiling.py --eval WORK/eval/eval.json \\
         --probe bench/results/demo_ppo_oracle_probe.json --out bench/results/demo_target_ceiling.json
 """
 
@@ -84,18 +84,19 @@ def main(argv=None) -> None:
             policy = run["policy_answers"]
             if len(policy) != len(baselines):
                 raise SystemExit(f"error: {path} {name}: {len(policy)} answers, the eval has {len(baselines)}")
+            scores = [rule_score(None, p) for p in policy]
+            gaps = [p - b for p, b in zip(scores, baseline_scores)]
             by_group = {}
             for g in ("short", "near", "long"):
-                rows = [(p, b) for p, b, gg in zip(policy, baseline_scores, groups) if gg == g]
-                counts = win_rate([rule_score(None, p) for p, _ in rows], [b for _, b in rows]) if rows else {}
+                rows = [i for i, gg in enumerate(groups) if gg == g]
+                counts = win_rate([scores[i] for i in rows], [baseline_scores[i] for i in rows]) if rows else {}
                 by_group[g] = {
                     "wins": counts.get("wins", 0),
                     "losses": counts.get("losses", 0),
-                    "decided_within_tie_gap": sum(0 < abs(rule_score(None, p) - b) < min_gap for p, b in rows),
-                    "policy_mean_words": round(sum(word_count(p) for p, _ in rows) / max(1, len(rows)), 1),
-                    "policy_ending_with_full_stop": sum(ends_with_full_stop(p) for p, _ in rows),
+                    "decided_within_tie_gap": sum(0 < abs(gaps[i]) < min_gap for i in rows),
+                    "policy_mean_words": round(sum(word_count(policy[i]) for i in rows) / max(1, len(rows)), 1),
+                    "policy_ending_with_full_stop": sum(ends_with_full_stop(policy[i]) for i in rows),
                 }
-            gaps = [rule_score(None, p) - b for p, b in zip(policy, baseline_scores)]
             by_group["all"] = {"wins": sum(g > 0 for g in gaps), "losses": sum(g < 0 for g in gaps),
                                "wins_within_tie_gap": sum(0 < g < min_gap for g in gaps),
                                "losses_within_tie_gap": sum(-min_gap < g < 0 for g in gaps)}
