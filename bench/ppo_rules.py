@@ -86,7 +86,8 @@ def main(argv=None) -> None:
                 samples = result["samples"]
                 run[label] = {"rule": judge(RULES[rule], samples), "kl": result["kl_policy_to_baseline"],
                               "words": result["response_words"], "rm_win_rate": result["reward_model"]["win_rate"],
-                              "unchanged": sum(s["policy"] == s["baseline"] for s in samples)}
+                              "unchanged": sum(s["policy"] == s["baseline"] for s in samples),
+                              "policy_answers": [s["policy"] for s in samples]}
                 w = run[label]["rule"]
                 print(f"[{rule}/{name}] {label}: {rule} win rate {w['win_rate']:.3f} "
                       f"({w['wins']}/{w['ties']}/{w['losses']}), KL {run[label]['kl']:.2f}", file=sys.stderr)
