@@ -133,6 +133,20 @@ def test_the_global_batch_must_split_over_the_processes(tiny_model_dir, tmp_path
         check_parallel(driver.config(tiny_model_dir, tmp_path), 2)
 
 
+def test_the_shipped_ppo_config_splits_over_up_to_four_processes():
+    """configs/ppo.yaml's 32 rollouts are 4 prompts of 8 samples: 1, 2 or 4 processes; 8 need 64 rollouts (README)."""
+    from rlhf.config import parse_config
+    from rlhf.ppo.config import PPOStageConfig
+
+    shipped = ["--config", str(ROOT / "configs" / "ppo.yaml")]
+    cfg = parse_config(PPOStageConfig, shipped)
+    for world in (1, 2, 4):
+        check_parallel(cfg, world)
+    with pytest.raises(ConfigError, match="4 prompts do not split evenly over 8 processes"):
+        check_parallel(cfg, 8)
+    check_parallel(parse_config(PPOStageConfig, shipped + ["--rollout_batch_size", "64"]), 8)
+
+
 def test_pipeline_launches_a_stage_on_two_processes(tiny_model_dir, tmp_path, monkeypatch):
     """`rlhf pipeline --num_processes 2` runs `rlhf ppo` itself under accelerate launch (no driver)."""
     from rlhf.pipeline import PipelineConfig, launched
