@@ -41,13 +41,19 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, keys
 
 
+def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out``, ``--variant`` (repeatable, see :func:`parse_variant`) and ``--record``, as every variant benchmark
+    takes them."""
+    parser.add_argument("--out", required=True, help="folder for the variants' runs")
+    parser.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (repeatable)")
+    parser.add_argument("--record", required=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", required=True, help="a finished demo work_dir (sft/ and reward/ in it)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    parser.add_argument("--out", required=True, help="folder for the variants' runs")
-    parser.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (repeatable)")
-    parser.add_argument("--record", required=True)
+    add_variant_arguments(parser)
     args = parser.parse_args(argv)
     record = Record("demo_ppo_probe", argv, path=args.record)
     demo, out = Path(args.demo), Path(args.out)

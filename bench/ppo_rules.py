@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from bench_record import Record
-from demo_ppo_probe import parse_variant
+from demo_ppo_probe import add_variant_arguments, parse_variant
 from reward_defaults import RULES
 
 from rlhf.evaluate import win_rate
@@ -47,9 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "ppo.yaml"))
     parser.add_argument("--max_steps", type=int, default=16)
     parser.add_argument("--save_steps", type=int, default=8)
-    parser.add_argument("--out", required=True, help="folder for the runs")
-    parser.add_argument("--variant", action="append", required=True, help="NAME:key=value,... (repeatable)")
-    parser.add_argument("--record", required=True)
+    add_variant_arguments(parser)
     args = parser.parse_args(argv)
     record = Record("ppo_rules", argv, path=args.record)
     work, out = Path(args.work), Path(args.out)
@@ -86,7 +84,7 @@ def main(argv=None) -> None:
                 samples = result["samples"]
                 run[label] = {"rule": judge(RULES[rule], samples), "kl": result["kl_policy_to_baseline"],
                               "words": result["response_words"], "rm_win_rate": result["reward_model"]["win_rate"],
-                              "unchanged": sum(s["policy"] == s["baseline"] for s in samples),
+                              "unchanged": result["unchanged"],
                               "policy_answers": [s["policy"] for s in samples]}
                 w = run[label]["rule"]
                 print(f"[{rule}/{name}] {label}: {rule} win rate {w['win_rate']:.3f} "
