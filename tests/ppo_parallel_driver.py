@@ -3,7 +3,7 @@
 
 Scenarios, each in ``WORK/<name>`` (a ``WORK/<name>.done`` marker is written by rank 0 when it ends):
 
-* ``greedy_rpp``, ``greedy_gae``: greedy rollouts (the same responses on 1 and 2 processes), compared
+* ``greedy_rpp`` (adaptive KL controller), ``greedy_gae``: greedy rollouts (the same responses on 1 and 2 processes), compared
   by the test with a 1-process run of the same config (:func:`run` in the test's own process).
 * ``sampled``: 2 sampled steps with a checkpoint after each; ``resumed``: a copy of it resumed from
   step 1 (RNG restored per process), compared with ``sampled``.
@@ -27,7 +27,8 @@ from rlhf.ppo.trainer import PPOTrainer
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 REWARDED = list(range(10, 42))
 SCENARIOS = {
-    "greedy_rpp": dict(advantage_estimator="reinforce_pp", samples_per_prompt=1),
+    "greedy_rpp": dict(advantage_estimator="reinforce_pp", samples_per_prompt=1, kl_controller="adaptive",
+                       target_kl=0.01, kl_horizon=16),
     "greedy_gae": dict(advantage_estimator="gae", samples_per_prompt=1),
     "sampled": dict(advantage_estimator="rloo", samples_per_prompt=2, save_steps=1),
 }

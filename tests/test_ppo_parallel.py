@@ -79,6 +79,10 @@ def test_two_processes_train_the_same_weights_as_one(launched, tiny_model_dir, t
     assert moved > 1e-3  # the runs trained (LoRA B starts at 0)
     assert _max_diff(a, b) < TOLERANCE
     assert one["score_first_steps"] == pytest.approx(two["score_first_steps"], abs=1e-6)
+    # the KL controller counts the whole step's rollouts, whatever their split over processes
+    assert one["kl_coef_final"] == pytest.approx(two["kl_coef_final"], rel=1e-6)
+    if name == "greedy_rpp":
+        assert two["kl_coef_final"] != pytest.approx(0.05, rel=1e-3)  # the adaptive controller moved it
 
 
 def test_only_rank_0_writes_one_output_folder(launched):

@@ -162,7 +162,7 @@ class PPOTrainer:
         t_train = time.perf_counter()
         stats.update(self.update(rollout, timings))
         timings["training_s"] = time.perf_counter() - t_train
-        self.kl_ctl.update(stats["kl/k1"], rollout.size)
+        self.kl_ctl.update(stats["kl/k1"], rollout.size * self.world)  # the whole step's rollouts
         stats["kl/coef"] = kl_coef
         stats["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
