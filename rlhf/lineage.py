@@ -53,14 +53,17 @@ def collect_lineage(folder: str | Path, _seen: set | None = None) -> list[dict]:
 
 
 def stage_name(stage: dict) -> str:
-    cfg = stage["config"]
+    """The stage that wrote the folder, told by the keys only its config has (or a reward model's metadata file)."""
+    cfg, folder = stage["config"], Path(stage["path"])
+    if (folder / "reward_model.json").is_file() or "center_rewards_coefficient" in cfg:
+        return "Reward model"
     if "reward_model" in cfg and "kl_coef" in cfg:
         return "PPO"
-    if "method" in cfg and "lora_r" in cfg and "reward_model" not in cfg:
+    if "beta" in cfg and "loss_type" in cfg:
+        return "DPO"
+    if "method" in cfg and "completion_only_loss" in cfg:
         return "SFT"
-    if "center_rewards_coefficient" in cfg or "reward" in Path(stage["path"]).name.lower():
-        return "Reward model"
-    return Path(stage["path"]).name
+    return folder.name
 
 
 def _fmt(value) -> str:

@@ -236,3 +236,20 @@ def test_cli_spells_it_from(adapters, tiny_model_dir, tmp_path):
                  "--out", str(out)]) == 0  # fmt: skip
     assert json.loads((out / "export.json").read_text())["from"] == "base"
     assert (logits_of(tiny_model_dir, str(out)) - logits_of(tiny_model_dir)).abs().max() <= 1e-6
+
+
+def test_the_model_card_names_each_stage_by_what_wrote_it(tmp_path):
+    from reward.train import RewardStageConfig
+    from rlhf.config import save_config
+    from rlhf.dpo import DPOStageConfig
+    from rlhf.lineage import read_stage, stage_name
+    from rlhf.ppo.config import PPOStageConfig
+    from rlhf.sft import SFTStageConfig
+
+    names = {}
+    for folder, cfg in {"s": SFTStageConfig(), "r": RewardStageConfig(), "p": PPOStageConfig(),
+                        "d": DPOStageConfig()}.items():  # fmt: skip
+        (tmp_path / folder).mkdir()
+        save_config(cfg, tmp_path / folder / "run_config.yaml")
+        names[folder] = stage_name(read_stage(tmp_path / folder))
+    assert names == {"s": "SFT", "r": "Reward model", "p": "PPO", "d": "DPO"}
