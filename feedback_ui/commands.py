@@ -226,7 +226,7 @@ def cmd_export(args) -> None:
 
     keep = [k.strip() for k in args.keep.split(",") if k.strip()]
     options = build_config(LabelExportConfig, {
-        "strategy": args.strategy, "aggregation": args.aggregate, "keep": keep, "test_fraction": args.test_fraction,
+        "strategy": args.strategy, "aggregate": args.aggregate, "keep": keep, "test_fraction": args.test_fraction,
         "seed": args.seed, "margin_slightly": args.margin_slightly, "margin_much": args.margin_much,
     })  # fmt: skip
     check_output_file(args.out, "--out")
@@ -258,7 +258,8 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     from feedback_ui.config import LabelCandidatesConfig
     from feedback_ui.pairs import AGGREGATIONS, STRATEGIES
 
-    label = subparsers.add_parser("label", help="preference labeling: database, users, candidates, app, export, stats",
+    label = subparsers.add_parser("label",
+                                  help="preference labeling: database, users, candidates, import, app, export, stats",
                                   description="Collect human preferences between model responses.")  # fmt: skip
     label.set_defaults(func=lambda _args: label.print_help())
     sub = label.add_subparsers(dest="label_command", metavar="COMMAND")
@@ -333,7 +334,8 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="prefs.jsonl", help="output JSONL; with --test_fraction the held-out prompts go "
                    "to the sibling OUT_STEM.test.jsonl (prefs.jsonl -> prefs.test.jsonl) [default: prefs.jsonl]")
     p.add_argument("--strategy", choices=STRATEGIES, default="all-pairs",
-                   help="rankings -> pairs: every ordered pair, or the best against each other [default: all-pairs]")
+                   help="rankings -> pairs: every ordered pair, or the best against each of the rest "
+                   "[default: all-pairs]")
     p.add_argument("--aggregate", choices=AGGREGATIONS, default="majority",
                    help="several labelers on one comparison: strict-majority pairs, or every vote [default: majority]")
     p.add_argument("--keep", default="", help="comma list of extra outcomes to export: tie, both_bad [default: none]")

@@ -17,7 +17,9 @@ class LabelCandidatesConfig:
     model_name_or_path: str = field(
         "smollm2-135m-instruct", "policy base model: HF folder, hub id, or the alias smollm2-135m-instruct"
     )
-    adapter: Optional[str] = field(None, "optional PEFT adapter folder on top of the base model")
+    adapter: Optional[str] = field(
+        None, "optional adapter folder on top of the base model (LoRA/PEFT, LoReFT or bottleneck)"
+    )
     dataset_name: str = field("sample:prompts", "prompts: a file/folder with a 'prompt' column (string or messages)")
     max_prompts: Optional[int] = field(None, "use only the first N prompts (null = all)")
     num_candidates: int = field(2, "K responses generated per prompt (K >= 2; ranking mode needs K >= 3)")
@@ -83,9 +85,9 @@ class LabelExportConfig:
     """Options of ``rlhf label export`` besides ``--db`` and ``--out`` (the pipeline's ``prefs`` section)."""
 
     strategy: Literal["all-pairs", "best-vs-rest"] = field(
-        "all-pairs", "rankings -> pairs: every ordered pair, or the best against each other"
+        "all-pairs", "rankings -> pairs: every ordered pair, or the best against each of the rest"
     )
-    aggregation: Literal["majority", "all"] = field(
+    aggregate: Literal["majority", "all"] = field(
         "majority", "several labelers on one comparison: strict-majority pairs, or every vote"
     )
     keep: list[str] = field([], "extra outcomes exported: tie, both_bad")

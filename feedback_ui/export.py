@@ -14,7 +14,8 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from feedback_ui.pairs import Judgement, PrefPair, aggregate, split_by_prompt, strength_to_margin
+from feedback_ui.pairs import Judgement, PrefPair, split_by_prompt, strength_to_margin
+from feedback_ui.pairs import aggregate as judgements_to_pairs
 from feedback_ui.store import Comparison, Prompt, Response, Store, User, Vote
 from rlhf.errors import UserError
 from rlhf.outputs import write_jsonl
@@ -85,7 +86,7 @@ def export_preferences(
     out: str,
     *,
     strategy: str = "all-pairs",
-    aggregation: str = "majority",
+    aggregate: str = "majority",
     keep: Iterable[str] = (),
     test_fraction: float = 0.0,
     seed: int = 0,
@@ -104,7 +105,7 @@ def export_preferences(
     items = load_judgements(store, margin_slightly, margin_much)
     pairs: list[tuple[int, PrefPair]] = []
     for cid, item in items.items():
-        for p in aggregate(item["judgements"], strategy, aggregation):
+        for p in judgements_to_pairs(item["judgements"], strategy, aggregate):
             if p.outcome == "ranked" or p.outcome in keep:
                 pairs.append((cid, p))
     texts = _texts(store, [i for _, p in pairs for i in (p.chosen, p.rejected)])

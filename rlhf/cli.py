@@ -23,7 +23,7 @@ from rlhf.errors import UserError
 # function's module (torch, transformers, ...) is imported only when the stage runs.
 STAGES = {
     "sft": ("rlhf.sft:SFTStageConfig", "rlhf.sft:run_sft",
-            "supervised fine-tuning (LoRA, full, freeze, prompt/prefix tuning)"),
+            "supervised fine-tuning (LoRA, full, freeze, prompt/prefix tuning, LoReFT, bottleneck adapters)"),
     "generate": ("rlhf.generate:GenerateConfig", "rlhf.generate:run_generate",
                  "sample responses for a prompt file into JSONL"),
     "reward": ("reward.train:RewardStageConfig", "reward.train:run_reward", "train a reward model on preference pairs"),

@@ -396,6 +396,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     builders = [sft_step, candidates_step, label_step, prefs_step, reward_step, align_step, export_step, eval_step]
     rounds = [Round(cfg, r) for r in range(1, cfg.rounds + 1)]
     plans = [[build(view) for build in (builders if view.number == 1 else builders[1:])] for view in rounds]
+    if getattr(cfg, "dpo" if cfg.align == "ppo" else "ppo"):  # the section align does not run is checked too
+        (ppo_step if cfg.align == "dpo" else dpo_step)(cfg)
     # every config is validated before anything runs
     check_output_dir(cfg.work_dir, "work_dir").mkdir(parents=True, exist_ok=True)
     per_round = []

@@ -80,13 +80,13 @@ def test_export_majority_default(voted):
 def test_export_strategies_and_options(voted):
     store, tmp = voted
     out = str(tmp / "p.jsonl")
-    assert export_preferences(store, out, aggregation="all")["rows"] == 3 + 1 + 2 + 9  # every decisive vote
+    assert export_preferences(store, out, aggregate="all")["rows"] == 3 + 1 + 2 + 9  # every decisive vote
     assert {r["annotator"] for r in read_jsonl(out)} == {"ann", "bob", "cy"}
     assert export_preferences(store, out, strategy="best-vs-rest")["rows"] == 1 + 2
     assert export_preferences(store, out, keep=["tie"])["rows"] == 5
     tie = next(r for r in read_jsonl(out) if r["outcome"] == "tie")
     assert tie["prompt"] == "pair prompt 1" and tie["annotator"] == "ann,bob" and tie["margin"] == 0.0
-    assert export_preferences(store, out, aggregation="all", keep=["tie", "both_bad"])["rows"] == 15 + 2 + 1
+    assert export_preferences(store, out, aggregate="all", keep=["tie", "both_bad"])["rows"] == 15 + 2 + 1
     assert export_preferences(store, out, margin_much=5.0, margin_slightly=1.0)["rows"] == 4
     assert next(r for r in read_jsonl(out) if r["prompt"] == "pair prompt 0")["margin"] == 3.0
     with pytest.raises(UserError, match="--keep"):
@@ -95,7 +95,7 @@ def test_export_strategies_and_options(voted):
 
 def test_export_split_by_prompt(voted):
     store, tmp = voted
-    counts = export_preferences(store, str(tmp / "prefs.jsonl"), aggregation="all", test_fraction=0.5, seed=3)
+    counts = export_preferences(store, str(tmp / "prefs.jsonl"), aggregate="all", test_fraction=0.5, seed=3)
     assert held_out_path(tmp / "prefs.jsonl") == tmp / "prefs.test.jsonl" == Path(counts["test_out"])
     train, test = read_jsonl(tmp / "prefs.jsonl"), read_jsonl(tmp / "prefs.test.jsonl")
     assert len(train) + len(test) == 15 and train and test
@@ -214,7 +214,7 @@ def test_export_loads_in_trl_reward_trainer(voted, tiny_model_dir):
     from rlhf.pairs import load_pairs
 
     store, tmp = voted
-    export_preferences(store, str(tmp / "prefs.jsonl"), aggregation="all")
+    export_preferences(store, str(tmp / "prefs.jsonl"), aggregate="all")
     assert len(load_pairs(str(tmp / "prefs.jsonl"))) == 15
     ds = datasets.load_dataset("json", data_files=str(tmp / "prefs.jsonl"), split="train")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -224,3 +224,15 @@ def test_export_loads_in_trl_reward_trainer(voted, tiny_model_dir):
                             save_strategy="no", logging_steps=1, use_cpu=True)  # fmt: skip
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     assert trainer.train().global_step == 1
+
+
+def test_the_pipeline_prefs_section_takes_the_export_flags_names():
+    import dataclasses
+
+    from feedback_ui.config import LabelExportConfig
+    from rlhf.cli import build_parser
+
+    export = build_parser()._subparsers._group_actions[0].choices["label"]
+    export = export._subparsers._group_actions[0].choices["export"]
+    flags = {a.dest for a in export._actions} - {"help", "db", "out"}
+    assert flags == {f.name for f in dataclasses.fields(LabelExportConfig)}

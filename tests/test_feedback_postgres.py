@@ -41,7 +41,7 @@ def test_concurrent_votes_idempotency_and_export(db_url, tmp_path):
         per = s.execute(sa.select(Vote.comparison_id, sa.func.count()).group_by(Vote.comparison_id)).all()
         assert sorted(n for _, n in per) == [3] * 10
         assert all(c.n_active == 3 for c in s.scalars(sa.select(Comparison)))
-    assert export_preferences(store, str(tmp_path / "p.jsonl"), aggregation="all")["rows"] == 30
+    assert export_preferences(store, str(tmp_path / "p.jsonl"), aggregate="all")["rows"] == 30
     assert collect_stats(store)["agreement"]["overlapping_items"] == 10
 
 

@@ -110,6 +110,17 @@ def test_bad_stage_key_is_named_before_anything_runs(pipeline_yaml, tmp_path, ca
     assert not (tmp_path / "run" / "sft").exists()
 
 
+def test_a_bad_key_in_the_aligner_not_run_is_named_too(pipeline_yaml, tmp_path, capsys):
+    cfg = yaml.safe_load(pipeline_yaml.read_text())
+    assert cfg.get("align", "ppo") == "ppo"
+    cfg["dpo"] = {"bta": 0.1}  # a typo in the section align: dpo would run
+    pipeline_yaml.write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", "--config", str(pipeline_yaml)]) == 2
+    err = capsys.readouterr().err
+    assert "section 'dpo'" in err and "bta" in err
+    assert not (tmp_path / "run" / "sft").exists()
+
+
 def test_unknown_rule_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys):
     assert main(["pipeline", "--config", str(pipeline_yaml), "--rule", "no_such_rule"]) == 2
     assert "unknown rule 'no_such_rule'" in capsys.readouterr().err
