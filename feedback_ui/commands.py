@@ -219,19 +219,23 @@ def cmd_serve(args) -> None:
 @_database_errors
 def cmd_export(args) -> None:
     from feedback_ui.config import LabelExportConfig
+    from feedback_ui.db_url import normalize_url, sqlite_path
     from feedback_ui.export import export_preferences, held_out_path
     from feedback_ui.store import open_store
     from rlhf.config import build_config, config_to_dict
-    from rlhf.outputs import check_output_file
+    from rlhf.outputs import check_not_input, check_output_file
 
     keep = [k.strip() for k in args.keep.split(",") if k.strip()]
     options = build_config(LabelExportConfig, {
         "strategy": args.strategy, "aggregate": args.aggregate, "keep": keep, "test_fraction": args.test_fraction,
         "seed": args.seed, "margin_slightly": args.margin_slightly, "margin_much": args.margin_much,
     })  # fmt: skip
+    database = {"--db": str(sqlite_path(normalize_url(args.db)) or "")}
     check_output_file(args.out, "--out")
+    check_not_input(args.out, database, "--out", replaced=False)
     if options.test_fraction > 0:
         check_output_file(held_out_path(args.out), "held-out file")
+        check_not_input(held_out_path(args.out), database, "held-out file", replaced=False)
     with open_store(args.db) as store:
         counts = export_preferences(store, args.out, **config_to_dict(options))
     line = f"{counts['rows']} preference rows from {counts['comparisons']} comparisons -> {counts['out']}"

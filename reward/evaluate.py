@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from rlhf.config import Literal, Optional, field, require
-from rlhf.outputs import check_output_file, write_json
+from rlhf.outputs import check_not_input, check_output_file, write_json
 from rlhf.pairs import PreferencePair
 
 
@@ -112,6 +112,7 @@ def run_reward_evaluate(cfg: RewardEvalConfig) -> dict:
 
     if cfg.out:
         check_output_file(cfg.out, "out")  # before any scoring
+        check_not_input(cfg.out, {"dataset_name": cfg.dataset_name, "reward_model": cfg.reward_model}, "out")
     pairs = load_pairs(cfg.dataset_name)
     if cfg.max_pairs:
         pairs = pairs[: cfg.max_pairs]

@@ -43,7 +43,7 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
     from reward.pooling import needs_response_mask
     from reward.trainer import PairwiseRewardTrainer
     from rlhf.budget import stage_callbacks
-    from rlhf.models import load_tokenizer, pick_device, pick_dtype
+    from rlhf.models import check_lora_targets, load_tokenizer, pick_device, pick_dtype
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     device = pick_device()
@@ -73,6 +73,8 @@ def build_trainer(cfg: RewardStageConfig, work: Path, train_pairs, held_pairs, l
         ddp_find_unused_parameters=False,
     )
     num_layers = model.config.get_text_config().num_hidden_layers
+    if cfg.method == "lora":
+        check_lora_targets(model, cfg.lora_target_modules)
     return PairwiseRewardTrainer(
         model=model,
         args=args,

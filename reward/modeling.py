@@ -119,7 +119,9 @@ def build_reward_model(
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    from rlhf.models import attention_choice, load_model, resolve_model_path
+    from safetensors import SafetensorError
+
+    from rlhf.models import attention_choice, error_line, load_model, resolve_model_path
 
     path = resolve_model_path(base)
     set_seed(seed)
@@ -127,8 +129,8 @@ def build_reward_model(
         with suppress_seqcls_warning():
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
                                                                        **attention_choice(dtype, device))
-    except OSError as exc:
-        raise UserError(f"cannot load model {base}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # a missing or truncated file, an unknown model type
+        raise UserError(f"cannot load model {base}: {error_line(exc)}") from None
     hooked = hooked_adapter_type(sft_adapter)
     if hooked is not None:
         check_adapter(sft_adapter, hooked=True)

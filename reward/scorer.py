@@ -83,10 +83,8 @@ class RewardScorer:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, precision: str = "auto") -> RewardScorer:
         """Load a reward model folder written by ``rlhf reward`` on its own."""
-        from peft import PeftModel
-
         from reward.modeling import build_reward_model
-        from rlhf.models import load_tokenizer, pick_device, pick_dtype
+        from rlhf.models import load_peft_adapter, load_tokenizer, pick_device, pick_dtype
 
         meta = read_metadata(path)
         device = torch.device(device) if device is not None else pick_device()
@@ -106,7 +104,7 @@ class RewardScorer:
             )
         dirs = member_dirs(path)
         if len(dirs) == 1:
-            model = PeftModel.from_pretrained(model, str(dirs[0]), is_trainable=False).eval()
+            model = load_peft_adapter(model, dirs[0], is_trainable=False).eval()
             trunk, head = trunk_and_head(model)
             return cls(
                 trunk, head, tokenizer, max_length=meta["max_length"], stats=read_stats(path), metadata=meta, owner=model

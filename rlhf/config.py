@@ -144,13 +144,15 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError(f"config file {p} is not valid YAML{where}") from None
+    if data is None:  # an empty file (or only comments): no keys
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of key: value")
     return data

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rlhf.config import Literal, Optional, TrainingConfig, field, require
 from rlhf.errors import DataError, UserError
-from rlhf.outputs import shared_staged_output
+from rlhf.outputs import check_not_input, shared_staged_output
 
 # the loss types TRL 1.16's DPOTrainer implements (trl/trainer/dpo_trainer.py, _compute_loss)
 LOSS_TYPES = Literal[
@@ -119,7 +119,7 @@ def pairs_to_dataset(pairs):
 
 def check_sft_adapter(sft_adapter: str) -> None:
     """The SFT folder must hold a PEFT LoRA adapter (DPO copies it into the policy and the reference)."""
-    from rlhf.models import hooked_adapter_type, not_peft_message, read_adapter_config
+    from rlhf.models import check_causal_lm_adapter, hooked_adapter_type, not_peft_message, read_adapter_config
 
     path = Path(sft_adapter)
     if not path.is_dir():
@@ -135,26 +135,24 @@ def check_sft_adapter(sft_adapter: str) -> None:
     config = read_adapter_config(path)
     if config.get("peft_type") != "LORA":
         raise UserError(f"sft_adapter {sft_adapter} is a {config.get('peft_type')} adapter; DPO needs a LoRA adapter")
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise UserError(
-            f"sft_adapter {sft_adapter} is a {config['task_type']} adapter (a reward model?); "
-            "DPO needs the causal-LM LoRA of rlhf sft"
-        )
+    check_causal_lm_adapter(f"sft_adapter {sft_adapter}", config)
 
 
 def build_policy(cfg: DPOStageConfig):
     """(model, peft_config for the trainer): base + trainable SFT LoRA, or the bare base + a fresh LoRA config."""
-    from rlhf.models import load_base_model, lora_config, pick_device, pick_dtype
+    from rlhf.models import check_lora_targets, load_base_model, lora_config, pick_device, pick_dtype
 
     device = pick_device()
     base = load_base_model(cfg.model_name_or_path, dtype=pick_dtype(cfg.precision, device), device=device)
     if not cfg.sft_adapter:
+        check_lora_targets(base, cfg.lora_target_modules)
         return base, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from rlhf.models import load_peft_adapter
+
     check_sft_adapter(cfg.sft_adapter)
-    model = PeftModel.from_pretrained(base, cfg.sft_adapter, adapter_name=POLICY, is_trainable=True)
+    model = load_peft_adapter(base, cfg.sft_adapter, adapter_name=POLICY, is_trainable=True)
     if isinstance(model.get_output_embeddings(), BaseTunerLayer):
         raise UserError(f"sft_adapter {cfg.sft_adapter} adapts the LM head; TRL's DPOTrainer cannot train that")
     return model, None
@@ -230,17 +228,17 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     watch = Stopwatch()
     if cfg.sft_adapter:
         check_sft_adapter(cfg.sft_adapter)  # before anything is loaded or written
+    check_not_input(cfg.output_dir, {"dataset_name": cfg.dataset_name, "eval_dataset_name": cfg.eval_dataset_name,
+                                     "sft_adapter": cfg.sft_adapter, "model_name_or_path": cfg.model_name_or_path})
     train_pairs, held_pairs = load_splits(cfg)
     main, world = distributed.is_main(), distributed.world_size()
-    if not cfg.sft_adapter and main:
-        print(
-            f"DPO without sft_adapter: the reference is {cfg.model_name_or_path} itself (adapters disabled)",
-            file=sys.stderr,
-        )
     with shared_staged_output(cfg.output_dir) as work:
         logger = MetricsLogger(work / "logs", tensorboard=cfg.report_to == "tensorboard") if main else None
         try:
             trainer = build_trainer(cfg, work, train_pairs, held_pairs, logger)
+            if not cfg.sft_adapter and main:
+                print(f"DPO without sft_adapter: the reference is {cfg.model_name_or_path} itself (adapters disabled)",
+                      file=sys.stderr)  # fmt: skip
             trainable, total = count_parameters(trainer.model)
             dropped = len(train_pairs) - len(trainer.train_dataset)
             if main:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rlhf.config import Literal, Optional, field, require
 from rlhf.errors import UserError
 from rlhf.interpolate import is_exact_lora, lora_interpolation
-from rlhf.outputs import check_output_dir, staged_output, write_json
+from rlhf.outputs import check_not_input, check_output_dir, staged_output, write_json
 
 if TYPE_CHECKING:  # the config below is imported by the CLI parser: torch loads only when an export runs
     import torch
@@ -70,7 +70,7 @@ class ExportConfig:
 
 def adapter_config(folder: str | Path, hooked: bool = False) -> dict:
     """The config of a PEFT adapter folder (or, with ``hooked``, of a LoReFT / bottleneck adapter folder)."""
-    from rlhf.models import hooked_adapter_type, read_adapter_config
+    from rlhf.models import check_causal_lm_adapter, hooked_adapter_type, read_adapter_config
 
     kind = hooked_adapter_type(folder)
     if kind is not None and not hooked:
@@ -78,7 +78,9 @@ def adapter_config(folder: str | Path, hooked: bool = False) -> dict:
                         "into the weights or interpolated; export it with --mode adapter, or train LoRA to merge")
     if kind is None and not (Path(folder) / "adapter_config.json").is_file():
         raise UserError(f"adapter folder {folder} has no adapter_config.json (export takes PEFT adapters)")
-    return read_adapter_config(folder)
+    config = read_adapter_config(folder)
+    check_causal_lm_adapter(folder, config)
+    return config
 
 
 def adapter_files(folder: str | Path) -> tuple[str, str]:
@@ -101,16 +103,15 @@ def load_adapter_state(folder: str | Path) -> dict[str, torch.Tensor]:
 def merged_model(base: str, adapter: str | None):
     """Base weights with ``adapter`` folded in (or the plain base)."""
     import torch
-    from peft import PeftModel
 
-    from rlhf.models import load_base_model
+    from rlhf.models import load_base_model, load_peft_adapter
 
     model = load_base_model(base, dtype=torch.float32, device=torch.device("cpu"))
     if adapter:
         peft_type = adapter_config(adapter).get("peft_type")
         if peft_type not in ("LORA", "LOHA", "LOKR", "IA3"):
             raise UserError(f"a {peft_type} adapter cannot be merged into the weights; export it with mode=adapter")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = load_peft_adapter(model, adapter).merge_and_unload()
     return model.eval()
 
 
@@ -265,6 +266,7 @@ def run_export(cfg: ExportConfig) -> Path:
             raise UserError(f"adapter {cfg.adapter} does not record its base model; pass --model_name_or_path")
     start = interpolation_start(cfg, None if full else base) if cfg.mode == "interpolate" else None
     check_export_sources([cfg.adapter] + ([start] if start else []), out)
+    check_not_input(out, {"model_name_or_path": base}, "out")  # a local base model folder is read, never replaced
     if cfg.mode == "interpolate" and start is None:
         if not base:
             raise UserError(f"--from base: {cfg.adapter} does not record its base model; pass --model_name_or_path")

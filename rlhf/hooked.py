@@ -154,8 +154,9 @@ class HookedAdapter(nn.ModuleDict):
         try:
             adapter.load_state_dict(load_file(str(weights)))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"cannot load adapter {folder}: {first}") from None
+            from rlhf.models import state_dict_error
+
+            raise state_dict_error(folder, exc) from None
         adapter.attach(model)
         return model
 

@@ -145,8 +145,8 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right"):
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise UserError(f"cannot load a tokenizer from {name_or_path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:  # a missing file; no tokenizer files at all, an unknown model type
+        raise UserError(f"cannot load a tokenizer from {name_or_path}: {error_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = padding_side
@@ -178,11 +178,19 @@ def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, device:
     path = resolve_model_path(name_or_path)
     device = device or pick_device()
     dtype = dtype or pick_dtype("auto", device)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention_choice(dtype, device))
-    except OSError as exc:
-        raise UserError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # a missing or truncated file, an unknown model type
+        raise UserError(f"cannot load model {name_or_path}: {error_line(exc)}") from None
     return model.to(device)
+
+
+def error_line(exc: Exception) -> str:
+    """The first line of an exception's message (at most 300 characters), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 HOOKED_ADAPTERS: tuple[type[HookedAdapter], ...] = (LoReFT, BottleneckAdapter)  # not PEFT: rlhf.hooked
@@ -237,13 +245,21 @@ def check_safetensors(path: str | os.PathLike) -> None:
         raise UserError(f"weights file {path} is not a valid safetensors file (truncated or corrupt?)")
 
 
+def check_causal_lm_adapter(adapter: str, config: dict) -> None:
+    """A PEFT adapter trained for another task (a reward model's SEQ_CLS LoRA) is no policy: a UserError."""
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UserError(f"{adapter} is a {config['task_type']} adapter (a reward model?); this needs a policy's "
+                        "causal-LM adapter (rlhf sft, ppo or dpo)")
+
+
 def check_adapter(adapter: str, hooked: bool = False) -> Path:
-    """``adapter`` as a Path once its config reads as a valid adapter config and its weights file is sound.
+    """``adapter`` as a Path once its config reads as a valid policy adapter config and its weights file is sound.
 
     A hooked module adapter (LoReFT, bottleneck) is refused with :func:`not_peft_message` unless ``hooked``
-    (callers that load it through :func:`load_model`).
+    (callers that load it through :func:`load_model`); a PEFT adapter of another task than CAUSAL_LM (a reward
+    model) is refused always.
     """
-    read_adapter_config(adapter)
+    check_causal_lm_adapter(adapter, read_adapter_config(adapter))
     kind = hooked_adapter_type(adapter)
     if kind is not None and not hooked:
         raise UserError(not_peft_message(adapter, kind.method))
@@ -275,6 +291,27 @@ def save_adapter(peft_model, name: str, folder: str | os.PathLike, base_name_or_
     return Path(folder) if name == "default" else Path(folder) / name
 
 
+def state_dict_error(adapter, exc: Exception) -> UserError:
+    """A one-line UserError for weights that did not load: a size mismatch means another base model."""
+    text = str(exc).strip()
+    mismatch = next((line.strip() for line in text.splitlines() if "size mismatch" in line), None)
+    if mismatch:
+        return UserError(f"cannot load adapter {adapter}: it was trained on another base model ({mismatch[:160]})")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return UserError(f"cannot load adapter {adapter}: {first}")
+
+
+def load_peft_adapter(model, adapter, **kwargs):
+    """``PeftModel.from_pretrained(model, adapter, **kwargs)``; an adapter that does not fit ``model`` (trained on
+    another base), a config PEFT rejects or a missing weights file is a one-line UserError."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), **kwargs)
+    except (RuntimeError, TypeError, ValueError, KeyError, OSError) as exc:
+        raise state_dict_error(adapter, exc) from None
+
+
 def load_model(
     name_or_path: str,
     adapter: str | None = None,
@@ -292,13 +329,7 @@ def load_model(
     if hooked is not None:
         model = hooked.load(model, adapter)
     elif adapter:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(check_adapter(adapter)))
-        except (TypeError, ValueError, KeyError, OSError) as exc:  # a config PEFT rejects, a missing weight file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load adapter {adapter}: {first}") from None
+        model = load_peft_adapter(model, check_adapter(adapter))
         if merge:
             model = model.merge_and_unload()
     model.eval()
@@ -313,6 +344,20 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 BLOCK_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def check_lora_targets(model: nn.Module, target_modules, key: str = "lora_target_modules") -> None:
+    """Each name in ``target_modules`` (a list, or "all-linear") must name a module of ``model``: a ConfigError
+    naming the ones that do not, and a few that exist, instead of PEFT's traceback."""
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
+    if names in (["all-linear"], []):
+        return
+    paths = [path for path, _ in model.named_modules()]
+    missing = [name for name in names if not any(p == name or p.endswith("." + name) for p in paths)]  # PEFT's rule
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"config key '{key}': no module named {', '.join(missing)} in the model "
+                          f"(its linear modules: {', '.join(linear[:10])})")
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",

@@ -70,6 +70,29 @@ def check_not_input(out: str | os.PathLike, inputs: dict[str, str | None], key: 
             raise UserError(f"{key} {target} would replace {name} {value}; choose another {key}")
 
 
+STAGE_FILES = ("run_config.yaml", "export.json")  # one of these marks a folder a stage (or export) wrote
+STAGING_MARK = ".rlhf-staging"  # inside a staging folder while it is being filled
+
+
+def check_replaceable(folder: Path, key: str = "output_dir") -> None:
+    """An existing ``folder`` that a run would replace must be empty or hold a stage's output (:data:`STAGE_FILES`):
+    a folder of anything else is a UserError, so that no file of the user's is lost."""
+    if not folder.is_dir():
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries and not any((folder / name).is_file() for name in STAGE_FILES):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UserError(f"{key} {folder} holds files no rlhf stage wrote ({shown}); it would be replaced: "
+                        f"choose another {key} or empty it")
+
+
+def check_staging(staging: Path, key: str = "output_dir") -> None:
+    """A folder where the staging folder goes must be one an earlier run left (it holds :data:`STAGING_MARK`)."""
+    if staging.exists() and not (staging / STAGING_MARK).is_file():
+        raise UserError(f"{staging} is in the way of {key} (a run writes there before it moves the result into "
+                        "place) and was not left by one; move it away")
+
+
 @contextmanager
 def created_parents(path: Path):
     """Create the missing parents of ``path``; remove the ones created here if the body raises."""
@@ -95,10 +118,13 @@ def staged_output(output_dir: str | os.PathLike, key: str = "output_dir"):
     behind. An ``output_dir`` that is an existing file is refused before anything is written.
     """
     final = check_output_dir(output_dir, key).resolve()
+    check_replaceable(final, key)
     staging = staging_path(final)
+    check_staging(staging, key)
     with created_parents(final):
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
+        (staging / STAGING_MARK).touch()
         try:
             yield staging
         except BaseException:
@@ -107,12 +133,14 @@ def staged_output(output_dir: str | os.PathLike, key: str = "output_dir"):
         if final.exists() and not final.is_dir():  # appeared while the run was going
             shutil.rmtree(staging, ignore_errors=True)
             raise UserError(f"{key} {final} became a file during the run; the result was discarded")
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        (staging / STAGING_MARK).unlink()
+        if final.exists():  # moved aside under a name no other folder has, then removed
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            final.rename(old)  # replaces the empty folder
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(final)
 
 
 def staging_path(final: Path) -> Path:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from rlhf.errors import ConfigError
 from rlhf.hooked import HookedAdapter, attached_adapter, decoder_layers
 
 CONFIG_FILE = "reft_config.json"
@@ -61,6 +62,9 @@ class LoReFT(HookedAdapter):
         n_blocks = len(decoder_layers(model)[1])
         layers, rank = sorted({int(i) % n_blocks for i in settings["layers"]}), int(settings["rank"])
         hidden = model.config.hidden_size
+        if not 1 <= rank <= hidden:  # R has orthonormal rows: at most as many as the hidden size
+            raise ConfigError(f"config key 'reft_rank' is {rank}: it must be between 1 and the model's hidden size "
+                              f"{hidden}")
         return cls({"layers": layers, "rank": rank}, {str(i): LoReFTIntervention(hidden, rank) for i in layers})
 
     def sites(self, model: nn.Module) -> dict[str, nn.Module]:

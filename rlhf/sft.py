@@ -57,6 +57,7 @@ class SFTStageConfig(TrainingConfig):
     def __post_init__(self):
         super().__post_init__()
         require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
+        require(self.lora_alpha >= 1, "config key 'lora_alpha' must be >= 1")
         require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
         require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
         require(self.freeze_trainable_layers >= 1, "config key 'freeze_trainable_layers' must be >= 1")
@@ -116,7 +117,7 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
     from rlhf.bottleneck import attach_bottleneck
     from rlhf.budget import stage_callbacks
     from rlhf.hooked import decoder_layers
-    from rlhf.models import load_base_model, load_tokenizer, pick_device, pick_dtype
+    from rlhf.models import check_lora_targets, load_base_model, load_tokenizer, pick_device, pick_dtype
     from rlhf.reft import attach_reft
 
     dataset = load_sft_dataset(cfg.dataset_name)
@@ -129,6 +130,8 @@ def build_trainer(cfg: SFTStageConfig, work_dir: Path, logger: MetricsLogger | N
     set_seed(cfg.seed)  # adapter / intervention initialisation is part of the run
     device = pick_device()
     model = load_base_model(cfg.model_name_or_path, dtype=pick_dtype(cfg.precision, device), device=device)
+    if cfg.method == "lora":
+        check_lora_targets(model, cfg.lora_target_modules)
     if cfg.method == "freeze":
         freeze_lower_layers(model, cfg.freeze_trainable_layers)
     if cfg.method == "loreft":

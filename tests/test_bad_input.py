@@ -8,6 +8,7 @@ fails during validation, before any model is trained (a tiny model stands in whe
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -71,6 +72,40 @@ def _other_lora(c, name: str, base: str | None = None) -> str:
     save_file({key.format("A"): torch.ones(2, 32), key.format("B"): torch.ones(32, 2)},
               str(Path(folder) / "adapter_model.safetensors"))  # fmt: skip
     return folder
+
+
+def _broken_model(c, name: str) -> str:
+    """A copy of the tiny model, broken as ``name`` says: no_tokenizer, truncated weights, unknown_type."""
+    import shutil
+
+    folder = c.root / name
+    shutil.copytree(c.model, folder)
+    if name == "no_tokenizer":
+        for file in folder.glob("tokenizer*"):
+            file.unlink()
+    elif name == "truncated":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "llamaXX"}))
+    return str(folder)
+
+
+def _other_base_lora(c) -> str:
+    """A LoRA adapter for a model 48 wide: it does not fit the 32-wide tiny model."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = _policy(c, "wide", None)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    save_file({key.format("A"): torch.ones(2, 48), key.format("B"): torch.ones(48, 2)},
+              str(Path(folder) / "adapter_model.safetensors"))  # fmt: skip
+    return folder
+
+
+def GEN(c, *args):  # noqa: N802 - reads like the other command builders
+    return ["generate", *args, "--dataset_name", c.prompts, "--out", c.out("g.jsonl")]
 
 
 def INTERP(c, adapter, *args):  # noqa: N802 - reads like the other command builders
@@ -138,18 +173,26 @@ def inputs(tmp_path, tiny_model_dir, monkeypatch):
     c.adapter_no_weights = c.adapter("adapter_no_weights", json.dumps(lora), weights=b"")
     c.adapter_corrupt = c.adapter("adapter_corrupt", json.dumps(lora), weights=b"\x10\0\0\0\0\0\0\0{trunc")
     c.rm_bad_meta = c.adapter("rm_bad_meta", json.dumps(lora))
+    c.rm = c.adapter("rm_lora", json.dumps({**lora, "task_type": "SEQ_CLS"}))  # a reward model's LoRA, as `rlhf reward`
+    (Path(c.rm) / "reward_model.json").write_text("{}")
+    c.notes = c.file("notes/thesis.txt", "my thesis\n")  # a folder of the user's own files
     (Path(c.rm_bad_meta) / "reward_model.json").write_text("{not json")
     c.M = ["--model_name_or_path", tiny_model_dir]
     return c
 
 
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|")  # tqdm's "Loading weights: 100%|####| 21/21": work done before the check
+
+
 def check_refused(argv: list[str], expected: str, root: Path, capsys) -> str:
-    """Run ``argv``; assert status 2, exactly one stderr line containing ``expected``, no file changed."""
+    """Run ``argv``; assert status 2, exactly one stderr line containing ``expected`` (besides progress bars of
+    loading that came before it), no file changed."""
     before = snapshot(root)
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.replace("\r", "\n").splitlines()
+             if line.strip() and not PROGRESS_BAR.search(line)]  # fmt: skip
     assert code == 2, f"exit {code}; stderr: {err[-2000:]}"
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
@@ -173,6 +216,10 @@ CONFIG_CASES = [
     ("sft-config-is-a-folder", lambda c: ["sft", "--config", c.empty_dir], "config file not found"),
     ("sft-config-not-text", lambda c: ["sft", "--config", c.file("c.yaml", "") and _binary(c.root / "c.yaml")],
      "not UTF-8 text"),
+    ("sft-zero-lora-alpha", lambda c: ["sft", *c.M, "--lora_alpha", "0"], "'lora_alpha' must be >= 1"),
+    ("ppo-negative-lora-alpha", lambda c: ["ppo", *c.M, "--lora_alpha", "-5"], "'lora_alpha' must be >= 1"),
+    ("generate-yaml-is-a-falsy-scalar", lambda c: ["generate", "--config", c.file("g.yaml", "0\n")], "mapping"),
+    ("generate-yaml-is-an-empty-list", lambda c: ["generate", "--config", c.file("g.yaml", "[]\n")], "mapping"),
     ("sft-negative-lr", lambda c: ["sft", *c.M, "--learning_rate", "-1e-4"], "'learning_rate' must be > 0"),
     ("sft-nan-lr", lambda c: ["sft", *c.M, "--learning_rate", "nan"], "'learning_rate' must be a finite number"),
     ("sft-zero-batch", lambda c: ["sft", *c.M, "--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
@@ -395,6 +442,62 @@ PATH_CASES = [
     ("eval-policy-missing", lambda c: ["eval", "--policy", c.out("nope"), "--baseline", "base", *c.M, "--rule",
                                        "rule_score", "--out_dir", c.out("ev")], "neither an adapter"),  # fmt: skip
     ("pipeline-work-dir-is-a-file", lambda c: ["pipeline", "--work_dir", c.precious], "is an existing file"),
+    # a reward model's LoRA (task SEQ_CLS) is no policy, wherever a policy or SFT adapter is read
+    ("generate-adapter-is-a-reward-model", lambda c: ["generate", *c.M, "--adapter", c.rm, "--dataset_name", c.prompts,
+                                                      "--out", c.out("g.jsonl")], "SEQ_CLS adapter"),  # fmt: skip
+    ("eval-policy-is-a-reward-model", lambda c: ["eval", "--policy", c.rm, "--baseline", "base", *c.M, "--rule",
+                                                 "rule_score", "--out_dir", c.out("ev")], "SEQ_CLS adapter"),
+    ("export-adapter-is-a-reward-model", lambda c: ["export", "--adapter", c.rm, "--out", c.out("x")], "SEQ_CLS"),
+    ("export-merged-reward-model", lambda c: ["export", "--adapter", c.rm, "--mode", "merged", "--out", c.out("x")],
+     "SEQ_CLS"),
+    ("ppo-sft-adapter-is-a-reward-model", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", "rule",
+                                                     "--sft_adapter", c.rm, "--output_dir", c.out("ppo")], "SEQ_CLS"),
+    ("reward-sft-adapter-is-a-reward-model", lambda c: ["reward", *c.M, "--dataset_name", c.prefs, "--sft_adapter",
+                                                        c.rm, "--output_dir", c.out("rm2")], "SEQ_CLS"),
+    ("candidates-adapter-is-a-reward-model", lambda c: ["label", "candidates", "--db", c.out("new.db"), *c.M,
+                                                        "--adapter", c.rm, "--dataset_name", c.prompts], "SEQ_CLS"),
+    # models and adapters that do not load
+    ("generate-adapter-of-another-base", lambda c: GEN(c, *c.M, "--adapter", _other_base_lora(c)),
+     "trained on another base model"),
+    ("export-merged-adapter-of-another-base", lambda c: ["export", "--adapter", _other_base_lora(c), "--mode", "merged",
+                                                         "--out", c.out("x")], "trained on another base model"),
+    ("generate-model-without-tokenizer", lambda c: GEN(c, "--model_name_or_path", _broken_model(c, "no_tokenizer")),
+     "cannot load a tokenizer"),
+    ("generate-model-weights-truncated", lambda c: GEN(c, "--model_name_or_path", _broken_model(c, "truncated")),
+     "cannot load model"),
+    ("generate-model-of-unknown-type", lambda c: GEN(c, "--model_name_or_path", _broken_model(c, "unknown_type")),
+     "cannot load"),
+    ("reward-model-weights-truncated", lambda c: ["reward", "--model_name_or_path", _broken_model(c, "truncated"),
+                                                  "--dataset_name", c.prefs, "--output_dir", c.out("rm2")],
+     "cannot load model"),  # fmt: skip
+    ("sft-lora-target-not-in-the-model", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir", c.out("o"),
+                                                    "--lora_target_modules", "q_proj,nonexistent_proj"],
+     "no module named nonexistent_proj"),  # fmt: skip
+    ("dpo-lora-target-not-in-the-model", lambda c: ["dpo", *c.M, "--dataset_name", c.prefs, "--output_dir", c.out("o"),
+                                                    "--lora_target_modules", "nonexistent_proj"], "nonexistent_proj"),
+    ("reward-lora-target-not-in-the-model", lambda c: ["reward", *c.M, "--dataset_name", c.prefs, "--output_dir",
+                                                       c.out("o"), "--lora_target_modules", "nonexistent_proj"],
+     "no module named nonexistent_proj"),  # fmt: skip
+    ("ppo-lora-target-not-in-the-model", lambda c: ["ppo", *c.M, "--dataset_name", c.prompts, "--reward_model", "rule",
+                                                    "--output_dir", c.out("o"), "--lora_target_modules", "nonexistent"],
+     "no module named nonexistent"),  # fmt: skip
+    ("sft-reft-rank-above-width", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir", c.out("o"),
+                                             "--method", "loreft", "--reft_rank", "64"], "'reft_rank'"),
+    # outputs that would destroy an input or the user's own files
+    ("dpo-output-dir-is-the-sft-adapter", lambda c: ["dpo", *c.M, "--dataset_name", c.prefs, "--sft_adapter",
+                                                     c.adapter_ok, "--output_dir", c.adapter_ok],
+     "would replace sft_adapter"),  # fmt: skip
+    ("dpo-output-dir-holds-the-data", lambda c: ["dpo", *c.M, "--dataset_name", c.prefs, "--output_dir", str(c.root)],
+     "would replace dataset_name"),
+    ("sft-output-dir-holds-other-files", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir",
+                                                    str(Path(c.notes).parent)], "holds files no rlhf stage wrote"),
+    ("sft-staging-folder-not-ours", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir", c.out("o"),
+                                               "--max_steps", "1"] if c.file("o.incomplete/keep.txt", "mine\n") else [],
+     "was not left by one"),  # fmt: skip
+    ("export-merged-into-the-base-model", lambda c: ["export", "--adapter", c.adapter_ok, "--mode", "merged",
+                                                     "--out", c.model], "would replace model_name_or_path"),
+    ("reward-eval-out-is-the-dataset", lambda c: ["reward", "evaluate", "--reward_model", c.rm_bad_meta,
+                                                  "--dataset_name", c.prefs, "--out", c.prefs], "would replace"),
 ]
 
 
@@ -478,6 +581,7 @@ LABEL_CASES = [
      "'keep' takes tie and/or both_bad"),
     ("export-negative-margin", lambda c: ["label", "export", "--db", c.db, "--margin_much", "-3",
                                           "--out", c.out("p.jsonl")], "'margin_much'"),  # fmt: skip
+    ("export-out-is-the-database", lambda c: ["label", "export", "--db", c.db, "--out", c.db], "would replace --db"),
     ("export-unknown-strategy", lambda c: ["label", "export", "--db", c.db, "--strategy", "random",
                                            "--out", c.out("p.jsonl")], "--strategy"),  # fmt: skip
     ("serve-port-out-of-range", lambda c: ["label", "serve", "--db", c.db, "--port", "70000"], "--port"),

@@ -111,3 +111,13 @@ def test_save_total_limit_prunes_oldest(tiny_model_dir, tmp_path):
     assert names == ["step-000003", "step-000004"]
     policy = tmp_path / "run" / "checkpoints" / "step-000004" / "policy"
     assert (policy / "adapter_config.json").is_file() and (policy / "adapter_model.safetensors").is_file()
+
+
+def test_a_resume_that_does_not_fit_the_checkpoint_leaves_the_run_as_it_was(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    run_ppo(ppo_config(tiny_model_dir, out, max_steps=1, save_steps=1, lora_r=8), scorer=TokenCountScorer(REWARDED))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="does not match"):  # another LoRA rank than the checkpoint's
+        run_ppo(ppo_config(tiny_model_dir, out, max_steps=2, lora_r=4, resume_from_checkpoint="latest"),
+                scorer=TokenCountScorer(REWARDED))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

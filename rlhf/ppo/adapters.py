@@ -46,14 +46,16 @@ def build_actor_critic(base_model, *, sft_adapter: str | None, lora, value_model
     adapter is added afterwards with :meth:`ActorCritic.add_value_adapter` (a fresh LoRA or a copy
     of the reward adapter, once the reward model is attached).
     """
-    from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from rlhf.models import load_peft_adapter
 
     disable_dropout(base_model)
     if sft_adapter:
         path = Path(sft_adapter)
         if not (path / "adapter_config.json").is_file():
             raise UserError(f"sft_adapter folder {sft_adapter} has no adapter_config.json")
-        peft = PeftModel.from_pretrained(base_model, str(path), adapter_name=REFERENCE, is_trainable=False)
+        peft = load_peft_adapter(base_model, path, adapter_name=REFERENCE, is_trainable=False)
         ref_config = peft.peft_config[REFERENCE]
         if ref_config.peft_type.value != "LORA":
             raise UserError(

@@ -208,6 +208,7 @@ class PPOStageConfig(TrainingConfig):
         require(self.max_prompt_length >= 1, "config key 'max_prompt_length' must be >= 1")
         require(self.max_prompts is None or self.max_prompts >= 1, "config key 'max_prompts' must be >= 1")
         require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
+        require(self.lora_alpha >= 1, "config key 'lora_alpha' must be >= 1")
         require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
         require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
         require(self.sample_every >= 0, "config key 'sample_every' must be >= 0")

@@ -51,12 +51,16 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
                           max_prompt_length=cfg.max_prompt_length, chunk=cfg.per_device_eval_batch_size)
     set_seed(cfg.seed + distributed.rank())  # the same RNG stream whatever the set-up consumed; one per process
     distributed.barrier()  # every process has checked output_dir before rank 0 prepares it
-    logger = None
     if is_main:
         out = wiring.prepare_output_dir(cfg)
-        save_config(cfg, out / "run_config.yaml")
-        logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard")
     distributed.barrier()
+    trainer = PPOTrainer(cfg, actor, tokenizer, scorer, prompts, out, None, base_name_or_path=base_path,
+                         monitor=monitor)
+    trainer.restore()  # a resume checkpoint that does not fit stops here: run_config.yaml and logs/ stay as they were
+    logger = None
+    if is_main:
+        save_config(cfg, out / "run_config.yaml")
+        trainer.logger = logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard")
     trainable = sum(p.numel() for p in actor.trainable_parameters())
     head = [] if actor.value_head is None else list(actor.value_head.parameters())
     total = count_parameters(actor.peft)[1] + sum(p.numel() for p in head)
@@ -64,8 +68,6 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
         on = f" on {world} processes" if world > 1 else ""
         wiring.notice(f"PPO{on}: {len(prompts)} prompts, {trainable:,} of {total:,} parameters trainable")
     try:
-        trainer = PPOTrainer(cfg, actor, tokenizer, scorer, prompts, out, logger, base_name_or_path=base_path,
-                             monitor=monitor)
         summary = trainer.train()
     finally:
         if logger is not None:

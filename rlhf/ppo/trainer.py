@@ -356,17 +356,22 @@ class PPOTrainer:
             _truncate_jsonl(self.out_dir / "logs" / "metrics.jsonl", self.step)
             _truncate_jsonl(self.out_dir / "logs" / "samples.jsonl", self.step)
 
-    def train(self) -> dict:
-        """Run until ``total_steps``; returns the summary written to metrics.json."""
-        cfg = self.cfg
+    def restore(self) -> None:
+        """Clear stale checkpoint folders and, with ``resume_from_checkpoint``, load that checkpoint: a checkpoint
+        that does not fit this model or config stops here, before the stage writes anything."""
         if self.is_main:
             ckpt.clean_stale(self.ckpt_dir)
         distributed.barrier()
-        if cfg.resume_from_checkpoint:
-            path = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.ckpt_dir)
+        if self.cfg.resume_from_checkpoint:
+            path = ckpt.resolve_resume(self.cfg.resume_from_checkpoint, self.ckpt_dir)
             self.resume(path)
             if self.is_main:
                 tqdm.write(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def train(self) -> dict:
+        """Run until ``total_steps`` (from where :meth:`restore` left it); returns the summary written to
+        metrics.json."""
+        cfg = self.cfg
         watch = time.perf_counter()
         budget = TimeBudget(cfg.max_train_seconds, cfg.train_clock)
         self.stopped_by_budget = False

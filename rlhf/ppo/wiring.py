@@ -15,6 +15,7 @@ from rlhf.errors import ConfigError, UserError
 from rlhf.hooked import decoder_layers
 from rlhf.models import (
     check_adapter,
+    check_lora_targets,
     hooked_adapter_type,
     load_base_model,
     load_tokenizer,
@@ -98,6 +99,8 @@ def load_actor(cfg: PPOStageConfig):
         actor = build_hooked_actor(base, sft_adapter=cfg.sft_adapter, kind=hooked, base_name_or_path=base_path,
                                    policy_init=cfg.policy_init)
     else:
+        if not cfg.sft_adapter:  # (with one, the policy copies the SFT adapter's config)
+            check_lora_targets(base, cfg.lora_target_modules)
         lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                            top_layers=cfg.lora_top_layers, num_layers=n_blocks)
         actor = build_actor_critic(base, sft_adapter=cfg.sft_adapter, lora=lora,
