@@ -309,8 +309,9 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     Work is stored after every chunk of prompts, so an interrupted run keeps
     what it generated and a re-run continues where it stopped.
     """
+    from feedback_ui.db_url import normalize_url, sqlite_path
     from rlhf.data import load_prompts
-    from rlhf.models import check_adapter, resolve_model_path
+    from rlhf.models import check_adapter, load_model, load_tokenizer, resolve_model_path
 
     # every input is checked before the database is touched
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
@@ -323,6 +324,10 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     if cfg.reward_model:
         check_reward_model(cfg.reward_model)
     select = cfg.selection != "all"
+    tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
+    new_file = sqlite_path(normalize_url(cfg.db))
+    # a new SQLite file is made only once the policy has loaded (an existing database may need no sampling)
+    model = load_model(cfg.model_name_or_path, adapter=cfg.adapter) if new_file and not new_file.exists() else None
     store = init_db(cfg.db)
     policy = policy_identity(cfg.model_name_or_path, cfg.adapter)
     settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
@@ -339,10 +344,9 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     todo = [i for i, n in enumerate(need) if n]
     if todo:
         from rlhf.generation import generate_responses
-        from rlhf.models import load_model, load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
-        model = load_model(cfg.model_name_or_path, adapter=cfg.adapter)
+        if model is None:
+            model = load_model(cfg.model_name_or_path, adapter=cfg.adapter)
         chunk = cfg.batch_size * STORE_EVERY_BATCHES
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
@@ -355,7 +359,7 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
                 )  # fmt: skip
                 for i, texts in zip(idx, outs):
                     keep(i, texts)  # stored right away: an interrupted run keeps its work
-        del model  # before a reward model is loaded
+    model = None  # freed before a reward model is loaded
     selected: dict = {}
     if select:
         selected = add_selected_comparisons(store, prompts, policy, cfg)

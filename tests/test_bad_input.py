@@ -75,7 +75,8 @@ def _other_lora(c, name: str, base: str | None = None) -> str:
 
 
 def _broken_model(c, name: str) -> str:
-    """A copy of the tiny model, broken as ``name`` says: no_tokenizer, truncated weights, unknown_type."""
+    """A copy of the tiny model, broken as ``name`` says: no_tokenizer, no_chat_template, truncated weights,
+    unknown_type."""
     import shutil
 
     folder = c.root / name
@@ -83,6 +84,12 @@ def _broken_model(c, name: str) -> str:
     if name == "no_tokenizer":
         for file in folder.glob("tokenizer*"):
             file.unlink()
+    elif name == "no_chat_template":
+        for file in folder.glob("chat_template*"):
+            file.unlink()
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
     elif name == "truncated":
         weights = folder / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:5000])
@@ -483,6 +490,12 @@ PATH_CASES = [
      "no module named nonexistent"),  # fmt: skip
     ("sft-reft-rank-above-width", lambda c: ["sft", *c.M, "--dataset_name", c.sft, "--output_dir", c.out("o"),
                                              "--method", "loreft", "--reft_rank", "64"], "'reft_rank'"),
+    ("candidates-model-without-chat-template", lambda c: ["label", "candidates", "--db", c.out("new.db"),
+                                                          "--model_name_or_path", _broken_model(c, "no_chat_template"),
+                                                          "--dataset_name", c.prompts], "no chat template"),
+    ("candidates-model-weights-truncated", lambda c: ["label", "candidates", "--db", c.out("new.db"),
+                                                      "--model_name_or_path", _broken_model(c, "truncated"),
+                                                      "--dataset_name", c.prompts], "cannot load model"),
     # outputs that would destroy an input or the user's own files
     ("dpo-output-dir-is-the-sft-adapter", lambda c: ["dpo", *c.M, "--dataset_name", c.prefs, "--sft_adapter",
                                                      c.adapter_ok, "--output_dir", c.adapter_ok],
