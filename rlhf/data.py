@@ -60,24 +60,35 @@ def _load(datasets, dataset_name: str, name: str, path: Path, split: str):
             ds = ds[split]
         return ds
     if path.suffix.lower() in _BUILDERS:
-        if not path.is_file():
-            raise DataError(f"dataset file not found: {path}")
         if path.stat().st_size == 0:
             raise DataError(f"dataset {dataset_name} is empty")
         return datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
     if path.exists():
         raise DataError(f"unsupported dataset file type '{path.suffix}' ({path}); use .jsonl, .json, .parquet or .csv")
+    return datasets.load_dataset(name, split=split)
+
+
+def check_dataset_source(dataset_name: str) -> None:
+    """What :func:`load_table` checks before reading: a known ``sample:`` name, an existing local file or folder
+    for a path (a file name with a data suffix, or a name that can only be a path); any other name is left to
+    the hub. A DataError names the problem."""
+    if not dataset_name:
+        raise DataError("no dataset given (set dataset_name)")
+    name = resolve_dataset_path(dataset_name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    if path.suffix.lower() in _BUILDERS:
+        raise DataError(f"dataset file not found: {path}")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise DataError(f"dataset not found: {name}")
-    return datasets.load_dataset(name, split=split)
 
 
 def load_table(dataset_name: str, split: str = "train"):
     """Load ``dataset_name`` as a ``datasets.Dataset``; errors name the file and the problem."""
     import datasets
 
-    if not dataset_name:
-        raise DataError("no dataset given (set dataset_name)")
+    check_dataset_source(dataset_name)
     name = resolve_dataset_path(dataset_name)
     path = Path(name).expanduser()
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlhf.config import Literal, Optional, build_config, config_to_dict, field, require
-from rlhf.errors import ConfigError
+from rlhf.errors import ConfigError, UserError
 from rlhf.outputs import write_json
 from rlhf.pipeline_summary import print_summary, stage_output, summarize
 
@@ -169,7 +169,6 @@ def launched(cfg: PipelineConfig, name: str, stage, run: Callable[[], object]) -
         import subprocess
 
         from rlhf.config import save_config
-        from rlhf.errors import UserError
 
         config = cfg.path("launch") / f"{name}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +388,20 @@ def prefs_step(cfg: PipelineConfig) -> Step:
     return Step("prefs", lambda: cfg.path("prefs.jsonl").is_file(), run)
 
 
+def check_section_datasets(cfg: PipelineConfig) -> None:
+    """Every dataset a section names (``dataset_name``, ``eval_dataset_name``, ...) must exist before the first stage
+    runs, not only when its stage is reached."""
+    from rlhf.data import check_dataset_source
+
+    for section in STAGE_NAMES:
+        for key, value in (getattr(cfg, section, None) or {}).items():
+            if key.endswith("dataset_name") and isinstance(value, str):
+                try:
+                    check_dataset_source(value)
+                except UserError as exc:
+                    raise ConfigError(f"pipeline section '{section}': {key}: {exc}") from None
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     from rlhf.outputs import check_output_dir
 
@@ -398,6 +411,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     plans = [[build(view) for build in (builders if view.number == 1 else builders[1:])] for view in rounds]
     if getattr(cfg, "dpo" if cfg.align == "ppo" else "ppo"):  # the section align does not run is checked too
         (ppo_step if cfg.align == "dpo" else dpo_step)(cfg)
+    check_section_datasets(cfg)
     # every config is validated before anything runs
     check_output_dir(cfg.work_dir, "work_dir").mkdir(parents=True, exist_ok=True)
     per_round = []

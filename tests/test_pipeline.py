@@ -121,6 +121,16 @@ def test_a_bad_key_in_the_aligner_not_run_is_named_too(pipeline_yaml, tmp_path, 
     assert not (tmp_path / "run" / "sft").exists()
 
 
+def test_a_missing_dataset_of_a_later_stage_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys):
+    cfg = yaml.safe_load(pipeline_yaml.read_text())
+    cfg.setdefault("eval", {})["dataset_name"] = str(tmp_path / "no_such_prompts.jsonl")
+    pipeline_yaml.write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", "--config", str(pipeline_yaml)]) == 2
+    err = capsys.readouterr().err
+    assert "section 'eval'" in err and "dataset file not found" in err
+    assert not (tmp_path / "run" / "sft").exists()
+
+
 def test_unknown_rule_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys):
     assert main(["pipeline", "--config", str(pipeline_yaml), "--rule", "no_such_rule"]) == 2
     assert "unknown rule 'no_such_rule'" in capsys.readouterr().err
