@@ -100,34 +100,19 @@ def test_pipeline_stops_after_candidates_for_human_labelers(pipeline_yaml, tmp_p
     assert "from 0 answered comparisons" in capsys.readouterr().err
 
 
-def test_bad_stage_key_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys):
-    cfg = yaml.safe_load(pipeline_yaml.read_text())
-    cfg["ppo"]["not_a_key"] = 1
-    pipeline_yaml.write_text(yaml.safe_dump(cfg))
-    assert main(["pipeline", "--config", str(pipeline_yaml)]) == 2
-    err = capsys.readouterr().err
-    assert "section 'ppo'" in err and "not_a_key" in err
-    assert not (tmp_path / "run" / "sft").exists()
-
-
-def test_a_bad_key_in_the_aligner_not_run_is_named_too(pipeline_yaml, tmp_path, capsys):
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("ppo", "not_a_key", 1, "not_a_key"),
+    ("dpo", "bta", 0.1, "bta"),  # a typo in the section of the aligner that align: ppo does not run
+    ("eval", "dataset_name", "no_such_prompts.jsonl", "dataset file not found"),  # a later stage's data
+])  # fmt: skip
+def test_a_bad_section_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys, section, key, value, expected):
     cfg = yaml.safe_load(pipeline_yaml.read_text())
     assert cfg.get("align", "ppo") == "ppo"
-    cfg["dpo"] = {"bta": 0.1}  # a typo in the section align: dpo would run
+    cfg.setdefault(section, {})[key] = str(tmp_path / value) if key.endswith("dataset_name") else value
     pipeline_yaml.write_text(yaml.safe_dump(cfg))
     assert main(["pipeline", "--config", str(pipeline_yaml)]) == 2
     err = capsys.readouterr().err
-    assert "section 'dpo'" in err and "bta" in err
-    assert not (tmp_path / "run" / "sft").exists()
-
-
-def test_a_missing_dataset_of_a_later_stage_is_named_before_anything_runs(pipeline_yaml, tmp_path, capsys):
-    cfg = yaml.safe_load(pipeline_yaml.read_text())
-    cfg.setdefault("eval", {})["dataset_name"] = str(tmp_path / "no_such_prompts.jsonl")
-    pipeline_yaml.write_text(yaml.safe_dump(cfg))
-    assert main(["pipeline", "--config", str(pipeline_yaml)]) == 2
-    err = capsys.readouterr().err
-    assert "section 'eval'" in err and "dataset file not found" in err
+    assert f"section '{section}'" in err and expected in err
     assert not (tmp_path / "run" / "sft").exists()
 
 
