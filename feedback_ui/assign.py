@@ -242,10 +242,14 @@ def expire_abandoned(session: Session, cutoff: datetime) -> int:
 
 
 def progress(session: Session, user_id: int) -> tuple[int, int]:
-    """(done, total) for the labeler: total = done + open + regular comparisons still available to them."""
+    """(done, total) for the labeler, regular comparisons only: total = done + open + still available to them.
+
+    Gold items count in neither (they are hidden): serving one leaves the total as it was, as a regular task does.
+    """
     def mine(status: str):
         return (sa.select(sa.func.count()).select_from(Assignment)
-                .where(Assignment.user_id == user_id, Assignment.status == status).scalar_subquery())  # fmt: skip
+                .where(Assignment.user_id == user_id, Assignment.status == status, ~Assignment.is_gold)
+                .scalar_subquery())  # fmt: skip
 
     done, open_, available = session.execute(
         sa.select(mine("done"), mine("open"), _available(user_id, sa.func.count()).scalar_subquery())

@@ -196,7 +196,7 @@ def cmd_import(args) -> None:
 
 @_database_errors
 def cmd_serve(args) -> None:
-    from feedback_ui.http_policy import parse_allowed_origins
+    from feedback_ui.http_policy import parse_allowed_origins, parse_trusted_proxies
     from feedback_ui.store import open_store
 
     if args.gold_rate is not None and not (math.isfinite(args.gold_rate) and 0 <= args.gold_rate < 1):
@@ -204,6 +204,7 @@ def cmd_serve(args) -> None:
     if args.concurrency < 1:
         raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")
     origins = parse_allowed_origins(args.allowed_origins)
+    proxies = parse_trusted_proxies(args.trusted_proxies)
     sessions = _session_policy(args)
     ttl = _assignment_ttl(args.assignment_ttl)
     _check_tls(args.ssl_certfile, args.ssl_keyfile)
@@ -213,7 +214,7 @@ def cmd_serve(args) -> None:
 
     launch(args.db, host=args.host, port=args.port, gold_rate=args.gold_rate, concurrency=args.concurrency,
            allowed_origins=origins, sessions=sessions, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-           assignment_ttl=ttl)  # fmt: skip
+           assignment_ttl=ttl, trusted_proxies=proxies)  # fmt: skip
 
 
 @_database_errors
@@ -233,14 +234,15 @@ def cmd_export(args) -> None:
     database = {"--db": str(sqlite_path(normalize_url(args.db)) or "")}
     check_output_file(args.out, "--out")
     check_not_input(args.out, database, "--out", replaced=False)
-    if options.test_fraction > 0:
-        check_output_file(held_out_path(args.out), "held-out file")
-        check_not_input(held_out_path(args.out), database, "held-out file", replaced=False)
+    check_output_file(held_out_path(args.out), "held-out file")  # written, or an old one removed
+    check_not_input(held_out_path(args.out), database, "held-out file", replaced=False)
     with open_store(args.db) as store:
         counts = export_preferences(store, args.out, **config_to_dict(options))
     line = f"{counts['rows']} preference rows from {counts['comparisons']} comparisons -> {counts['out']}"
     if "test_out" in counts:
         line += f"; {counts['test_rows']} held-out rows -> {counts['test_out']}"
+    if "removed" in counts:
+        line += f"; removed the held-out file of an earlier export, {counts['removed']} (no --test_fraction)"
     print(line)
 
 
@@ -322,6 +324,10 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allowed_origins", default="", metavar="ORIGIN[,ORIGIN...]",
                    help="other origins (https://host[:port]) whose browser requests are accepted, e.g. the public "
                    "address of a proxy in front of the app [default: none: same origin only]")
+    p.add_argument("--trusted_proxies", default="", metavar="IP[,IP...]",
+                   help="addresses or networks (e.g. 127.0.0.1, 10.0.0.0/8) of reverse proxies whose X-Forwarded-For "
+                   "gives the client address (for the per-address login limit) and X-Forwarded-Proto the scheme; "
+                   "the proxy must overwrite or append to that header [default: none: the headers are ignored]")
     p.add_argument("--ssl_certfile", default=None, metavar="FILE", help="PEM certificate: serve HTTPS [default: HTTP]")
     p.add_argument("--ssl_keyfile", default=None, metavar="FILE", help="PEM private key of --ssl_certfile")
     p.add_argument("--session_idle_minutes", type=float, default=60,
@@ -336,13 +342,15 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="votes -> preference JSONL (prompt, chosen, rejected, margin, provenance)")
     _add_db(p)
     p.add_argument("--out", default="prefs.jsonl", help="output JSONL; with --test_fraction the held-out prompts go "
-                   "to the sibling OUT_STEM.test.jsonl (prefs.jsonl -> prefs.test.jsonl) [default: prefs.jsonl]")
+                   "to the sibling OUT_STEM.test.jsonl (prefs.jsonl -> prefs.test.jsonl), without it an old such "
+                   "file is removed [default: prefs.jsonl]")
     p.add_argument("--strategy", choices=STRATEGIES, default="all-pairs",
                    help="rankings -> pairs: every ordered pair, or the best against each of the rest "
                    "[default: all-pairs]")
     p.add_argument("--aggregate", choices=AGGREGATIONS, default="majority",
                    help="several labelers on one comparison: strict-majority pairs, or every vote [default: majority]")
-    p.add_argument("--keep", default="", help="comma list of extra outcomes to export: tie, both_bad [default: none]")
+    p.add_argument("--keep", default="", help="comma list of extra outcomes to export: tie, both_bad; each is written "
+                   "twice, once each way round with margin 0 (no preference for either) [default: none]")
     p.add_argument("--test_fraction", type=float, default=0.0,
                    help="share of prompts held out (split by prompt, never by row) [default: 0]")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt split [default: 0]")

@@ -90,7 +90,7 @@ class LabelExportConfig:
     aggregate: Literal["majority", "all"] = field(
         "majority", "several labelers on one comparison: strict-majority pairs, or every vote"
     )
-    keep: list[str] = field([], "extra outcomes exported: tie, both_bad")
+    keep: list[str] = field([], "extra outcomes exported, each twice (once each way round, margin 0): tie, both_bad")
     test_fraction: float = field(0.0, "share of prompts held out (split by prompt, never by row), in [0, 1)")
     seed: int = field(0, "seed of the prompt split")
     margin_slightly: float = field(1.0, "margin of 'slightly better'")

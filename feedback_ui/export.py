@@ -4,6 +4,16 @@ The rows are TRL's explicit-prompt preference format (string columns), so
 ``rlhf reward`` and TRL's RewardTrainer read them as they are; the extra
 columns (annotator, comparison_id, ...) are provenance. Gold items and votes
 voided by a re-queue (:mod:`feedback_ui.requeue`) are never exported.
+
+A kept tie or both-bad (``--keep``) prefers neither response, and the trainers
+read every row as "chosen is better" (they do not look at ``outcome``): it is
+written as two rows, once each way round, with margin 0. To the Bradley-Terry
+loss that is half a win for each side: it pulls the two scores together and
+favours neither (one row would favour whichever response was stored first).
+
+Without ``test_fraction`` no held-out file is written, and one left by an
+earlier export to the same ``out`` is removed: its prompts may be in the new
+training rows.
 """
 
 from __future__ import annotations
@@ -64,6 +74,15 @@ def _texts(store: Store, ids: Iterable[int]) -> dict[int, str]:
     return out
 
 
+def _rows(item: dict, comparison_id: int, p: PrefPair, texts: dict[int, str]) -> list[dict]:
+    """One row per decisive pair; a tie or both-bad as two rows, once each way round (see the module docstring)."""
+    row = _row(item, comparison_id, p, texts)
+    if p.outcome == "ranked":
+        return [row]
+    swapped = {"chosen": row["rejected"], "rejected": row["chosen"], "chosen_id": p.rejected, "rejected_id": p.chosen}
+    return [row, {**row, **swapped}]
+
+
 def _row(item: dict, comparison_id: int, p: PrefPair, texts: dict[int, str]) -> dict:
     return {
         "prompt": item["prompt"],
@@ -93,7 +112,7 @@ def export_preferences(
     margin_slightly: float = 1.0,
     margin_much: float = 3.0,
 ) -> dict:
-    """Write preference rows; returns counts. ``keep`` may add ``tie`` and/or ``both_bad`` rows."""
+    """Write preference rows; returns counts. ``keep`` may add ``tie`` and/or ``both_bad`` rows (two each)."""
     keep = set(keep)
     if keep - {"tie", "both_bad"}:
         raise UserError(f"--keep takes tie and/or both_bad, got {', '.join(sorted(keep))}")
@@ -109,13 +128,18 @@ def export_preferences(
             if p.outcome == "ranked" or p.outcome in keep:
                 pairs.append((cid, p))
     texts = _texts(store, [i for _, p in pairs for i in (p.chosen, p.rejected)])
-    rows = [_row(items[cid], cid, p, texts) for cid, p in pairs]
+    rows = [r for cid, p in pairs for r in _rows(items[cid], cid, p, texts)]
     held_out = split_by_prompt([r["prompt"] for r in rows], test_fraction, seed)
     train = [r for r in rows if r["prompt"] not in held_out]
     test = [r for r in rows if r["prompt"] in held_out]
-    write_jsonl(out_path, train)
+    test_path = held_out_path(out_path)
     counts = {"comparisons": len(items), "rows": len(train), "out": str(out_path)}
+    if test_path.is_file():  # before the new rows: an interrupted export leaves no old held-out file beside them
+        test_path.unlink()
+        if test_fraction == 0:
+            counts["removed"] = str(test_path)
+    write_jsonl(out_path, train)
     if test_fraction > 0:
-        write_jsonl(held_out_path(out_path), test)
-        counts.update(test_rows=len(test), test_out=str(held_out_path(out_path)))
+        write_jsonl(test_path, test)
+        counts.update(test_rows=len(test), test_out=str(test_path))
     return counts

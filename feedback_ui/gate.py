@@ -15,8 +15,14 @@ In order, for every HTTP request and WebSocket:
 4. Without a live session only static assets are served; the page shows the login form and
    everything else gets 401. With one, the user's name goes to Gradio (``gr.Request.username``)
    through ``auth_dependency``.
-5. **Blocked routes**: ``/gradio_api/token`` (it would hand a session to script) and the upload
-   routes (the app takes no files) answer 404 even with a session. Request bodies are capped.
+5. **Blocked routes**: ``/gradio_api/token`` (it would hand a session to script) and Gradio's routes that take
+   files or run code the app does not use (``BLOCKED``, ``BLOCKED_PREFIXES``) answer 404 even with a session;
+   any other request with a ``multipart/form-data`` body (the way files are sent) gets 415: the app takes no
+   files, whatever route a Gradio version adds. Request bodies are capped.
+
+A login attempt is counted by the throttle before its password is checked (:mod:`feedback_ui.throttle`),
+and at most ``LOGINS_WAITING`` logins wait for or hold one of the ``HASHES_AT_ONCE`` scrypt slots: more are
+answered 429 at once, so a flood of logins cannot queue honest users' logins behind it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from feedback_ui.auth import check_login
 from feedback_ui.pages import SHORTCUTS_JS, SHORTCUTS_PATH, login_page
 from feedback_ui.sessions import SessionPolicy, end_session, session_user, start_session
 from feedback_ui.store import Store
-from feedback_ui.throttle import ThrottlePolicy, locked, record_failure, record_success, throttle_keys
+from feedback_ui.throttle import ThrottlePolicy, begin_attempt, locked, record_failure, record_success, throttle_keys
 
 log = logging.getLogger("feedback_ui")
 
@@ -43,11 +49,16 @@ COOKIE, SECURE_COOKIE = "rlhf_session", "__Host-rlhf_session"
 MAX_BODY = 1 << 20  # a vote with a long edit fits many times over
 MAX_LOGIN_BODY = 8 << 10
 HASHES_AT_ONCE = 2  # concurrent scrypt checks (128 MiB each); more logins wait their turn in the pool
+LOGINS_WAITING = 16  # logins waiting for or holding a scrypt slot; more are answered 429 at once
+BUSY_MESSAGE = "Too many logins at once: try again in a few seconds."
+WRONG_LOGIN = "Wrong user name or password."
 
 OPEN_EXACT = {"/favicon.ico", "/robots.txt", "/theme.css"}
 OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/")
 AUTOMATIC = ("/gradio_api/heartbeat/", "/gradio_api/queue/data")  # an open tab asks for these by itself: not use
-BLOCKED = {"/gradio_api/token", "/gradio_api/upload", "/gradio_api/upload_progress"}
+BLOCKED = {"/gradio_api/token", "/gradio_api/upload", "/gradio_api/upload_progress", "/gradio_api/process_recording",
+           "/gradio_api/component_server"}  # fmt: skip
+BLOCKED_PREFIXES = ("/gradio_api/stream/", "/gradio_api/vibe-", "/gradio_api/undo-vibe-")
 
 
 def user_of(request) -> Optional[str]:
@@ -63,6 +74,11 @@ def _wants_html(scope) -> bool:
     return "text/html" in Headers(scope=scope).get("accept", "")
 
 
+def _is_upload(scope) -> bool:
+    """A body sent the way files are (``multipart/form-data``), on any route."""
+    return Headers(scope=scope).get("content-type", "").lower().lstrip().startswith("multipart/")
+
+
 class Gate:
     """ASGI app in front of the Gradio app (``gradio_app``); ``lifespan`` goes to the FastAPI ``parent``."""
 
@@ -74,6 +90,7 @@ class Gate:
         self.sessions, self.throttle = sessions or SessionPolicy(), throttle or ThrottlePolicy()
         self.auth_message = auth_message
         self._hash_slots: Optional[anyio.CapacityLimiter] = None  # made inside the event loop
+        self._logins_waiting = 0  # changed only on the event loop: no lock needed
 
     # the request pipeline
 
@@ -117,8 +134,10 @@ class Gate:
             if method in ("GET", "HEAD") and path == "/":  # the app's address shows the login form itself
                 return await answer(login_page(self.auth_message))
             return await answer(_refusal(401, "Not authenticated: log in again (the session ended or never began)."))
-        if path.rstrip("/") in BLOCKED:
+        if path.rstrip("/") in BLOCKED or path.startswith(BLOCKED_PREFIXES):
             return await answer(_refusal(404, "Not Found"))
+        if _is_upload(scope):
+            return await answer(_refusal(415, "uploads are refused: this app takes no files"))
         scope[USER_KEY] = user
         await self.gradio_app(scope, _capped(receive, MAX_BODY), self._headers_added(send, scope, foreign_origin))
 
@@ -203,23 +222,39 @@ class Gate:
         return response
 
     async def _check(self, name: str, password: str, address: Optional[str]) -> tuple[int, str, Optional[str]]:
-        """(status, message, session token or None): throttle, then scrypt in a worker thread, then a session."""
+        """(status, message, session token or None): a place in the bounded queue of logins, then the throttle."""
+        if self._logins_waiting >= LOGINS_WAITING:
+            log.warning("login of %r from %s refused: %d logins already waiting", name, address, LOGINS_WAITING)
+            return 429, BUSY_MESSAGE, None
+        self._logins_waiting += 1
+        try:
+            return await self._throttled_check(name, password, address)
+        finally:
+            self._logins_waiting -= 1
+
+    async def _throttled_check(self, name: str, password: str,
+                               address: Optional[str]) -> tuple[int, str, Optional[str]]:  # fmt: skip
+        """The attempt is counted before its wait for a scrypt slot, the lock looked at again once it has one."""
         keys = throttle_keys(name, address)
-        message = await anyio.to_thread.run_sync(locked, self.store, keys)
+        message = await anyio.to_thread.run_sync(begin_attempt, self.store, keys, self.throttle)
         if message:
             log.warning("login of %r from %s refused: locked", name, address)
             return 429, message, None
         if self._hash_slots is None:
             self._hash_slots = anyio.CapacityLimiter(HASHES_AT_ONCE)
-        user = await anyio.to_thread.run_sync(check_login, self.store, name, password, limiter=self._hash_slots)
-        if user is None:
+        async with self._hash_slots:
+            message = await anyio.to_thread.run_sync(locked, self.store, keys)  # locked while this one waited
+            if message:
+                await anyio.to_thread.run_sync(record_success, self.store, keys)  # not checked: not counted
+                log.warning("login of %r from %s refused: locked while it waited", name, address)
+                return 429, message, None
+            user = await anyio.to_thread.run_sync(check_login, self.store, name, password)
+        if user is None or user.disabled_at is not None:  # a disabled account says no more than a wrong password
             lock = await anyio.to_thread.run_sync(record_failure, self.store, keys, self.throttle)
-            log.warning("failed login of %r from %s%s", name, address, "; now locked" if lock else "")
-            return (429, lock, None) if lock else (401, "Wrong user name or password.", None)
-        await anyio.to_thread.run_sync(record_success, self.store, name)
-        if user.disabled_at is not None:
-            log.warning("login of disabled account %r from %s refused", name, address)
-            return 403, "This account is disabled: ask your project admin.", None
+            why = "failed login" if user is None else "login of disabled account"
+            log.warning("%s of %r from %s%s", why, name, address, "; now locked" if lock else "")
+            return (429, lock, None) if lock else (401, WRONG_LOGIN, None)
+        await anyio.to_thread.run_sync(record_success, self.store, keys)
         token = await anyio.to_thread.run_sync(start_session, self.store, user.id, self.sessions)
         log.info("login of %r from %s", name, address)
         return 200, "", token

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import re
 import urllib.parse
 from typing import Iterable, Optional
@@ -78,6 +79,21 @@ def parse_allowed_origins(text: Optional[str]) -> tuple[Origin, ...]:
             raise UserError(f"--allowed_origins: {item.strip()!r} is not an origin like https://labels.example.org")
         origins.append(origin)
     return tuple(origins)
+
+
+def parse_trusted_proxies(text: Optional[str]) -> tuple[str, ...]:
+    """``--trusted_proxies`` (comma-separated IP addresses or networks) -> entries; a bad entry is a UserError."""
+    proxies = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            parsed = ipaddress.ip_network(item.strip()) if "/" in item else ipaddress.ip_address(item.strip())
+        except ValueError:
+            raise UserError(f"--trusted_proxies: {item.strip()!r} is not an IP address or network like 127.0.0.1 "
+                            "or 10.0.0.0/8") from None  # fmt: skip
+        proxies.append(str(parsed))
+    return tuple(proxies)
 
 
 def own_origin(scheme: str, host_header: Optional[str]) -> Optional[Origin]:

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Sequence
 
 import gradio as gr
 import uvicorn
@@ -74,16 +74,18 @@ def create_server_app(store: Store, *, gold_rate: Optional[float] = None, concur
 
 
 def _uvicorn_config(app, host: str, port: int, ssl_certfile: Optional[str], ssl_keyfile: Optional[str],
-                    grace: int) -> uvicorn.Config:  # fmt: skip
+                    grace: int, trusted_proxies: Sequence[str] = ()) -> uvicorn.Config:  # fmt: skip
+    """``X-Forwarded-For`` / ``-Proto`` are read only from ``trusted_proxies`` (none: never, whoever connects)."""
     return uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace,
-                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, server_header=False)  # fmt: skip
+                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, server_header=False,
+                          proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None)
 
 
 class Server:
     """The app on ``host:port`` in a background thread (``start()`` / ``stop()``); used by tests and benches."""
 
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0, ssl_certfile: Optional[str] = None,
-                 ssl_keyfile: Optional[str] = None, **app_kwargs):  # fmt: skip
+                 ssl_keyfile: Optional[str] = None, trusted_proxies: Sequence[str] = (), **app_kwargs):  # fmt: skip
         if port == 0:
             with socket.socket() as sock:
                 sock.bind((host, 0))
@@ -91,7 +93,8 @@ class Server:
         self.host, self.port = host, port
         self.url = f"{'https' if ssl_certfile else 'http'}://{host}:{port}/"
         app = create_server_app(store, **app_kwargs)
-        self.server = uvicorn.Server(_uvicorn_config(app, host, port, ssl_certfile, ssl_keyfile, grace=1))
+        self.server = uvicorn.Server(_uvicorn_config(app, host, port, ssl_certfile, ssl_keyfile, grace=1,
+                                                     trusted_proxies=trusted_proxies))  # fmt: skip
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, timeout: float = 60.0) -> "Server":
@@ -118,8 +121,9 @@ class Server:
 def launch(db: str, host: str = "127.0.0.1", port: int = 7860, gold_rate: Optional[float] = None,
            concurrency: int = 16, allowed_origins=(), sessions: Optional[SessionPolicy] = None,
            ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None,
-           assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL) -> None:  # fmt: skip
-    """Serve until interrupted (``rlhf label serve``); HTTPS when given a certificate and its key."""
+           assignment_ttl: Optional[timedelta] = DEFAULT_ASSIGNMENT_TTL, trusted_proxies: Sequence[str] = ()) -> None:
+    """Serve until interrupted (``rlhf label serve``); HTTPS when given a certificate and its key; client addresses
+    from ``X-Forwarded-For`` only on connections from ``trusted_proxies``."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("feedback_ui").setLevel(logging.INFO)  # logins, refusals, failed requests
     store = open_store(db)
@@ -128,4 +132,5 @@ def launch(db: str, host: str = "127.0.0.1", port: int = 7860, gold_rate: Option
           flush=True)  # fmt: skip
     app = create_server_app(store, gold_rate=gold_rate, concurrency=concurrency, allowed_origins=allowed_origins,
                             sessions=sessions, assignment_ttl=assignment_ttl)  # fmt: skip
-    uvicorn.Server(_uvicorn_config(app, host, port, ssl_certfile, ssl_keyfile, grace=2)).run()
+    uvicorn.Server(_uvicorn_config(app, host, port, ssl_certfile, ssl_keyfile, grace=2,
+                                   trusted_proxies=trusted_proxies)).run()  # fmt: skip

@@ -22,7 +22,7 @@ from feedback_ui.assign import (
 )
 from feedback_ui.db_errors import integrity_violation
 from feedback_ui.store import Assignment, Comparison, Prompt, Response, Store, User, Vote, get_setting, utcnow
-from feedback_ui.voting import TaskExpired, record_vote
+from feedback_ui.voting import TaskClosed, record_vote
 from rlhf.errors import UserError
 
 log = logging.getLogger("feedback_ui")
@@ -119,8 +119,9 @@ def answer(store: Store, name: str, token: str, gold_rate: float, *, assignment_
 
     A repeated submission of the same task is stored once and answered with
     the current task and status 'already recorded'. A late vote on an expired
-    task whose comparison went to others is answered with the next task and a
-    status saying it was not saved. Any other integrity error raises
+    task whose comparison went to others, or on a task skipped or re-queued
+    since it was shown, is answered with the next task and a status saying it
+    was not saved and why. Any other integrity error raises
     :class:`Refused` naming what the database refused.
     """
     again = {"assignment_ttl": assignment_ttl}
@@ -133,7 +134,7 @@ def answer(store: Store, name: str, token: str, gold_rate: float, *, assignment_
             view = None if holds_comparison(s) else _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
         if view is None:
             return serve(store, name, gold_rate, "saved", **again)
-    except TaskExpired as exc:
+    except TaskClosed as exc:  # expired, skipped or re-queued: not saved, and the next task
         return serve(store, name, gold_rate, str(exc), **again)
     except IntegrityError as exc:
         violation = integrity_violation(exc)

@@ -5,7 +5,9 @@ is unique): the same submission sent twice is stored once, and the second
 call is reported as a duplicate instead of an error. A vote on an assignment
 that expired (abandoned past ``assignment_ttl``) is still taken, once, if the
 comparison has a free overlap slot; otherwise it is refused with
-:class:`TaskExpired`.
+:class:`TaskExpired`; a vote on one skipped or re-queued since it was shown
+(e.g. skipped in another tab) is refused with :class:`TaskClosed`: only a
+``done`` assignment is a duplicate.
 """
 
 from __future__ import annotations
@@ -28,12 +30,22 @@ class VoteError(UserError):
     """A submission that cannot be recorded (unknown task, bad choice, bad ranking)."""
 
 
-class TaskExpired(VoteError):
+class TaskClosed(VoteError):
+    """A vote on a task that is no longer the labeler's: skipped (in another window) or re-queued since it was
+    shown. Not saved; the app answers with the next task and this message."""
+
+
+class TaskExpired(TaskClosed):
     """A late vote on an expired assignment whose comparison went to other labelers meanwhile."""
 
 
 EXPIRED_MESSAGE = ("not saved: this task was left open too long without an answer and has gone to other labelers "
                    "since; here is your next task")  # fmt: skip
+CLOSED_MESSAGES = {
+    "skipped": ("not saved: you skipped this task (in another window) before this answer arrived; "
+                "here is your next task"),
+    "requeued": "not saved: your project admin put this task back in the pool; here is your next task",
+}
 
 
 def normalize_strength(strength: Optional[str]) -> Optional[str]:
@@ -75,7 +87,7 @@ def record_vote(
     rationale: Optional[str] = None,
     edit: Optional[str] = None,
 ) -> Optional[Vote]:
-    """Store the vote for the labeler's assignment ``token``; None when it was already answered.
+    """Store the vote for the labeler's assignment ``token``; None when it was already answered (``done``).
 
     Pair tasks take ``choice`` (A, B, tie, both_bad); ranking tasks take
     ``positions``. An ``edit`` (allowed with a decisive answer) is stored as a
@@ -91,8 +103,10 @@ def record_vote(
     if a.status == "expired":
         if not a.is_gold and not take_slot(session, a.comparison_id):
             raise TaskExpired(EXPIRED_MESSAGE)
-    elif a.status != "open":
+    elif a.status == "done":
         return None
+    elif a.status != "open":
+        raise TaskClosed(CLOSED_MESSAGES.get(a.status, f"not saved: this task is {a.status}; here is your next task"))
     comparison = session.get(Comparison, a.comparison_id)
     if comparison.kind == "pair":
         if choice is None:

@@ -83,10 +83,10 @@ def test_export_strategies_and_options(voted):
     assert export_preferences(store, out, aggregate="all")["rows"] == 3 + 1 + 2 + 9  # every decisive vote
     assert {r["annotator"] for r in read_jsonl(out)} == {"ann", "bob", "cy"}
     assert export_preferences(store, out, strategy="best-vs-rest")["rows"] == 1 + 2
-    assert export_preferences(store, out, keep=["tie"])["rows"] == 5
+    assert export_preferences(store, out, keep=["tie"])["rows"] == 4 + 2  # a tie is written once each way round
     tie = next(r for r in read_jsonl(out) if r["outcome"] == "tie")
     assert tie["prompt"] == "pair prompt 1" and tie["annotator"] == "ann,bob" and tie["margin"] == 0.0
-    assert export_preferences(store, out, aggregate="all", keep=["tie", "both_bad"])["rows"] == 15 + 2 + 1
+    assert export_preferences(store, out, aggregate="all", keep=["tie", "both_bad"])["rows"] == 15 + 2 * (2 + 1)
     assert export_preferences(store, out, margin_much=5.0, margin_slightly=1.0)["rows"] == 4
     assert next(r for r in read_jsonl(out) if r["prompt"] == "pair prompt 0")["margin"] == 3.0
     with pytest.raises(UserError, match="--keep"):
@@ -101,6 +101,44 @@ def test_export_split_by_prompt(voted):
     assert len(train) + len(test) == 15 and train and test
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert len({r["prompt"] for r in test}) == 2  # round(4 prompts * 0.5)
+
+
+def test_kept_ties_and_both_bad_prefer_neither_response(voted):
+    """What the reward stage reads of kept ties and both-bads: as many rows for each side, all with margin 0."""
+    from collections import Counter
+
+    from rlhf.pairs import load_pairs
+
+    store, tmp = voted
+    plain, kept = str(tmp / "plain.jsonl"), str(tmp / "kept.jsonl")
+    export_preferences(store, plain, aggregate="all")
+    export_preferences(store, kept, aggregate="all", keep=["tie", "both_bad"])
+    def seen(path):  # (prompt, chosen, rejected, margin) as the reward stage reads them
+        return Counter((p.prompt_key, p.chosen, p.rejected, p.margin) for p in load_pairs(path))
+
+    added = seen(kept) - seen(plain)  # the rows --keep adds
+    assert sum(added.values()) == 2 * (2 + 1)  # two ties and one both-bad, each once each way round
+    assert {margin for *_, margin in added} == {0.0}
+    for (prompt, chosen, rejected, margin), n in added.items():
+        assert added[prompt, rejected, chosen, margin] == n  # as often the other way round
+    rows = read_jsonl(kept)
+    assert sorted(r["outcome"] for r in rows if r["outcome"] != "ranked") == ["both_bad"] * 2 + ["tie"] * 4
+
+
+def test_an_export_without_a_split_removes_the_earlier_held_out_file(voted, capsys):
+    store, tmp = voted
+    out = tmp / "prefs.jsonl"
+    export_preferences(store, str(out), aggregate="all", test_fraction=0.5)
+    assert held_out_path(out).is_file()
+    counts = export_preferences(store, str(out), aggregate="all")
+    assert not held_out_path(out).exists() and counts["removed"] == str(held_out_path(out))
+    assert len(read_jsonl(out)) == 15  # every prompt is in the training file now
+    export_preferences(store, str(out), aggregate="all", test_fraction=0.5)
+    assert main(["label", "export", "--db", store.url, "--out", str(out), "--aggregate", "all"]) == 0
+    assert "removed the held-out file of an earlier export" in capsys.readouterr().out
+    assert not held_out_path(out).exists()
+    counts = export_preferences(store, str(out), aggregate="all")  # nothing to remove: nothing said
+    assert "removed" not in counts
 
 
 def test_export_includes_edits(db_url, tmp_path):

@@ -10,7 +10,8 @@ from sqlalchemy.exc import IntegrityError
 
 from feedback_ui import tasks
 from feedback_ui.assign import lock_labeler, next_task, progress, skip_task
-from feedback_ui.auth import add_user, check_login, hash_password, verify_password
+from feedback_ui.auth import add_user, check_login, hash_password, set_disabled, verify_password
+from feedback_ui.requeue import disable_and_requeue
 from feedback_ui.store import (Assignment, Comparison, Response, SchemaVersion, User, Vote, init_db, open_store,
                                utcnow)  # fmt: skip
 from feedback_ui.testing import PASSWORD, make_project
@@ -215,6 +216,23 @@ def test_gold_items_are_mixed_in_at_the_rate_and_never_repeated(db_url, new_db):
         assert len(seen2) == 5 and not set(seen2) & set(s.scalars(sa.select(Comparison.id).where(Comparison.is_gold)))
 
 
+def test_the_total_shown_stays_the_same_when_a_gold_item_is_served(db_url):
+    """The counter ("12 of 40 done") must not tell hidden gold items from regular ones."""
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=12, n_gold=6)
+    ann, rng, shown = uid(store, "ann"), random.Random(0), []
+    while True:
+        with store.write() as s:
+            a = next_task(s, ann, gold_rate=0.4, rng=rng)
+            if a is None:
+                break
+            shown.append((a.is_gold, progress(s, ann)))
+            record_vote(s, ann, a.token, choice="A")
+    assert sum(gold for gold, _ in shown) >= 2 and len(shown) > 12
+    assert {total for _, (_, total) in shown} == {12}
+    assert [done for gold, (done, _) in shown if not gold] == list(range(12))  # regular work only
+    assert progress_of(store, "ann") == (12, 12)
+
+
 def test_open_task_is_served_again_and_skip_frees_the_slot(db_url):
     store = make_project(db_url, {"ann": "labeler", "bob": "labeler"}, n_pairs=1, overlap=1)
     ann, bob = uid(store, "ann"), uid(store, "bob")
@@ -294,6 +312,27 @@ def test_same_submission_twice_is_stored_once(db_url):
                    idempotency_key=vote.idempotency_key, outcome="tie", ranking=[], seconds=0.0))  # fmt: skip
         with pytest.raises(IntegrityError):
             s.flush()
+
+
+def test_a_vote_on_a_task_closed_in_another_tab_is_not_saved_and_says_why(db_url):
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=3)
+    first = tasks.serve(store, "ann", 0.0)  # shown in two tabs
+    second = tasks.skip(store, "ann", first["token"], 0.0)  # tab 2 skips it
+    late = tasks.answer(store, "ann", first["token"], 0.0, choice="A")  # tab 1 votes on it
+    assert late["status"].startswith("not saved:") and "skipped" in late["status"] and "\n" not in late["status"]
+    assert late["token"] == second["token"] and count(store, Vote) == 0
+    with store.read() as s:
+        assert s.scalar(sa.select(Assignment.status).where(Assignment.token == first["token"])) == "skipped"
+    # re-queued by an admin while shown (the account disabled and enabled again meanwhile)
+    disable_and_requeue(store, "ann")
+    set_disabled(store, "ann", disabled=False)
+    requeued = tasks.answer(store, "ann", second["token"], 0.0, choice="B")
+    assert requeued["status"].startswith("not saved:") and "back in the pool" in requeued["status"]
+    assert count(store, Vote) == 0
+    # a task answered already is what "already recorded" means
+    done = tasks.answer(store, "ann", requeued["token"], 0.0, choice="A")
+    again = tasks.answer(store, "ann", requeued["token"], 0.0, choice="A")
+    assert (done["status"], again["status"]) == ("saved", "already recorded") and count(store, Vote) == 1
 
 
 def test_votes_belong_to_their_labeler(db_url):

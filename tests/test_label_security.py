@@ -13,7 +13,7 @@ from feedback_ui.auth import SCRYPT_N, check_login, hash_password, needs_rehash,
 from feedback_ui.sessions import SessionPolicy, end_session, session_user, start_session
 from feedback_ui.store import SCHEMA_VERSION, LoginFailure, LoginSession, SchemaVersion, User, open_store, utcnow
 from feedback_ui.testing import PASSWORD, make_project
-from feedback_ui.throttle import ThrottlePolicy, locked, record_failure, record_success, throttle_keys
+from feedback_ui.throttle import ThrottlePolicy, begin_attempt, locked, record_failure, record_success, throttle_keys
 from rlhf.errors import UserError
 
 # helper functions
@@ -113,28 +113,56 @@ def test_session_timeouts_must_be_positive():
 # throttling
 
 
+def failures(store, key):
+    with store.read() as s:
+        row = s.get(LoginFailure, key)
+        return row.failures if row else 0
+
+
+def failed_login(store, keys, policy):
+    """An attempt counted before its check, then checked and wrong: the lock message, or None."""
+    assert begin_attempt(store, keys, policy) is None
+    return record_failure(store, keys, policy)
+
+
 def test_failures_lock_the_account_and_the_address_until_the_lock_ends(db_url):
     store = make_project(db_url, {"ann": "labeler"}, n_pairs=0)
     policy = ThrottlePolicy(max_failures=3, window=timedelta(minutes=15), lock=timedelta(minutes=10))
     # three addresses, one failure each: the account locks, the addresses do not
-    results = [record_failure(store, throttle_keys("ann", f"10.0.0.{i}"), policy) for i in range(3)]
+    results = [failed_login(store, throttle_keys("ann", f"10.0.0.{i}"), policy) for i in range(3)]
     assert results[:2] == [None, None] and "this account" in results[2] and "10 minutes" in results[2]
     assert "this account" in locked(store, throttle_keys("ann", "10.0.0.99"))
+    assert "this account" in begin_attempt(store, throttle_keys("ann", "10.0.0.99"), policy)  # refused, not counted
+    assert failures(store, "account:ann") == 3 and failures(store, "address:10.0.0.99") == 0
     assert locked(store, throttle_keys("bob", "10.0.0.1")) is None
     # one address, three accounts: the address locks
     for name in ("x1", "x2", "x3"):
-        record_failure(store, throttle_keys(name, "10.0.1.1"), policy)
+        failed_login(store, throttle_keys(name, "10.0.1.1"), policy)
     assert "your address" in locked(store, throttle_keys("bob", "10.0.1.1"))
     assert locked(store, throttle_keys("bob", "10.0.1.2")) is None
     # the lock ends on its own
     with store.write() as s:
         s.execute(sa.update(LoginFailure).values(locked_until=utcnow() - timedelta(seconds=1)))
     assert locked(store, throttle_keys("ann", "10.0.1.1")) is None
-    # a success clears the account's count
-    record_failure(store, throttle_keys("cy", "10.0.2.1"), policy)
-    record_success(store, "cy")
-    with store.read() as s:
-        assert s.get(LoginFailure, "account:cy") is None and s.get(LoginFailure, "address:10.0.2.1").failures == 1
+
+
+def test_attempts_count_before_their_check_and_a_success_takes_back_only_its_own(db_url):
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=0)
+    policy = ThrottlePolicy(max_failures=3)
+    cy = throttle_keys("cy", "10.0.2.1")
+    failed_login(store, cy, policy)
+    assert begin_attempt(store, cy, policy) is None  # being checked: counted already
+    assert failures(store, "account:cy") == failures(store, "address:10.0.2.1") == 2
+    record_success(store, cy)  # the right password takes back its own count, not the earlier failure's
+    assert failures(store, "account:cy") == failures(store, "address:10.0.2.1") == 1
+    # attempts in flight fill the count: one more is refused before any of them is checked
+    assert [begin_attempt(store, throttle_keys("dee", f"10.0.3.{i}"), policy) for i in range(3)] == [None] * 3
+    assert "this account" in begin_attempt(store, throttle_keys("dee", "10.0.3.9"), policy)
+    # the first of them to fail locks the account, and a right password among the others cannot unlock it
+    assert "this account" in record_failure(store, throttle_keys("dee", "10.0.3.0"), policy)
+    record_success(store, throttle_keys("dee", "10.0.3.1"))
+    assert "this account" in locked(store, throttle_keys("dee", "10.0.3.5"))
+    assert "this account" in begin_attempt(store, throttle_keys("dee", "10.0.3.5"), policy)
 
 
 # origins and headers
@@ -160,6 +188,14 @@ def test_same_origin_means_scheme_host_and_port():
     assert not ok("https://10.1.2.3:7860", "http", "10.1.2.3:7860", ())
     assert not ok("https://evil.example", "http", "10.1.2.3:7860", allowed)
     assert not ok("null", "http", "10.1.2.3:7860", allowed)
+
+
+def test_trusted_proxies_are_parsed_strictly():
+    assert http_policy.parse_trusted_proxies("127.0.0.1, 10.0.0.0/8,::1") == ("127.0.0.1", "10.0.0.0/8", "::1")
+    assert http_policy.parse_trusted_proxies("") == ()
+    for bad in ("*", "localhost", "10.0.0.1/8", "300.1.1.1"):
+        with pytest.raises(UserError, match="--trusted_proxies"):
+            http_policy.parse_trusted_proxies(bad)
 
 
 def test_inline_scripts_are_hashed_and_external_ones_are_not():

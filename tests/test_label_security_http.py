@@ -1,8 +1,8 @@
 """The labeling app's defences over HTTP, against a real server: origins, tokens, cookies, throttling,
 sessions, uploads, error messages, headers and HTTPS.
 
-Clients set ``X-Forwarded-For`` (trusted from 127.0.0.1, as from a local proxy) to stand for
-different client addresses, so the per-address throttle of one test does not reach the others.
+Clients set ``X-Forwarded-For`` (trusted from 127.0.0.1 with ``trusted_proxies``, as from a local proxy) to stand
+for different client addresses, so the per-address throttle of one test does not reach the others.
 """
 
 import itertools
@@ -19,13 +19,15 @@ import sqlalchemy as sa
 from gradio_client import Client
 
 from feedback_ui import gate
+from feedback_ui.auth import set_disabled
 from feedback_ui.http_policy import parse_allowed_origins
-from feedback_ui.server import Server
-from feedback_ui.store import LoginSession
+from feedback_ui.server import Server, _uvicorn_config
+from feedback_ui.store import LoginFailure, LoginSession
 from feedback_ui.testing import PASSWORD, make_project
 from rlhf.cli import main
 
-USERS = {"ann": "labeler", "bob": "labeler", "carol": "labeler", "dave": "labeler", "root": "admin"}
+USERS = {"ann": "labeler", "bob": "labeler", "carol": "labeler", "dave": "labeler", "erin": "labeler",
+         "fred": "labeler", "root": "admin"}  # fmt: skip
 EVIL = "https://evil.example"
 _addresses = (f"10.9.{i // 250}.{i % 250 + 1}" for i in itertools.count())
 
@@ -34,7 +36,8 @@ _addresses = (f"10.9.{i // 250}.{i % 250 + 1}" for i in itertools.count())
 def app(tmp_path_factory):
     db = str(tmp_path_factory.mktemp("security") / "app.db")
     store = make_project(db, USERS, n_pairs=6)
-    server = Server(store, allowed_origins=parse_allowed_origins("https://labels.example.org")).start()
+    server = Server(store, allowed_origins=parse_allowed_origins("https://labels.example.org"),
+                    trusted_proxies=("127.0.0.1",)).start()  # fmt: skip
     yield server, store, db
     server.stop()
 
@@ -58,6 +61,43 @@ def session_cookie(server, name="ann") -> str:
 
 def cors_headers(r) -> dict:
     return {k: v for k, v in r.headers.items() if k.lower().startswith("access-control-")}
+
+
+def failures(store, key) -> int:
+    with store.read() as s:
+        row = s.get(LoginFailure, key)
+        return row.failures if row else 0
+
+
+def wait_until(condition, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def in_threads(calls) -> tuple[list, list]:
+    """Start each ``call`` (no arguments) in a thread; returns (threads, results in finishing order)."""
+    results = []
+    threads = [threading.Thread(target=lambda c=c: results.append(c()), daemon=True) for c in calls]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def held_checks(monkeypatch, answer=None):
+    """Replace the password check by one that waits for the returned event (``answer``: what it does then, by
+    default the real check); returns (event, the passwords checked so far)."""
+    release, checked = threading.Event(), []
+    real = gate.check_login
+
+    def held(store, name, password):
+        checked.append(password)
+        assert release.wait(60)
+        return (answer or real)(store, name, password)
+
+    monkeypatch.setattr(gate, "check_login", held)
+    return release, checked
 
 
 # origins
@@ -140,6 +180,47 @@ def test_ten_failures_from_one_address_lock_that_address(app):
     assert login(server, "ann").status_code == 200  # from another address
 
 
+def test_parallel_attempts_are_counted_before_their_passwords_are_checked(app, monkeypatch):
+    """Wrong passwords sent at once, then the right one: at most ten are checked, the right one is refused while
+    they are, and the account ends up locked (no success clears a lock)."""
+    server, store, _ = app
+    release, checked = held_checks(monkeypatch)
+    threads, results = in_threads([lambda i=i: login(server, "erin", f"wrong guess {i}") for i in range(14)])
+    try:
+        wait_until(lambda: failures(store, "account:erin") == 10, "ten attempts are counted")
+        right = login(server, "erin")  # while ten wrong ones wait to be checked
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    assert right.status_code == 429 and "this account" in right.text and "set-cookie" not in right.headers
+    assert len(results) == 14 and len(checked) <= 10, f"{len(checked)} passwords checked"
+    assert {r.status_code for r in results} <= {401, 429} and sum(r.status_code == 429 for r in results) >= 4
+    after = login(server, "erin")  # the right password, from another address
+    assert after.status_code == 429 and "this account" in after.text
+
+
+def test_logins_beyond_the_waiting_limit_are_refused_at_once(app, monkeypatch):
+    server, store, _ = app
+    monkeypatch.setattr(gate, "LOGINS_WAITING", 3, raising=False)
+    release, checked = held_checks(monkeypatch, answer=lambda *args: None)
+    threads, results = in_threads([lambda i=i: login(server, f"queued{i}", "wrong password") for i in range(3)])
+    try:  # two hold the scrypt slots, the third waits for one
+        wait_until(lambda: len(checked) == 2 and sum(failures(store, f"account:queued{i}") for i in range(3)) == 3,
+                   "two logins are checked and a third waits")  # fmt: skip
+        start = time.monotonic()
+        busy = login(server, "ann")
+        waited = time.monotonic() - start
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    assert busy.status_code == 429 and "Too many logins at once" in busy.text and waited < 5
+    assert sorted(r.status_code for r in results) == [401, 401, 401]
+    monkeypatch.undo()
+    assert login(server, "ann").status_code == 200  # the queue is free again
+
+
 def test_password_checks_run_off_the_event_loop(app, monkeypatch):
     server, _, _ = app
     threads = []
@@ -203,9 +284,20 @@ def test_disabling_a_user_ends_their_sessions_at_once(app, capsys):
     with pytest.raises(Exception):
         dave.predict(api_name="/next_task")
     r = login(server, "dave")
-    assert r.status_code == 403 and "disabled" in r.text
+    assert r.status_code == 401 and "Wrong user name or password" in r.text and "set-cookie" not in r.headers
     assert main(["label", "user", "enable", "dave", "--db", db]) == 0
     assert login(server, "dave").status_code == 200
+
+
+def test_a_disabled_account_answers_like_a_wrong_password_and_clears_no_count(app):
+    server, store, _ = app
+    set_disabled(store, "fred")
+    wrong, right = login(server, "fred", "wrong password"), login(server, "fred")
+    assert wrong.status_code == right.status_code == 401 and wrong.json() == right.json()
+    assert "set-cookie" not in right.headers
+    assert failures(store, "account:fred") == 2  # both counted: the right password confirmed and cleared nothing
+    set_disabled(store, "fred", disabled=False)
+    assert login(server, "fred").status_code == 200
 
 
 # uploads, request size, error messages
@@ -223,6 +315,44 @@ def test_uploads_and_oversized_requests_are_refused(app):
         for kind in ("multipart/form-data; boundary=x", "multipart/form-data", "application/x-www-form-urlencoded"):
             garbled = c.post("login", content=b"--x\r\n\xff%%nonsense", headers={"Content-Type": kind})
             assert garbled.status_code in (400, 401) and "Traceback" not in garbled.text  # refused, not crashed
+
+
+@pytest.mark.parametrize("path", ["gradio_api/process_recording", "gradio_api/component_server", "gradio_api/upload/",
+                                  "gradio_api/stream/abc", "gradio_api/stream/abc/close", "gradio_api/vibe-edit",
+                                  "gradio_api/undo-vibe-edit", "gradio_api/vibe-code"])  # fmt: skip
+def test_routes_that_take_files_or_run_code_answer_404(app, path):
+    server, _, _ = app
+    with http(server, headers={"Cookie": session_cookie(server)}) as c:
+        r = c.post(path, files={"video": ("x.mp4", b"NOT A VIDEO " * 100, "video/mp4")})
+        assert r.status_code == 404 and b"NOT A VIDEO" not in r.content
+        assert c.post(path, json={"data": [], "session_hash": "s"}).status_code == 404
+
+
+def test_a_file_is_refused_on_every_route(app):
+    server, store, _ = app
+    with http(server, headers={"Cookie": session_cookie(server)}) as c:
+        for path in ("gradio_api/run/vote", "gradio_api/queue/join", "gradio_api/a_route_of_a_later_gradio", ""):
+            r = c.post(path, files={"files": ("a.txt", b"hello")}, data={"data": "[]"})
+            assert r.status_code == 415 and "takes no files" in r.text, path
+        assert c.post("gradio_api/run/next_task", json={"data": [], "session_hash": "s"}).status_code == 200
+
+
+def test_x_forwarded_for_is_ignored_unless_the_proxy_is_trusted(tmp_path, monkeypatch):
+    config = _uvicorn_config(None, "127.0.0.1", 0, None, None, grace=1)
+    assert config.proxy_headers is False
+    proxied = _uvicorn_config(None, "127.0.0.1", 0, None, None, grace=1, trusted_proxies=("10.0.0.0/8",))
+    assert proxied.proxy_headers is True and proxied.forwarded_allow_ips == ["10.0.0.0/8"]
+    monkeypatch.setattr(gate, "check_login", lambda store, name, password: None)  # every password is wrong, fast
+    store = make_project(str(tmp_path / "xff.db"), {"ann": "labeler"}, n_pairs=0)
+    server = Server(store).start()  # no --trusted_proxies
+    try:
+        for i in range(10):
+            assert login(server, f"guess{i}", "wrong password").status_code in (401, 429)  # another address each
+        r = login(server, "ann")
+        assert r.status_code == 429 and "your address" in r.text  # all came from 127.0.0.1, whatever they claimed
+    finally:
+        server.stop()
+        store.close()
 
 
 def test_internal_errors_show_a_short_message_and_go_to_the_log(app, monkeypatch, caplog):
