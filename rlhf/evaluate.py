@@ -19,7 +19,7 @@ import torch
 from rlhf.data import load_prompts, prompt_text
 from rlhf.errors import UserError
 from rlhf.eval_config import EvalConfig  # noqa: F401 (re-exported: rlhf.evaluate.EvalConfig)
-from rlhf.generation import SamplingSettings, decode_responses, response_logprobs, response_mask, sample_batch
+from rlhf.generation import SamplingSettings, decode_responses, response_log_dists, response_mask, sample_batch
 from rlhf.models import ADAPTER_CONFIGS, adapter_base, load_model, load_tokenizer, pick_device, tokenizer_source
 from rlhf.outputs import check_output_dir, write_json
 
@@ -125,7 +125,8 @@ def policy_source(folder: str, base_override: str | None) -> tuple[str, str | No
 
 @torch.no_grad()
 def sample_with_logprobs(model, tokenizer, prompts, settings: SamplingSettings, batch_size: int, seed: int, logprobs=True):
-    """Responses, and (with ``logprobs``) the token ids and log-probs needed to compare with another model."""
+    """Responses, and (with ``logprobs``) the token ids and next-token distributions needed to compare with another
+    model (:func:`kl_to`)."""
     torch.manual_seed(seed)
     batches, texts = [], []
     for start in range(0, len(prompts), batch_size):
@@ -134,19 +135,28 @@ def sample_with_logprobs(model, tokenizer, prompts, settings: SamplingSettings, 
         if logprobs:
             r_mask = response_mask(tokenizer, r_ids)
             temperature = settings.temperature if settings.do_sample else 1.0
-            logp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature)
-            batches.append((p_ids, p_mask, r_ids, r_mask, logp))
+            dists = response_log_dists(model, p_ids, p_mask, r_ids, r_mask, temperature)
+            batches.append((p_ids, p_mask, r_ids, r_mask, dists))
     return texts, batches
 
 
 @torch.no_grad()
-def kl_to(model, batches, temperature: float) -> list[float]:
-    """Per-sample sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's samples (k1, unbiased for KL)."""
-    out = []
-    for p_ids, p_mask, r_ids, r_mask, logp in batches:
-        ref = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, temperature)
-        out.extend(((logp - ref) * r_mask).sum(dim=1).tolist())
-    return out
+def kl_to(model, batches, temperature: float) -> tuple[list[float], list[float]]:
+    """Per answer of the policy: (KL, log-ratio) to ``model`` (the reference), both summed over its tokens.
+
+    KL: sum_t KL(pi(. | x, y_<t) || pi_ref(. | x, y_<t)), the exact KL of the two next-token distributions (at the
+    sampling temperature) along the policy's own answer: for sampled answers an unbiased, low-variance estimate of
+    the sequence KL, and defined for greedy answers too. Log-ratio: sum_t log pi(y_t) - log pi_ref(y_t) (the k1
+    estimate), which is a KL estimate only for untruncated sampling (not greedy, top_k or top_p).
+    """
+    kls, ratios = [], []
+    for p_ids, p_mask, r_ids, r_mask, dists in batches:
+        ref = response_log_dists(model, p_ids, p_mask, r_ids, r_mask, temperature)
+        per_token = (dists.exp() * (dists - ref)).sum(dim=-1)  # (B, R)
+        chosen = (dists - ref).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
+        kls.extend((per_token * r_mask).sum(dim=1).tolist())
+        ratios.extend((chosen * r_mask).sum(dim=1).tolist())
+    return kls, ratios
 
 
 def plot_results(result: dict, out_dir: Path, ppo_logs: str | None) -> list[str]:
@@ -234,14 +244,15 @@ def load_judges(cfg: EvalConfig) -> dict[str, Callable[[list, list[str]], list[f
 
 
 def compare(cfg: EvalConfig, texts: dict[str, list[str]], scores: dict[str, dict[str, list[float]]],
-            kl: list[float]) -> dict:  # fmt: skip
+            kl: tuple[list[float], list[float]]) -> dict:  # fmt: skip
     """One policy against the baseline on paired answers: mean KL, mean words, a win rate per judge, length control.
 
     ``texts``: role ("policy", "baseline") -> responses; ``scores``: judge -> role -> scores, paired with
-    them; ``kl``: per-response KL of the policy to the baseline on the policy's answers.
+    them; ``kl``: per-response (KL, log-ratio) of the policy to the baseline on the policy's answers (:func:`kl_to`).
     """
     result: dict = {
-        "kl_policy_to_baseline": mean(kl),
+        "kl_policy_to_baseline": mean(kl[0]),
+        "logratio_policy_to_baseline": mean(kl[1]),
         "response_words": {r: mean([len(t.split()) for t in texts[r]]) for r in texts},
         "unchanged": unchanged(texts["policy"], texts["baseline"]),
     }

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from rlhf.data import to_messages
 from rlhf.packed_weights import sampling_weights
-from rlhf.ppo.losses import logprobs_from_logits
 
 
 @dataclass(frozen=True)
@@ -95,18 +94,58 @@ def sample_batch(model, tokenizer, prompts: list[Any], settings: SamplingSetting
     """
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
-    with sampling_weights(model), plain_generation_config(model):
-        out = model.generate(
-            **enc,
-            **settings.generate_kwargs(),
-            num_return_sequences=num_return_sequences,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+    if is_prompt_learning(model):
+        out = uncached_generate(model, enc, settings, num_return_sequences, tokenizer.pad_token_id,
+                                tokenizer.eos_token_id)  # fmt: skip
+    else:
+        with sampling_weights(model), plain_generation_config(model):
+            out = model.generate(
+                **enc,
+                **settings.generate_kwargs(),
+                num_return_sequences=num_return_sequences,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
     width = enc["input_ids"].shape[1]
     prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, dim=0)
     prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, dim=0)
     return prompt_ids, prompt_mask, out[:, width:]
+
+
+def is_prompt_learning(model) -> bool:
+    """A PEFT prompt or prefix tuning model: virtual tokens in front of every forward pass."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def uncached_generate(model, enc: dict, settings: SamplingSettings, num_return_sequences: int, pad_token_id: int,
+                      eos_token_id: int) -> torch.Tensor:  # fmt: skip
+    """Sampling (or greedy decoding) by a whole forward pass per token, as the model is trained: prompt (B*K, P)
+    then the new tokens, left padding kept out by position ids. For prompt and prefix tuning, whose virtual tokens
+    PEFT's ``generate`` leaves out of its cached decoding steps. Returns (B*K, P + R) like ``generate``."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    ids = enc["input_ids"].repeat_interleave(num_return_sequences, dim=0)
+    mask = enc["attention_mask"].repeat_interleave(num_return_sequences, dim=0)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)] if settings.do_sample else [])
+    if settings.do_sample and settings.top_k:
+        warpers.append(TopKLogitsWarper(settings.top_k))
+    if settings.do_sample and settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(settings.top_p))
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(settings.max_new_tokens):
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :].float()
+        if settings.do_sample:
+            token = torch.multinomial(torch.softmax(warpers(ids, logits), dim=-1), 1)[:, 0]
+        else:
+            token = logits.argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        ids, mask = torch.cat([ids, token[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        done |= token == eos_token_id
+        if bool(done.all()):
+            break
+    return ids
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
@@ -161,18 +200,26 @@ def response_mask(tokenizer, response_ids: torch.Tensor) -> torch.Tensor:
     return (~after_eos).long()
 
 
-def response_logprobs(
+def response_log_dists(
     model, prompt_ids, prompt_mask, response_ids, resp_mask, temperature: float = 1.0
 ) -> torch.Tensor:
-    """log p(y_t | x, y_<t) of each response token (B, R), logits divided by ``temperature``.
+    """log softmax(logits / ``temperature``) over the vocabulary at each response position (B, R, V): the
+    distribution of token t given x, y_<t.
 
     prompt_ids/prompt_mask: (B, P) left-padded; response_ids/resp_mask: (B, R).
-    Positions where ``resp_mask`` is 0 hold 0.
     """
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+R)
     attention = torch.cat([prompt_mask, resp_mask], dim=1)
     position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
-    width = prompt_ids.shape[1]
-    logits = logits[:, width - 1 : -1].float() / temperature  # (B, R, V): position t predicts token t
-    return logprobs_from_logits(logits, response_ids) * resp_mask
+    width = response_ids.shape[1]  # counted from the end: a prompt-tuning model puts virtual tokens in front
+    return torch.log_softmax(logits[:, -width - 1 : -1].float() / temperature, dim=-1)  # position t predicts token t
+
+
+def response_logprobs(
+    model, prompt_ids, prompt_mask, response_ids, resp_mask, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(y_t | x, y_<t) of each response token (B, R), logits divided by ``temperature``; positions where
+    ``resp_mask`` is 0 hold 0. Arguments as :func:`response_log_dists`."""
+    dists = response_log_dists(model, prompt_ids, prompt_mask, response_ids, resp_mask, temperature)
+    return dists.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * resp_mask

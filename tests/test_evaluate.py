@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -101,3 +102,29 @@ def test_several_samples_per_prompt(tiny_model_dir, tmp_path, monkeypatch):
     assert [s["prompt"] for s in result["samples"]] == ["hi"] * 3 + ["yo"] * 3
     # sampled, not repeated: a random tiny model gives different answers to the same prompt
     assert len({s["policy"] for s in result["samples"][:3]}) > 1
+
+
+class FixedLogits:
+    """A stand-in model whose next-token distribution at position t is ``probs[t]``, whatever the input."""
+
+    def __init__(self, probs):
+        self.logits = torch.tensor(probs).log()[None]  # (1, T, V)
+
+    def __call__(self, input_ids, attention_mask, position_ids):
+        return type("Out", (), {"logits": self.logits})()
+
+
+def test_kl_is_the_exact_next_token_kl_along_the_answer_and_the_log_ratio_is_reported_beside_it():
+    from rlhf.evaluate import kl_to
+    from rlhf.generation import response_log_dists
+
+    prompt, answer, mask = torch.tensor([[7]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.long)
+    policy = FixedLogits([[0.5, 0.5], [0.9, 0.1], [0.5, 0.5]])  # positions 0 and 1 predict the answer's tokens
+    reference = FixedLogits([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    batches = [(prompt, mask[:, :1], answer, mask, response_log_dists(policy, prompt, mask[:, :1], answer, mask))]
+    kl, log_ratio = kl_to(reference, batches, temperature=1.0)
+    # token 1: both 50/50, KL 0; token 2: 0.9 ln(0.9/0.5) + 0.1 ln(0.1/0.5) = 0.36806
+    assert kl == pytest.approx([0.9 * math.log(1.8) + 0.1 * math.log(0.2)], abs=1e-5)
+    assert kl[0] == pytest.approx(0.36806, abs=1e-4)
+    # the answer took the unlikely second token: its log-ratio is negative, no KL
+    assert log_ratio == pytest.approx([math.log(0.5 / 0.5) + math.log(0.1 / 0.5)], abs=1e-5)

@@ -1,4 +1,6 @@
-"""Sampling uses only the settings the caller passes, not the penalties in a model's generation_config."""
+"""Sampling uses only the settings the caller passes (not the penalties in a model's generation_config), and samples
+prompt-learning adapters from the model they train."""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -64,3 +66,32 @@ def test_plain_config_keeps_only_special_token_ids(tiny_model_dir):
         assert cfg.repetition_penalty is None and cfg.no_repeat_ngram_size is None and cfg.min_new_tokens is None
         assert cfg.eos_token_id == eos
     assert model.generation_config.min_new_tokens == 6
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_learning_adapters_are_sampled_from_the_model_they_train(tiny_model_dir, method):
+    """PEFT's generate leaves the virtual tokens out of its cached steps; sample_batch decodes by whole passes."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    from rlhf.generation import response_logprobs
+
+    kind = PromptTuningConfig if method == "prompt_tuning" else PrefixTuningConfig
+    tok = load_tokenizer(tiny_model_dir, padding_side="left")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           kind(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))  # virtual tokens far from their initialisation
+    model.get_base_model().generation_config.eos_token_id = None  # all 6 tokens compared
+    enc = encode_prompts(tok, PROMPTS, torch.device("cpu"))
+    with torch.no_grad():
+        expected = _greedy_by_hand(model, enc["input_ids"], enc["attention_mask"], 6)
+        cached = model.generate(**enc, do_sample=False, max_new_tokens=6, eos_token_id=-1,
+                                pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+        prompt_ids, prompt_mask, got = sample_batch(model, tok, PROMPTS, SamplingSettings(6, do_sample=False))
+        logp = response_logprobs(model, prompt_ids, prompt_mask, got, torch.ones_like(got))
+    assert not torch.equal(cached, expected)  # what PEFT's generate gives is not the trained model's answer
+    assert torch.equal(got[:, :6], expected)
+    assert logp.shape == got.shape and bool((logp < 0).all())
