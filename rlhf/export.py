@@ -108,11 +108,45 @@ def merged_model(base: str, adapter: str | None):
 
     model = load_base_model(base, dtype=torch.float32, device=torch.device("cpu"))
     if adapter:
-        peft_type = adapter_config(adapter).get("peft_type")
-        if peft_type not in ("LORA", "LOHA", "LOKR", "IA3"):
-            raise UserError(f"a {peft_type} adapter cannot be merged into the weights; export it with mode=adapter")
+        config = adapter_config(adapter)
+        if config.get("peft_type") not in ("LORA", "LOHA", "LOKR", "IA3"):
+            raise UserError(f"a {config.get('peft_type')} adapter cannot be merged into the weights; export it with "
+                            "mode=adapter")  # fmt: skip
+        if adapts_embeddings(model, config):
+            untie_embeddings(model)
         model = load_peft_adapter(model, adapter).merge_and_unload()
     return model.eval()
+
+
+def adapts_embeddings(model, config: dict) -> bool:
+    """Whether an adapter config names the input embeddings or the output projection (a target or a module it
+    saves whole); "all-linear" leaves the output projection out."""
+    embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
+    names = {path.rsplit(".", 1)[-1] for path, module in model.named_modules() if module in embeddings}
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [] if targets == "all-linear" else [targets]
+    return any(str(t).rsplit(".", 1)[-1] in names for t in [*targets, *(config.get("modules_to_save") or [])])
+
+
+def shares_embeddings(model) -> bool:
+    """Whether the output projection and the input embeddings are one weight."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def untie_embeddings(model) -> None:
+    """Give the output projection its own copy of a weight it shares with the input embeddings, so that merging
+    an adapter into one leaves the other as it was (and the saved model keeps both)."""
+    import torch
+
+    if shares_embeddings(model):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        out.weight = torch.nn.Parameter(inp.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        text = model.config.get_text_config()
+        if text is not model.config:
+            text.tie_word_embeddings = False
 
 
 def save_merged(model, tokenizer, folder: Path) -> None:
@@ -243,6 +277,9 @@ def export_interpolation(cfg: ExportConfig, base: str | None, start: str | None,
             return "adapter"
     start_model = load_endpoint(base, start)
     tuned_model = load_endpoint(base, cfg.adapter)
+    if shares_embeddings(start_model) != shares_embeddings(tuned_model):  # one side was untied to merge its adapter
+        untie_embeddings(start_model)
+        untie_embeddings(tuned_model)
     mix_parameters(tuned_model, start_model, cfg.alpha, (cfg.adapter, start or str(base)))
     del start_model
     save_merged(tuned_model, tokenizer, work)

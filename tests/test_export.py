@@ -238,6 +238,31 @@ def test_cli_spells_it_from(adapters, tiny_model_dir, tmp_path):
     assert (logits_of(tiny_model_dir, str(out)) - logits_of(tiny_model_dir)).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("mode", ["merged", "interpolate"])
+def test_a_lora_on_a_tied_output_projection_merges_without_changing_the_input_embeddings(tiny_model_dir, tmp_path,
+                                                                                        mode):  # fmt: skip
+    import shutil
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_model_dir, tied)  # the tokenizer; the weights follow, with one matrix for both ends
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    source.config.tie_word_embeddings = True
+    source.lm_head.weight = source.model.embed_tokens.weight
+    source.save_pretrained(tied)
+    base = AutoModelForCausalLM.from_pretrained(tied)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    torch.manual_seed(3)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+                                            init_lora_weights=False))  # fmt: skip
+    model.save_pretrained(tmp_path / "adapter")
+    extra = {"from_": "base", "alpha": 1.0, "interpolate_format": "merged"} if mode == "interpolate" else {}
+    export(tmp_path, mode, adapter=str(tmp_path / "adapter"), mode=mode, **extra)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / mode)
+    assert torch.equal(merged.model.embed_tokens.weight, AutoModelForCausalLM.from_pretrained(tied).lm_head.weight)
+    got, want = logits_of(str(tmp_path / mode)), logits_of(str(tied), str(tmp_path / "adapter"))
+    assert (got - want).abs().max() < 1e-4
+
+
 def test_the_model_card_names_each_stage_by_what_wrote_it(tmp_path):
     from reward.train import RewardStageConfig
     from rlhf.config import save_config
