@@ -70,6 +70,7 @@ class HookedAdapter(nn.ModuleDict):
     weights_file: ClassVar[str]
     attribute: ClassVar[str]  # model.<attribute> holds it
     type_key: ClassVar[str]  # config_file records the method under this key
+    full_precision: ClassVar[bool] = False  # keep the edits in fp32 on a half-precision model
 
     def __init__(self, settings: dict, edits: dict[str, nn.Module]):
         super().__init__(edits)
@@ -88,14 +89,16 @@ class HookedAdapter(nn.ModuleDict):
         raise NotImplementedError
 
     def attach(self, model: nn.Module) -> HookedAdapter:
-        """Freeze ``model``, move the edits to its device and dtype, hook them on and keep self on the model."""
+        """Freeze ``model``, move the edits to its device and dtype (fp32 if ``full_precision``), hook them on and
+        keep self on the model."""
         present = attached_adapter(model)
         if present is not None:
             raise UserError(f"the model already carries a {present.method} adapter")
         sites = self.sites(model)
         model.requires_grad_(False)
         param = next(model.parameters())
-        self.to(device=param.device, dtype=param.dtype if param.dtype.is_floating_point else None)
+        half = param.dtype.is_floating_point and not self.full_precision
+        self.to(device=param.device, dtype=param.dtype if half else None)
         for key, module in sites.items():
             self._handles.append(module.register_forward_hook(_edit_output(self, key)))
         setattr(model, self.attribute, self)

@@ -42,15 +42,16 @@ class LoReFTIntervention(nn.Module):
             self.learned.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        r = self.rotate.weight.to(h.dtype)  # (r, d)
-        edit = self.learned(h) - h @ r.T  # (..., r)
-        return h + edit @ r  # (..., d)
+        r, x = self.rotate.weight, h.to(self.rotate.weight.dtype)  # (r, d); in fp32 on a half-precision model
+        edit = self.learned(x) - x @ r.T  # (..., r)
+        return h + (edit @ r).to(h.dtype)  # (..., d)
 
 
 class LoReFT(HookedAdapter):
     """One :class:`LoReFTIntervention` per edited block, keyed by the block index, on the block's output."""
 
     method = "loreft"
+    full_precision = True  # the orthogonal parametrisation (Householder product) has no half-precision kernel
     config_file = CONFIG_FILE
     weights_file = WEIGHTS_FILE
     attribute = "reft_interventions"

@@ -89,8 +89,9 @@ def freeze_lower_layers(model: nn.Module, n_trainable: int) -> None:
     for block in list(layers)[-n_trainable:]:
         block.requires_grad_(True)
     model.get_output_embeddings().requires_grad_(True)
-    for name, module in model.named_modules():
-        if name.endswith("norm") and not name.startswith(prefix + "."):
+    for name, module in model.named_modules():  # the final norm (norm, ln_f, final_layer_norm; not an embeddings' one)
+        outside = name and not name.startswith(prefix + ".") and "embed" not in name
+        if outside and type(module).__name__.endswith("Norm"):
             module.requires_grad_(True)
 
 

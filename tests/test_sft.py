@@ -186,6 +186,23 @@ def test_loreft_starts_as_identity_and_reloads(tiny_model_dir, sft_data, tmp_pat
     assert metrics["method"] == "loreft" and (tmp_path / "out" / "reft_config.json").is_file()
 
 
+def test_loreft_runs_on_a_half_precision_model_with_its_edits_in_fp32(tiny_model_dir, sft_data, tmp_path):
+    from rlhf.models import load_model
+    from rlhf.reft import save_reft
+
+    cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, method="loreft", reft_layers=[0, -1], reft_rank=2)
+    trainer = build_trainer(cfg, tmp_path / "work")
+    trainer.train()
+    save_reft(trainer.model, tmp_path / "saved")
+    ids = torch.randint(0, 500, (2, 10))
+    full = load_model(tiny_model_dir, adapter=str(tmp_path / "saved"), dtype=torch.float32)
+    half = load_model(tiny_model_dir, adapter=str(tmp_path / "saved"), dtype=torch.bfloat16)
+    assert {p.dtype for p in half.reft_interventions.parameters()} == {torch.float32}  # no bf16 Householder kernel
+    with torch.no_grad():  # outside autocast, as generation and evaluation run
+        want, got = full(input_ids=ids).logits, half(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_gradient_checkpointing_reaches_the_trainer_without_a_deprecation_warning(tiny_model_dir, sft_data, tmp_path,
                                                                                   on):
@@ -200,3 +217,21 @@ def test_gradient_checkpointing_reaches_the_trainer_without_a_deprecation_warnin
         warnings.simplefilter("error", FutureWarning)
         args = SFTConfig(**trainer_kwargs(cfg, str(tmp_path / "trainer"), has_eval=False))
     assert args.gradient_checkpointing is on  # the name TRL and transformers' Trainer read
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_freeze_trains_the_top_blocks_the_final_norm_and_the_head_whatever_their_names(family):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from rlhf.sft import freeze_lower_layers
+
+    if family == "gpt2":  # blocks transformer.h, final norm transformer.ln_f
+        model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+        final, top, low = model.transformer.ln_f, model.transformer.h[-1], model.transformer.h[0]
+    else:  # blocks model.layers, final norm model.norm
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=16, intermediate_size=32,
+                                             num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+        final, top, low = model.model.norm, model.model.layers[-1], model.model.layers[0]
+    freeze_lower_layers(model, 1)
+    assert all(p.requires_grad for m in (final, top, model.get_output_embeddings()) for p in m.parameters())
+    assert not any(p.requires_grad for p in low.parameters())
