@@ -152,6 +152,14 @@ def detect_layout(columns: list[str], first_row: dict | None = None) -> Layout:
     )
 
 
+def joined_turns(prompt: list[dict], more: list[dict]) -> list[dict]:
+    """``prompt`` followed by the turns ``more`` (those before the answer in 'chosen' / 'rejected'), where ``more``
+    may repeat the prompt's last turns or the whole of it: joined on the longest end of ``prompt`` that ``more``
+    starts with ([q1] + [q1, a1, q2] -> [q1, a1, q2]; [system, q] + [q] -> [system, q])."""
+    overlap = next((k for k in range(min(len(prompt), len(more)), 0, -1) if prompt[-k:] == more[:k]), 0)
+    return prompt + more[overlap:]
+
+
 def normalize_row(row: dict, layout: Layout) -> PreferencePair:
     """One record in ``layout`` -> a :class:`PreferencePair` (DataError on malformed values)."""
     for column in LAYOUT_COLUMNS[layout]:
@@ -164,8 +172,7 @@ def normalize_row(row: dict, layout: Layout) -> PreferencePair:
         extra_r, rejected = _response(row["rejected"], "rejected")
         if extra_c != extra_r:
             raise DataError("columns 'chosen' and 'rejected' continue the prompt with different turns")
-        if extra_c and extra_c != prompt:  # message lists that repeat the whole conversation are accepted too
-            prompt = prompt + extra_c
+        prompt = joined_turns(prompt, extra_c)
     elif layout == "dialogue":
         if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
             raise DataError("columns 'chosen' and 'rejected' must both be dialogue strings")

@@ -96,6 +96,32 @@ def test_multi_turn_dialogue_prompt_is_the_shared_prefix():
     ]
 
 
+def _turn(role, text):
+    return {"role": role, "content": text}
+
+
+@pytest.mark.parametrize("prompt, chosen_before", [
+    ([_turn("user", "q1")], [_turn("user", "q1"), _turn("assistant", "a1"), _turn("user", "q2")]),  # repeats it all
+    ([_turn("user", "q1")], [_turn("assistant", "a1"), _turn("user", "q2")]),  # continues it
+    ([_turn("user", "q1"), _turn("assistant", "a1"), _turn("user", "q2")], [_turn("assistant", "a1"),
+                                                                            _turn("user", "q2")]),  # repeats its end
+])  # fmt: skip
+def test_explicit_prompt_and_the_turns_the_answers_repeat_give_one_conversation(prompt, chosen_before):
+    row = {"prompt": prompt, "chosen": [*chosen_before, _turn("assistant", "good")],
+           "rejected": [*chosen_before, _turn("assistant", "bad")]}  # fmt: skip
+    (pair,) = normalize_rows([row], ["prompt", "chosen", "rejected"])
+    assert pair.prompt_messages == [_turn("user", "q1"), _turn("assistant", "a1"), _turn("user", "q2")]
+    assert (pair.chosen, pair.rejected) == ("good", "bad")
+
+
+def test_a_system_message_only_the_prompt_has_is_kept_once():
+    system, question = _turn("system", "Be brief."), _turn("user", "q")
+    row = {"prompt": [system, question], "chosen": [question, _turn("assistant", "good")],
+           "rejected": [question, _turn("assistant", "bad")]}  # fmt: skip
+    (pair,) = normalize_rows([row], ["prompt", "chosen", "rejected"])
+    assert pair.prompt_messages == [system, question]
+
+
 def test_missing_columns_are_named(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "answer": "a", "rejected": "b"}])
     with pytest.raises(DataError, match=r"missing: chosen.*it has: prompt, answer, rejected"):
