@@ -51,7 +51,8 @@ class TimeBudgetCallback(TrainerCallback):
         self.budget = TimeBudget(self.seconds, self.clock)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.budget is not None and self.budget.exhausted():
+        last = state.max_steps and state.global_step >= state.max_steps  # the schedule ends here anyway
+        if self.budget is not None and not last and self.budget.exhausted():
             control.should_training_stop = True
             self.stopped_at = state.global_step
         return control

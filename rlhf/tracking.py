@@ -13,7 +13,9 @@ from transformers import TrainerCallback
 class MetricsLogger:
     """Append ``{"step": .., **metrics}`` lines to ``log_dir/metrics.jsonl``; mirror scalars to TensorBoard."""
 
-    def __init__(self, log_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, log_dir: str | os.PathLike, tensorboard: bool = True, purge_step: int | None = None):
+        """``purge_step``: a run resumed from step s passes s + 1: TensorBoard drops the events an earlier run
+        logged from that step on (as the resume cuts ``metrics.jsonl`` back), so no step has two points."""
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.log_dir / "metrics.jsonl", "a")
@@ -21,7 +23,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.log_dir))
+            self._tb = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict) -> None:
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -1,5 +1,6 @@
 """PPO checkpoints: exact resume, atomic writes, `latest` ignores incomplete folders."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,18 @@ def test_a_resume_that_does_not_fit_the_checkpoint_leaves_the_run_as_it_was(tiny
         run_ppo(ppo_config(tiny_model_dir, out, max_steps=2, lora_r=4, resume_from_checkpoint="latest"),
                 scorer=TokenCountScorer(REWARDED))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_resumed_run_leaves_one_tensorboard_point_per_step(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    common = dict(max_steps=3, save_steps=1, report_to="tensorboard")
+    run_ppo(ppo_config(tiny_model_dir, out, **common), scorer=TokenCountScorer(REWARDED))
+    for step in ("step-000002", "step-000003"):  # as if the run had died after step 3 was logged, past checkpoint 1
+        shutil.rmtree(out / "checkpoints" / step)
+    run_ppo(ppo_config(tiny_model_dir, out, resume_from_checkpoint="latest", **common), scorer=TokenCountScorer(REWARDED))
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 2  # the first run's and the resumed run's
+    run = EventAccumulator(str(out / "logs"))  # the folder's event files read in order, as TensorBoard shows them
+    run.Reload()
+    assert [e.step for e in run.Scalars("reward/mean")] == [1, 2, 3]

@@ -153,6 +153,12 @@ def test_time_budget_stops_after_the_step_that_used_it(tiny_model_dir, sft_data,
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+def test_a_run_that_reaches_max_steps_was_not_stopped_by_its_time_budget(tiny_model_dir, sft_data, tmp_path):
+    cfg = make_cfg(tiny_model_dir, sft_data, tmp_path, max_steps=1, max_train_seconds=1e-6, train_clock="cpu")
+    metrics = run_sft(cfg)
+    assert metrics["steps"] == 1 and metrics["stopped_by_time_budget"] is False
+
+
 def test_bad_dataset_leaves_nothing(tiny_model_dir, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no messages here"}])
     cfg = make_cfg(tiny_model_dir, str(bad), tmp_path)

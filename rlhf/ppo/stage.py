@@ -60,7 +60,8 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     logger = None
     if is_main:
         save_config(cfg, out / "run_config.yaml")
-        trainer.logger = logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard")
+        trainer.logger = logger = MetricsLogger(out / "logs", tensorboard=cfg.report_to == "tensorboard",
+                                                purge_step=trainer.step + 1 if trainer.step else None)
     trainable = sum(p.numel() for p in actor.trainable_parameters())
     head = [] if actor.value_head is None else list(actor.value_head.parameters())
     total = count_parameters(actor.peft)[1] + sum(p.numel() for p in head)
