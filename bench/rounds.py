@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
             "rounds": summary.get("rounds") or [{"round": 1, **{k: v for k, v in summary.items() if k != "plots"}}],
             "comparisons_created": [json.loads((f / "candidates.json").read_text())["new_comparisons"] for f in folders],
             "votes": [sum(json.loads((f / "label.json").read_text())["votes"].values()) for f in folders],
-            "total_seconds": summary["total_seconds"],
+            "total_seconds": summary.get("all_rounds_seconds", summary["total_seconds"]),
         }
     settings = {"config": args.config, "arms": {"one": {"rounds": 1, "max_prompts": prompts},
                                                 "two": {"rounds": 2, "max_prompts_per_round": prompts // 2,

@@ -371,12 +371,14 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     gold = import_gold(store, cfg.gold_file, gold_rows) if cfg.gold_file else 0
     with store.write() as s:
         set_setting(s, "gold_rate", cfg.gold_rate)
+    total = candidate_pool(store, prompts, policy, cfg.mode)[1]  # this run's and earlier runs' (e.g. interrupted)
     store.close()
     summary = {
         "prompts": len(prompts),
         "responses_sampled": sampled,
         "new_responses": new_responses,
         "new_comparisons": new_comparisons,
+        "comparisons": total,
         "new_gold": gold,
         "policy": policy,
         **({"selection": cfg.selection, **selected} if select else {}),

@@ -86,6 +86,9 @@ class PipelineConfig:
         require(self.rounds == 1 or self.align == "ppo", "config key 'rounds' > 1 needs align: ppo")
         require(self.round_label_budget is None or self.round_label_budget >= 1,
                 "config key 'round_label_budget' must be >= 1 (or null)")
+        require(self.rounds == 1 or self.round_selection != "uncertainty"
+                or (self.candidates or {}).get("mode", "pairwise") == "pairwise",
+                "config key 'round_selection' uncertainty scores pairs: it needs candidates mode pairwise")
         other = "dpo" if self.align == "ppo" else "ppo"
         require(self.stop_after != other,
                 f"config key 'stop_after' is {other}, a stage align: {self.align} does not run")
@@ -305,17 +308,24 @@ def candidates_step(cfg: PipelineConfig) -> Step:
         derived["adapter"] = str(previous.path(cfg.align))
         derived["seed"] = cfg.seed + previous.number
     stage = stage_config(LabelCandidatesConfig, cfg, "candidates", derived)
-    if previous is not None:
-        stage.selection = cfg.round_selection
-        stage.reward_model = str(previous.path("reward")) if cfg.round_selection == "uncertainty" else None
 
     def run():
-        if previous is not None and stage.selection != "all":
-            first = stage_output(cfg.cfg.path("candidates.json"))  # round 1's
-            stage.label_budget = cfg.round_label_budget or first.get("new_comparisons")
-            if not stage.label_budget:
-                raise ConfigError("round_label_budget is null and round 1 recorded no comparison count")
-        write_json(cfg.path("candidates.json"), run_label_candidates(stage))
+        chosen = stage
+        if previous is not None:  # round r's selection, checked as `rlhf label candidates` checks its own
+            budget = None
+            if cfg.round_selection != "all":
+                first = stage_output(cfg.cfg.path("candidates.json"))  # round 1's
+                budget = cfg.round_label_budget or first.get("comparisons")
+                if not budget:
+                    raise ConfigError("round_label_budget is null and round 1's candidates.json holds no comparison "
+                                      "count; set round_label_budget")  # fmt: skip
+            reward = str(previous.path("reward")) if cfg.round_selection == "uncertainty" else None
+            try:
+                chosen = dataclasses.replace(stage, selection=cfg.round_selection, reward_model=reward,
+                                             label_budget=budget)  # fmt: skip
+            except ConfigError as exc:
+                raise ConfigError(f"round {cfg.number}: {exc}") from None
+        write_json(cfg.path("candidates.json"), run_label_candidates(chosen))
 
     return Step("candidates", _exists(cfg.path(""), "candidates.json"), run)
 
@@ -402,6 +412,24 @@ def check_section_datasets(cfg: PipelineConfig) -> None:
                     raise ConfigError(f"pipeline section '{section}': {key}: {exc}") from None
 
 
+def set_labels_aside(cfg: PipelineConfig) -> None:
+    """``force`` with simulated labelers: the labels database (candidates and votes of the earlier run) is renamed
+    to ``labels.db.TIME.bak``, so that every candidate is sampled and every vote cast again under the current
+    config (kept as it is when the votes are people's: ``simulated_labelers: 0``)."""
+    db = cfg.path("labels.db")
+    if not db.exists() or cfg.simulated_labelers == 0:
+        if db.exists():
+            print(f"[pipeline] force: {db} is kept (its votes are people's: simulated_labelers is 0)", file=sys.stderr)
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for suffix in ("", "-wal", "-shm"):
+        part = db.with_name(db.name + suffix)
+        if part.exists():
+            part.rename(db.with_name(f"{db.name}.{stamp}.bak{suffix}"))
+    print(f"[pipeline] force: the earlier labels are kept in {db.name}.{stamp}.bak; candidates and votes start "
+          "afresh", file=sys.stderr)  # fmt: skip
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     from rlhf.outputs import check_output_dir
 
@@ -414,20 +442,24 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     check_section_datasets(cfg)
     # every config is validated before anything runs
     check_output_dir(cfg.work_dir, "work_dir").mkdir(parents=True, exist_ok=True)
+    if cfg.force:
+        set_labels_aside(cfg)
     per_round = []
-    for view, steps in zip(rounds, plans):
+    for i, (view, steps) in enumerate(zip(rounds, plans)):
         if view.number > 1:
             print(f"[pipeline] round {view.number} of {cfg.rounds}", file=sys.stderr)
             view.path("").mkdir(exist_ok=True)
-        rows = run_steps(steps, cfg.force, cfg.stop_after, last=view.number == cfg.rounds)
+        # the last round that runs stop_after (sft runs in round 1 only) stops there even when it is skipped
+        last = not any(step.name == cfg.stop_after for later in plans[i + 1 :] for step in later)
+        rows = run_steps(steps, cfg.force, cfg.stop_after, last=last)
         per_round.append(summarize(view, rows))
-        if rows and rows[-1]["stage"] == cfg.stop_after and (rows[-1]["status"] == "ran" or view.number == cfg.rounds):
+        if rows and rows[-1]["stage"] == cfg.stop_after and (rows[-1]["status"] == "ran" or last):
             break
     summary = dict(per_round[-1])
-    if cfg.rounds > 1:
+    if len(per_round) > 1:  # the stage rows and their total are the last round's; every round's below them
         summary["rounds"] = [{"round": i + 1, **{k: v for k, v in r.items() if k != "plots"}}
                              for i, r in enumerate(per_round)]
-        summary["total_seconds"] = round(sum(r["total_seconds"] for r in per_round), 1)
+        summary["all_rounds_seconds"] = round(sum(r["total_seconds"] for r in per_round), 1)
     write_json(cfg.path("summary.json"), summary)
     print_summary(summary)
     if cfg.stop_after == "candidates":

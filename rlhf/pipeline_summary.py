@@ -45,9 +45,13 @@ def print_summary(summary: dict) -> None:
     def fmt(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = ["", "stage        status    seconds"]
+    rounds = summary.get("rounds")
+    lines = [""] + ([f"round {len(rounds)} (the last that ran)"] if rounds else []) + ["stage        status    seconds"]
     lines += [f"{r['stage']:<12} {r['status']:<9} {r['seconds']:>7.1f}" for r in summary["stages"]]
-    lines += [f"{'total':<22} {summary['total_seconds']:>7.1f}", ""]
+    lines += [f"{'total':<22} {summary['total_seconds']:>7.1f}"]
+    if rounds:
+        lines += [f"{'total, all rounds':<22} {summary['all_rounds_seconds']:>7.1f}"]
+    lines += [""]
     if summary.get("align", "ppo") == "ppo":
         align_rows = [("PPO reward, first -> last steps",
                        f"{fmt(summary['ppo_reward_first_steps'])} -> {fmt(summary['ppo_reward_last_steps'])}")]

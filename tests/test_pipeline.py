@@ -90,6 +90,32 @@ def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
     assert all(r["status"] == "skipped" for rnd in again["rounds"] for r in rnd["stages"])
 
 
+def test_force_samples_and_votes_afresh_and_a_later_round_labels_as_many_as_round_one(pipeline_yaml, tmp_path):
+    run = tmp_path / "run"
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--stop_after", "label"]) == 0
+    first = json.loads((run / "candidates.json").read_text())
+    assert first["comparisons"] == first["new_comparisons"] == 12 * 3
+    # force: the earlier labels are set aside, every candidate is sampled and every vote cast again
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--stop_after", "label", "--force", "true"]) == 0
+    assert len(list(run.glob("labels.db.*.bak"))) == 1
+    again = json.loads((run / "candidates.json").read_text())
+    assert again["responses_sampled"] == 12 * 3 and again["comparisons"] == 12 * 3
+    assert sum(json.loads((run / "label.json").read_text())["votes"].values()) == 2 * 12 * 3
+    # stop_after sft stops in round 1 even when its sft is skipped (later rounds have no sft stage)
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--stop_after", "sft"]) == 0
+    assert not (run / "round-2").exists()
+
+
+def test_round_selection_by_uncertainty_needs_pairwise_candidates(pipeline_yaml, tmp_path, capsys):
+    cfg = yaml.safe_load(pipeline_yaml.read_text())
+    cfg["candidates"]["mode"] = "ranking"
+    pipeline_yaml.write_text(yaml.safe_dump(cfg))
+    argv = ["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--round_selection", "uncertainty"]
+    assert main(argv) == 2
+    assert "'round_selection' uncertainty scores pairs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_pipeline_stops_after_candidates_for_human_labelers(pipeline_yaml, tmp_path, capsys):
     assert main(["pipeline", "--config", str(pipeline_yaml), "--stop_after", "candidates"]) == 0
     run = tmp_path / "run"
