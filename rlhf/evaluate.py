@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +21,8 @@ import torch
 from rlhf.data import load_prompts, prompt_text
 from rlhf.errors import UserError
 from rlhf.eval_config import EvalConfig  # noqa: F401 (re-exported: rlhf.evaluate.EvalConfig)
-from rlhf.generation import SamplingSettings, decode_responses, response_log_dists, response_mask, sample_batch
+from rlhf.generation import (SamplingSettings, decode_responses, is_prompt_learning, response_log_dists,
+                             response_mask, sample_batch)  # fmt: skip
 from rlhf.models import ADAPTER_CONFIGS, adapter_base, load_model, load_tokenizer, pick_device, tokenizer_source
 from rlhf.outputs import check_output_dir, write_json
 
@@ -124,38 +127,52 @@ def policy_source(folder: str, base_override: str | None) -> tuple[str, str | No
 
 
 @torch.no_grad()
-def sample_with_logprobs(model, tokenizer, prompts, settings: SamplingSettings, batch_size: int, seed: int, logprobs=True):
-    """Responses, and (with ``logprobs``) the token ids and next-token distributions needed to compare with another
-    model (:func:`kl_to`)."""
+def sample_answers(model, tokenizer, prompts, settings: SamplingSettings, batch_size: int, seed: int):
+    """Responses, and per batch the token ids :func:`kl_to` compares two models on."""
     torch.manual_seed(seed)
     batches, texts = [], []
     for start in range(0, len(prompts), batch_size):
         p_ids, p_mask, r_ids = sample_batch(model, tokenizer, prompts[start : start + batch_size], settings)
         texts.extend(decode_responses(tokenizer, r_ids))
-        if logprobs:
-            r_mask = response_mask(tokenizer, r_ids)
-            temperature = settings.temperature if settings.do_sample else 1.0
-            dists = response_log_dists(model, p_ids, p_mask, r_ids, r_mask, temperature)
-            batches.append((p_ids, p_mask, r_ids, r_mask, dists))
+        batches.append((p_ids, p_mask, r_ids, response_mask(tokenizer, r_ids)))
     return texts, batches
 
 
-@torch.no_grad()
-def kl_to(model, batches, temperature: float) -> tuple[list[float], list[float]]:
-    """Per answer of the policy: (KL, log-ratio) to ``model`` (the reference), both summed over its tokens.
+KL_CHUNK_ELEMENTS = 1 << 25  # rows x tokens x vocabulary held at once (128 MiB of float32 per distribution)
 
-    KL: sum_t KL(pi(. | x, y_<t) || pi_ref(. | x, y_<t)), the exact KL of the two next-token distributions (at the
-    sampling temperature) along the policy's own answer: for sampled answers an unbiased, low-variance estimate of
-    the sequence KL, and defined for greedy answers too. Log-ratio: sum_t log pi(y_t) - log pi_ref(y_t) (the k1
-    estimate), which is a KL estimate only for untruncated sampling (not greedy, top_k or top_p).
+
+@torch.no_grad()
+def kl_to(policy: Callable, reference: Callable, batches, temperature: float) -> tuple[list[float], list[float]]:
+    """Per answer of the policy: (KL, log-ratio) to the reference, both summed over its tokens.
+
+    ``policy`` / ``reference``: ``() -> context manager`` giving the model (the two may be one model switched, as in
+    the alpha sweep). KL: sum_t KL(pi(. | x, y_<t) || pi_ref(. | x, y_<t)), the exact KL of the two next-token
+    distributions (at the sampling temperature) along the policy's own answer: for sampled answers an unbiased,
+    low-variance estimate of the sequence KL, and defined for greedy answers too. Log-ratio: sum_t log pi(y_t) -
+    log pi_ref(y_t) (the k1 estimate), a KL estimate only for untruncated sampling (not greedy, top_k or top_p).
+    Rows are taken a few at a time, so memory stays bounded whatever the answers' length or the vocabulary (one at
+    a time, without its left padding, for prompt and prefix tuning, whose position ids PEFT ignores).
     """
     kls, ratios = [], []
-    for p_ids, p_mask, r_ids, r_mask, dists in batches:
-        ref = response_log_dists(model, p_ids, p_mask, r_ids, r_mask, temperature)
-        per_token = (dists.exp() * (dists - ref)).sum(dim=-1)  # (B, R)
-        chosen = (dists - ref).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)
-        kls.extend((per_token * r_mask).sum(dim=1).tolist())
-        ratios.extend((chosen * r_mask).sum(dim=1).tolist())
+    for p_ids, p_mask, r_ids, r_mask in batches:
+        with policy() as model:
+            vocab, single = model.get_output_embeddings().weight.shape[0], is_prompt_learning(model)
+        with reference() as model:
+            single = single or is_prompt_learning(model)
+        rows = 1 if single else max(1, KL_CHUNK_ELEMENTS // max(1, r_ids.shape[1] * vocab))
+        for i in range(0, r_ids.shape[0], rows):
+            part = (p_ids[i : i + rows], p_mask[i : i + rows], r_ids[i : i + rows], r_mask[i : i + rows])
+            if single:
+                real = part[1][0].bool()
+                part = (part[0][:, real], part[1][:, real], part[2], part[3])
+            with policy() as model:
+                dists = response_log_dists(model, *part, temperature)
+            with reference() as model:
+                ref = response_log_dists(model, *part, temperature)
+            per_token = (dists.exp() * (dists - ref)).sum(dim=-1)  # (rows, R)
+            chosen = (dists - ref).gather(-1, part[2].unsqueeze(-1)).squeeze(-1)
+            kls.extend((per_token * part[3]).sum(dim=1).tolist())
+            ratios.extend((chosen * part[3]).sum(dim=1).tolist())
     return kls, ratios
 
 
@@ -291,10 +308,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         base, adapter = policy_source(folder, cfg.model_name_or_path)
         tokenizer = load_tokenizer(tokenizer_source(base, adapter))
         models[role] = load_model(base, adapter, dtype=torch.float32, device=device)
-        texts[role], batches[role] = sample_with_logprobs(
-            models[role], tokenizer, prompts, settings, cfg.batch_size, cfg.seed, logprobs=role == "policy"
-        )
-    kl = kl_to(models["baseline"], batches["policy"], temperature)
+        texts[role], batches[role] = sample_answers(models[role], tokenizer, prompts, settings, cfg.batch_size,
+                                                    cfg.seed)  # fmt: skip
+    kl = kl_to(partial(nullcontext, models["policy"]), partial(nullcontext, models["baseline"]), batches["policy"],
+               temperature)  # fmt: skip
     del models
     judges = load_judges(cfg)
     scores = {j: {role: judge(prompts, texts[role]) for role in texts} for j, judge in judges.items()}
@@ -334,7 +351,7 @@ def run_alpha_sweep(cfg: EvalConfig) -> dict:
     sweep = SweepModel(ends, pick_device())
     started = time.perf_counter()
     with sweep.baseline() as model:
-        baseline, _ = sample_with_logprobs(model, tokenizer, prompts, settings, cfg.batch_size, cfg.seed, False)
+        baseline, _ = sample_answers(model, tokenizer, prompts, settings, cfg.batch_size, cfg.seed)
     baseline_scores = {j: judge(prompts, baseline) for j, judge in judges.items()}
     seconds = time.perf_counter() - started
     print(f"alpha sweep: the baseline answered {len(prompts)} prompts ({seconds:.1f} s)", file=sys.stderr)
@@ -342,11 +359,8 @@ def run_alpha_sweep(cfg: EvalConfig) -> dict:
     for i, alpha in enumerate(cfg.alpha_sweep, start=1):
         started = time.perf_counter()
         with sweep.at(alpha) as model:
-            answers[alpha], batches = sample_with_logprobs(
-                model, tokenizer, prompts, settings, cfg.batch_size, cfg.seed
-            )
-        with sweep.baseline() as model:
-            kl = kl_to(model, batches, temperature)
+            answers[alpha], batches = sample_answers(model, tokenizer, prompts, settings, cfg.batch_size, cfg.seed)
+        kl = kl_to(partial(sweep.at, alpha), sweep.baseline, batches, temperature)
         scores = {j: {"policy": judge(prompts, answers[alpha]), "baseline": baseline_scores[j]}
                   for j, judge in judges.items()}  # fmt: skip
         points.append({"alpha": alpha, **compare(cfg, {"policy": answers[alpha], "baseline": baseline}, scores, kl)})

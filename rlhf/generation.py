@@ -94,9 +94,13 @@ def sample_batch(model, tokenizer, prompts: list[Any], settings: SamplingSetting
     """
     device = next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
-    if is_prompt_learning(model):
-        out = uncached_generate(model, enc, settings, num_return_sequences, tokenizer.pad_token_id,
-                                tokenizer.eos_token_id)  # fmt: skip
+    width = enc["input_ids"].shape[1]
+    if is_prompt_learning(model):  # one prompt at a time: PEFT ignores position ids there, so no left padding
+        answers = [uncached_generate(model, encode_prompts(tokenizer, [p], device), settings, num_return_sequences,
+                                     tokenizer.pad_token_id, tokenizer.eos_token_id) for p in prompts]  # fmt: skip
+        longest = max(a.shape[1] for a in answers)
+        responses = torch.cat([torch.nn.functional.pad(a, (0, longest - a.shape[1]), value=tokenizer.pad_token_id)
+                               for a in answers])  # fmt: skip
     else:
         with sampling_weights(model), plain_generation_config(model):
             out = model.generate(
@@ -106,10 +110,15 @@ def sample_batch(model, tokenizer, prompts: list[Any], settings: SamplingSetting
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-    width = enc["input_ids"].shape[1]
+        responses = out[:, width:]
     prompt_ids = enc["input_ids"].repeat_interleave(num_return_sequences, dim=0)
     prompt_mask = enc["attention_mask"].repeat_interleave(num_return_sequences, dim=0)
-    return prompt_ids, prompt_mask, out[:, width:]
+    return prompt_ids, prompt_mask, responses
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch (B, T): each row counts from 0 at its first real token."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def is_prompt_learning(model) -> bool:
@@ -120,9 +129,10 @@ def is_prompt_learning(model) -> bool:
 
 def uncached_generate(model, enc: dict, settings: SamplingSettings, num_return_sequences: int, pad_token_id: int,
                       eos_token_id: int) -> torch.Tensor:  # fmt: skip
-    """Sampling (or greedy decoding) by a whole forward pass per token, as the model is trained: prompt (B*K, P)
-    then the new tokens, left padding kept out by position ids. For prompt and prefix tuning, whose virtual tokens
-    PEFT's ``generate`` leaves out of its cached decoding steps. Returns (B*K, P + R) like ``generate``."""
+    """Sampling (or greedy decoding) by a whole forward pass per token, as the model is trained: the prompt
+    repeated K times (B*K, P), then the new tokens. For prompt and prefix tuning, whose virtual tokens PEFT's
+    ``generate`` leaves out of its cached decoding steps (call it one prompt at a time: PEFT ignores the position
+    ids of these models, so left padding would shift them). Returns the new tokens (B*K, R)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     ids = enc["input_ids"].repeat_interleave(num_return_sequences, dim=0)
@@ -134,8 +144,7 @@ def uncached_generate(model, enc: dict, settings: SamplingSettings, num_return_s
         warpers.append(TopPLogitsWarper(settings.top_p))
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(settings.max_new_tokens):
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1, :].float()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1, :].float()
         if settings.do_sample:
             token = torch.multinomial(torch.softmax(warpers(ids, logits), dim=-1), 1)[:, 0]
         else:
@@ -145,7 +154,7 @@ def uncached_generate(model, enc: dict, settings: SamplingSettings, num_return_s
         done |= token == eos_token_id
         if bool(done.all()):
             break
-    return ids
+    return ids[:, enc["input_ids"].shape[1] :]
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
@@ -210,16 +219,6 @@ def response_log_dists(
     """
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+R)
     attention = torch.cat([prompt_mask, resp_mask], dim=1)
-    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions(attention)).logits
     width = response_ids.shape[1]  # counted from the end: a prompt-tuning model puts virtual tokens in front
     return torch.log_softmax(logits[:, -width - 1 : -1].float() / temperature, dim=-1)  # position t predicts token t
-
-
-def response_logprobs(
-    model, prompt_ids, prompt_mask, response_ids, resp_mask, temperature: float = 1.0
-) -> torch.Tensor:
-    """log p(y_t | x, y_<t) of each response token (B, R), logits divided by ``temperature``; positions where
-    ``resp_mask`` is 0 hold 0. Arguments as :func:`response_log_dists`."""
-    dists = response_log_dists(model, prompt_ids, prompt_mask, response_ids, resp_mask, temperature)
-    return dists.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * resp_mask

@@ -113,18 +113,49 @@ class FixedLogits:
     def __call__(self, input_ids, attention_mask, position_ids):
         return type("Out", (), {"logits": self.logits})()
 
+    def get_output_embeddings(self):
+        return torch.nn.Linear(1, self.logits.shape[-1], bias=False)
+
 
 def test_kl_is_the_exact_next_token_kl_along_the_answer_and_the_log_ratio_is_reported_beside_it():
+    from contextlib import nullcontext
+
     from rlhf.evaluate import kl_to
-    from rlhf.generation import response_log_dists
 
     prompt, answer, mask = torch.tensor([[7]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.long)
     policy = FixedLogits([[0.5, 0.5], [0.9, 0.1], [0.5, 0.5]])  # positions 0 and 1 predict the answer's tokens
     reference = FixedLogits([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
-    batches = [(prompt, mask[:, :1], answer, mask, response_log_dists(policy, prompt, mask[:, :1], answer, mask))]
-    kl, log_ratio = kl_to(reference, batches, temperature=1.0)
+    batches = [(prompt, mask[:, :1], answer, mask)]
+    kl, log_ratio = kl_to(lambda: nullcontext(policy), lambda: nullcontext(reference), batches, temperature=1.0)
     # token 1: both 50/50, KL 0; token 2: 0.9 ln(0.9/0.5) + 0.1 ln(0.1/0.5) = 0.36806
     assert kl == pytest.approx([0.9 * math.log(1.8) + 0.1 * math.log(0.2)], abs=1e-5)
     assert kl[0] == pytest.approx(0.36806, abs=1e-4)
     # the answer took the unlikely second token: its log-ratio is negative, no KL
     assert log_ratio == pytest.approx([math.log(0.5 / 0.5) + math.log(0.1 / 0.5)], abs=1e-5)
+
+
+def test_kl_over_a_padded_batch_taken_a_few_rows_at_a_time_equals_each_answer_alone(tiny_model_dir, monkeypatch):
+    from contextlib import nullcontext
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.evaluate import kl_to, sample_answers
+    from rlhf.generation import SamplingSettings
+    from rlhf.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir, padding_side="left")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    prompts = ["Hi.", "Tell me a much longer story about a cat, please."]  # padded to each other's length
+    settings = SamplingSettings(max_new_tokens=6, do_sample=False)
+    _, together = sample_answers(policy, tok, prompts, settings, batch_size=2, seed=0)
+    monkeypatch.setattr(evaluate, "KL_CHUNK_ELEMENTS", 1)  # one row at a time
+    args = (lambda: nullcontext(policy), lambda: nullcontext(reference))
+    kl_rows, ratio_rows = kl_to(*args, together, temperature=1.0)
+    alone = [kl_to(*args, sample_answers(policy, tok, [p], settings, 1, 0)[1], temperature=1.0) for p in prompts]
+    assert kl_rows == pytest.approx([a[0][0] for a in alone], abs=1e-4)
+    assert ratio_rows == pytest.approx([a[1][0] for a in alone], abs=1e-4)
+    assert all(k > 0 for k in kl_rows)

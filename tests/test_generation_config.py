@@ -70,10 +70,12 @@ def test_plain_config_keeps_only_special_token_ids(tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_prompt_learning_adapters_are_sampled_from_the_model_they_train(tiny_model_dir, method):
-    """PEFT's generate leaves the virtual tokens out of its cached steps; sample_batch decodes by whole passes."""
+    """PEFT's generate leaves the virtual tokens out of its cached steps; sample_batch decodes by whole passes. The
+    check: each greedy token is the argmax of one plain forward pass over that prompt alone and the answer so far,
+    the pass training makes."""
     from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
-    from rlhf.generation import response_logprobs
+    from rlhf.generation import response_log_dists
 
     kind = PromptTuningConfig if method == "prompt_tuning" else PrefixTuningConfig
     tok = load_tokenizer(tiny_model_dir, padding_side="left")
@@ -84,14 +86,18 @@ def test_prompt_learning_adapters_are_sampled_from_the_model_they_train(tiny_mod
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))  # virtual tokens far from their initialisation
-    model.get_base_model().generation_config.eos_token_id = None  # all 6 tokens compared
-    enc = encode_prompts(tok, PROMPTS, torch.device("cpu"))
+    prompt_ids, prompt_mask, got = sample_batch(model, tok, PROMPTS, SamplingSettings(6, do_sample=False))
+    assert prompt_mask[0].sum() < prompt_mask.shape[1]  # the shorter prompt is left-padded in the batch
     with torch.no_grad():
-        expected = _greedy_by_hand(model, enc["input_ids"], enc["attention_mask"], 6)
-        cached = model.generate(**enc, do_sample=False, max_new_tokens=6, eos_token_id=-1,
-                                pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
-        prompt_ids, prompt_mask, got = sample_batch(model, tok, PROMPTS, SamplingSettings(6, do_sample=False))
-        logp = response_logprobs(model, prompt_ids, prompt_mask, got, torch.ones_like(got))
-    assert not torch.equal(cached, expected)  # what PEFT's generate gives is not the trained model's answer
-    assert torch.equal(got[:, :6], expected)
-    assert logp.shape == got.shape and bool((logp < 0).all())
+        for row, prompt in enumerate(PROMPTS):
+            alone = encode_prompts(tok, [prompt], torch.device("cpu"))["input_ids"]
+            answer = got[row : row + 1]
+            answer = answer[:, : int((answer != tok.pad_token_id).sum())]  # up to its end
+            logits = model(input_ids=torch.cat([alone, answer], dim=1)).logits[0, -answer.shape[1] - 1 : -1]
+            assert torch.equal(logits.argmax(-1), answer[0])
+            cached = model.generate(input_ids=alone, attention_mask=torch.ones_like(alone), do_sample=False,
+                                    max_new_tokens=answer.shape[1], pad_token_id=tok.pad_token_id)  # fmt: skip
+            if row == 1:  # what PEFT's own generate gives is not the trained model's answer
+                assert not torch.equal(cached[0, alone.shape[1] :], answer[0])
+        dists = response_log_dists(model, prompt_ids, prompt_mask, got, torch.ones_like(got))
+    assert dists.shape == (*got.shape, model.get_output_embeddings().weight.shape[0])
