@@ -124,8 +124,8 @@ def adapts_embeddings(model, config: dict) -> bool:
     embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
     names = {path.rsplit(".", 1)[-1] for path, module in model.named_modules() if module in embeddings}
     targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [] if targets == "all-linear" else [targets]
+    if isinstance(targets, str):  # a regular expression: it may match them (untying then costs only memory)
+        return targets != "all-linear"
     return any(str(t).rsplit(".", 1)[-1] in names for t in [*targets, *(config.get("modules_to_save") or [])])
 
 

@@ -293,12 +293,10 @@ def save_adapter(peft_model, name: str, folder: str | os.PathLike, base_name_or_
 
 def state_dict_error(adapter, exc: Exception) -> UserError:
     """A one-line UserError for weights that did not load: a size mismatch means another base model."""
-    text = str(exc).strip()
-    mismatch = next((line.strip() for line in text.splitlines() if "size mismatch" in line), None)
+    mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
     if mismatch:
         return UserError(f"cannot load adapter {adapter}: it was trained on another base model ({mismatch[:160]})")
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return UserError(f"cannot load adapter {adapter}: {first}")
+    return UserError(f"cannot load adapter {adapter}: {error_line(exc)}")
 
 
 def load_peft_adapter(model, adapter, **kwargs):
@@ -308,7 +306,11 @@ def load_peft_adapter(model, adapter, **kwargs):
 
     try:
         return PeftModel.from_pretrained(model, str(adapter), **kwargs)
-    except (RuntimeError, TypeError, ValueError, KeyError, OSError) as exc:
+    except RuntimeError as exc:
+        if "loading state_dict" not in str(exc) and "size mismatch" not in str(exc):
+            raise  # e.g. out of memory: not the adapter's fault
+        raise state_dict_error(adapter, exc) from None
+    except (TypeError, ValueError, KeyError, OSError) as exc:
         raise state_dict_error(adapter, exc) from None
 
 

@@ -170,7 +170,9 @@ def shared_staged_output(output_dir: str | os.PathLike, key: str = "output_dir")
             distributed.barrier()  # 2: every process is done with it
         distributed.barrier()  # 3: published
         return
-    staging = staging_path(check_output_dir(output_dir, key).resolve())
+    final = check_output_dir(output_dir, key).resolve()
+    check_replaceable(final, key)  # refused here as on rank 0, instead of waiting for it (its staging may exist now)
+    staging = staging_path(final)
     distributed.barrier()  # 1
     yield staging
     distributed.barrier()  # 2
