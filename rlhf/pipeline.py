@@ -51,7 +51,7 @@ class PipelineConfig:
         "bench/RESULTS.md, active vs random labeling)"
     )
     round_label_budget: Optional[int] = field(
-        None, "rounds >= 2: comparisons labelled per round (null = as many as round 1 created)"
+        None, "rounds >= 2: comparisons labelled per round (null = as many as round 1 holds)"
     )
     force: bool = field(False, "re-run stages whose output already exists")
     align: Literal["ppo", "dpo"] = field(
@@ -100,6 +100,7 @@ class PipelineConfig:
         return Path(self.work_dir) / name
 
 
+SIMULATED = "sim-labeler-"  # the simulated labelers' account names: sim-labeler-1, ...
 SHARED = ("sft", "labels.db", ".sim-passwords", "launch", "summary.json")  # one for all rounds
 
 
@@ -315,7 +316,7 @@ def candidates_step(cfg: PipelineConfig) -> Step:
             budget = None
             if cfg.round_selection != "all":
                 first = stage_output(cfg.cfg.path("candidates.json"))  # round 1's
-                budget = cfg.round_label_budget or first.get("comparisons")
+                budget = cfg.round_label_budget or first.get("comparisons", first.get("new_comparisons"))
                 if not budget:
                     raise ConfigError("round_label_budget is null and round 1's candidates.json holds no comparison "
                                       "count; set round_label_budget")  # fmt: skip
@@ -348,7 +349,7 @@ def label_step(cfg: PipelineConfig) -> Step:
         store = open_store(str(cfg.path("labels.db")))
         accounts = []
         for i in range(1, cfg.simulated_labelers + 1):
-            name = f"sim-labeler-{i}"
+            name = f"{SIMULATED}{i}"
             if get_user(store, name) is None:
                 password = secrets.token_urlsafe(12)
                 add_user(store, name, password, "labeler")
@@ -400,12 +401,14 @@ def prefs_step(cfg: PipelineConfig) -> Step:
 
 def check_section_datasets(cfg: PipelineConfig) -> None:
     """Every dataset a section names (``dataset_name``, ``eval_dataset_name``, ...) must exist before the first stage
-    runs, not only when its stage is reached."""
+    runs, not only when its stage is reached (a file inside ``work_dir`` may be an earlier stage's output)."""
     from rlhf.data import check_dataset_source
 
+    work = Path(cfg.work_dir).expanduser().resolve()
     for section in STAGE_NAMES:
         for key, value in (getattr(cfg, section, None) or {}).items():
-            if key.endswith("dataset_name") and isinstance(value, str):
+            inside = isinstance(value, str) and work in Path(value).expanduser().resolve().parents
+            if key.endswith("dataset_name") and isinstance(value, str) and not inside:
                 try:
                     check_dataset_source(value)
                 except UserError as exc:
@@ -413,21 +416,42 @@ def check_section_datasets(cfg: PipelineConfig) -> None:
 
 
 def set_labels_aside(cfg: PipelineConfig) -> None:
-    """``force`` with simulated labelers: the labels database (candidates and votes of the earlier run) is renamed
-    to ``labels.db.TIME.bak``, so that every candidate is sampled and every vote cast again under the current
-    config (kept as it is when the votes are people's: ``simulated_labelers: 0``)."""
+    """``force``: the labels database (candidates and votes of the earlier run) is renamed to ``labels.db.TIME.bak``,
+    so that every candidate is sampled and every vote cast again under the current config; kept as it is when no
+    labelling stage will run (``stop_after: sft``), when the votes are to come from people
+    (``simulated_labelers: 0``) or when it holds a vote of anyone but the simulated labelers."""
     db = cfg.path("labels.db")
-    if not db.exists() or cfg.simulated_labelers == 0:
-        if db.exists():
-            print(f"[pipeline] force: {db} is kept (its votes are people's: simulated_labelers is 0)", file=sys.stderr)
+    if not db.exists() or cfg.stop_after == "sft":
         return
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    for suffix in ("", "-wal", "-shm"):
+    if cfg.simulated_labelers == 0 or people_voted(db):
+        print(f"[pipeline] force: {db} is kept as it is (it holds people's votes, or simulated_labelers is 0)",
+              file=sys.stderr)  # fmt: skip
+        return
+    stamp, n = time.strftime("%Y%m%dT%H%M%S"), 0
+    while db.with_name(f"{db.name}.{stamp}{'-' + str(n) if n else ''}.bak").exists():
+        n += 1
+    backup = f"{db.name}.{stamp}{'-' + str(n) if n else ''}.bak"
+    for suffix in ("", "-wal", "-shm"):  # SQLite's journal files go with it, renamed alike
         part = db.with_name(db.name + suffix)
         if part.exists():
-            part.rename(db.with_name(f"{db.name}.{stamp}.bak{suffix}"))
-    print(f"[pipeline] force: the earlier labels are kept in {db.name}.{stamp}.bak; candidates and votes start "
-          "afresh", file=sys.stderr)  # fmt: skip
+            part.rename(db.with_name(backup + suffix))
+    print(f"[pipeline] force: the earlier labels are kept in {backup}; candidates and votes start afresh",
+          file=sys.stderr)  # fmt: skip
+
+
+def people_voted(db: Path) -> bool:
+    """Whether any vote in the labels database ``db`` is by an account other than the simulated labelers'."""
+    import sqlalchemy as sa
+
+    from feedback_ui.store import User, Vote, open_store
+
+    store = open_store(str(db))
+    try:
+        with store.read() as s:
+            return bool(s.execute(sa.select(sa.func.count()).select_from(Vote).join(User, User.id == Vote.user_id)
+                                  .where(~User.name.startswith(SIMULATED))).scalar())  # fmt: skip
+    finally:
+        store.close()
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:

@@ -101,9 +101,19 @@ def test_force_samples_and_votes_afresh_and_a_later_round_labels_as_many_as_roun
     again = json.loads((run / "candidates.json").read_text())
     assert again["responses_sampled"] == 12 * 3 and again["comparisons"] == 12 * 3
     assert sum(json.loads((run / "label.json").read_text())["votes"].values()) == 2 * 12 * 3
-    # stop_after sft stops in round 1 even when its sft is skipped (later rounds have no sft stage)
+    # stop_after sft stops in round 1 even when its sft is skipped (later rounds have no sft stage); forced, it
+    # leaves the labels alone (no labelling stage runs)
     assert main(["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--stop_after", "sft"]) == 0
     assert not (run / "round-2").exists()
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--stop_after", "sft", "--force", "true"]) == 0
+    assert len(list(run.glob("labels.db.*.bak"))) == 1
+    # votes of people are never set aside
+    engine = sa.create_engine(f"sqlite:///{run / 'labels.db'}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("update users set name = 'alice' where name = 'sim-labeler-1'"))
+    engine.dispose()
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--stop_after", "candidates", "--force", "true"]) == 0
+    assert len(list(run.glob("labels.db.*.bak"))) == 1
 
 
 def test_round_selection_by_uncertainty_needs_pairwise_candidates(pipeline_yaml, tmp_path, capsys):
