@@ -79,6 +79,10 @@ def _is_upload(scope) -> bool:
     return Headers(scope=scope).get("content-type", "").lower().lstrip().startswith("multipart/")
 
 
+class _NotChecked(Exception):
+    """A login refused after its attempt was counted but before its password was checked."""
+
+
 class Gate:
     """ASGI app in front of the Gradio app (``gradio_app``); ``lifespan`` goes to the FastAPI ``parent``."""
 
@@ -242,13 +246,19 @@ class Gate:
             return 429, message, None
         if self._hash_slots is None:
             self._hash_slots = anyio.CapacityLimiter(HASHES_AT_ONCE)
-        async with self._hash_slots:
-            message = await anyio.to_thread.run_sync(locked, self.store, keys)  # locked while this one waited
-            if message:
-                await anyio.to_thread.run_sync(record_success, self.store, keys)  # not checked: not counted
-                log.warning("login of %r from %s refused: locked while it waited", name, address)
-                return 429, message, None
-            user = await anyio.to_thread.run_sync(check_login, self.store, name, password)
+        try:
+            async with self._hash_slots:
+                message = await anyio.to_thread.run_sync(locked, self.store, keys)  # locked while this one waited
+                if message:
+                    log.warning("login of %r from %s refused: locked while it waited", name, address)
+                    raise _NotChecked(message)
+                user = await anyio.to_thread.run_sync(check_login, self.store, name, password)
+        except BaseException as exc:  # refused, failed or cancelled before its check ended: the attempt is taken back
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(record_success, self.store, keys)
+            if isinstance(exc, _NotChecked):
+                return 429, str(exc), None
+            raise
         if user is None or user.disabled_at is not None:  # a disabled account says no more than a wrong password
             lock = await anyio.to_thread.run_sync(record_failure, self.store, keys, self.throttle)
             why = "failed login" if user is None else "login of disabled account"

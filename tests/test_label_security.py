@@ -165,6 +165,27 @@ def test_attempts_count_before_their_check_and_a_success_takes_back_only_its_own
     assert "this account" in begin_attempt(store, throttle_keys("dee", "10.0.3.5"), policy)
 
 
+def test_an_attempt_whose_check_fails_or_is_refused_after_a_wait_is_taken_back(db_url, monkeypatch):
+    import anyio
+
+    from feedback_ui import gate
+
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=0)
+    door = gate.Gate(None, None, store, throttle=ThrottlePolicy(max_failures=3))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(gate, "check_login", broken)
+    with pytest.raises(RuntimeError):
+        anyio.run(door._check, "ann", PASSWORD, "10.0.4.1")
+    assert failures(store, "account:ann") == failures(store, "address:10.0.4.1") == 0  # nothing leaked
+    # locked while it waited for a hash slot: refused unchecked, and not counted either
+    monkeypatch.setattr(gate, "locked", lambda *args: "Too many failed logins for this account")
+    assert anyio.run(door._check, "ann", PASSWORD, "10.0.4.1")[0] == 429
+    assert failures(store, "account:ann") == failures(store, "address:10.0.4.1") == 0
+
+
 # origins and headers
 
 
