@@ -11,6 +11,10 @@ written as two rows, once each way round, with margin 0. To the Bradley-Terry
 loss that is half a win for each side: it pulls the two scores together and
 favours neither (one row would favour whichever response was stored first).
 
+A prompt of more than one user turn (a system message, an earlier exchange) is written as its messages, and then
+every row of the file in TRL's conversational form (each answer an assistant turn), so that the reward model reads
+the context the policy answered, not the flattened text labelers read; single-turn prompts stay strings.
+
 Without ``test_fraction`` no held-out file is written, and one left by an
 earlier export to the same ``out`` is removed: its prompts may be in the new
 training rows.
@@ -41,7 +45,7 @@ def load_judgements(store: Store, margin_slightly: float = 1.0, margin_much: flo
     """Per non-gold comparison: its prompt text and the list of :class:`Judgement` (one per vote)."""
     with store.read() as s:
         rows = s.execute(
-            sa.select(Vote, User.name, Comparison.prompt_id, Prompt.text)
+            sa.select(Vote, User.name, Comparison.prompt_id, Prompt.text, Prompt.messages)
             .join(User, User.id == Vote.user_id)
             .join(Comparison, Comparison.id == Vote.comparison_id)
             .join(Prompt, Prompt.id == Comparison.prompt_id)
@@ -49,8 +53,9 @@ def load_judgements(store: Store, margin_slightly: float = 1.0, margin_much: flo
             .order_by(Vote.comparison_id, Vote.id)
         ).all()
     items: dict[int, dict] = {}
-    for vote, name, prompt_id, prompt_text in rows:
-        item = items.setdefault(vote.comparison_id, {"prompt_id": prompt_id, "prompt": prompt_text, "judgements": []})
+    for vote, name, prompt_id, prompt_text, messages in rows:
+        item = items.setdefault(vote.comparison_id, {"prompt_id": prompt_id, "prompt": prompt_text,
+                                                     "messages": messages, "judgements": []})  # fmt: skip
         item["judgements"].append(
             Judgement(
                 annotator=name,
@@ -81,6 +86,16 @@ def _rows(item: dict, comparison_id: int, p: PrefPair, texts: dict[int, str]) ->
         return [row]
     swapped = {"chosen": row["rejected"], "rejected": row["chosen"], "chosen_id": p.rejected, "rejected_id": p.chosen}
     return [row, {**row, **swapped}]
+
+
+def _one_user_turn(messages) -> bool:
+    return isinstance(messages, list) and len(messages) == 1 and messages[0].get("role") == "user"
+
+
+def _conversational(row: dict, messages: list) -> dict:
+    """A row in TRL's conversational form: the prompt's messages as stored, each answer as one assistant turn."""
+    return {**row, "prompt": messages, "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}]}  # fmt: skip
 
 
 def _row(item: dict, comparison_id: int, p: PrefPair, texts: dict[int, str]) -> dict:
@@ -129,9 +144,12 @@ def export_preferences(
                 pairs.append((cid, p))
     texts = _texts(store, [i for _, p in pairs for i in (p.chosen, p.rejected)])
     rows = [r for cid, p in pairs for r in _rows(items[cid], cid, p, texts)]
-    held_out = split_by_prompt([r["prompt"] for r in rows], test_fraction, seed)
+    held_out = split_by_prompt([r["prompt"] for r in rows], test_fraction, seed)  # by the text labelers read
     train = [r for r in rows if r["prompt"] not in held_out]
     test = [r for r in rows if r["prompt"] in held_out]
+    if any(not _one_user_turn(items[cid]["messages"]) for cid, _ in pairs):
+        train, test = ([_conversational(r, items[r["comparison_id"]]["messages"]) for r in part]
+                       for part in (train, test))  # fmt: skip
     test_path = held_out_path(out_path)
     counts = {"comparisons": len(items), "rows": len(train), "out": str(out_path)}
     if test_path.is_file():  # before the new rows: an interrupted export leaves no old held-out file beside them

@@ -274,3 +274,22 @@ def test_the_pipeline_prefs_section_takes_the_export_flags_names():
     export = export._subparsers._group_actions[0].choices["export"]
     flags = {a.dest for a in export._actions} - {"help", "db", "out"}
     assert flags == {f.name for f in dataclasses.fields(LabelExportConfig)}
+
+
+def test_a_multi_turn_prompt_is_exported_as_its_messages_and_read_back_as_the_policy_sees_it(db_url, tmp_path):
+    from feedback_ui.candidates import add_candidates
+    from rlhf.pairs import load_pairs
+
+    store = make_project(db_url, {"ann": "labeler"}, n_pairs=1)
+    talk = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Say hello."}]
+    add_candidates(store, talk, ["Bonjour.", "Hello."], policy="fixture")
+    label_with(store, "ann", lambda prompt: 0)  # the first stored response wins everywhere
+    out = tmp_path / "prefs.jsonl"
+    export_preferences(store, str(out))
+    rows = read_jsonl(out)
+    assert len(rows) == 2 and all(isinstance(r["prompt"], list) for r in rows)  # one file, one form: messages
+    mine = next(r for r in rows if r["prompt"][0]["role"] == "system")
+    assert mine["prompt"] == talk and mine["chosen"] == [{"role": "assistant", "content": "Bonjour."}]
+    read = {p.prompt_messages[0]["content"]: p for p in load_pairs(str(out))}
+    assert read["Answer in French."].prompt_messages == talk and read["Answer in French."].chosen == "Bonjour."
+    assert read["pair prompt 0"].prompt_messages == [{"role": "user", "content": "pair prompt 0"}]
