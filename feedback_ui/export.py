@@ -11,7 +11,7 @@ written as two rows, once each way round, with margin 0. To the Bradley-Terry
 loss that is half a win for each side: it pulls the two scores together and
 favours neither (one row would favour whichever response was stored first).
 
-A prompt of more than one user turn (a system message, an earlier exchange) is written as its messages, and then
+A prompt that is more than one user turn (a system message, an earlier exchange) is written as its messages, and then
 every row of the file in TRL's conversational form (each answer an assistant turn), so that the reward model reads
 the context the policy answered, not the flattened text labelers read; single-turn prompts stay strings.
 
