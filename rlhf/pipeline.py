@@ -245,8 +245,18 @@ def ppo_step(cfg: PipelineConfig) -> Step:
         if cfg.reference == "previous":
             derived["sft_adapter"] = derived.pop("policy_init")
     stage = stage_config(PPOStageConfig, cfg, "ppo", derived)
+    run = launched(cfg, "ppo", stage, lambda: run_ppo(stage))
 
-    return Step("ppo", _exists(out), launched(cfg, "ppo", stage, lambda: run_ppo(stage)))
+    def resumed():
+        """A stage stopped midway (checkpoints, no metrics.json) continues from its last checkpoint, unless forced."""
+        from rlhf.ppo.checkpoint import latest_checkpoint
+
+        if not cfg.force and latest_checkpoint(out / "checkpoints") is not None:
+            stage.resume_from_checkpoint, stage.overwrite_output_dir = "latest", False
+            print(f"[pipeline] ppo: continuing from the last checkpoint in {out / 'checkpoints'}", file=sys.stderr)
+        return run()
+
+    return Step("ppo", _exists(out), resumed)
 
 
 def dpo_step(cfg: PipelineConfig) -> Step:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import sqlalchemy as sa
@@ -63,6 +64,15 @@ def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
     assert main(["pipeline", "--config", str(pipeline_yaml)]) == 0
     again = json.loads((run / "summary.json").read_text())
     assert all(r["status"] == "skipped" for r in again["stages"])
+
+    # a PPO stage stopped after its step-1 checkpoint continues from it, not from the start
+    shutil.rmtree(run / "ppo" / "checkpoints" / "step-000002")
+    (run / "ppo" / "metrics.json").unlink()
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--stop_after", "ppo"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in (run / "ppo" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and (run / "ppo" / "metrics.json").is_file()
 
     # a second round on top: round 1's policy answers, its RM picks 10 comparisons, PPO continues from round 1
     args = ["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--round_label_budget", "10",
