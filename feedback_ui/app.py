@@ -19,7 +19,7 @@ import gradio as gr
 
 from feedback_ui import tasks
 from feedback_ui.assign import DEFAULT_ASSIGNMENT_TTL
-from feedback_ui.candidates import MAX_RANK  # ranking slots in the UI
+from feedback_ui.config import MAX_RANK  # ranking slots in the UI
 from feedback_ui.admin_view import build_admin_tab
 from feedback_ui.http_policy import EVENT_OPTIONS
 from feedback_ui.stats import collect_stats

@@ -28,7 +28,6 @@ from rlhf.data import to_messages
 from rlhf.errors import DataError
 
 STORE_EVERY_BATCHES = 8  # generation batches between database writes
-MAX_RANK = 8  # responses in one ranking task (the app's ranking slots)
 
 
 # helper functions

@@ -8,6 +8,8 @@ from typing import Literal, Optional
 
 from rlhf.config import field, require
 
+MAX_RANK = 8  # responses in one ranking task (the app's ranking slots)
+
 
 @dataclasses.dataclass
 class LabelCandidatesConfig:
@@ -47,8 +49,9 @@ class LabelCandidatesConfig:
         require(bool(self.db), "config key 'db' must not be empty")
         require(self.num_candidates >= 2, "config key 'num_candidates' must be >= 2")
         require(
-            self.mode != "ranking" or self.num_candidates >= 3,
-            "config key 'num_candidates' must be >= 3 when mode is 'ranking'",
+            self.mode != "ranking" or 3 <= self.num_candidates <= MAX_RANK,
+            f"config key 'num_candidates' must be between 3 and {MAX_RANK} (the app's ranking slots) when mode is "
+            "'ranking'",
         )
         require(self.max_prompts is None or self.max_prompts >= 1, "config key 'max_prompts' must be >= 1 or null")
         require(self.max_new_tokens >= 1, "config key 'max_new_tokens' must be >= 1")

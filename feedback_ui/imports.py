@@ -16,7 +16,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from feedback_ui.candidates import MAX_RANK, add_response, build_comparisons, get_or_add_prompt, prompt_key
+from feedback_ui.candidates import add_response, build_comparisons, get_or_add_prompt, prompt_key
+from feedback_ui.config import MAX_RANK
 from feedback_ui.store import Response, Store, init_db
 from rlhf.data import to_messages
 from rlhf.errors import DataError

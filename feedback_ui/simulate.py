@@ -3,9 +3,10 @@
 They exist for the demo pipeline and for load tests, and are named as such
 (``sim-labeler-N``). Each one logs in like a person would (``gradio_client``
 with username/password), asks for its next task, and answers by a transparent
-rule: the response with the higher ``rule(prompt, response)`` score wins; a
-difference below ``min_gap`` is a tie; with probability ``noise`` the vote is
-flipped (to model imperfect people). Ranking tasks are ordered by the score.
+rule: the response with the higher ``rule(prompt, response)`` score wins; equal
+scores, or a difference below ``min_gap``, are a tie; with probability ``noise``
+the vote is flipped (to model imperfect people). Ranking tasks are ordered by the
+score; with probability ``noise`` two neighbouring places of the order are swapped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def rule_choice(prompt: str, responses: list[str], rule: RuleScore, min_gap: flo
                 noise: float) -> str:  # fmt: skip
     """'A', 'B' or 'tie' for a pair shown as (A, B)."""
     a, b = rule(prompt, responses[0]), rule(prompt, responses[1])
-    if abs(a - b) < min_gap:
+    if a == b or abs(a - b) < min_gap:  # equal scores prefer neither side (never the one shown second)
         return "tie"
     choice = "A" if a > b else "B"
     if rng.random() < noise:
@@ -29,10 +30,16 @@ def rule_choice(prompt: str, responses: list[str], rule: RuleScore, min_gap: flo
     return choice
 
 
-def rule_ranking(prompt: str, responses: list[str], rule: RuleScore) -> list[int]:
-    """Display positions best first (stable for equal scores)."""
+def rule_ranking(prompt: str, responses: list[str], rule: RuleScore, rng: random.Random | None = None,
+                 noise: float = 0.0) -> list[int]:  # fmt: skip
+    """Display positions best first (stable for equal scores); with probability ``noise`` (drawn from ``rng``) two
+    neighbouring places are swapped."""
     scores = [rule(prompt, r) for r in responses]
-    return sorted(range(len(responses)), key=lambda i: -scores[i])
+    order = sorted(range(len(responses)), key=lambda i: -scores[i])
+    if rng is not None and rng.random() < noise:
+        i = rng.randrange(len(order) - 1)
+        order[i], order[i + 1] = order[i + 1], order[i]
+    return order
 
 
 def label_until_done(url: str, name: str, password: str, rule: RuleScore, *, min_gap: float = 0.0,
@@ -50,7 +57,7 @@ def label_until_done(url: str, name: str, password: str, rule: RuleScore, *, min
     votes = 0
     while task.get("token") and (max_votes is None or votes < max_votes):
         if task["kind"] == "rank":
-            positions = rule_ranking(task["prompt"], task["responses"], rule)
+            positions = rule_ranking(task["prompt"], task["responses"], rule, rng, noise)
             task = client.predict(task["token"], positions, api_name="/rank")
         else:
             choice = rule_choice(task["prompt"], task["responses"], rule, min_gap, rng, noise)

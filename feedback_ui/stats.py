@@ -82,7 +82,7 @@ def _agreement(labels: dict[int, dict[str, str]]) -> tuple[dict, dict[str, Optio
     overall = {
         "overlapping_items": len(units),
         "percent_agreement": _round(percent_agreement(units)),
-        "cohen_kappa": pairwise[0]["cohen_kappa"] if len(users) == 2 and pairwise else None,
+        "cohen_kappa": pairwise[0]["cohen_kappa"] if len(pairwise) == 1 else None,  # one pair shares items
         "mean_pairwise_kappa": _round(statistics.mean(kappas)) if kappas else None,
         "krippendorff_alpha": _round(krippendorff_alpha_nominal(units)),
         "pairwise": pairwise,
@@ -197,8 +197,11 @@ def votes_timeline(times: list[datetime]) -> list[dict]:
     if not times:
         return []
     seconds = [(t - EPOCH).total_seconds() for t in times]  # naive UTC, as stored
-    span = max(seconds) - min(seconds)
-    width = next((w for w in BUCKETS_S if span / w < MAX_BUCKETS), BUCKETS_S[-1])
+
+    def buckets(w):  # counted from the bucket boundary before the first vote
+        return int((max(seconds) - int(min(seconds) // w) * w) // w) + 1
+
+    width = next((w for w in BUCKETS_S if buckets(w) <= MAX_BUCKETS), BUCKETS_S[-1])
     origin = int(min(seconds) // width) * width
     per = Counter(int((x - origin) // width) for x in seconds)
     total, rows = 0, []

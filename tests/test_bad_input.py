@@ -267,7 +267,9 @@ CONFIG_CASES = [
     ("candidates-one-candidate", lambda c: ["label", "candidates", "--db", c.db, "--num_candidates", "1"],
      "'num_candidates' must be >= 2"),
     ("candidates-ranking-needs-3", lambda c: ["label", "candidates", "--db", c.db, "--mode", "ranking"],
-     "'num_candidates' must be >= 3"),
+     "'num_candidates' must be between 3 and 8"),
+    ("candidates-ranking-above-the-app-slots", lambda c: ["label", "candidates", "--db", c.db, "--mode", "ranking",
+                                                          "--num_candidates", "9"], "between 3 and 8"),
     ("candidates-gold-rate-1", lambda c: ["label", "candidates", "--db", c.db, "--gold_rate", "1"], "'gold_rate'"),
     ("candidates-budget-0", lambda c: ["label", "candidates", "--db", c.db, "--selection", "random", "--label_budget",
                                        "0"], "'label_budget' must be >= 1"),  # fmt: skip

@@ -18,6 +18,9 @@ def test_votes_timeline_buckets_and_running_total():
     # 2 votes 3 hours apart: 180 one-minute buckets is too many, 5-minute buckets give 37
     rows = votes_timeline([T0, T0 + timedelta(hours=3)])
     assert len(rows) == 37 and rows[1]["time"] == "2026-01-02T10:05" and rows[-1]["total"] == 2
+    # 59 min 59 s from 10:00:30 end in the 61st minute counted from 10:00: 5-minute buckets, not 61 of a minute
+    rows = votes_timeline([T0, T0 + timedelta(seconds=3599)])
+    assert len(rows) == 13 and rows[0]["time"] == "2026-01-02T10:00"
 
 
 def labeler(**kw):
@@ -62,3 +65,16 @@ def test_timeline_svg_has_no_script_and_shows_the_total():
     svg = timeline_svg(votes_timeline([T0, T0 + timedelta(minutes=2)]))
     assert svg.startswith("<svg") and "2 votes counted" in svg and "<script" not in svg and " on" not in svg
     assert svg.count("<rect") == 3 and "votes per 1 min" in svg
+
+
+def test_the_overall_kappa_is_the_one_pair_that_shares_items_among_three_labelers():
+    from feedback_ui.stats import _agreement
+
+    # ann and bob share items 1-4 (agreeing on 3, labels A A B B vs A A B A); cy voted only on item 5, alone
+    labels = {1: {"ann": "A", "bob": "A"}, 2: {"ann": "A", "bob": "A"}, 3: {"ann": "B", "bob": "B"},
+              4: {"ann": "B", "bob": "A"}, 5: {"cy": "A"}}  # fmt: skip
+    overall, _ = _agreement(labels)
+    # p_o = 3/4; ann A 1/2, bob A 3/4: p_e = 1/2 * 3/4 + 1/2 * 1/4 = 1/2; kappa = (3/4 - 1/2) / (1 - 1/2) = 0.5
+    assert [p["labelers"] for p in overall["pairwise"]] == [["ann", "bob"]]
+    assert overall["cohen_kappa"] == overall["mean_pairwise_kappa"] == 0.5
+
