@@ -70,6 +70,28 @@ def check_not_input(out: str | os.PathLike, inputs: dict[str, str | None], key: 
             raise UserError(f"{key} {target} would replace {name} {value}; choose another {key}")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (else set and set back at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_umask_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or every file below a folder) the mode a plainly created file gets under the
+    process's umask: ``safetensors`` and temporary files are written owner-only (0600), which would keep a
+    model or a metrics file from the rest of a team."""
+    path, mode = Path(path), 0o666 & ~current_umask()
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        os.chmod(file, mode)
+
+
 STAGE_FILES = ("run_config.yaml", "export.json")  # one of these marks a folder a stage (or export) wrote
 STAGING_MARK = ".rlhf-staging"  # inside a staging folder while it is being filled
 
@@ -134,6 +156,7 @@ def staged_output(output_dir: str | os.PathLike, key: str = "output_dir"):
             shutil.rmtree(staging, ignore_errors=True)
             raise UserError(f"{key} {final} became a file during the run; the result was discarded")
         (staging / STAGING_MARK).unlink()
+        with_umask_mode(staging)
         if final.exists():  # moved aside under a name no other folder has, then removed
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             final.rename(old)  # replaces the empty folder
@@ -203,6 +226,7 @@ def write_json(path: str | os.PathLike, data) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=float)
             f.write("\n")
+        with_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -218,6 +242,7 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            with_umask_mode(tmp)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

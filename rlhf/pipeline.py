@@ -374,6 +374,7 @@ def label_step(cfg: PipelineConfig) -> Step:
                                            noise=cfg.rule_noise, seed=cfg.seed)
         finally:
             server.stop()
+            store.close()  # the last connection: SQLite moves the votes from its -wal journal into labels.db
         write_json(cfg.path("label.json"), {"votes": votes, "rule": cfg.rule, "url": server.url})
 
     return Step("label", lambda: cfg.path("label.json").is_file(), run)
@@ -394,8 +395,8 @@ def prefs_step(cfg: PipelineConfig) -> Step:
         from feedback_ui.store import open_store
 
         try:
-            counts = export_preferences(open_store(str(cfg.path("labels.db"))), str(cfg.path("prefs.jsonl")),
-                                        **prefs_options(cfg))
+            with open_store(str(cfg.path("labels.db"))) as store:
+                counts = export_preferences(store, str(cfg.path("prefs.jsonl")), **prefs_options(cfg))
         except TypeError as exc:
             raise ConfigError(f"pipeline section 'prefs': {exc}") from None
         if counts["rows"] == 0:

@@ -58,3 +58,26 @@ def test_a_folder_of_the_users_files_is_refused_before_anything_is_written(tmp_p
             pytest.fail("the body must not run")
     assert expected in str(info.value)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_outputs_get_the_mode_of_a_plain_file_under_the_umask(tmp_path):
+    """safetensors and temporary files are created owner-only; published outputs are not."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from rlhf.outputs import write_json, write_jsonl
+
+    old = os.umask(0o022)
+    try:
+        with staged_output(tmp_path / "o") as work:
+            save_file({"w": torch.zeros(2)}, str(work / "adapter_model.safetensors"))
+            (work / "run_config.yaml").write_text("seed: 1\n")
+        write_json(tmp_path / "metrics.json", {"a": 1})
+        write_jsonl(tmp_path / "prefs.jsonl", [{"a": 1}])
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "o" / "adapter_model.safetensors", tmp_path / "metrics.json", tmp_path / "prefs.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

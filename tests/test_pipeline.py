@@ -48,6 +48,9 @@ def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
         voters = {r[0] for r in conn.execute(sa.text("select u.name from votes v join users u on u.id = v.user_id"))}
     assert n_comparisons == 12 * 3 and n_votes == 2 * n_comparisons  # C(3, 2) pairs per prompt
     assert voters == {"sim-labeler-1", "sim-labeler-2"}
+    engine.dispose()
+    wal = run / "labels.db-wal"  # every connection closed: the votes are in labels.db itself (a copy of it has them)
+    assert not wal.exists() or wal.stat().st_size == 0
     label = json.loads((run / "label.json").read_text())
     assert sum(label["votes"].values()) == n_votes
     assert (run / "prefs.jsonl").read_text() and (run / "prefs.test.jsonl").is_file()

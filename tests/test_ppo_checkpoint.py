@@ -118,7 +118,7 @@ def test_a_resume_that_does_not_fit_the_checkpoint_leaves_the_run_as_it_was(tiny
     out = tmp_path / "run"
     run_ppo(ppo_config(tiny_model_dir, out, max_steps=1, save_steps=1, lora_r=8), scorer=TokenCountScorer(REWARDED))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(UserError, match="does not match"):  # another LoRA rank than the checkpoint's
+    with pytest.raises(UserError, match="lora_r is 4 but the run being resumed used 8"):
         run_ppo(ppo_config(tiny_model_dir, out, max_steps=2, lora_r=4, resume_from_checkpoint="latest"),
                 scorer=TokenCountScorer(REWARDED))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -137,3 +137,23 @@ def test_a_resumed_run_leaves_one_tensorboard_point_per_step(tiny_model_dir, tmp
     run = EventAccumulator(str(out / "logs"))  # the folder's event files read in order, as TensorBoard shows them
     run.Reload()
     assert [e.step for e in run.Scalars("reward/mean")] == [1, 2, 3]
+
+
+def test_a_resume_without_the_runs_sft_adapter_is_refused(tiny_model_dir, tmp_path):
+    """Resuming with a config that leaves out the SFT adapter the run started from would train another policy."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import lora_config
+
+    out, sft = tmp_path / "run", tmp_path / "sft"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   lora_config(4, 8, 0.0, ["q_proj", "v_proj"])).save_pretrained(sft)  # fmt: skip
+    run_ppo(ppo_config(tiny_model_dir, out, max_steps=1, save_steps=1, sft_adapter=str(sft)),
+            scorer=TokenCountScorer(REWARDED))  # fmt: skip
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="sft_adapter is None but the run being resumed used"):
+        run_ppo(ppo_config(tiny_model_dir, out, max_steps=2, resume_from_checkpoint="latest"),
+                scorer=TokenCountScorer(REWARDED))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+

@@ -65,6 +65,7 @@ def test_programmatic_reward_rises_and_kl_stays_finite(tiny_model_dir, tmp_path)
                 "response/missing_eos_frac", "time/generation_s", "time/training_s"):
         assert key in rows[-1], key
     assert metrics["reward_last_steps"] > metrics["reward_first_steps"]
+    assert metrics["reward_first_steps"] == pytest.approx(first) and metrics["reward_last_steps"] == pytest.approx(last)
     out = tmp_path / "run"
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "run_config.yaml"):
         assert (out / name).is_file(), name
@@ -323,3 +324,12 @@ def test_gradient_checkpointing_and_logging_steps(tiny_model_dir, tmp_path):
         assert run_ppo(cfg, scorer=TokenCountScorer(REWARDED))["steps"] == 5
     assert not [w for w in caught if "checkpointing_enable" in str(w.message)]  # transformers' current name
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "logs" / "metrics.jsonl")] == [1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("steps, k", [(1, 1), (3, 1), (4, 2), (9, 4), (24, 5)])
+def test_the_first_and_last_steps_of_the_summary_never_overlap(steps, k):
+    from rlhf.ppo.trainer import first_and_last
+
+    rows = [{"reward/mean": float(i)} for i in range(steps)]  # step i+1 has reward i
+    first, last = first_and_last(rows, "reward/mean")
+    assert first == pytest.approx(sum(range(k)) / k) and last == pytest.approx(sum(range(steps - k, steps)) / k)

@@ -25,7 +25,7 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     from rlhf.config import save_config
     from rlhf.data import fingerprint, load_prompts
     from rlhf.models import count_parameters
-    from rlhf.outputs import write_json
+    from rlhf.outputs import with_umask_mode, write_json
     from rlhf.ppo import wiring
     from rlhf.ppo.scorers import Scorer
     from rlhf.tracking import MetricsLogger
@@ -94,6 +94,7 @@ def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
     metrics = {**summary, "trainable_parameters": trainable, "total_parameters": total,
                "dataset_fingerprint": fingerprint(cfg.dataset_name)}
     write_json(out / "metrics.json", metrics)
+    with_umask_mode(out)  # the adapter and checkpoints as readable as any file the user creates
     wiring.notice(f"PPO done in {summary['wall_time_s']:.0f}s: reward {summary['reward_first_steps']:.3f} -> "
                   f"{summary['reward_last_steps']:.3f}; adapter in {out}")
     distributed.barrier()

@@ -407,15 +407,15 @@ class PPOTrainer:
 
     def _summary(self, seconds: float) -> dict:
         h = self.history
-        k = min(5, len(h))
-        mean = lambda rows, key: sum(r[key] for r in rows) / max(len(rows), 1)  # noqa: E731
+        (reward_first, reward_last), (score_first, score_last) = (first_and_last(h, key)
+                                                                  for key in ("reward/mean", "score/raw_mean"))
         return {
             "steps": self.step,
             "rollouts": self.step * self.cfg.rollout_batch_size,
-            "reward_first_steps": mean(h[:k], "reward/mean"),
-            "reward_last_steps": mean(h[-k:], "reward/mean"),
-            "score_first_steps": mean(h[:k], "score/raw_mean"),
-            "score_last_steps": mean(h[-k:], "score/raw_mean"),
+            "reward_first_steps": reward_first,
+            "reward_last_steps": reward_last,
+            "score_first_steps": score_first,
+            "score_last_steps": score_last,
             "kl_last": h[-1]["kl/k1"] if h else 0.0,
             "kl_coef_final": self.kl_ctl.value,
             "reward_normalization": self.normalization,
@@ -426,6 +426,14 @@ class PPOTrainer:
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             **({"monitor": [p.as_dict() for p in self.monitor.points]} if self.monitor is not None else {}),
         }
+
+
+def first_and_last(history: list[dict], key: str, most: int = 5) -> tuple[float, float]:
+    """The mean of ``key`` over the first and over the last k = min(``most``, steps // 2) steps (at least 1): two
+    windows that never overlap (but in a 1-step run), so a short run's "first -> last" shows a change."""
+    k = min(most, max(1, len(history) // 2))
+    mean = lambda rows: sum(r[key] for r in rows) / max(len(rows), 1)  # noqa: E731
+    return mean(history[:k]), mean(history[-k:])
 
 
 def shuffled_rows(n: int, group: int, gen: torch.Generator) -> torch.Tensor:

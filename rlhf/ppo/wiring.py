@@ -52,12 +52,37 @@ def check_output_dir(cfg: PPOStageConfig) -> Path:
                     replaced=False)  # PPO writes into output_dir (checkpoints, resume), it does not replace it
     if cfg.resume_from_checkpoint:
         resolve_resume(cfg.resume_from_checkpoint, out / "checkpoints")
+        check_same_run(cfg, out / "run_config.yaml")
     elif list_checkpoints(out / "checkpoints") and not cfg.overwrite_output_dir:
         raise UserError(
             f"output_dir {out} already holds checkpoints: resume with --resume_from_checkpoint latest, "
             "or pass --overwrite_output_dir true, or choose another output_dir"
         )
     return out
+
+
+RUN_IDENTITY = ("model_name_or_path", "sft_adapter", "policy_init", "reward_model", "advantage_estimator",
+                "samples_per_prompt", "value_model", "lora_r", "lora_alpha", "lora_target_modules", "lora_top_layers")
+
+
+def check_same_run(cfg: PPOStageConfig, saved: Path) -> None:
+    """A resumed run must be the run its checkpoints come from: the keys that decide the models (RUN_IDENTITY) as
+    ``saved`` (its run_config.yaml) records them, or a UserError naming the first that differs."""
+    import yaml
+
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text()) or {}
+
+    def same(a, b) -> bool:
+        if isinstance(a, str) and isinstance(b, str) and Path(a).expanduser().exists():
+            return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        return a == b
+
+    for key in RUN_IDENTITY:
+        if key in before and not same(getattr(cfg, key), before[key]):
+            raise UserError(f"resume_from_checkpoint: {key} is {getattr(cfg, key)!r} but the run being resumed used "
+                            f"{before[key]!r} ({saved}); pass the same settings (e.g. --config {saved})")
 
 
 def prepare_output_dir(cfg: PPOStageConfig) -> Path:
