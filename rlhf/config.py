@@ -178,9 +178,18 @@ def config_to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:
+    """``cfg`` as YAML; a value that names an existing file or folder by a relative path is written absolute, so
+    that the record (and ``--config`` on it, or an export's ``--from sft``) works from any directory."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    values = {key: str(Path(value).resolve()) if _relative_existing_path(value) else value
+              for key, value in config_to_dict(cfg).items()}  # fmt: skip
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def _relative_existing_path(value) -> bool:
+    return isinstance(value, str) and bool(value) and not os.path.isabs(value) and ":" not in value \
+        and Path(value).exists()
 
 
 # command line

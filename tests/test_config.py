@@ -76,3 +76,17 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "run_config.yaml")
     again = parse_config(ToyConfig, ["--config", str(tmp_path / "run_config.yaml")])
     assert again == cfg
+
+
+def test_a_relative_path_is_saved_absolute_and_other_values_as_they_are(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "sft").mkdir(parents=True)
+    cfg = build_config(ToyConfig, {"extra": "outputs/sft", "targets": ["x"]})
+    save_config(cfg, tmp_path / "run_config.yaml")
+    saved = yaml.safe_load((tmp_path / "run_config.yaml").read_text())
+    assert saved["extra"] == str(tmp_path / "outputs" / "sft")  # found again from any directory
+    for other in ("not/there", "sample:sft"):  # not an existing path: as given
+        save_config(build_config(ToyConfig, {"extra": other}), tmp_path / "run_config.yaml")
+        assert yaml.safe_load((tmp_path / "run_config.yaml").read_text())["extra"] == other

@@ -226,7 +226,9 @@ def init_value_model(cfg: PPOStageConfig, actor: ActorCritic, scorer: Scorer) ->
         return
     weight, bias = head()
     if weight.numel() != actor.value_head.weight.numel():
-        notice("the reward head has another hidden size than the policy: the value head starts at zero")
+        pooling = (getattr(rm, "metadata", None) or {}).get("pooling")
+        notice(f"the reward head reads {weight.numel()} features (pooling {pooling}), the value head the "
+               f"{actor.value_head.weight.numel()} of one token's state: the value head starts at zero")
         return
     if resolve_normalization(cfg.reward_normalization, scorer.stats) == "rm_stats":
         weight, bias = normalized_head(weight, bias, scorer.stats)  # predict the rewards PPO trains on
