@@ -149,7 +149,7 @@ def cmd_user_list(args) -> None:
     with open_store(args.db) as store:
         users = list_users(store)
     for u in users:
-        print(f"{u.name}\t{u.role}\t{u.created_at:%Y-%m-%d %H:%M}")
+        print(f"{u.name}\t{u.role}\t{u.created_at:%Y-%m-%d %H:%M}" + ("\tdisabled" if u.disabled_at else ""))
 
 
 @_database_errors
@@ -244,6 +244,9 @@ def cmd_export(args) -> None:
     if "removed" in counts:
         line += f"; removed the held-out file of an earlier export, {counts['removed']} (no --test_fraction)"
     print(line)
+    if counts["comparisons"] == 0:
+        print("warning: no comparison has been answered yet, so the files are empty (labelers vote in the app: "
+              "rlhf label serve)", file=sys.stderr)
 
 
 @_database_errors

@@ -246,9 +246,8 @@ def read_metadata(folder: str | Path) -> dict:
     if loreft:
         check_reft_files(folder)
     elif not meta_file.is_file() or not (folder / "adapter_config.json").is_file():
-        raise UserError(
-            f"{folder} is not a reward model written by `rlhf reward` (no {METADATA_FILE} / adapter_config.json)"
-        )
+        missing = " and ".join(n for n in (METADATA_FILE, "adapter_config.json") if not (folder / n).is_file())
+        raise UserError(f"{folder} is not a reward model written by `rlhf reward` (it has no {missing})")
     else:
         read_adapter_config(folder)
     meta = read_json(meta_file, "reward model description")

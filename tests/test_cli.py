@@ -146,3 +146,17 @@ def test_the_cli_hides_only_peft_s_checkpointing_deprecation(capsys):
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`something_else` is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`rlhf label user list | head -1`: the closed pipe ends the command with no traceback."""
+    import os
+
+    db, rlhf = str(tmp_path / "l.db"), [sys.executable, "-m", "rlhf.cli", "label"]
+    env = {**os.environ, "RLHF_PASSWORD": "a long enough password"}
+    for argv in (["init", "--db", db], ["user", "add", "ann", "--db", db]):
+        assert subprocess.run(rlhf + argv, capture_output=True, env=env).returncode == 0
+    proc = subprocess.Popen(rlhf + ["user", "list", "--db", db], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes its line
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err, err[-500:]

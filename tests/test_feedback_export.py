@@ -198,10 +198,18 @@ def test_label_commands(db_url, tmp_path, monkeypatch, capsys):
     assert main(["label", "user", "list", "--db", db]) == 0
     listing = capsys.readouterr().out
     assert "ann\tlabeler" in listing and "root\tadmin" in listing and PASSWORD not in listing
+    assert "disabled" not in listing
+    assert main(["label", "user", "disable", "ann", "--db", db]) == 0
+    capsys.readouterr()
+    assert main(["label", "user", "list", "--db", db]) == 0
+    assert [line.endswith("\tdisabled") for line in capsys.readouterr().out.splitlines()] == [True, False]
+    assert main(["label", "user", "enable", "ann", "--db", db]) == 0
+    capsys.readouterr()
     assert main(["label", "stats", "--db", db, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"]["users"] == 2
     assert main(["label", "export", "--db", db, "--out", str(tmp_path / "p.jsonl"), "--test_fraction", "0.2"]) == 0
-    assert "p.test.jsonl" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "p.test.jsonl" in out and "no comparison has been answered yet" in err
     assert main(["label", "export", "--db", db, "--strategy", "nope"]) == 2
     assert main(["label", "candidates", "--db", db, "--num_candidates", "1"]) == 2
     assert "num_candidates" in capsys.readouterr().err
