@@ -250,7 +250,8 @@ def format_stats(stats: dict) -> str:
     lines = [
         f"comparisons: {c['comparisons']} ({c['comparisons_complete']} complete), gold items: {c['gold_items']}, "
         f"prompts: {c['prompts']}, responses: {c['responses']}",
-        f"votes: {c['votes']} ({c['voided']} voided), open: {c['open']}, skipped: {c['skipped']}, users: {c['users']}",
+        f"votes: {c['votes']} counted, {c['voided']} voided, open: {c['open']}, skipped: {c['skipped']}, "
+        f"users: {c['users']}",
         agreement_text(a),
         "",
     ]

@@ -157,7 +157,7 @@ def keep_lower_blocks(model: nn.Module, n: int) -> None:
     trunk, _ = trunk_and_head(model)
     total = len(trunk.layers)
     if not 1 <= n <= total:
-        raise UserError(f"trunk_layers is {n} but {model.config.name_or_path or 'the model'} has {total} blocks")
+        raise ConfigError(f"config key 'trunk_layers' is {n} but the model has {total} blocks (0 = all of them)")
     trunk.layers = trunk.layers[:n]
     config = model.config.get_text_config()
     config.num_hidden_layers = n

@@ -376,7 +376,8 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str], t
     targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
     if top_layers:
         if num_layers is None or top_layers > num_layers:
-            raise ConfigError(f"config key '{top_layers_key}' is {top_layers} but the model has {num_layers} blocks")
+            raise ConfigError(f"config key '{top_layers_key}' is {top_layers} but the model has {num_layers} blocks "
+                              "(0 = all of them)")
         extra["layers_to_transform"] = list(range(num_layers - top_layers, num_layers))
         if targets == "all-linear":  # layers_to_transform needs explicit names
             targets = list(BLOCK_LINEAR_MODULES)

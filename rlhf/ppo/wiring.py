@@ -117,7 +117,8 @@ def load_actor(cfg: PPOStageConfig):
     base = load_base_model(base_path, dtype=pick_dtype(cfg.precision, device), device=device)
     n_blocks = len(decoder_layers(base)[1])
     if cfg.lora_top_layers > n_blocks:
-        raise ConfigError(f"config key 'lora_top_layers' is {cfg.lora_top_layers} but the model has {n_blocks} blocks")
+        raise ConfigError(f"config key 'lora_top_layers' is {cfg.lora_top_layers} but the model has {n_blocks} blocks "
+                          "(0 = all of them)")
     if hooked is not None:
         from rlhf.ppo.hooked_policy import build_hooked_actor
 
