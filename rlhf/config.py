@@ -178,13 +178,23 @@ def config_to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:
-    """``cfg`` as YAML; a value that names an existing file or folder by a relative path is written absolute, so
-    that the record (and ``--config`` on it, or an export's ``--from sft``) works from any directory."""
+    """``cfg`` as YAML; a path key (:func:`is_path_key`) that names an existing file or folder by a relative path is
+    written absolute, so that the record (and ``--config`` on it, or an export's ``--from sft``) works from any
+    directory."""
     import yaml
 
-    values = {key: str(Path(value).resolve()) if _relative_existing_path(value) else value
+    values = {key: str(Path(value).resolve()) if is_path_key(key) and _relative_existing_path(value) else value
               for key, value in config_to_dict(cfg).items()}  # fmt: skip
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+PATH_KEYS = {"model_name_or_path", "reward_model", "policy_init", "gold", "adapter", "policy", "baseline",
+             "resume_from_checkpoint", "ppo_logs", "db", "out"}
+
+
+def is_path_key(key: str) -> bool:
+    """Whether a config key holds a file or folder (not a choice such as ``kl_in: reward``)."""
+    return key in PATH_KEYS or key.endswith(("_adapter", "_dir", "dataset_name", "_file"))
 
 
 def _relative_existing_path(value) -> bool:

@@ -81,12 +81,15 @@ def test_saved_config_round_trips(tmp_path):
 def test_a_relative_path_is_saved_absolute_and_other_values_as_they_are(tmp_path, monkeypatch):
     import yaml
 
+    from rlhf.ppo.config import PPOStageConfig
+
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "outputs" / "sft").mkdir(parents=True)
-    cfg = build_config(ToyConfig, {"extra": "outputs/sft", "targets": ["x"]})
+    for folder in ("outputs/sft", "reward"):  # "reward": also the name of a choice of kl_in
+        (tmp_path / folder).mkdir(parents=True)
+    cfg = PPOStageConfig(sft_adapter="outputs/sft", kl_in="reward", dataset_name="sample:prompts")
     save_config(cfg, tmp_path / "run_config.yaml")
     saved = yaml.safe_load((tmp_path / "run_config.yaml").read_text())
-    assert saved["extra"] == str(tmp_path / "outputs" / "sft")  # found again from any directory
-    for other in ("not/there", "sample:sft"):  # not an existing path: as given
-        save_config(build_config(ToyConfig, {"extra": other}), tmp_path / "run_config.yaml")
-        assert yaml.safe_load((tmp_path / "run_config.yaml").read_text())["extra"] == other
+    assert saved["sft_adapter"] == str(tmp_path / "outputs" / "sft")  # found again from any directory
+    assert saved["kl_in"] == "reward" and saved["dataset_name"] == "sample:prompts"  # not paths: as given
+    save_config(PPOStageConfig(sft_adapter="not/there"), tmp_path / "run_config.yaml")
+    assert yaml.safe_load((tmp_path / "run_config.yaml").read_text())["sft_adapter"] == "not/there"
