@@ -365,7 +365,8 @@ def cmd_alignment(args) -> dict:
     sampled = work / "eval_sampled"
     if not (sampled / "eval.json").is_file():  # the pipeline's own eval step, sampling at the PPO temperature
         from rlhf.config import build_config, config_fields
-        from rlhf.pipeline import PipelineConfig, eval_step
+        from rlhf.pipeline import PipelineConfig
+        from rlhf.pipeline_steps import eval_step
         from rlhf.ppo.config import PPOStageConfig
 
         temperature = cfg.get("ppo", {}).get("temperature", config_fields(PPOStageConfig)["temperature"].default)

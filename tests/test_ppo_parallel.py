@@ -153,7 +153,8 @@ def test_the_shipped_ppo_config_splits_over_up_to_four_processes():
 
 def test_pipeline_launches_a_stage_on_two_processes(tiny_model_dir, tmp_path, monkeypatch):
     """`rlhf pipeline --num_processes 2` runs `rlhf ppo` itself under accelerate launch (no driver)."""
-    from rlhf.pipeline import PipelineConfig, launched
+    from rlhf.pipeline import PipelineConfig
+    from rlhf.pipeline_steps import launched
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
