@@ -154,11 +154,11 @@ def kl_to(policy: Callable, reference: Callable, batches, temperature: float) ->
     a time, without its left padding, for prompt and prefix tuning, whose position ids PEFT ignores).
     """
     kls, ratios = [], []
+    with policy() as model:
+        vocab, single = model.get_output_embeddings().weight.shape[0], is_prompt_learning(model)
+    with reference() as model:
+        single = single or is_prompt_learning(model)
     for p_ids, p_mask, r_ids, r_mask in batches:
-        with policy() as model:
-            vocab, single = model.get_output_embeddings().weight.shape[0], is_prompt_learning(model)
-        with reference() as model:
-            single = single or is_prompt_learning(model)
         rows = 1 if single else max(1, KL_CHUNK_ELEMENTS // max(1, r_ids.shape[1] * vocab))
         for i in range(0, r_ids.shape[0], rows):
             part = (p_ids[i : i + rows], p_mask[i : i + rows], r_ids[i : i + rows], r_mask[i : i + rows])
