@@ -46,7 +46,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from rlhf.config import Literal, Optional, TrainingConfig, field, require, save_config
+from rlhf.config import Literal, Optional, TrainingConfig, check_lora_keys, field, require, save_config
 from rlhf.hf_trainer import Stopwatch
 from rlhf.outputs import check_not_input, shared_staged_output, write_json
 
@@ -123,10 +123,7 @@ class RewardStageConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
-        require(self.lora_alpha >= 1, "config key 'lora_alpha' must be >= 1")
-        require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
-        require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
+        check_lora_keys(self)
         require(self.lora_top_layers >= 0, "config key 'lora_top_layers' must be >= 0")
         require(self.trunk_layers >= 0, "config key 'trunk_layers' must be >= 0")
         require(not self.trunk_layers or self.lora_top_layers <= self.trunk_layers,

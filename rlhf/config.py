@@ -280,6 +280,15 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_lora_keys(cfg) -> None:
+    """The LoRA keys every training stage shares (``lora_r``, ``lora_alpha``, ``lora_dropout``,
+    ``lora_target_modules``) are in range."""
+    require(cfg.lora_r >= 1, "config key 'lora_r' must be >= 1")
+    require(cfg.lora_alpha >= 1, "config key 'lora_alpha' must be >= 1")
+    require(0 <= cfg.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
+    require(bool(cfg.lora_target_modules), "config key 'lora_target_modules' must not be empty")
+
+
 @dataclasses.dataclass
 class TrainingConfig:
     """Keys every training stage shares (names follow ``transformers.TrainingArguments``)."""

@@ -30,7 +30,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from rlhf.config import Literal, Optional, TrainingConfig, field, require
+from rlhf.config import Literal, Optional, TrainingConfig, check_lora_keys, field, require
 from rlhf.errors import DataError, UserError
 from rlhf.outputs import check_not_input, shared_staged_output
 
@@ -87,10 +87,7 @@ class DPOStageConfig(TrainingConfig):
         require(self.max_length >= 16, "config key 'max_length' must be >= 16")
         require(0 <= self.eval_fraction < 1, "config key 'eval_fraction' must be in [0, 1)")
         require(self.eval_steps >= 0, "config key 'eval_steps' must be >= 0")
-        require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
-        require(self.lora_alpha >= 1, "config key 'lora_alpha' must be >= 1")
-        require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
-        require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
+        check_lora_keys(self)
         require(
             self.max_train_samples is None or self.max_train_samples >= 1, "config key 'max_train_samples' must be >= 1"
         )

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf.config import Literal, Optional, TrainingConfig, field, require
+from rlhf.config import Literal, Optional, TrainingConfig, check_lora_keys, field, require
 from rlhf.data import fingerprint, load_sft_dataset, split_train_eval
 from rlhf.errors import ConfigError
 from rlhf.hf_trainer import Stopwatch, finish_output, parallel_notice, trainer_kwargs, whole_eval_set
@@ -56,10 +56,7 @@ class SFTStageConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
-        require(self.lora_alpha >= 1, "config key 'lora_alpha' must be >= 1")
-        require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
-        require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
+        check_lora_keys(self)
         require(self.freeze_trainable_layers >= 1, "config key 'freeze_trainable_layers' must be >= 1")
         require(self.num_virtual_tokens >= 1, "config key 'num_virtual_tokens' must be >= 1")
         require(self.reft_rank >= 1, "config key 'reft_rank' must be >= 1")

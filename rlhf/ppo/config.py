@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from rlhf.config import Literal, Optional, TrainingConfig, field, require
+from rlhf.config import Literal, Optional, TrainingConfig, check_lora_keys, field, require
 from rlhf.errors import ConfigError
 
 
@@ -207,10 +207,7 @@ class PPOStageConfig(TrainingConfig):
         require(self.max_new_tokens >= 1, "config key 'max_new_tokens' must be >= 1")
         require(self.max_prompt_length >= 1, "config key 'max_prompt_length' must be >= 1")
         require(self.max_prompts is None or self.max_prompts >= 1, "config key 'max_prompts' must be >= 1")
-        require(self.lora_r >= 1, "config key 'lora_r' must be >= 1")
-        require(self.lora_alpha >= 1, "config key 'lora_alpha' must be >= 1")
-        require(0 <= self.lora_dropout < 1, "config key 'lora_dropout' must be in [0, 1)")
-        require(bool(self.lora_target_modules), "config key 'lora_target_modules' must not be empty")
+        check_lora_keys(self)
         require(self.sample_every >= 0, "config key 'sample_every' must be >= 0")
         require(self.num_samples >= 1, "config key 'num_samples' must be >= 1")
         require(self.save_steps >= 0, "config key 'save_steps' must be >= 0")
