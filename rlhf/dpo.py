@@ -100,11 +100,18 @@ class DPOStageConfig(TrainingConfig):
 # helper functions
 
 
-def pairs_to_dataset(pairs):
-    """TRL's conversational explicit-prompt layout: ``prompt`` messages, one-turn ``chosen`` / ``rejected``."""
+def pairs_to_dataset(pairs, shared_folder: Path | None = None):
+    """TRL's conversational explicit-prompt layout: ``prompt`` messages, one-turn ``chosen`` / ``rejected``.
+
+    ``shared_folder`` (on N processes): rank 0 saves the dataset there and every process reads it back, so that
+    the files TRL derives from it are one set that all processes see. TRL's precomputed reference log-probs are
+    such a file: rank 0 writes it next to the dataset's own files and every rank reads it, and an in-memory
+    dataset's files would be in each process's own temporary folder."""
     import datasets
 
-    return datasets.Dataset.from_list([
+    from rlhf import distributed
+
+    data = datasets.Dataset.from_list([
         {
             "prompt": p.prompt_messages,
             "chosen": [{"role": "assistant", "content": p.chosen}],
@@ -112,6 +119,12 @@ def pairs_to_dataset(pairs):
         }
         for p in pairs
     ])
+    if shared_folder is None or distributed.world_size() == 1:
+        return data
+    if distributed.is_main():
+        data.save_to_disk(str(shared_folder))
+    distributed.barrier()
+    return datasets.load_from_disk(str(shared_folder))
 
 
 def check_sft_adapter(sft_adapter: str) -> None:
@@ -180,11 +193,12 @@ def build_trainer(cfg: DPOStageConfig, work: Path, train_pairs, held_pairs, logg
         dataset_num_proc=None,
         dataloader_pin_memory=pick_device().type == "cuda",
     )
+    shared = work / "trainer" / "pairs" if cfg.precompute_ref_log_probs else None  # removed with the trainer's files
     trainer = whole_eval_set(DPOTrainer)(
         model=model,
         args=args,
-        train_dataset=pairs_to_dataset(train_pairs),
-        eval_dataset=pairs_to_dataset(held_pairs) if held_pairs else None,
+        train_dataset=pairs_to_dataset(train_pairs, shared and shared / "train"),
+        eval_dataset=pairs_to_dataset(held_pairs, shared and shared / "eval") if held_pairs else None,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=stage_callbacks(cfg, logger),

@@ -3,7 +3,8 @@
 
 Scenarios, each in ``WORK/<name>`` (a ``WORK/<name>.done`` marker is written by rank 0 when it ends):
 
-* ``greedy_rpp`` (adaptive KL controller), ``greedy_gae``: greedy rollouts (the same responses on 1 and 2 processes), compared
+* ``greedy_rpp`` (adaptive KL controller), ``greedy_gae``, ``greedy_rpp_2mb`` (two mini-batches per epoch, each
+  drawn from both processes' rollouts): greedy rollouts (the same responses on 1 and 2 processes), compared
   by the test with a 1-process run of the same config (:func:`run` in the test's own process).
 * ``sampled``: 2 sampled steps with a checkpoint after each; ``resumed``: a copy of it resumed from
   step 1 (RNG restored per process), compared with ``sampled``.
@@ -30,6 +31,8 @@ SCENARIOS = {
     "greedy_rpp": dict(advantage_estimator="reinforce_pp", samples_per_prompt=1, kl_controller="adaptive",
                        target_kl=0.01, kl_horizon=16),
     "greedy_gae": dict(advantage_estimator="gae", samples_per_prompt=1),
+    "greedy_rpp_2mb": dict(advantage_estimator="reinforce_pp", samples_per_prompt=1, num_mini_batches=2,
+                           gradient_accumulation_steps=2),
     "sampled": dict(advantage_estimator="rloo", samples_per_prompt=2, save_steps=1),
 }
 
@@ -93,7 +96,7 @@ def done(work: Path, name: str) -> None:
 def main(model_dir: str, work: str) -> None:
     torch.set_num_threads(1)
     work = Path(work)
-    for name in ("greedy_rpp", "greedy_gae", "sampled"):
+    for name in ("greedy_rpp", "greedy_gae", "greedy_rpp_2mb", "sampled"):
         run(model_dir, work, name)
         done(work, name)
     if distributed.is_main():  # resume a copy of "sampled" from its step-1 checkpoint

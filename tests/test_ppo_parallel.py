@@ -66,7 +66,7 @@ def _completed(work, name) -> int:
     return int(marker.read_text())
 
 
-@pytest.mark.parametrize("name", ["greedy_rpp", "greedy_gae"])
+@pytest.mark.parametrize("name", ["greedy_rpp", "greedy_gae", "greedy_rpp_2mb"])
 def test_two_processes_train_the_same_weights_as_one(launched, tiny_model_dir, tmp_path, name):
     work, proc = launched
     assert _completed(work, name) == 2, proc.stderr[-3000:]

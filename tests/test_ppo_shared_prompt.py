@@ -10,7 +10,7 @@ from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.shared_prompt import groups_share_prompt, response_mask_4d
 from rlhf.ppo.stage import run_ppo
-from rlhf.ppo.trainer import shuffled_rows
+from rlhf.ppo.trainer import mini_batch_rows, shuffled_rows
 from test_ppo_stage import Capture, make_sft_adapter, ppo_config
 
 NEG = torch.finfo(torch.float32).min
@@ -54,6 +54,23 @@ def test_shuffled_rows_keep_groups_whole():
     # group 1 is the plain row permutation (the order runs without shared prompts always had)
     assert torch.equal(shuffled_rows(7, 1, torch.Generator().manual_seed(4)),
                        torch.randperm(7, generator=torch.Generator().manual_seed(4)))
+
+
+def test_mini_batches_on_two_processes_are_those_of_one():
+    """12 rows in groups of 2 on one process, or 6 on each of two (process 1's rows 0-5 are rows 6-11 of the
+    one-process rollout): each mini-batch of 2 groups holds the same rows either way. Worked by hand: seed 4
+    orders the 6 groups 4, 5, 1, 2, 3, 0 (torch.randperm), so the mini-batches are groups (4, 5), (1, 2), (3, 0);
+    process 0 holds groups 0-2, process 1 groups 3-5 (its local groups 0-2)."""
+    assert torch.randperm(6, generator=torch.Generator().manual_seed(4)).tolist() == [4, 5, 1, 2, 3, 0]
+    one = mini_batch_rows(12, 2, 2, torch.Generator().manual_seed(4))
+    assert [b.tolist() for b in one] == [[8, 9, 10, 11], [2, 3, 4, 5], [6, 7, 0, 1]]
+    rank0 = mini_batch_rows(6, 2, 2, torch.Generator().manual_seed(4), world=2, rank=0)
+    rank1 = mini_batch_rows(6, 2, 2, torch.Generator().manual_seed(4), world=2, rank=1)
+    assert [b.tolist() for b in rank0] == [[], [2, 3, 4, 5], [0, 1]]
+    assert [b.tolist() for b in rank1] == [[2, 3, 4, 5], [], [0, 1]]
+    # one process, groups of 1: the plain row order cut into mini-batches
+    rows = mini_batch_rows(5, 1, 2, torch.Generator().manual_seed(4))
+    assert torch.equal(torch.cat(rows), torch.randperm(5, generator=torch.Generator().manual_seed(4)))
 
 
 # the actor's passes

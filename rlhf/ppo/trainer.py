@@ -190,8 +190,7 @@ class PPOTrainer:
         comm = 0.0
         group = self.train_group()
         for _ in range(cfg.ppo_epochs):
-            order = shuffled_rows(r.size, group, gen)
-            for mb in order.split(cfg.mini_batch_size // self.world):
+            for mb in mini_batch_rows(r.size, group, cfg.mini_batch_size // group, gen, self.world, self.rank):
                 self.optimizer.zero_grad(set_to_none=True)
                 tokens = distributed.all_reduce_sum(r.response_mask[mb.to(device)].sum())
                 for micro in mb.split(cfg.per_device_train_batch_size):
@@ -218,7 +217,7 @@ class PPOTrainer:
         cfg, k = self.cfg, self.cfg.samples_per_prompt
         if k < 2 or not cfg.share_prompt_pass or not self.actor.shares_prompts or cfg.gradient_checkpointing:
             return 1
-        if (cfg.mini_batch_size // self.world) % k or cfg.per_device_train_batch_size % k:
+        if cfg.mini_batch_size % k or cfg.per_device_train_batch_size % k:
             return 1
         return k
 
@@ -439,8 +438,26 @@ def first_and_last(history: list[dict], key: str, most: int = 5) -> tuple[float,
 def shuffled_rows(n: int, group: int, gen: torch.Generator) -> torch.Tensor:
     """A random order of ``n`` rows that keeps each group of ``group`` consecutive rows together, in order:
     the groups are shuffled (group 1: the rows are)."""
-    groups = torch.randperm(n // group, generator=gen)
-    return (groups[:, None] * group + torch.arange(group)).reshape(-1)
+    return mini_batch_rows(n, group, n // group, gen)[0]
+
+
+def mini_batch_rows(n: int, group: int, groups_per_batch: int, gen: torch.Generator, world: int = 1,
+                    rank: int = 0) -> list[torch.Tensor]:
+    """This process's rows of each mini-batch of one epoch, drawn as one process would draw them.
+
+    The step's rollouts are ``world`` x ``n`` rows in groups of ``group`` consecutive rows; process r holds
+    groups r*G .. r*G+G-1 of them (G = n // group) as its rows 0..n-1. One random order of all the groups
+    (the same on every process: same generator) is cut into mini-batches of ``groups_per_batch`` groups, and
+    each process takes the rows of its own groups in each, in that order. So N processes train on the
+    mini-batches of 1 process: a process's share of one mini-batch varies, which the global token mean of the
+    losses and the summed gradients allow for."""
+    local = n // group
+    order = torch.randperm(local * world, generator=gen)
+    batches = []
+    for chunk in order.split(groups_per_batch):
+        mine = chunk[chunk // local == rank] - rank * local
+        batches.append((mine[:, None] * group + torch.arange(group)).reshape(-1))
+    return batches
 
 
 def _peak_rss_mb() -> float:
