@@ -43,19 +43,38 @@ def trainer_kwargs(cfg: TrainingConfig, output_dir: str, has_eval: bool, eval_st
 
 
 def parallel_notice(trainer) -> str:
-    """A warning when the launch asked for DeepSpeed or FSDP but accelerate runs something else, else "".
+    """Warnings about an N-process launch, one per line, or "".
 
-    Without a GPU ``rlhf.cli`` has accelerate use the CPU, and accelerate then trains plain data-parallel
-    (DDP over gloo) whatever the config file says: correct, but nothing is sharded.
+    - The launch asked for DeepSpeed or FSDP but accelerate runs something else: without a GPU ``rlhf.cli`` has
+      accelerate use the CPU, and accelerate then trains plain data-parallel (DDP over gloo) whatever the config
+      file says: correct, but nothing is sharded.
+    - The training rows do not fill whole global batches: each epoch's last step repeats rows (see
+      :func:`repeated_rows`), so the weights are not those of one process there.
     """
+    notices = []
     asked = [name for name, var in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP"))
              if os.environ.get(var, "false").lower() == "true"]  # fmt: skip
     runs = trainer.accelerator.distributed_type.value
-    if not asked or runs in ("DEEPSPEED", "FSDP"):
-        return ""
-    return (f"warning: the accelerate config asks for {' and '.join(asked)}, but accelerate runs {runs} with "
-            f"{trainer.accelerator.num_processes} process(es) here (DeepSpeed and FSDP need GPUs): plain "
-            "data-parallel training, nothing sharded")
+    world = trainer.accelerator.num_processes
+    if asked and runs not in ("DEEPSPEED", "FSDP"):
+        notices.append(f"warning: the accelerate config asks for {' and '.join(asked)}, but accelerate runs {runs} "
+                       f"with {world} process(es) here (DeepSpeed and FSDP need GPUs): plain data-parallel "
+                       "training, nothing sharded")
+    n, per_device = len(trainer.train_dataset), trainer.args.per_device_train_batch_size
+    repeated = repeated_rows(n, per_device, world)
+    if repeated:
+        notices.append(f"note: {n} training rows do not fill whole batches of {per_device} x {world} processes: "
+                       f"each epoch's last step also trains {repeated} rows of its start again, to give every "
+                       f"process a full batch (one process trains that step on {n % (per_device * world)} rows)")
+    return "\n".join(notices)
+
+
+def repeated_rows(n: int, per_device: int, world: int) -> int:
+    """Rows that the last step of each epoch over ``n`` rows repeats on ``world`` processes of ``per_device``
+    rows each: accelerate fills that step's shortfall with rows from the epoch's start, so every process gets
+    a full batch. 0 on one process or when n is a multiple of the global batch."""
+    whole = per_device * world
+    return (-n) % whole if world > 1 else 0
 
 
 class WholeEvalSet:

@@ -236,6 +236,7 @@ def test_reward_batches_split_over_processes_into_the_global_batch(by_prompt):
     from torch.utils.data import DataLoader, RandomSampler
 
     from reward.trainer import GroupedSampler
+    from rlhf.hf_trainer import repeated_rows
 
     n = 39
     groups = [i // 3 for i in range(n)]
@@ -255,6 +256,9 @@ def test_reward_batches_split_over_processes_into_the_global_batch(by_prompt):
         a, b = ranks[0][step], ranks[1][step]
         assert not set(a) & set(b)
         assert a + b == whole[step]
+    # the last step: the one-process batch's 7 rows, and repeated_rows(39, 4, 2) = 1 row of the epoch's start
+    last = ranks[0][full_steps] + ranks[1][full_steps]
+    assert last[:7] == whole[full_steps] and last[7:] == whole[0][:repeated_rows(n, 4, 2)] == whole[0][:1]
 
 
 def test_a_deepspeed_or_fsdp_config_that_runs_as_ddp_is_reported(monkeypatch):
@@ -267,12 +271,17 @@ def test_a_deepspeed_or_fsdp_config_that_runs_as_ddp_is_reported(monkeypatch):
 
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(var, raising=False)
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2),
+                              train_dataset=range(16), args=SimpleNamespace(per_device_train_batch_size=4))
     assert parallel_notice(trainer) == ""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert "asks for DeepSpeed, but accelerate runs MULTI_CPU with 2 process(es)" in parallel_notice(trainer)
     trainer.accelerator.distributed_type = DistributedType.DEEPSPEED
     assert parallel_notice(trainer) == ""
+    trainer.train_dataset = range(34)  # 4 full steps of 2 x 4 rows, then 2 rows and 6 repeated
+    assert parallel_notice(trainer) == ("note: 34 training rows do not fill whole batches of 4 x 2 processes: each "
+                                        "epoch's last step also trains 6 rows of its start again, to give every "
+                                        "process a full batch (one process trains that step on 2 rows)")
 
 
 def test_shipped_accelerate_configs_parse():
