@@ -59,6 +59,10 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def _logged(folder) -> list[dict]:
+    return [json.loads(line) for line in (Path(folder) / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
 def _completed(work, name) -> int:
     """The world size the scenario ran on (its marker holds it); fails if it did not finish."""
     marker = work / f"{name}.done"
@@ -83,6 +87,12 @@ def test_two_processes_train_the_same_weights_as_one(launched, tiny_model_dir, t
     assert one["kl_coef_final"] == pytest.approx(two["kl_coef_final"], rel=1e-6)
     if name == "greedy_rpp":
         assert two["kl_coef_final"] != pytest.approx(0.05, rel=1e-3)  # the adaptive controller moved it
+    # the logged spreads and token means are those of the whole step's rollouts, not means of each process's
+    spread = ["reward/std", "score/raw_std", "advantage/mean", "advantage/std", "policy/entropy"]
+    spread += ["value/explained_variance", "value/mean"] if name == "greedy_gae" else []
+    for got, want in zip(_logged(work / name), _logged(tmp_path / name), strict=True):
+        want = pytest.approx({k: want[k] for k in spread}, rel=1e-4, abs=1e-5, nan_ok=True)  # step 1: var(R) = 0
+        assert {k: got[k] for k in spread} == want
 
 
 def test_only_rank_0_writes_one_output_folder(launched):

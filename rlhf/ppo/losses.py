@@ -280,11 +280,12 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce_sum=None) -> Tensor:
     """1 - var_m(R - V) / var_m(R) (unbiased, over the mask). (B, T) -> scalar.
-    Detached. Is +-inf or NaN when var_m(R) == 0."""
+    Detached. Is +-inf or NaN when var_m(R) == 0. ``reduce_sum``: over all processes (:func:`masked_mean_var`)."""
     with torch.no_grad():
-        return 1.0 - masked_var(returns - values, mask) / masked_var(returns, mask)
+        residual = masked_mean_var(returns - values, mask, True, reduce_sum)[1]
+        return 1.0 - residual / masked_mean_var(returns, mask, True, reduce_sum)[1]
 
 
 # -------------------------------------------------------------- KL controllers

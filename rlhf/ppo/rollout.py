@@ -31,11 +31,9 @@ from rlhf.ppo.losses import (
     eos_truncation_mask,
     kl_k1,
     kl_k3,
-    masked_mean,
     masked_mean_var,
     masked_rescale,
     masked_sum,
-    masked_var,
     masked_whiten,
     penalize_missing_eos,
     shape_rewards,
@@ -317,26 +315,34 @@ def compute_targets(rollout: Rollout, scores: Tensor, *, kl_coef: float, kl_esti
     return rollout
 
 
-def rollout_stats(r: Rollout) -> dict[str, float]:
-    """Per-step statistics of a rollout with targets (plain floats)."""
+def rollout_stats(r: Rollout, reduce_sum=None) -> dict[str, float]:
+    """Per-step statistics of a rollout with targets (plain floats). ``reduce_sum`` (on N processes): the
+    spreads and the token means are those of every process's rollouts together (equal shares of sequences,
+    so the sequence means of each process average to the global ones; their spreads and token means do not)."""
     m = r.response_mask
     k1 = masked_sum(kl_k1(r.logprobs, r.ref_logprobs), m, dim=1)   # (B,) sequence KL
     k3 = masked_sum(kl_k3(r.logprobs, r.ref_logprobs), m, dim=1)
     shaped = masked_sum(r.rewards, m, dim=1)
     lengths = m.sum(dim=1)
-    std = lambda x: float(x.std()) if x.numel() > 1 else 0.0  # noqa: E731
+    every = torch.ones_like(r.scores)
+
+    def moments(x, mask):  # (mean, std) over the masked entries of every process
+        mean, var = masked_mean_var(x, mask, True, reduce_sum)
+        return float(mean), float(var.sqrt())
+
+    advantage_mean, advantage_std = moments(r.advantages, m)
     return {
         "reward/mean": float(r.scores.mean()),
-        "reward/std": std(r.scores),
+        "reward/std": moments(r.scores, every)[1],
         "score/raw_mean": float(r.raw_scores.mean()),
-        "score/raw_std": std(r.raw_scores),
+        "score/raw_std": moments(r.raw_scores, every)[1],
         "reward/shaped_total_mean": float(shaped.mean()),
         "kl/k1": float(k1.mean()),
         "kl/k3": float(k3.mean()),
-        "policy/entropy": float(masked_mean(r.entropy, m)),
+        "policy/entropy": moments(r.entropy, m)[0],
         "response/length_mean": float(lengths.mean()),
         "response/missing_eos_frac": float((~r.has_eos).float().mean()),
-        "advantage/mean": float(masked_mean(r.advantages, m)),
-        "advantage/std": float(masked_var(r.advantages, m).sqrt()),
-        **({"value/mean": float(masked_mean(r.values, m))} if r.values is not None else {}),
+        "advantage/mean": advantage_mean,
+        "advantage/std": advantage_std,
+        **({"value/mean": moments(r.values, m)[0]} if r.values is not None else {}),
     }

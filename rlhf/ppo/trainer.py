@@ -152,11 +152,11 @@ class PPOTrainer:
         compute_targets(rollout, scores, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma,
                         lam=cfg.lam, whiten_advantages=cfg.whiten_advantages, estimator=cfg.advantage_estimator,
                         group_size=k, kl_in=cfg.kl_in, grpo_scale_std=cfg.grpo_scale_std, reduce_sum=reduce_sum)
-        stats = rollout_stats(rollout)
+        stats = rollout_stats(rollout, reduce_sum)
         if rollout.values is not None:
             stats["value/explained_variance"] = float(explained_variance(rollout.values, rollout.returns,
-                                                                         rollout.response_mask))
-        stats = distributed.all_reduce_stats(stats)  # equal shares: the mean of the means is the global mean
+                                                                         rollout.response_mask, reduce_sum))
+        stats = distributed.all_reduce_stats(stats)  # global already, or equal shares: the mean of the means
         if not math.isfinite(stats["kl/k1"]):
             self._stop("the KL to the reference is NaN/inf")
         t_train = time.perf_counter()
