@@ -96,12 +96,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+PARALLEL_STAGES = ("sft", "reward", "dpo", "ppo")  # the stages that train data-parallel on N processes
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` on every adapter load: a FutureWarning per
     # stage that no setting of ours can avoid
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # one of N launched processes
+        command = " ".join(argv[:2] if tuple(argv[:2]) in SUBSTAGES else argv[:1])
+        if command not in PARALLEL_STAGES:  # each process would run the whole command and write the same outputs
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: `rlhf {command}` runs in one process; only {', '.join(PARALLEL_STAGES)} run on the "
+                      "N processes of `accelerate launch` (`rlhf pipeline --num_processes N` launches them itself)",
+                      file=sys.stderr)  # fmt: skip
+            return 2
         from rlhf.distributed import prepare_environment
 
         prepare_environment()

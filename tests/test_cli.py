@@ -160,3 +160,21 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     proc.stdout.close()  # before the command writes its line
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and "Traceback" not in err, err[-500:]
+
+
+@pytest.mark.parametrize("argv, name", [(["generate", "--max_new_tokens", "4"], "generate"),
+                                        (["reward", "evaluate"], "reward evaluate"), (["pipeline"], "pipeline"),
+                                        (["label", "export"], "label")])
+def test_a_one_process_command_under_a_launcher_is_refused_once(argv, name, tmp_path, monkeypatch, capsys):
+    """`accelerate launch` of a command that does not train data-parallel would run it whole on each process,
+    each writing the same outputs: refused before anything runs, the message printed by rank 0 alone."""
+    out = tmp_path / "gen.jsonl"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == ("" if rank == "1" else
+                       f"error: `rlhf {name}` runs in one process; only sft, reward, dpo, ppo run on the N processes "
+                       "of `accelerate launch` (`rlhf pipeline --num_processes N` launches them itself)\n")
+    assert not out.exists()
