@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from feedback_ui.config import LabelCandidatesConfig
+from feedback_ui.db_url import shown_db
 from feedback_ui.store import Comparison, Prompt, Response, Store, init_db, set_setting, sha256_hex
 from rlhf.data import to_messages
 from rlhf.errors import DataError
@@ -384,7 +385,7 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     }
     print(
         f"{len(prompts)} prompts: {summary['responses_sampled']} responses sampled, {new_responses} new responses, "
-        f"{new_comparisons} new comparisons, {gold} new gold items -> {cfg.db}"
+        f"{new_comparisons} new comparisons, {gold} new gold items -> {shown_db(cfg.db)}"
     )
     if select:
         print(f"selection {cfg.selection}: {selected['selected']} comparisons created of "

@@ -126,8 +126,10 @@ def _check_tls(certfile, keyfile) -> None:
 def cmd_init(args) -> None:
     from feedback_ui.store import init_db
 
+    from feedback_ui.db_url import shown_url
+
     with init_db(args.db) as store:
-        print(f"database ready: {store.url}")
+        print(f"database ready: {shown_url(store.url)}")
 
 
 @_database_errors

@@ -30,14 +30,20 @@ def normalize_url(db: str) -> str:
     if "://" in db:
         scheme, _, rest = db.partition("://")
         if scheme in ("postgres", "postgresql") or scheme.startswith("postgresql+"):
+            if rest.split("/", 1)[0].count("@") > 1:  # parsed, part of the password would become the host
+                raise UserError(f"invalid {scheme} URL: more than one '@' before the host (write an '@' in the "
+                                "user name or password as %40)")
             url = f"{_postgres_driver()}://{rest}" if "+" not in scheme else db
             try:
                 sa.engine.make_url(url).port  # noqa: B018 - parses host and port
             except (sa.exc.ArgumentError, ValueError):  # the message could quote a password
                 raise UserError(f"invalid {scheme} URL: cannot parse user, host, port and database from it") from None
             return url
-        if scheme != "sqlite" or not rest.startswith("/") or rest == "/":
-            raise UserError(f"unsupported database URL '{db}': use a file path, sqlite:///FILE or postgresql://...")
+        if scheme != "sqlite":  # the URL itself is not shown: it may hold a password
+            raise UserError(f"unsupported database URL scheme '{scheme}://': use a file path, sqlite:///FILE or "
+                            "postgresql://...")
+        if not rest.startswith("/") or rest == "/":
+            raise UserError(f"a SQLite URL names a file: sqlite:///FILE (got '{db}')")
         db = rest[1:]  # sqlite:///relative or sqlite:////absolute
     path = Path(db).expanduser().resolve()
     if not path.parent.is_dir():
@@ -48,6 +54,16 @@ def normalize_url(db: str) -> str:
 def shown_url(url: str) -> str:
     """``url`` with any password masked, for messages."""
     return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def shown_db(db: str) -> str:
+    """A ``--db`` value for messages: a file path as given, a URL with its password masked."""
+    if "://" not in db:
+        return db
+    try:
+        return shown_url(db)
+    except (sa.exc.ArgumentError, ValueError):
+        return "the database URL"
 
 
 def sqlite_path(url: str) -> Optional[Path]:

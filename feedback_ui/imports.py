@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from feedback_ui.candidates import add_response, build_comparisons, get_or_add_prompt, prompt_key
 from feedback_ui.config import MAX_RANK
+from feedback_ui.db_url import shown_db
 from feedback_ui.store import Response, Store, init_db
 from rlhf.data import to_messages
 from rlhf.errors import DataError
@@ -114,5 +115,5 @@ def run_label_import(db: str, path: str, *, mode: str = "pairwise", overlap: int
         line += f"; {_prompts(counts['one_model'])} skipped (responses from one model only)"
     if counts["too_many"]:
         line += f"; {_prompts(counts['too_many'])} skipped (more than {MAX_RANK} responses for one ranking)"
-    print(f"{line} -> {db}")
+    print(f"{line} -> {shown_db(db)}")
     return counts

@@ -277,7 +277,8 @@ def _stored_version(store: Store) -> Optional[int]:
 def _check_version(version: Optional[int], url: str) -> None:
     if version is not None and version > SCHEMA_VERSION:
         raise UserError(
-            f"database {url} has schema version {version}, newer than this toolkit supports ({SCHEMA_VERSION}); "
+            f"database {shown_url(url)} has schema version {version}, newer than this toolkit supports "
+            f"({SCHEMA_VERSION}); "
             "upgrade the toolkit"
         )
 
@@ -341,7 +342,8 @@ def open_store(db: str) -> Store:
         with database_errors(store.url):
             version = _stored_version(store)
         if version is None:
-            raise UserError(f"database {shown_url(store.url)} is not initialised: run 'rlhf label init --db {db}'")
+            init = f"'rlhf label init --db {db}'" if store.is_sqlite else "'rlhf label init' with the same --db"
+            raise UserError(f"database {shown_url(store.url)} is not initialised: run {init}")
         _check_version(version, store.url)
         if version < SCHEMA_VERSION:
             with database_errors(store.url):

@@ -87,3 +87,38 @@ def test_two_tabs_serving_and_voting_at_once_keep_one_open_task(db_url):
         voted = s.scalars(sa.select(Vote.comparison_id)).all()
         assert sorted(voted) == sorted(s.scalars(sa.select(Comparison.id)).all())  # each exactly once
         assert s.scalar(sa.select(sa.func.count()).select_from(Assignment).where(Assignment.status == "open")) == 0
+
+
+def test_no_message_shows_the_database_password(postgres_cluster, tmp_path, capsys):
+    """The database URL's password is masked wherever a command names the database (the test cluster trusts
+    every login, so the password in these URLs is accepted and ignored)."""
+    from rlhf.cli import main
+    from rlhf.testing import write_jsonl
+
+    secret, said = "S3cretPW", []
+
+    def run(*argv) -> tuple[int, str]:
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        said.append(captured.out + captured.err)
+        return code, said[-1]
+
+    with_password = lambda url: url.replace("postgres@", f"postgres:{secret}@")  # noqa: E731
+    url, fresh = with_password(postgres_cluster.new_database()), with_password(postgres_cluster.new_database())
+    rows = [{"prompt": "2+2?", "response": "4", "model": "a"}, {"prompt": "2+2?", "response": "Four.", "model": "b"}]
+    responses = str(write_jsonl(tmp_path / "r.jsonl", rows))
+    code, text = run("label", "init", "--db", url)
+    assert code == 0 and "database ready: postgresql+psycopg://postgres:***@" in text
+    code, text = run("label", "import", "--db", url, "--file", responses)
+    assert code == 0 and "1 new comparisons -> postgresql://postgres:***@" in text
+    code, text = run("label", "stats", "--db", fresh)  # not initialised
+    assert code == 2 and "is not initialised: run 'rlhf label init' with the same --db" in text
+    with init_db(url) as store, store.write() as s:
+        s.execute(sa.text("INSERT INTO schema_version (version) VALUES (99)"))
+    code, text = run("label", "stats", "--db", url)  # a newer schema
+    assert code == 2 and "has schema version 99" in text
+    code, text = run("label", "stats", "--db", url.replace(secret, "p@ss" + secret))  # '@' not written as %40
+    assert code == 2 and "more than one '@' before the host" in text
+    code, text = run("label", "stats", "--db", url.replace("postgresql://", "mysql://"))
+    assert code == 2 and "unsupported database URL scheme 'mysql://'" in text
+    assert len(said) == 6 and not [text for text in said if secret in text]
