@@ -71,9 +71,12 @@ def sqlite_path(url: str) -> Optional[Path]:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
-def foreign_database(path_or_url, tables) -> UserError:
+def foreign_database(path_or_url, tables, sqlite: bool = True) -> UserError:
     shown = ", ".join(sorted(tables)[:5])
-    return UserError(f"{path_or_url} is a SQLite database of something else (tables: {shown}); left untouched")
+    if sqlite:
+        return UserError(f"{path_or_url} is a SQLite database of something else (tables: {shown}); left untouched")
+    return UserError(f"database {path_or_url} holds tables of something else ({shown}); left untouched: give the "
+                     "labeling data a database of its own")
 
 
 def check_sqlite_file(path: Path, create: bool) -> None:

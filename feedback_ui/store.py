@@ -264,12 +264,22 @@ class Store:
         self.close()
 
 
+FIRST_TABLES = {"settings", "users", "prompts", "responses", "comparisons", "assignments", "votes"}  # schema v1
+
+
 def _stored_version(store: Store) -> Optional[int]:
-    tables = set(sa.inspect(store.engine).get_table_names())
+    """The schema version of a labeling database, None for an empty one; a database that holds tables of
+    something else (also a ``schema_version`` table that is not ours) is refused before anything is written."""
+    inspector = sa.inspect(store.engine)
+    tables = set(inspector.get_table_names())
+    where = sqlite_path(store.url) if store.is_sqlite else shown_url(store.url)
     if SchemaVersion.__tablename__ not in tables:
-        if tables and store.is_sqlite:
-            raise foreign_database(sqlite_path(store.url), tables)
+        if tables - set(Base.metadata.tables):  # only ours: an init that stopped before recording its version
+            raise foreign_database(where, tables, store.is_sqlite)
         return None
+    columns = {c["name"]: c["type"] for c in inspector.get_columns(SchemaVersion.__tablename__)}
+    if list(columns) != ["version"] or not isinstance(columns["version"], sa.Integer) or not FIRST_TABLES <= tables:
+        raise foreign_database(where, tables, store.is_sqlite)
     with store.read() as s:
         return s.scalar(sa.select(sa.func.max(SchemaVersion.version)))
 

@@ -6,10 +6,12 @@ again in the test's thread and fails the test.
 
 import threading
 
+import pytest
 import sqlalchemy as sa
 from test_feedback_store import run_in_threads, uid
 
 from feedback_ui import tasks
+from feedback_ui.db_url import normalize_url
 from feedback_ui.export import export_preferences
 from feedback_ui.stats import collect_stats
 from feedback_ui.store import Assignment, Comparison, Vote, init_db, open_store
@@ -122,3 +124,40 @@ def test_no_message_shows_the_database_password(postgres_cluster, tmp_path, caps
     code, text = run("label", "stats", "--db", url.replace("postgresql://", "mysql://"))
     assert code == 2 and "unsupported database URL scheme 'mysql://'" in text
     assert len(said) == 6 and not [text for text in said if secret in text]
+
+
+FOREIGN_SCHEMAS = {
+    "another application": ["CREATE TABLE users (id integer PRIMARY KEY, email text)", "CREATE TABLE orders (id int)"],
+    "another schema_version": ["CREATE TABLE schema_version (version text, script text)"],
+    "an integer schema_version alone": ["CREATE TABLE schema_version (version integer PRIMARY KEY)",
+                                        "INSERT INTO schema_version VALUES (2)"],
+}
+
+
+@pytest.mark.parametrize("what", list(FOREIGN_SCHEMAS))
+def test_a_database_of_something_else_is_left_untouched(what, new_db, capsys):
+    """On SQLite and on PostgreSQL alike, `rlhf label init` and the other commands refuse a database holding
+    tables that are not the labeling schema's, before writing anything."""
+    from rlhf.cli import main
+
+    db = new_db()
+    engine = sa.create_engine(normalize_url(db))
+    with engine.begin() as conn:
+        for statement in FOREIGN_SCHEMAS[what]:
+            conn.execute(sa.text(statement))
+
+    def snapshot():
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            tables = {t: [c["name"] for c in inspector.get_columns(t)] for t in inspector.get_table_names()}
+            versions = conn.execute(sa.text("SELECT * FROM schema_version")).all() if "schema_version" in tables else []
+            return tables, versions
+
+    before = snapshot()
+    for argv in (["label", "init"], ["label", "stats"], ["label", "user", "list"]):
+        assert main([*argv, "--db", db]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "something else" in err and "left untouched" in err
+        assert err.count("\n") == 1
+    assert snapshot() == before
+    engine.dispose()
