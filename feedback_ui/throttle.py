@@ -18,9 +18,11 @@ from datetime import datetime, timedelta
 from typing import Optional
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from feedback_ui.store import LoginFailure, Store, utcnow
+
+DEADLOCK = "40P01"  # PostgreSQL's SQLSTATE for a transaction ended to break a deadlock
 
 
 @dataclass(frozen=True)
@@ -65,14 +67,24 @@ def locked(store: Store, keys: list[str]) -> Optional[str]:
 
 
 def _retried(write, *args):
-    """``write(*args)``, again when PostgreSQL refused it because a concurrent first attempt inserted a key first."""
+    """``write(*args)``, again when PostgreSQL refused it because a concurrent first attempt inserted a key first,
+    or ended it as a deadlock's victim (the functions here lock their rows in key order, so that should not
+    happen; a retry is what PostgreSQL's documentation asks for if it does)."""
     for attempt in range(3):
         try:
             return write(*args)
-        except IntegrityError:
-            if attempt == 2:
+        except (IntegrityError, OperationalError) as exc:
+            again = isinstance(exc, IntegrityError) or getattr(exc.orig, "sqlstate", None) == DEADLOCK
+            if not again or attempt == 2:
                 raise
     return None
+
+
+def _lock_rows(s, store: Store, where) -> list[str]:
+    """Lock the rows ``where`` selects in key order (PostgreSQL; SQLite's write transaction holds the whole
+    database), so that two transactions never wait for each other's rows; returns their keys."""
+    query = sa.select(LoginFailure.key).where(where).order_by(LoginFailure.key)
+    return list(s.scalars(query if store.is_sqlite else query.with_for_update()))
 
 
 def begin_attempt(store: Store, keys: list[str], policy: ThrottlePolicy) -> Optional[str]:
@@ -81,32 +93,43 @@ def begin_attempt(store: Store, keys: list[str], policy: ThrottlePolicy) -> Opti
     return _retried(_begin_attempt, store, keys, policy)
 
 
+def _forgotten(policy: ThrottlePolicy, now: datetime):
+    """Rows of failures older than the window and not locked now (forgotten failures, ended locks)."""
+    return sa.and_(LoginFailure.window_start < now - policy.window,
+                   sa.or_(LoginFailure.locked_until.is_(None), LoginFailure.locked_until < now))  # fmt: skip
+
+
 def _begin_attempt(store: Store, keys: list[str], policy: ThrottlePolicy) -> Optional[str]:
     now = utcnow()
     with store.write() as s:
-        s.execute(sa.delete(LoginFailure).where(  # forgotten failures and ended locks
-            LoginFailure.window_start < now - policy.window,
-            sa.or_(LoginFailure.locked_until.is_(None), LoginFailure.locked_until < now),
-        ))  # fmt: skip
-        rows = [_row(s, store, key, now) for key in keys]
-        for row in rows:
+        stale = sa.select(LoginFailure.key).where(_forgotten(policy, now)).order_by(LoginFailure.key)
+        if not store.is_sqlite:  # rows another login holds are left for a later one (no waiting on them)
+            stale = stale.with_for_update(skip_locked=True)
+        forgotten = list(s.scalars(stale))
+        if forgotten:
+            s.execute(sa.delete(LoginFailure).where(LoginFailure.key.in_(forgotten)))
+        rows = {key: _row(s, store, key, now, policy) for key in sorted(set(keys))}  # locked in key order
+        for key in keys:
+            row = rows[key]
             if _is_locked(row, now):
                 return locked_message(row.key, (row.locked_until - now).total_seconds())
             if row.failures >= policy.max_failures:  # not locked: the last attempts are still being checked
                 return busy_message(row.key)
-        for row in rows:
+        for row in rows.values():
             row.failures += 1
         s.flush()
     return None
 
 
-def _row(s, store: Store, key: str, now: datetime) -> LoginFailure:
-    """The key's row, locked for this transaction (PostgreSQL), new or started afresh after an ended lock."""
-    row = s.get(LoginFailure, key, with_for_update=not store.is_sqlite)
+def _row(s, store: Store, key: str, now: datetime, policy: ThrottlePolicy) -> LoginFailure:
+    """The key's row, locked for this transaction (PostgreSQL), new, or started afresh after an ended lock or
+    when its failures are forgotten."""
+    row = s.get(LoginFailure, key, with_for_update=not store.is_sqlite, populate_existing=True)
     if row is None:
         row = LoginFailure(key=key, failures=0, window_start=now)
         s.add(row)
-    elif row.locked_until is not None and row.locked_until <= now:  # an ended lock starts afresh
+    elif (row.locked_until is not None and row.locked_until <= now) or (
+            row.locked_until is None and row.window_start < now - policy.window):
         row.failures, row.window_start, row.locked_until = 0, now, None
     return row
 
@@ -114,19 +137,30 @@ def _row(s, store: Store, key: str, now: datetime) -> LoginFailure:
 def record_failure(store: Store, keys: list[str], policy: ThrottlePolicy) -> Optional[str]:
     """A begun attempt (:func:`begin_attempt`) failed: it stays counted, and a key with ``max_failures``
     counted is locked. Returns the lock message when this failure locked one."""
-    now, message = utcnow(), None
+    return _retried(_record_failure, store, keys, policy)
+
+
+def _record_failure(store: Store, keys: list[str], policy: ThrottlePolicy) -> Optional[str]:
+    now, locks = utcnow(), []
     with store.write() as s:
-        for key in keys:
-            row = s.get(LoginFailure, key, with_for_update=not store.is_sqlite)
+        for key in sorted(set(keys)):  # locked in key order
+            row = s.get(LoginFailure, key, with_for_update=not store.is_sqlite, populate_existing=True)
             if row is not None and row.failures >= policy.max_failures and not _is_locked(row, now):
                 row.locked_until = now + policy.lock
-                message = message or locked_message(key, policy.lock.total_seconds())
-    return message
+                locks.append(key)
+    first = next((key for key in keys if key in locks), None)
+    return locked_message(first, policy.lock.total_seconds()) if first else None
 
 
 def record_success(store: Store, keys: list[str]) -> None:
     """Take back a begun attempt (a right password, or one refused before its check): one count per key, and
     never a lock."""
+    _retried(_record_success, store, keys)
+
+
+def _record_success(store: Store, keys: list[str]) -> None:
     with store.write() as s:
-        s.execute(sa.update(LoginFailure).where(LoginFailure.key.in_(keys), LoginFailure.failures > 0)
-                  .values(failures=LoginFailure.failures - 1))  # fmt: skip
+        held = _lock_rows(s, store, LoginFailure.key.in_(keys) & (LoginFailure.failures > 0))
+        if held:
+            s.execute(sa.update(LoginFailure).where(LoginFailure.key.in_(held))
+                      .values(failures=LoginFailure.failures - 1))  # fmt: skip
