@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from feedback_ui.config import LabelCandidatesConfig
 from feedback_ui.db_url import shown_db
-from feedback_ui.store import Comparison, Prompt, Response, Store, init_db, set_setting, sha256_hex
+from feedback_ui.store import Comparison, Prompt, Response, Store, has_nul, init_db, set_setting, sha256_hex
 from rlhf.data import to_messages
 from rlhf.errors import DataError
 
@@ -148,8 +148,8 @@ def add_candidates(
     with store.write() as s:
         p = get_or_add_prompt(s, prompt)
         before = s.scalar(sa.select(sa.func.count()).select_from(Response).where(Response.prompt_id == p.id))
-        for text in responses:
-            add_response(s, p.id, text, source="policy", policy=policy, settings=settings)
+        for text in responses:  # a NUL a model wrote is dropped (the database cannot store it)
+            add_response(s, p.id, text.replace("\x00", ""), source="policy", policy=policy, settings=settings)
         after = s.scalar(sa.select(sa.func.count()).select_from(Response).where(Response.prompt_id == p.id))
         if not compare:
             return after - before, 0
@@ -180,6 +180,8 @@ def read_gold(path: str) -> list[dict]:
             raise DataError(f"{file}:{n} needs string 'chosen' and 'rejected' and a 'prompt'")
         if row["chosen"] == row["rejected"]:
             raise DataError(f"{file}:{n} has the same text as chosen and rejected")
+        if has_nul([row["prompt"], row["chosen"], row["rejected"]]):
+            raise DataError(f"{file}:{n} holds a NUL character (\\u0000), which the database cannot store")
         rows.append(row)
     return rows
 
@@ -317,6 +319,10 @@ def run_label_candidates(cfg: LabelCandidatesConfig) -> dict:
     prompts = load_prompts(cfg.dataset_name, cfg.max_prompts)
     if not prompts:
         raise DataError(f"dataset {cfg.dataset_name} has no prompts")
+    with_nul = next((i for i, prompt in enumerate(prompts) if has_nul(prompt)), None)
+    if with_nul is not None:
+        raise DataError(f"dataset {cfg.dataset_name}: prompt {with_nul + 1} holds a NUL character (\\u0000), which "
+                        "the database cannot store")
     gold_rows = read_gold(cfg.gold_file) if cfg.gold_file else []
     resolve_model_path(cfg.model_name_or_path)
     if cfg.adapter:

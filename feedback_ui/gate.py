@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from feedback_ui import http_policy
-from feedback_ui.auth import check_login
+from feedback_ui.auth import check_login, valid_user_name
 from feedback_ui.pages import SHORTCUTS_JS, SHORTCUTS_PATH, login_page
 from feedback_ui.sessions import SessionPolicy, end_session, session_user, start_session
 from feedback_ui.store import Store
@@ -227,6 +227,8 @@ class Gate:
 
     async def _check(self, name: str, password: str, address: Optional[str]) -> tuple[int, str, Optional[str]]:
         """(status, message, session token or None): a place in the bounded queue of logins, then the throttle."""
+        if not valid_user_name(name):  # no account has such a name (NUL, spaces, 65+ characters): no database call
+            return 401, WRONG_LOGIN, None
         if self._logins_waiting >= LOGINS_WAITING:
             log.warning("login of %r from %s refused: %d logins already waiting", name, address, LOGINS_WAITING)
             return 429, BUSY_MESSAGE, None

@@ -19,13 +19,15 @@ import sqlalchemy as sa
 from feedback_ui.candidates import add_response, build_comparisons, get_or_add_prompt, prompt_key
 from feedback_ui.config import MAX_RANK
 from feedback_ui.db_url import shown_db
-from feedback_ui.store import Response, Store, init_db
+from feedback_ui.store import Response, Store, has_nul, init_db
 from rlhf.data import to_messages
 from rlhf.errors import DataError
 
 COLUMNS = ("prompt", "response", "model")
 SOURCE = "import"  # responses.source of imported rows
 PROMPTS_PER_TRANSACTION = 200
+
+MODEL_NAME_MAX = Response.policy.type.length  # the column's size (1024)
 
 
 def read_responses(path: str) -> list[dict]:
@@ -59,6 +61,10 @@ def read_responses(path: str) -> list[dict]:
             to_messages(row["prompt"])
         except DataError as exc:
             raise DataError(f"{file}:{n}: {exc}") from None
+        if has_nul([row["prompt"], row["response"], row["model"]]):
+            raise DataError(f"{file}:{n} holds a NUL character (\\u0000), which the database cannot store")
+        if len(row["model"].strip()) > MODEL_NAME_MAX:
+            raise DataError(f"{file}:{n}: 'model' is longer than {MODEL_NAME_MAX} characters")
         rows.append({"prompt": row["prompt"], "response": row["response"], "model": row["model"].strip()})
     if not rows:
         raise DataError(f"{file} has no rows (expected JSON lines with {', '.join(COLUMNS)})")

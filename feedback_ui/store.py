@@ -35,6 +35,18 @@ PG_CONNECT_TIMEOUT_S = 10
 # helper functions
 
 
+def has_nul(value: Any) -> bool:
+    """Whether a string, or any string in a list or dict, holds a NUL character, which PostgreSQL cannot store in
+    text (SQLite can: such text is refused on both, so that a database's backend never decides what is kept)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_nul(v) for v in value)
+    return False
+
+
 def utcnow() -> datetime:
     """Naive UTC (SQLite keeps no time zone; every timestamp in the database is UTC)."""
     return datetime.now(timezone.utc).replace(tzinfo=None)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from feedback_ui.assign import lock_labeler, take_slot
 from feedback_ui.candidates import add_response
-from feedback_ui.store import Assignment, Comparison, Response, Vote, utcnow
+from feedback_ui.store import Assignment, Comparison, Response, Vote, has_nul, utcnow
 from rlhf.errors import UserError
 
 PAIR_CHOICES = ("A", "B", "tie", "both_bad")
@@ -94,6 +94,8 @@ def record_vote(
     new response written by the labeler, ranked above the chosen one.
     Call inside ``Store.write()``; the caller's commit is the acknowledgement.
     """
+    if has_nul([rationale, edit]):
+        raise VoteError("the rationale or the edit holds a NUL character, which cannot be stored: remove it")
     lock_labeler(session, user_id)  # before the assignment row: the order next_task and skip_task use
     a = session.scalar(
         sa.select(Assignment).where(Assignment.token == token, Assignment.user_id == user_id).with_for_update()

@@ -188,3 +188,23 @@ def test_logins_to_one_account_on_two_replicas_at_once_never_deadlock(postgres_c
     assert counts == {"account:bob": 0, "address:10.0.0.0": 0, "address:10.0.0.1": 0}
     for store in stores:
         store.close()
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "x" * 65, "two words", ""])
+def test_a_login_name_no_account_can_have_is_a_wrong_login_on_either_database(name, new_db):
+    """PostgreSQL refuses text with NUL, which made such a login a 500 for anyone, without an account."""
+    import httpx
+
+    from feedback_ui.server import Server
+    from feedback_ui.testing import PASSWORD, make_project
+
+    store = make_project(new_db(), {"ann": "labeler"}, n_pairs=1)
+    server = Server(store).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            wrong = client.post("login", data={"username": name, "password": PASSWORD})
+            known = client.post("login", data={"username": "nobody", "password": PASSWORD})
+        assert wrong.status_code == known.status_code == 401 and wrong.json() == known.json()
+    finally:
+        server.stop()
+        store.close()

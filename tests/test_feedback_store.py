@@ -359,6 +359,8 @@ def test_vote_validation_and_edit(db_url):
         ({"choice": "A", "strength": "huge"}, "strength must"),
         ({"positions": [0, 1]}, "needs a choice"),
         ({"choice": "both_bad", "edit": "better"}, "edit improves"),
+        ({"choice": "A", "rationale": "see\x00this"}, "NUL character"),  # PostgreSQL cannot store it: refused on both
+        ({"choice": "A", "edit": "a better\x00answer"}, "NUL character"),
     ]
     for bad, match in bad_answers:
         with pytest.raises(VoteError, match=match):

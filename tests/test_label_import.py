@@ -81,3 +81,35 @@ def test_the_command_prints_a_summary_and_loads_no_heavy_library(tmp_path, capsy
     assert main(["label", "import", "--db", db, "--file", path]) == 0
     assert "0 new responses, 0 new comparisons" in capsys.readouterr().out
     assert heavy_modules_after(f"assert cli.main(['label', 'import', '--db', {db!r}, '--file', {path!r}]) == 0") == []
+
+
+def test_a_nul_character_or_an_overlong_model_name_is_refused_with_its_line(tmp_path):
+    """PostgreSQL cannot store a NUL in text, nor a model name over its column's 1024 characters: the file is
+    refused before the database is touched, on either backend, naming the line."""
+    import pytest
+
+    from rlhf.errors import DataError
+
+    for bad, problem in (({"response": "A\x00."}, "holds a NUL character"),
+                         ({"prompt": [{"role": "user", "content": "Q\x00?"}]}, "holds a NUL character"),
+                         ({"model": "m" * 1025}, "'model' is longer than 1024 characters")):
+        rows = [ROWS[0], {**ROWS[1], **bad}]
+        path = write_jsonl(tmp_path / "r.jsonl", rows)
+        with pytest.raises(DataError, match=f"r.jsonl:2.*{problem}"):
+            read_responses(str(path))
+
+
+def test_a_nul_in_a_gold_file_is_refused_and_one_a_model_wrote_is_dropped(db_url, tmp_path):
+    import pytest
+
+    from feedback_ui.candidates import add_candidates, read_gold
+    from rlhf.errors import DataError
+
+    gold = write_jsonl(tmp_path / "gold.jsonl", [{"prompt": "Q?", "chosen": "Yes\x00.", "rejected": "No."}])
+    with pytest.raises(DataError, match="gold.jsonl:1 holds a NUL character"):
+        read_gold(str(gold))
+    store = init_db(db_url)
+    assert add_candidates(store, "Q?", ["A\x00nswer.", "Other."], policy="m") == (2, 1)
+    with store.read() as s:
+        assert sorted(s.scalars(sa.select(Response.text))) == ["Answer.", "Other."]
+    store.close()
