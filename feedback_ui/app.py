@@ -57,7 +57,7 @@ def build_app(store: Store | str, gold_rate: Optional[float] = None, title: str 
         from feedback_ui.store import open_store
 
         store = open_store(store)
-    rate = tasks.gold_rate_of(store) if gold_rate is None else gold_rate
+    rate = gold_rate  # None: the stored rate, read whenever a task is drawn
     ttl = {"assignment_ttl": assignment_ttl}
 
     # public API: plain values in, a task dict out

@@ -324,7 +324,8 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on [default: 127.0.0.1]")
     p.add_argument("--port", type=int, default=7860, help="port [default: 7860]")
     p.add_argument("--gold_rate", type=float, default=None,
-                   help="share of tasks drawn from gold items [default: the value stored by 'label candidates']")
+                   help="share of tasks drawn from gold items [default: the value stored by 'label candidates', read "
+                        "whenever a task is drawn]")
     p.add_argument("--concurrency", type=int, default=16, help="requests handled at once [default: 16]")
     p.add_argument("--allowed_origins", default="", metavar="ORIGIN[,ORIGIN...]",
                    help="other origins (https://host[:port]) whose browser requests are accepted, e.g. the public "

@@ -84,6 +84,14 @@ def gold_rate_of(store: Store) -> float:
         return float(get_setting(s, "gold_rate", 0.0))
 
 
+def _next_task(s, user_id: int, gold_rate: Optional[float]) -> Optional[Assignment]:
+    """:func:`next_task` with ``gold_rate``, or (None) the rate stored by ``rlhf label candidates``, read now: an
+    app that runs while a new round's gold items and rate are stored serves them without a restart, and app
+    processes started at different times agree."""
+    rate = float(get_setting(s, "gold_rate", 0.0)) if gold_rate is None else gold_rate
+    return next_task(s, user_id, gold_rate=rate)
+
+
 def _view(s, a: Optional[Assignment], user_id: int) -> dict:
     done, total = progress(s, user_id)
     if a is None:
@@ -103,17 +111,17 @@ def _view(s, a: Optional[Assignment], user_id: int) -> dict:
     }
 
 
-def serve(store: Store, name: str, gold_rate: float, status: str = "", *,
+def serve(store: Store, name: str, gold_rate: Optional[float], status: str = "", *,
           assignment_ttl: Optional[timedelta] = None) -> dict:  # fmt: skip
     """The user's current task (a new one is assigned if none is open) with progress."""
     expire(store, assignment_ttl)
     with store.write() as s:
         user = _user(s, name, lock=True)
-        view = _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
+        view = _view(s, _next_task(s, user.id, gold_rate), user.id)
     return {**view, "status": status}
 
 
-def answer(store: Store, name: str, token: str, gold_rate: float, *, assignment_ttl: Optional[timedelta] = None,
+def answer(store: Store, name: str, token: str, gold_rate: Optional[float], *, assignment_ttl: Optional[timedelta] = None,
            **vote) -> dict:  # fmt: skip
     """Record a vote (``choice=`` or ``positions=``, strength, rationale, edit) and return the next task.
 
@@ -131,7 +139,7 @@ def answer(store: Store, name: str, token: str, gold_rate: float, *, assignment_
             user = _user(s, name, lock=True)
             stored = record_vote(s, user.id, token, **vote)
             # a late vote took a comparison row's lock: the next task comes in a transaction of its own
-            view = None if holds_comparison(s) else _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
+            view = None if holds_comparison(s) else _view(s, _next_task(s, user.id, gold_rate), user.id)
         if view is None:
             return serve(store, name, gold_rate, "saved", **again)
     except TaskClosed as exc:  # expired, skipped or re-queued: not saved, and the next task
@@ -145,14 +153,14 @@ def answer(store: Store, name: str, token: str, gold_rate: float, *, assignment_
     return {**view, "status": "saved" if stored is not None else "already recorded"}
 
 
-def skip(store: Store, name: str, token: str, gold_rate: float, *,
+def skip(store: Store, name: str, token: str, gold_rate: Optional[float], *,
          assignment_ttl: Optional[timedelta] = None) -> dict:  # fmt: skip
     expire(store, assignment_ttl)
     with store.write() as s:
         user = _user(s, name, lock=True)
         skipped = skip_task(s, user.id, token)
         # a skip gave its comparison's slot back under that row's lock: the next task comes in a transaction of its own
-        view = None if holds_comparison(s) else _view(s, next_task(s, user.id, gold_rate=gold_rate), user.id)
+        view = None if holds_comparison(s) else _view(s, _next_task(s, user.id, gold_rate), user.id)
     status = "skipped" if skipped else "nothing to skip"
     if view is None:
         return serve(store, name, gold_rate, status, assignment_ttl=assignment_ttl)

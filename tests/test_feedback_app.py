@@ -147,3 +147,30 @@ def test_login_form_opens_the_routes(app):
         assert http.post("login", data={"username": "ann", "password": PASSWORD}).status_code == 200
         assert http.get("config").status_code == 200
         assert "next_task" in http.get("gradio_api/info").text
+
+
+def test_gold_items_and_rate_stored_while_the_app_runs_are_served_without_a_restart(tmp_path):
+    """`rlhf label candidates --gold_file F --gold_rate R` on a database an app already serves: the app reads the
+    stored rate whenever it draws a task (it used to keep the rate it read at start, 0 here, until restarted)."""
+    from feedback_ui.candidates import import_gold
+    from feedback_ui.store import set_setting
+    from rlhf.testing import write_jsonl
+
+    store = make_project(str(tmp_path / "app.db"), {"ann": "labeler"}, n_pairs=8)
+    server = Server(store).start()
+    try:
+        ann = client(server, "ann")
+        first = ann.predict(api_name="/next_task")
+        assert first["prompt"].startswith("pair prompt")  # (no gold item exists yet)
+        gold = [{"prompt": f"gold question {i}", "chosen": f"right {i}", "rejected": f"wrong {i}"} for i in range(5)]
+        assert import_gold(store, str(write_jsonl(tmp_path / "gold.jsonl", gold))) == 5
+        with store.write() as s:
+            set_setting(s, "gold_rate", 0.99)
+        task, prompts = first, []
+        for _ in range(4):
+            task = ann.predict(task["token"], "A", "", "", "", api_name="/vote")
+            prompts.append(task["prompt"])
+        assert sum(p.startswith("gold question") for p in prompts) >= 3, prompts
+    finally:
+        server.stop()
+        store.close()
