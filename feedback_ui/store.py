@@ -210,7 +210,9 @@ def make_engine(url: str) -> sa.Engine:
         )
         _configure_sqlite(engine)
         return engine
-    connect_args = {"connect_timeout": PG_CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
+    connect_args = {}
+    if url.startswith("postgresql") and "connect_timeout=" not in url.partition("?")[2]:  # the URL's own wins
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
     try:
         return sa.create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True, connect_args=connect_args)
     except sa.exc.ArgumentError:  # the message would quote the URL, password included

@@ -208,3 +208,20 @@ def test_a_login_name_no_account_can_have_is_a_wrong_login_on_either_database(na
     finally:
         server.stop()
         store.close()
+
+
+def test_a_connect_timeout_in_the_url_is_kept(postgres_cluster):
+    from feedback_ui.store import PG_CONNECT_TIMEOUT_S, make_engine
+
+    def timeout(url: str) -> bytes:
+        engine = make_engine(normalize_url(url))
+        connection = engine.raw_connection()
+        try:
+            return next(o.val for o in connection.driver_connection.pgconn.info if o.keyword == b"connect_timeout")
+        finally:
+            connection.close()
+            engine.dispose()
+
+    url = postgres_cluster.new_database()
+    assert timeout(url) == str(PG_CONNECT_TIMEOUT_S).encode() and PG_CONNECT_TIMEOUT_S != 3
+    assert timeout(url + "?connect_timeout=3") == b"3"
