@@ -190,7 +190,7 @@ def test_logins_to_one_account_on_two_replicas_at_once_never_deadlock(postgres_c
         store.close()
 
 
-@pytest.mark.parametrize("name", ["a\x00b", "x" * 65, "two words", ""])
+@pytest.mark.parametrize("name", ["a\x00b", "x" * 65, ""])
 def test_a_login_name_no_account_can_have_is_a_wrong_login_on_either_database(name, new_db):
     """PostgreSQL refuses text with NUL, which made such a login a 500 for anyone, without an account."""
     import httpx
