@@ -3,8 +3,8 @@
 
 Scenarios, each in ``WORK/<name>`` (a ``WORK/<name>.done`` marker is written by rank 0 when it ends):
 
-* ``greedy_rpp`` (adaptive KL controller), ``greedy_gae``, ``greedy_rpp_2mb`` (two mini-batches per epoch, each
-  drawn from both processes' rollouts): greedy rollouts (the same responses on 1 and 2 processes), compared
+* ``greedy_rpp`` (adaptive KL controller), ``greedy_gae``, ``greedy_rpp_2mb`` and ``greedy_rpp_4mb`` (two or four
+  mini-batches per epoch, each drawn from both processes' rollouts; with four, some hold none of one process's rows): greedy rollouts (the same responses on 1 and 2 processes), compared
   by the test with a 1-process run of the same config (:func:`run` in the test's own process).
 * ``sampled``: 2 sampled steps with a checkpoint after each; ``resumed``: a copy of it resumed from
   step 1 (RNG restored per process), compared with ``sampled``.
@@ -33,6 +33,9 @@ SCENARIOS = {
     "greedy_gae": dict(advantage_estimator="gae", samples_per_prompt=1),
     "greedy_rpp_2mb": dict(advantage_estimator="reinforce_pp", samples_per_prompt=1, num_mini_batches=2,
                            gradient_accumulation_steps=2),
+    # mini-batches of 2 of the 8 rows: some hold none of one process's rows (the test checks that it happens)
+    "greedy_rpp_4mb": dict(advantage_estimator="reinforce_pp", samples_per_prompt=1, num_mini_batches=4,
+                           per_device_train_batch_size=1, gradient_accumulation_steps=2),
     "sampled": dict(advantage_estimator="rloo", samples_per_prompt=2, save_steps=1),
 }
 
@@ -96,7 +99,7 @@ def done(work: Path, name: str) -> None:
 def main(model_dir: str, work: str) -> None:
     torch.set_num_threads(1)
     work = Path(work)
-    for name in ("greedy_rpp", "greedy_gae", "greedy_rpp_2mb", "sampled"):
+    for name in ("greedy_rpp", "greedy_gae", "greedy_rpp_2mb", "greedy_rpp_4mb", "sampled"):
         run(model_dir, work, name)
         done(work, name)
     if distributed.is_main():  # resume a copy of "sampled" from its step-1 checkpoint

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from rlhf.errors import ConfigError, UserError
@@ -70,7 +71,7 @@ def _completed(work, name) -> int:
     return int(marker.read_text())
 
 
-@pytest.mark.parametrize("name", ["greedy_rpp", "greedy_gae", "greedy_rpp_2mb"])
+@pytest.mark.parametrize("name", ["greedy_rpp", "greedy_gae", "greedy_rpp_2mb", "greedy_rpp_4mb"])
 def test_two_processes_train_the_same_weights_as_one(launched, tiny_model_dir, tmp_path, name):
     work, proc = launched
     assert _completed(work, name) == 2, proc.stderr[-3000:]
@@ -93,6 +94,18 @@ def test_two_processes_train_the_same_weights_as_one(launched, tiny_model_dir, t
     for got, want in zip(_logged(work / name), _logged(tmp_path / name), strict=True):
         want = pytest.approx({k: want[k] for k in spread}, rel=1e-4, abs=1e-5, nan_ok=True)  # step 1: var(R) = 0
         assert {k: got[k] for k in spread} == want
+
+
+def test_the_four_mini_batch_scenario_gives_a_process_an_empty_share():
+    """greedy_rpp_4mb is there to run a mini-batch in which one process has no rows (it must still join the
+    gradient sum): its seed and steps draw such a mini-batch (the draw of trainer.update)."""
+    from rlhf.ppo.trainer import mini_batch_rows
+
+    cfg = _driver().config("model", Path("out"), **_driver().SCENARIOS["greedy_rpp_4mb"])
+    shares = [len(rows) for step in range(cfg.max_steps) for rank in (0, 1)
+              for rows in mini_batch_rows(cfg.rollout_batch_size // 2, 1, cfg.mini_batch_size,
+                                          torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), 2, rank)]
+    assert 0 in shares and cfg.ppo_epochs >= 1
 
 
 def test_only_rank_0_writes_one_output_folder(launched):

@@ -193,7 +193,8 @@ class PPOTrainer:
             for mb in mini_batch_rows(r.size, group, cfg.mini_batch_size // group, gen, self.world, self.rank):
                 self.optimizer.zero_grad(set_to_none=True)
                 tokens = distributed.all_reduce_sum(r.response_mask[mb.to(device)].sum())
-                for micro in mb.split(cfg.per_device_train_batch_size):
+                # a mini-batch may hold none of this process's rows: it then adds a zero gradient (sum_gradients)
+                for micro in mb.split(cfg.per_device_train_batch_size) if len(mb) else ():
                     for k, v in self._micro_step(r.select(micro.to(device)), float(tokens), group).items():
                         acc.setdefault(k, []).append(v)
                 t_comm = time.perf_counter()
