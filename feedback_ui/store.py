@@ -288,7 +288,7 @@ def _stored_version(store: Store) -> Optional[int]:
     tables = set(inspector.get_table_names())
     where = sqlite_path(store.url) if store.is_sqlite else shown_url(store.url)
     if SchemaVersion.__tablename__ not in tables:
-        if tables - set(Base.metadata.tables):  # only ours: an init that stopped before recording its version
+        if tables:  # init creates the tables and records the version in one transaction: these are not ours
             raise foreign_database(where, tables, store.is_sqlite)
         return None
     columns = {c["name"]: c["type"] for c in inspector.get_columns(SchemaVersion.__tablename__)}
@@ -345,10 +345,12 @@ def init_db(db: str) -> Store:
             _check_version(version, store.url)
             if version is not None and version < SCHEMA_VERSION:
                 _upgrade(store)
-            Base.metadata.create_all(store.engine)
-            if version is None:
+            if version is None:  # the schema and its version in one transaction
                 with store.write() as s:
+                    Base.metadata.create_all(s.connection())
                     s.add(SchemaVersion(version=SCHEMA_VERSION))
+            else:
+                Base.metadata.create_all(store.engine)
     except BaseException:
         store.close()
         if fresh:

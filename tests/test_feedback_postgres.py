@@ -128,6 +128,7 @@ def test_no_message_shows_the_database_password(postgres_cluster, tmp_path, caps
 
 FOREIGN_SCHEMAS = {
     "another application": ["CREATE TABLE users (id integer PRIMARY KEY, email text)", "CREATE TABLE orders (id int)"],
+    "a table of the same name alone": ["CREATE TABLE users (id integer PRIMARY KEY, email text)"],
     "another schema_version": ["CREATE TABLE schema_version (version text, script text)"],
     "an integer schema_version alone": ["CREATE TABLE schema_version (version integer PRIMARY KEY)",
                                         "INSERT INTO schema_version VALUES (2)"],
