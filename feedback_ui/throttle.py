@@ -74,7 +74,8 @@ def _retried(write, *args):
         try:
             return write(*args)
         except (IntegrityError, OperationalError) as exc:
-            again = isinstance(exc, IntegrityError) or getattr(exc.orig, "sqlstate", None) == DEADLOCK
+            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)  # psycopg 3, psycopg2
+            again = isinstance(exc, IntegrityError) or code == DEADLOCK
             if not again or attempt == 2:
                 raise
     return None
@@ -99,15 +100,20 @@ def _forgotten(policy: ThrottlePolicy, now: datetime):
                    sa.or_(LoginFailure.locked_until.is_(None), LoginFailure.locked_until < now))  # fmt: skip
 
 
-def _begin_attempt(store: Store, keys: list[str], policy: ThrottlePolicy) -> Optional[str]:
-    now = utcnow()
+def _sweep(store: Store, policy: ThrottlePolicy, now: datetime) -> None:
+    """Delete forgotten failures and ended locks, in a transaction of its own (its row locks are released before
+    an attempt locks its keys); rows another login holds are left for a later sweep (no waiting on them)."""
     with store.write() as s:
         stale = sa.select(LoginFailure.key).where(_forgotten(policy, now)).order_by(LoginFailure.key)
-        if not store.is_sqlite:  # rows another login holds are left for a later one (no waiting on them)
-            stale = stale.with_for_update(skip_locked=True)
-        forgotten = list(s.scalars(stale))
+        forgotten = list(s.scalars(stale if store.is_sqlite else stale.with_for_update(skip_locked=True)))
         if forgotten:
             s.execute(sa.delete(LoginFailure).where(LoginFailure.key.in_(forgotten)))
+
+
+def _begin_attempt(store: Store, keys: list[str], policy: ThrottlePolicy) -> Optional[str]:
+    now = utcnow()
+    _sweep(store, policy, now)
+    with store.write() as s:
         rows = {key: _row(s, store, key, now, policy) for key in sorted(set(keys))}  # locked in key order
         for key in keys:
             row = rows[key]

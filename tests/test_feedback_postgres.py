@@ -226,3 +226,52 @@ def test_a_connect_timeout_in_the_url_is_kept(postgres_cluster):
     url = postgres_cluster.new_database()
     assert timeout(url) == str(PG_CONNECT_TIMEOUT_S).encode() and PG_CONNECT_TIMEOUT_S != 3
     assert timeout(url + "?connect_timeout=3") == b"3"
+
+
+def test_the_throttles_sweep_of_forgotten_rows_holds_no_lock_while_an_attempt_waits(postgres_cluster):
+    """A login (T1) holds its account's row and is about to lock its address's row, which another login's sweep
+    of forgotten failures (T2) finds stale: T2's sweep commits before T2 waits for the account's row, so T1 gets
+    its row without a lock cycle (PostgreSQL would end one of them as a deadlock's victim)."""
+    import time
+    from datetime import timedelta
+
+    from feedback_ui.store import LoginFailure, utcnow
+    from feedback_ui.throttle import ThrottlePolicy, begin_attempt
+
+    url = postgres_cluster.new_database()
+    init_db(url).close()
+    first, second = open_store(url), open_store(url)
+    now = utcnow()
+    with first.write() as s:
+        s.add(LoginFailure(key="account:b", failures=1, window_start=now))
+        s.add(LoginFailure(key="address:1", failures=1, window_start=now - timedelta(minutes=16)))  # forgotten
+    result = {}
+
+    def other_login():
+        result["other"] = begin_attempt(second, ["account:b", "address:2"], ThrottlePolicy())
+
+    with first.engine.connect() as conn, conn.begin():
+        conn.execute(sa.select(LoginFailure).where(LoginFailure.key == "account:b").with_for_update())
+        waiting = threading.Thread(target=other_login)
+        waiting.start()
+        time.sleep(1.0)  # the other login has swept and waits for account:b
+        conn.execute(sa.select(LoginFailure).where(LoginFailure.key == "address:1").with_for_update())
+    waiting.join(30)
+    assert result == {"other": None}  # (a deadlock's victim would have been retried: the count below tells)
+    for store in (first, second):
+        store.close()
+    assert deadlocks(url) == 0
+
+
+def deadlocks(url: str) -> int:
+    """Deadlocks PostgreSQL has broken in this database (its statistics, once every backend has reported)."""
+    import time
+
+    engine = sa.create_engine(normalize_url(url))
+    try:
+        time.sleep(1.5)  # backends report their statistics at most once a second
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_stat_clear_snapshot()"))
+            return conn.scalar(sa.text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"))
+    finally:
+        engine.dispose()
