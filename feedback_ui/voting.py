@@ -94,6 +94,8 @@ def record_vote(
     new response written by the labeler, ranked above the chosen one.
     Call inside ``Store.write()``; the caller's commit is the acknowledgement.
     """
+    if "\x00" in token:  # no task has such a token (and PostgreSQL cannot compare it)
+        raise VoteError("unknown task for this user")
     if has_nul([rationale, edit]):
         raise VoteError("the rationale or the edit holds a NUL character, which cannot be stored: remove it")
     lock_labeler(session, user_id)  # before the assignment row: the order next_task and skip_task use

@@ -365,6 +365,9 @@ def test_vote_validation_and_edit(db_url):
     for bad, match in bad_answers:
         with pytest.raises(VoteError, match=match):
             tasks.answer(store, "ann", view["token"], 0.0, **bad)
+    with pytest.raises(VoteError, match="unknown task"):  # a token with NUL: unknown on either database
+        tasks.answer(store, "ann", view["token"] + "\x00", 0.0, choice="A")
+    assert tasks.skip(store, "ann", view["token"] + "\x00", 0.0)["status"] == "nothing to skip"
     nxt = tasks.answer(store, "ann", view["token"], 0.0, choice="B", edit="  a much better answer  ", rationale="why")
     with store.read() as s:
         vote = s.scalar(sa.select(Vote))
