@@ -30,14 +30,14 @@ def normalize_url(db: str) -> str:
     if "://" in db:
         scheme, _, rest = db.partition("://")
         if scheme in ("postgres", "postgresql") or scheme.startswith("postgresql+"):
-            if rest.split("/", 1)[0].count("@") > 1:  # parsed, part of the password would become the host
-                raise UserError(f"invalid {scheme} URL: more than one '@' before the host (write an '@' in the "
-                                "user name or password as %40)")
             url = f"{_postgres_driver()}://{rest}" if "+" not in scheme else db
             try:
-                sa.engine.make_url(url).port  # noqa: B018 - parses host and port
+                parsed = sa.engine.make_url(url)
+                parsed.port  # noqa: B018 - parses the port
             except (sa.exc.ArgumentError, ValueError):  # the message could quote a password
                 raise UserError(f"invalid {scheme} URL: cannot parse user, host, port and database from it") from None
+            if "@" in (parsed.host or ""):  # an '@' in the password: its end would be taken for the host
+                raise UserError(f"invalid {scheme} URL: an '@' in the password must be written as %40")
             return url
         if scheme != "sqlite":  # the URL itself is not shown: it may hold a password
             raise UserError(f"unsupported database URL scheme '{scheme}://': use a file path, sqlite:///FILE or "
