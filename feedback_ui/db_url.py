@@ -79,7 +79,18 @@ def foreign_database(path_or_url, tables, sqlite: bool = True) -> UserError:
                      "labeling data a database of its own")
 
 
-def check_sqlite_file(path: Path, create: bool) -> None:
+def _labeling_tables(path: Path, tables: set, labeling: dict) -> bool:
+    """Whether every table is one of ``labeling`` (name -> its column names) with none but its columns: the
+    tables of an interrupted init, which the store names as such once connected."""
+    import sqlite3
+
+    if not tables <= set(labeling):
+        return False
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as con:
+        return all({row[1] for row in con.execute(f'PRAGMA table_info("{t}")')} <= labeling[t] for t in tables)
+
+
+def check_sqlite_file(path: Path, create: bool, labeling_tables: Optional[dict] = None) -> None:
     """Refuse, before any connection that could change the file, a SQLite path that is not a labeling database.
 
     Without ``create`` (every command but ``init``) the file must exist and not be empty. A file
@@ -114,7 +125,7 @@ def check_sqlite_file(path: Path, create: bool) -> None:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
         raise UserError(f"cannot read SQLite database {path}: {exc}") from None
-    if tables and MARKER_TABLE not in tables:
+    if tables and MARKER_TABLE not in tables and not _labeling_tables(path, tables, labeling_tables or {}):
         raise foreign_database(path, tables)
     if not tables and not create:
         raise UserError(f"database {path} is not initialised: {init}")

@@ -188,12 +188,29 @@ class Vote(Base):
 # engine and sessions
 
 
+def _set_wal(cur) -> None:
+    """WAL mode, once per database file. Switching needs the file to itself and fails at once (no busy wait)
+    while another connection uses it, as when two processes open a new database together: tried again."""
+    import sqlite3
+    import time
+
+    for attempt in range(100):
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.05)
+
+
 def _configure_sqlite(engine: sa.Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        _set_wal(cur)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -243,7 +260,7 @@ class Store:
         self.url = normalize_url(db)
         path = sqlite_path(self.url)
         if path is not None:
-            check_sqlite_file(path, create)
+            check_sqlite_file(path, create, {name: set(t.columns.keys()) for name, t in Base.metadata.tables.items()})
         self.engine = make_engine(self.url)
         self.is_sqlite = self.url.startswith("sqlite")
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
@@ -288,6 +305,11 @@ def _stored_version(store: Store) -> Optional[int]:
     tables = set(inspector.get_table_names())
     where = sqlite_path(store.url) if store.is_sqlite else shown_url(store.url)
     if SchemaVersion.__tablename__ not in tables:
+        ours = Base.metadata.tables
+        if tables and all(t in ours and {c["name"] for c in inspector.get_columns(t)} <= set(ours[t].columns.keys())
+                          for t in tables):  # an older version's init, stopped before recording its version
+            raise UserError(f"database {where} holds labeling tables but no schema version (an interrupted "
+                            "'rlhf label init'); left untouched: drop those tables or use a new database")
         if tables:  # init creates the tables and records the version in one transaction: these are not ours
             raise foreign_database(where, tables, store.is_sqlite)
         return None
@@ -345,19 +367,44 @@ def init_db(db: str) -> Store:
             _check_version(version, store.url)
             if version is not None and version < SCHEMA_VERSION:
                 _upgrade(store)
-            if version is None:  # the schema and its version in one transaction
-                with store.write() as s:
-                    Base.metadata.create_all(s.connection())
-                    s.add(SchemaVersion(version=SCHEMA_VERSION))
+            if version is None:
+                _create_schema(store)
             else:
                 Base.metadata.create_all(store.engine)
     except BaseException:
         store.close()
-        if fresh:
+        if fresh and not _has_schema(path):  # a file another init made meanwhile is that one's
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         raise
     return store
+
+
+INIT_LOCK = 0x726C6866  # the key of the PostgreSQL advisory lock that serialises creating the schema
+
+
+def _create_schema(store: Store) -> None:
+    """The schema and its version, in one transaction, unless another init made them meanwhile (two inits of
+    a new database at once: the second finds the first one's schema instead of failing on it)."""
+    with store.write() as s:
+        conn = s.connection()
+        if not store.is_sqlite:  # (SQLite: the write transaction holds the whole database already)
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": INIT_LOCK})
+        if SchemaVersion.__tablename__ in sa.inspect(conn).get_table_names():
+            return
+        Base.metadata.create_all(conn)
+        s.add(SchemaVersion(version=SCHEMA_VERSION))
+
+
+def _has_schema(path: Path) -> bool:
+    """Whether the SQLite file holds our ``schema_version`` table (read-only look)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (MARKER_TABLE,)).fetchone() is not None
+    except sqlite3.Error:
+        return False
 
 
 def open_store(db: str) -> Store:

@@ -277,3 +277,46 @@ def deadlocks(url: str) -> int:
             return conn.scalar(sa.text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"))
     finally:
         engine.dispose()
+
+
+def test_an_interrupted_init_of_an_older_version_is_named_as_such(new_db, capsys):
+    """Our tables without a schema version (an older init, which recorded the version in a second transaction,
+    stopped between the two): refused, left untouched, and said to be that rather than another application's."""
+    from feedback_ui.store import Base
+    from rlhf.cli import main
+
+    db = new_db()
+    engine = sa.create_engine(normalize_url(db))
+    Base.metadata.create_all(engine, tables=[t for name, t in Base.metadata.tables.items() if name != "schema_version"])
+    engine.dispose()
+    assert main(["label", "init", "--db", db]) == 2
+    assert "holds labeling tables but no schema version (an interrupted 'rlhf label init')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_inits_of_a_new_database_at_once_both_succeed(backend, postgres_cluster, tmp_path):
+    """Both find the schema (the second waits for the first and finds its schema) and nothing is deleted: on
+    SQLite the losing init used to fail and unlink the database file the winner had just made."""
+    from feedback_ui.store import SchemaVersion
+
+    db = str(tmp_path / "new.db") if backend == "sqlite" else postgres_cluster.new_database()
+    both = threading.Barrier(2)
+    stores = []
+
+    def init():
+        both.wait()
+        stores.append(init_db(db))
+
+    for _ in range(5):
+        run_in_threads(init, init)
+        for store in stores:
+            store.close()
+        with open_store(db) as store, store.read() as s:
+            assert s.scalars(sa.select(SchemaVersion.version)).all() == [3]
+        stores.clear()
+        if backend == "sqlite":
+            for suffix in ("", "-wal", "-shm"):
+                (tmp_path / f"new.db{suffix}").unlink(missing_ok=True)
+        else:
+            postgres_cluster.drop_database(db)
+            postgres_cluster._admin(f'CREATE DATABASE "{db.rsplit("/", 1)[1]}"')
