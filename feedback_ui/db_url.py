@@ -31,13 +31,15 @@ def normalize_url(db: str) -> str:
         scheme, _, rest = db.partition("://")
         if scheme in ("postgres", "postgresql") or scheme.startswith("postgresql+"):
             url = f"{_postgres_driver()}://{rest}" if "+" not in scheme else db
+            user, colon, after = rest.partition(":")
+            if colon and "/" not in user and "@" in after and "@" in after.split("@", 1)[1]:
+                # a password ends at its first '@': the rest of it would be taken for the host, the database
+                # or the query (an '@' in the user name, as in user@server, is fine)
+                raise UserError(f"invalid {scheme} URL: an '@' in the password must be written as %40")
             try:
-                parsed = sa.engine.make_url(url)
-                parsed.port  # noqa: B018 - parses the port
+                sa.engine.make_url(url).port  # noqa: B018 - parses host and port
             except (sa.exc.ArgumentError, ValueError):  # the message could quote a password
                 raise UserError(f"invalid {scheme} URL: cannot parse user, host, port and database from it") from None
-            if "@" in (parsed.host or ""):  # an '@' in the password: its end would be taken for the host
-                raise UserError(f"invalid {scheme} URL: an '@' in the password must be written as %40")
             return url
         if scheme != "sqlite":  # the URL itself is not shown: it may hold a password
             raise UserError(f"unsupported database URL scheme '{scheme}://': use a file path, sqlite:///FILE or "

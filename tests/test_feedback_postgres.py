@@ -12,6 +12,7 @@ from test_feedback_store import run_in_threads, uid
 
 from feedback_ui import tasks
 from feedback_ui.db_url import normalize_url
+from rlhf.errors import UserError
 from feedback_ui.export import export_preferences
 from feedback_ui.stats import collect_stats
 from feedback_ui.store import Assignment, Comparison, Vote, init_db, open_store
@@ -124,8 +125,12 @@ def test_no_message_shows_the_database_password(postgres_cluster, tmp_path, caps
     code, text = run("label", "stats", "--db", url.replace("postgresql://", "mysql://"))
     assert code == 2 and "unsupported database URL scheme 'mysql://'" in text
     assert len(said) == 6 and not [text for text in said if secret in text]
-    # an '@' in the user name parses (e.g. Azure's user@server form): only the password's is ambiguous
+    # an '@' in the user name parses (e.g. Azure's user@server form): only the password's is ambiguous, wherever
+    # the text after it would go (host, database or query)
     assert normalize_url("postgresql://user@server:pw@db.example:5432/labels").endswith("@db.example:5432/labels")
+    for password in ("p@ss?word", "p@ss/word", "p@ss:word", "p@ss"):
+        with pytest.raises(UserError, match="an '@' in the password must be written as %40"):
+            normalize_url(f"postgresql://user:{password}@db.example:5432/labels")
 
 
 FOREIGN_SCHEMAS = {
