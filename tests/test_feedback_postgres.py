@@ -12,11 +12,11 @@ from test_feedback_store import run_in_threads, uid
 
 from feedback_ui import tasks
 from feedback_ui.db_url import normalize_url
-from rlhf.errors import UserError
 from feedback_ui.export import export_preferences
 from feedback_ui.stats import collect_stats
 from feedback_ui.store import Assignment, Comparison, Vote, init_db, open_store
 from feedback_ui.testing import make_project
+from rlhf.errors import UserError
 
 
 def test_postgresql_databases_are_postgresql(postgres_cluster):
