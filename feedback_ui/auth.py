@@ -91,12 +91,8 @@ def check_login(store: Store, name: str, password: str) -> Optional[User]:
     return user
 
 
-def valid_user_name(name) -> bool:
-    return isinstance(name, str) and _NAME.fullmatch(name) is not None
-
-
 def check_user_name(name: str) -> None:
-    if not valid_user_name(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UserError(f"invalid user name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-'")
 
 

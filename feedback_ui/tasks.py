@@ -79,11 +79,6 @@ def current_user(store: Store, name: Optional[str], role: Optional[str] = None) 
         return _user(s, name, role)
 
 
-def gold_rate_of(store: Store) -> float:
-    with store.read() as s:
-        return float(get_setting(s, "gold_rate", 0.0))
-
-
 def _next_task(s, user_id: int, gold_rate: Optional[float]) -> Optional[Assignment]:
     """:func:`next_task` with ``gold_rate``, or (None) the rate stored by ``rlhf label candidates``, read now: an
     app that runs while a new round's gold items and rate are stored serves them without a restart, and app

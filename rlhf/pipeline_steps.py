@@ -78,12 +78,24 @@ def _exists(folder: Path, marker: str = "metrics.json") -> Callable[[], bool]:
     return lambda: (folder / marker).is_file()
 
 
+def _training_keys(cfg: PipelineConfig, out: Path) -> dict:
+    """What every training stage takes from the pipeline: its base model, seed and output folder."""
+    return {"model_name_or_path": cfg.model_name_or_path, "seed": cfg.seed, "output_dir": str(out)}
+
+
+def _preference_files(cfg: PipelineConfig) -> dict:
+    """The exported pairs, and the pairs held out by prompt at export time when there are any."""
+    files = {"dataset_name": str(cfg.path("prefs.jsonl"))}
+    if prefs_options(cfg)["test_fraction"] > 0:
+        files["eval_dataset_name"] = str(cfg.path("prefs.test.jsonl"))
+    return files
+
+
 def sft_step(cfg: PipelineConfig) -> Step:
     from rlhf.sft import SFTStageConfig, run_sft
 
     out = cfg.path("sft")
-    derived = {"model_name_or_path": cfg.model_name_or_path, "seed": cfg.seed, "output_dir": str(out)}
-    stage = stage_config(SFTStageConfig, cfg, "sft", derived)
+    stage = stage_config(SFTStageConfig, cfg, "sft", _training_keys(cfg, out))
 
     return Step("sft", _exists(out), launched(cfg, "sft", stage, lambda: run_sft(stage)))
 
@@ -92,15 +104,7 @@ def reward_step(cfg: PipelineConfig) -> Step:
     from reward.train import RewardStageConfig, run_reward
 
     out = cfg.path("reward")
-    derived = {
-        "model_name_or_path": cfg.model_name_or_path,
-        "seed": cfg.seed,
-        "output_dir": str(out),
-        "dataset_name": str(cfg.path("prefs.jsonl")),
-    }
-    if prefs_options(cfg)["test_fraction"] > 0:  # held out by prompt at export time
-        derived["eval_dataset_name"] = str(cfg.path("prefs.test.jsonl"))
-    stage = stage_config(RewardStageConfig, cfg, "reward", derived)
+    stage = stage_config(RewardStageConfig, cfg, "reward", {**_training_keys(cfg, out), **_preference_files(cfg)})
 
     return Step("reward", _exists(out), launched(cfg, "reward", stage, lambda: run_reward(stage)))
 
@@ -110,14 +114,8 @@ def ppo_step(cfg: PipelineConfig) -> Step:
     from rlhf.ppo.stage import run_ppo
 
     out = cfg.path("ppo")
-    derived = {
-        "model_name_or_path": cfg.model_name_or_path,
-        "seed": cfg.seed,
-        "output_dir": str(out),
-        "sft_adapter": str(cfg.path("sft")),
-        "reward_model": str(cfg.path("reward")),
-        "overwrite_output_dir": True,
-    }
+    derived = {**_training_keys(cfg, out), "sft_adapter": str(cfg.path("sft")), "reward_model": str(cfg.path("reward")),
+               "overwrite_output_dir": True}  # fmt: skip
     previous = getattr(cfg, "previous", None)
     if previous is not None:  # continue from the previous round's policy
         derived["policy_init"] = str(previous.path("ppo"))
@@ -142,15 +140,7 @@ def dpo_step(cfg: PipelineConfig) -> Step:
     from rlhf.dpo import DPOStageConfig, run_dpo
 
     out = cfg.path("dpo")
-    derived = {
-        "model_name_or_path": cfg.model_name_or_path,
-        "seed": cfg.seed,
-        "output_dir": str(out),
-        "sft_adapter": str(cfg.path("sft")),
-        "dataset_name": str(cfg.path("prefs.jsonl")),
-    }
-    if prefs_options(cfg)["test_fraction"] > 0:  # the pairs the reward model is scored on
-        derived["eval_dataset_name"] = str(cfg.path("prefs.test.jsonl"))
+    derived = {**_training_keys(cfg, out), "sft_adapter": str(cfg.path("sft")), **_preference_files(cfg)}
     stage = stage_config(DPOStageConfig, cfg, "dpo", derived)
 
     return Step("dpo", _exists(out), launched(cfg, "dpo", stage, lambda: run_dpo(stage)))

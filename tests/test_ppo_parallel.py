@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.errors import ConfigError, UserError
-from rlhf.ppo.trainer import check_parallel
+from rlhf.ppo.sharding import check_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "ppo_parallel_driver.py"
@@ -99,7 +99,7 @@ def test_two_processes_train_the_same_weights_as_one(launched, tiny_model_dir, t
 def test_the_four_mini_batch_scenario_gives_a_process_an_empty_share():
     """greedy_rpp_4mb is there to run a mini-batch in which one process has no rows (it must still join the
     gradient sum): its seed and steps draw such a mini-batch (the draw of trainer.update)."""
-    from rlhf.ppo.trainer import mini_batch_rows
+    from rlhf.ppo.sharding import mini_batch_rows
 
     cfg = _driver().config("model", Path("out"), **_driver().SCENARIOS["greedy_rpp_4mb"])
     shares = [len(rows) for step in range(cfg.max_steps) for rank in (0, 1)

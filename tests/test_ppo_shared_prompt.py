@@ -10,7 +10,7 @@ from rlhf.ppo.rollout import collect_rollout
 from rlhf.ppo.scorers import TokenCountScorer
 from rlhf.ppo.shared_prompt import groups_share_prompt, response_mask_4d
 from rlhf.ppo.stage import run_ppo
-from rlhf.ppo.trainer import mini_batch_rows, shuffled_rows
+from rlhf.ppo.sharding import mini_batch_rows
 from test_ppo_stage import Capture, make_sft_adapter, ppo_config
 
 NEG = torch.finfo(torch.float32).min
@@ -46,13 +46,13 @@ def test_groups_share_prompt():
     assert groups_share_prompt(mask, 3, 2, inputs_embeds=ids[..., None].float().expand(4, 4, 2))
 
 
-def test_shuffled_rows_keep_groups_whole():
-    order = shuffled_rows(12, 3, torch.Generator().manual_seed(1))
+def test_a_mini_batch_keeps_groups_whole():
+    order = mini_batch_rows(12, 3, 4, torch.Generator().manual_seed(1))[0]  # one mini-batch of all 4 groups
     assert sorted(order.tolist()) == list(range(12))
     for g in order.reshape(4, 3):
         assert g[0] % 3 == 0 and g.tolist() == [g[0], g[0] + 1, g[0] + 2]
     # group 1 is the plain row permutation (the order runs without shared prompts always had)
-    assert torch.equal(shuffled_rows(7, 1, torch.Generator().manual_seed(4)),
+    assert torch.equal(mini_batch_rows(7, 1, 7, torch.Generator().manual_seed(4))[0],
                        torch.randperm(7, generator=torch.Generator().manual_seed(4)))
 
 

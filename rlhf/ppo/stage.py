@@ -10,7 +10,8 @@ from rlhf.errors import UserError
 from rlhf.ppo import checkpoint as ckpt
 from rlhf.ppo.config import PPOStageConfig
 from rlhf.ppo.monitor import Monitor
-from rlhf.ppo.trainer import PPOTrainer, check_parallel
+from rlhf.ppo.sharding import check_parallel
+from rlhf.ppo.trainer import PPOTrainer
 
 
 def run_ppo(cfg: PPOStageConfig, scorer=None) -> dict:
