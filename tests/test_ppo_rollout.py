@@ -9,6 +9,7 @@ from rlhf.ppo.rollout import (
     Rollout,
     _pad_to,
     compute_targets,
+    empty_responses,
     normalized_head,
     process_scores,
     resolve_normalization,
@@ -23,6 +24,18 @@ def test_process_scores_rm_stats_clip_then_penalty():
     out = process_scores(RAW, EOS, normalization="rm_stats", stats={"mean": 3.0, "std": 2.0}, clip=0.5,
                          missing_eos_penalty=-1.0)
     assert torch.allclose(out, torch.tensor([-0.5, -1.0, 0.5]))
+
+
+def test_process_scores_penalizes_empty_responses():
+    # rm_stats -> [-1, 0, 1]; row 1 has no EOS: -1; rows 1 and 2 are empty: -0.5 each
+    empty = empty_responses(["Paris.", "  \n", ""])
+    assert empty.tolist() == [False, True, True]
+    out = process_scores(RAW, EOS, normalization="rm_stats", stats={"mean": 3.0, "std": 2.0}, clip=None,
+                         missing_eos_penalty=-1.0, empty=empty, empty_response_penalty=-0.5)
+    assert torch.allclose(out, torch.tensor([-1.0, -1.5, 0.5]))
+    off = process_scores(RAW, EOS, normalization="rm_stats", stats={"mean": 3.0, "std": 2.0}, clip=None,
+                         missing_eos_penalty=-1.0, empty=empty, empty_response_penalty=None)
+    assert torch.allclose(off, torch.tensor([-1.0, -1.0, 1.0]))
 
 
 def test_normalized_head_predicts_the_normalised_score():

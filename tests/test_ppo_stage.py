@@ -62,7 +62,7 @@ def test_programmatic_reward_rises_and_kl_stays_finite(tiny_model_dir, tmp_path)
     assert rows[-1]["kl/k3"] >= 0
     for key in ("reward/std", "score/raw_mean", "kl/coef", "policy/entropy", "policy/clipfrac", "value/clipfrac",
                 "policy/approx_kl", "value/explained_variance", "response/length_mean",
-                "response/missing_eos_frac", "time/generation_s", "time/training_s"):
+                "response/missing_eos_frac", "response/empty_frac", "time/generation_s", "time/training_s"):
         assert key in rows[-1], key
     assert metrics["reward_last_steps"] > metrics["reward_first_steps"]
     assert metrics["reward_first_steps"] == pytest.approx(first) and metrics["reward_last_steps"] == pytest.approx(last)
@@ -111,6 +111,28 @@ def test_kl_as_a_loss_term_keeps_the_policy_closer(tiny_model_dir, tmp_path):
         assert "policy/kl_loss" in rows[-1]
         kls[coef] = sum(r["kl/k3"] for r in rows[-3:])
     assert kls[1.0] < kls[0.0], kls
+
+
+def test_empty_responses_get_their_penalty(tiny_model_dir, tmp_path, monkeypatch):
+    """The step marks the responses that are empty and adds empty_response_penalty to their scores."""
+    from rlhf.ppo import trainer
+
+    seen = []
+
+    def every_other_row_empty(responses):
+        seen.append(list(responses))
+        return torch.tensor([i % 2 == 0 for i in range(len(responses))])
+
+    monkeypatch.setattr(trainer, "empty_responses", every_other_row_empty)
+    rewards = {}
+    for penalty in (None, -0.75):
+        out = tmp_path / f"run_{penalty}"
+        run_ppo(ppo_config(tiny_model_dir, out, max_steps=1, reward_normalization="none",
+                           empty_response_penalty=penalty), scorer=TokenCountScorer(REWARDED))
+        rewards[penalty] = read_jsonl(out / "logs" / "metrics.jsonl")[0]["reward/mean"]
+    assert len(seen) == 2 and all(len(r) == 4 for r in seen)     # the step's 4 decoded responses
+    assert seen[0] == seen[1]                                     # same seed: the same rollouts
+    assert rewards[-0.75] == pytest.approx(rewards[None] - 0.75 / 2)  # half the rows, -0.75 each
 
 
 def test_shared_value_head_runs(tiny_model_dir, tmp_path):

@@ -92,6 +92,10 @@ class PPOStageConfig(TrainingConfig):
     )
     reward_clip: Optional[float] = field(10.0, "clip normalised scores to [-reward_clip, reward_clip] (null = off)")
     missing_eos_penalty: Optional[float] = field(-1.0, "added to the score of responses without EOS (null = off)")
+    empty_response_penalty: Optional[float] = field(
+        -1.0, "added to the score of empty responses (nothing but whitespace), which a reward model trained on "
+        "labelled answers has never seen (null = off)"
+    )
     reward_aggregate: Literal["mean", "min", "mean_minus_std"] = field(
         "mean", "ensemble RM (rlhf reward --ensemble K): members' scores combined as their mean, their min (worst "
         "case), or mean - reward_aggregate_std_coef * std (uncertainty-weighted); one RM: its score"
@@ -201,6 +205,10 @@ class PPOStageConfig(TrainingConfig):
         require(
             self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
             "config key 'missing_eos_penalty' must be a finite number or null",
+        )
+        require(
+            self.empty_response_penalty is None or math.isfinite(self.empty_response_penalty),
+            "config key 'empty_response_penalty' must be a finite number or null",
         )
         require(self.temperature > 0, "config key 'temperature' must be > 0")
         require(0 < self.top_p <= 1, "config key 'top_p' must be in (0, 1]")

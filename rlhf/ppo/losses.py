@@ -368,7 +368,12 @@ def eos_truncation_mask(response_ids: Tensor, eos_token_id: int,
     return (pos <= end.unsqueeze(1)).long(), has_eos
 
 
+def penalize_rows(scores: Tensor, rows: Tensor, penalty: float) -> Tensor:
+    """scores + penalty * rows: ``penalty`` (e.g. -1.0) is ADDED to the score of every row where the bool
+    ``rows`` is true. (B,) -> (B,), new tensor."""
+    return scores + penalty * rows.bool().to(scores.dtype)
+
+
 def penalize_missing_eos(scores: Tensor, has_eos: Tensor, penalty: float) -> Tensor:
-    """scores + penalty * (not has_eos): ``penalty`` (e.g. -1.0) is ADDED to
-    the score of every row that never emitted EOS. (B,) -> (B,), new tensor."""
-    return scores + penalty * (~has_eos.bool()).to(scores.dtype)
+    """scores + penalty * (not has_eos): the penalty for every row that never emitted EOS."""
+    return penalize_rows(scores, ~has_eos.bool(), penalty)

@@ -36,6 +36,7 @@ from rlhf.ppo.losses import (
     masked_sum,
     masked_whiten,
     penalize_missing_eos,
+    penalize_rows,
     shape_rewards,
 )
 from rlhf.ppo.scorers import ScoreInput
@@ -154,13 +155,16 @@ def normalized_head(weight: Tensor, bias: Tensor | None, stats: dict) -> tuple[T
 
 
 def process_scores(raw: Tensor, has_eos: Tensor, *, normalization: str, stats: dict | None,
-                   clip: float | None, missing_eos_penalty: float | None, reduce_sum=None) -> Tensor:
+                   clip: float | None, missing_eos_penalty: float | None, reduce_sum=None,
+                   empty: Tensor | None = None, empty_response_penalty: float | None = None) -> Tensor:
     """Scores entering the reward, in this order (B,) -> (B,):
 
     rm_stats: s = (raw - stats.mean) / stats.std;  batch: s = (raw - mean_B) / (std_B + 1e-8);  none: s = raw
     (``reduce_sum``: mean_B and std_B over the scores of all processes, see ``masked_mean_var``)
     s = clip(s, -clip, clip)                     (if clip)
     s = s + missing_eos_penalty * (no EOS)       (if missing_eos_penalty)
+    s = s + empty_response_penalty * empty       (if empty_response_penalty; ``empty``: (B,) bool, the
+                                                  response holds nothing but whitespace)
     """
     s = raw.float()
     if normalization == "rm_stats":
@@ -172,7 +176,14 @@ def process_scores(raw: Tensor, has_eos: Tensor, *, normalization: str, stats: d
         s = s.clamp(-clip, clip)
     if missing_eos_penalty is not None:
         s = penalize_missing_eos(s, has_eos.to(s.device), missing_eos_penalty)
+    if empty_response_penalty is not None and empty is not None:
+        s = penalize_rows(s, empty.to(s.device), empty_response_penalty)
     return s
+
+
+def empty_responses(responses: list[str]) -> Tensor:
+    """(B,) bool: which decoded responses hold nothing but whitespace."""
+    return torch.tensor([not text.strip() for text in responses], dtype=torch.bool)
 
 
 # rollout
@@ -342,6 +353,7 @@ def rollout_stats(r: Rollout, reduce_sum=None) -> dict[str, float]:
         "policy/entropy": moments(r.entropy, m)[0],
         "response/length_mean": float(lengths.mean()),
         "response/missing_eos_frac": float((~r.has_eos).float().mean()),
+        "response/empty_frac": float(empty_responses(r.responses).float().mean()) if r.responses else 0.0,
         "advantage/mean": advantage_mean,
         "advantage/std": advantage_std,
         **({"value/mean": moments(r.values, m)[0]} if r.values is not None else {}),

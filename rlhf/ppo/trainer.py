@@ -46,6 +46,7 @@ from rlhf.ppo.rollout import (
     Rollout,
     collect_rollout,
     compute_targets,
+    empty_responses,
     process_scores,
     resolve_normalization,
     rollout_stats,
@@ -126,7 +127,9 @@ class PPOTrainer:
             self._stop(f"the reward scorer returned NaN/inf for {bad} of {rollout.size} responses")
         scores = process_scores(rollout.raw_scores, rollout.has_eos, normalization=self.normalization,
                                 stats=getattr(self.scorer, "stats", None), clip=cfg.reward_clip,
-                                missing_eos_penalty=cfg.missing_eos_penalty, reduce_sum=reduce_sum)
+                                missing_eos_penalty=cfg.missing_eos_penalty, reduce_sum=reduce_sum,
+                                empty=empty_responses(rollout.responses),
+                                empty_response_penalty=cfg.empty_response_penalty)
         if not torch.isfinite(scores).all():
             self._stop("normalised rewards are NaN/inf (check the reward model's saved stats)")
         kl_coef = self.kl_ctl.value
