@@ -69,3 +69,22 @@ def test_rule_gold_and_proxy_selection(tiny_model_dir, tmp_path):
     best = max(points, key=lambda p: (p["proxy"], -p["step"]))
     assert metrics["selected_step"] == best["step"]
     assert json.loads((out / "metrics.json").read_text())["selected_step"] == best["step"]
+
+
+def test_monitor_counts_empty_answers(tiny_model_dir, tmp_path, monkeypatch):
+    """The monitor's held-out answers that hold nothing but whitespace are counted and logged."""
+    import rlhf.generation
+
+    decode = rlhf.generation.decode_responses
+
+    def first_answer_blank(tokenizer, response_ids):
+        return [" \n"] + decode(tokenizer, response_ids)[1:]
+
+    monkeypatch.setattr(rlhf.generation, "decode_responses", first_answer_blank)  # the monitor's decoding only
+    out = tmp_path / "run"
+    metrics = run_ppo(ppo_config(tiny_model_dir, out, max_steps=1, eval_steps=1,
+                                 eval_dataset_name="sample:prompts_test", eval_max_prompts=3),
+                      scorer=TokenCountScorer(REWARDED))
+    assert [p["empty"] for p in metrics["monitor"]] == [1, 1]
+    logged = [r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "monitor/empty" in r]
+    assert logged and all(r["monitor/empty"] == 1 for r in logged)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rlhf.ppo.rollout import generate, join_responses
+from rlhf.ppo.rollout import empty_responses, generate, join_responses
 from rlhf.ppo.scorers import ScoreInput
 
 SELECT_KEYS = {"best_gold": "gold", "best_proxy_heldout": "proxy"}
@@ -30,6 +30,7 @@ class MonitorPoint:
     gold: float | None       # mean gold score, None without a gold judge
     kl: float                # mean sequence KL (k1) of the step's rollouts
     length: float            # mean response tokens of the held-out answers
+    empty: int = 0           # held-out answers with nothing but whitespace
 
     @property
     def sqrt_kl(self) -> float:
@@ -66,11 +67,12 @@ class Monitor:
             max_prompt_length=self.max_prompt_length, chunk=self.chunk)
         input_ids, attention_mask, response_ids, mask, _ = join_responses(tokenizer, prompt_ids, prompt_mask,
                                                                           response_ids)
-        batch = ScoreInput(self.prompts, decode_responses(tokenizer, response_ids), input_ids, attention_mask,
-                           response_ids, mask, prompt_ids.shape[1])
+        responses = decode_responses(tokenizer, response_ids)
+        batch = ScoreInput(self.prompts, responses, input_ids, attention_mask, response_ids, mask, prompt_ids.shape[1])
         proxy = float(self.proxy.score_batch(batch).float().mean())
         gold = float(self.gold.score_batch(batch).float().mean()) if self.gold is not None else None
-        point = MonitorPoint(step, proxy, gold, float(kl), float(mask.sum(dim=1).float().mean()))
+        point = MonitorPoint(step, proxy, gold, float(kl), float(mask.sum(dim=1).float().mean()),
+                             int(empty_responses(responses).sum()))
         self.points.append(point)
         return point
 

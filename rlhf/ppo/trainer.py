@@ -297,9 +297,11 @@ class PPOTrainer:
             (self.best_policy_dir / "STEP").write_text(str(self.step))
         self.monitor.plot(self.out_dir / "logs" / "monitor.png")
         gold = "" if point.gold is None else f", gold {point.gold:.3f}"
-        tqdm.write(f"[monitor step {self.step}] held-out proxy {point.proxy:.3f}{gold}, sqrt KL {point.sqrt_kl:.2f}",
-                   file=sys.stderr)
-        row = {"monitor/proxy": point.proxy, "monitor/sqrt_kl": point.sqrt_kl, "monitor/length": point.length}
+        empty = f", {point.empty} empty answers" if point.empty else ""
+        tqdm.write(f"[monitor step {self.step}] held-out proxy {point.proxy:.3f}{gold}, sqrt KL {point.sqrt_kl:.2f}"
+                   f"{empty}", file=sys.stderr)
+        row = {"monitor/proxy": point.proxy, "monitor/sqrt_kl": point.sqrt_kl, "monitor/length": point.length,
+               "monitor/empty": point.empty}
         if point.gold is not None:
             row["monitor/gold"] = point.gold
         distributed.barrier()
