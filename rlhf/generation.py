@@ -130,7 +130,7 @@ def is_prompt_learning(model) -> bool:
 def uncached_generate(model, enc: dict, settings: SamplingSettings, num_return_sequences: int, pad_token_id: int,
                       eos_token_id: int) -> torch.Tensor:  # fmt: skip
     """Sampling (or greedy decoding) by a whole forward pass per token, as the model is trained: the prompt
-    repeated K times (B*K, P), then the new tokens. For prompt and prefix tuning, whose virtual tokens PEFT's
+    repeated K times (B*K, P), then the new tokens. For prompt and prefix tuning, whose virtual tokens PEFT 0.21's
     ``generate`` leaves out of its cached decoding steps (call it one prompt at a time: PEFT ignores the position
     ids of these models, so left padding would shift them). Returns the new tokens (B*K, R)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper

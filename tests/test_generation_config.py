@@ -70,9 +70,9 @@ def test_plain_config_keeps_only_special_token_ids(tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_prompt_learning_adapters_are_sampled_from_the_model_they_train(tiny_model_dir, method):
-    """PEFT's generate leaves the virtual tokens out of its cached steps; sample_batch decodes by whole passes. The
-    check: each greedy token is the argmax of one plain forward pass over that prompt alone and the answer so far,
-    the pass training makes."""
+    """PEFT 0.21's generate left the virtual tokens out of its cached steps (0.22 does not); sample_batch decodes
+    by whole passes with any version. The check: each greedy token is the argmax of one plain forward pass over that
+    prompt alone and the answer so far, the pass training makes."""
     from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
     from rlhf.generation import response_log_dists
@@ -95,9 +95,5 @@ def test_prompt_learning_adapters_are_sampled_from_the_model_they_train(tiny_mod
             answer = answer[:, : int((answer != tok.pad_token_id).sum())]  # up to its end
             logits = model(input_ids=torch.cat([alone, answer], dim=1)).logits[0, -answer.shape[1] - 1 : -1]
             assert torch.equal(logits.argmax(-1), answer[0])
-            cached = model.generate(input_ids=alone, attention_mask=torch.ones_like(alone), do_sample=False,
-                                    max_new_tokens=answer.shape[1], pad_token_id=tok.pad_token_id)  # fmt: skip
-            if row == 1:  # what PEFT's own generate gives is not the trained model's answer
-                assert not torch.equal(cached[0, alone.shape[1] :], answer[0])
         dists = response_log_dists(model, prompt_ids, prompt_mask, got, torch.ones_like(got))
     assert dists.shape == (*got.shape, model.get_output_embeddings().weight.shape[0])
