@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 
 from rlhf.config import Literal, Optional, field, require
 from rlhf.data import load_prompts, prompt_text
+from rlhf.errors import UserError
 from rlhf.outputs import check_not_input, check_output_file, write_jsonl
 
 
@@ -46,7 +48,7 @@ class GenerateConfig(SamplingConfig):
     model_name_or_path: str = field("smollm2-135m-instruct", "base model: HF folder, hub id or embedded alias")
     adapter: Optional[str] = field(None, "adapter folder applied on the base (PEFT, loreft or bottleneck_adapter)")
     dataset_name: str = field("sample:prompts_test", "prompts file (`prompt` column: string or messages)")
-    out: str = field("generations.jsonl", "output JSONL with `prompt` and `response` per line")
+    out: str = field("generations.jsonl", "output JSONL with `prompt` and `response` (and `score`) per line")
     num_return_sequences: int = field(1, "responses per prompt (one line each)")
     max_prompts: Optional[int] = field(None, "use at most this many prompts")
     seed: int = field(42, "random seed")
@@ -55,7 +57,8 @@ class GenerateConfig(SamplingConfig):
         1, "sample this many answers for each one written and keep those reward_model scores highest (best-of-n)"
     )
     reward_model: Optional[str] = field(
-        None, "reward model folder (from rlhf reward) that scores the answers; each line then has its `score`"
+        None, "reward model folder (from rlhf reward) that scores the answers: each line gets its `score`, "
+        "each prompt's answers are written best first"
     )
 
     def __post_init__(self):
@@ -105,6 +108,9 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
         print(f"scoring {sum(map(len, responses))} answers with {cfg.reward_model}", file=sys.stderr)
         flat = scorer.score([p for p, group in zip(prompts, responses) for _ in group],
                             [r for group in responses for r in group])
+        bad = sum(not math.isfinite(v) for v in flat)
+        if bad:
+            raise UserError(f"the reward model {cfg.reward_model} returned NaN/inf for {bad} of {len(flat)} answers")
         scores, start = [], 0
         for group in responses:
             scores.append(flat[start:start + len(group)])
