@@ -8,13 +8,16 @@ and one started by ``torchrun --nproc_per_node 2`` behave alike.
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
 import torch
 
 __all__ = ["all_gather_object", "all_reduce_sum", "all_reduce_stats", "barrier", "broadcast_parameters",
-           "is_main", "launched", "prepare_environment", "rank", "sum_gradients", "world_size"]
+           "destroy_at_exit", "is_main", "launched", "prepare_environment", "rank", "sum_gradients", "world_size"]
+
+_exit_hook = False  # destroy_at_exit registered with atexit
 
 
 def launched() -> bool:
@@ -23,13 +26,37 @@ def launched() -> bool:
 
 
 def prepare_environment() -> None:
-    """Before anything builds accelerate's state: without a GPU, N launched processes form one gloo group.
+    """Before anything builds accelerate's state: without a GPU, N launched processes form one gloo group;
+    and the group is destroyed when the process exits (:func:`destroy_at_exit`).
 
     (``accelerate launch --multi_gpu`` on a machine without GPUs otherwise starts N processes that each
     believe they are alone, and ``distributed_type: MULTI_CPU`` starts one process unless run by mpirun.)
     """
-    if launched() and not torch.cuda.is_available():
+    if not launched():
+        return
+    if not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    _register_exit_hook()
+
+
+def destroy_at_exit() -> None:
+    """Destroy this process's process group, if it has one (registered with ``atexit`` in a launched process).
+
+    Left to the interpreter's shutdown, gloo's worker threads can outlive the Python objects they hold, and the
+    process then aborts after its work is done ("terminate called without an active exception", exit status -6),
+    which the launcher reports as a failed run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook
+    if not _exit_hook:
+        atexit.register(destroy_at_exit)
+        _exit_hook = True
 
 
 def _dist():
