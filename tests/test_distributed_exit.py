@@ -37,7 +37,7 @@ def test_only_a_launched_process_registers_the_hook_and_only_once(monkeypatch):
     distributed.prepare_environment()
     assert registered == []
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # set already: prepare_environment's setdefault keeps it
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # restored after the test: prepare_environment sets it
     distributed.prepare_environment()
     distributed.prepare_environment()
     assert registered == [distributed.destroy_at_exit]
