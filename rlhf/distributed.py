@@ -40,15 +40,17 @@ def prepare_environment() -> None:
 
 
 def destroy_at_exit() -> None:
-    """Destroy this process's process group, if it has one (registered with ``atexit`` in a launched process).
+    """Destroy this process's process group, if it has one and it is not NCCL's (registered with ``atexit`` in a
+    launched process).
 
-    Left to the interpreter's shutdown, gloo's worker threads can outlive the Python objects they hold, and the
-    process then aborts after its work is done ("terminate called without an active exception", exit status -6),
-    which the launcher reports as a failed run.
+    Left to the interpreter's shutdown, a gloo group's teardown can abort a process whose work is done
+    ("terminate called without an active exception", exit status -6), which the launcher reports as a failed
+    run. Destroying the group while Python is whole avoids that. An NCCL group is left as before: its destroy
+    waits for pending collectives, which on a rank leaving on an error could last until NCCL's watchdog timeout.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and "nccl" not in dist.get_backend_config():
         dist.destroy_process_group()
 
 
@@ -65,6 +67,8 @@ def _dist():
 
     if not dist.is_available():
         return None
+    if launched():
+        _register_exit_hook()  # also when something else built the group
     if not dist.is_initialized():
         if not launched():
             return None

@@ -23,10 +23,38 @@ def _free_port() -> int:
 
 def test_destroy_at_exit_destroys_the_group_and_is_a_no_op_without_one():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    assert dist.is_initialized()
+    try:
+        assert dist.is_initialized()
+        distributed.destroy_at_exit()
+        assert not dist.is_initialized()
+        distributed.destroy_at_exit()  # nothing left to destroy: no error
+    finally:
+        if dist.is_initialized():  # the other tests of this worker start without a group
+            dist.destroy_process_group()
+
+
+def test_an_nccl_group_is_left_to_the_interpreter(monkeypatch):
+    destroyed = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cpu:gloo,cuda:nccl")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: destroyed.append(group))
     distributed.destroy_at_exit()
-    assert not dist.is_initialized()
-    distributed.destroy_at_exit()  # nothing left to destroy: no error
+    assert destroyed == []
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: "cpu:gloo")
+    distributed.destroy_at_exit()
+    assert destroyed == [None]
+
+
+def test_the_first_distributed_call_of_a_launched_process_registers_the_hook(monkeypatch):
+    """A launched script that never calls prepare_environment itself (its group built by accelerate, say)."""
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(distributed, "_exit_hook", False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed._dist() is dist
+    assert registered == [distributed.destroy_at_exit]
 
 
 def test_only_a_launched_process_registers_the_hook_and_only_once(monkeypatch):
