@@ -2,27 +2,21 @@
 
 import atexit
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import torch.distributed as dist
+from test_distributed_stages import CPU_2PROC, free_port
 
 from rlhf import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_destroy_at_exit_destroys_the_group_and_is_a_no_op_without_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         assert dist.is_initialized()
         distributed.destroy_at_exit()
@@ -91,9 +85,8 @@ def test_two_launched_processes_have_no_group_left_when_their_exit_handlers_run(
     """))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
-           str(script)]
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CPU_2PROC),
+           "--main_process_port", str(free_port()), str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]

@@ -8,7 +8,6 @@ absolute (float32 sums taken in another order; greedy rollouts make the response
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_distributed_stages import CPU_2PROC, free_port
 
 from rlhf.errors import ConfigError, UserError
 from rlhf.ppo.sharding import check_parallel
@@ -32,21 +32,14 @@ def _driver():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tiny_model_dir, tmp_path_factory):
     """(work folder, completed process) of one 2-process launch of the driver."""
     work = tmp_path_factory.mktemp("ppo_parallel")
     env = {**os.environ, "RLHF_HOME": str(work / "home"), "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
-           str(DRIVER), tiny_model_dir, str(work)]
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CPU_2PROC),
+           "--main_process_port", str(free_port()), str(DRIVER), tiny_model_dir, str(work)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     return work, proc
 
