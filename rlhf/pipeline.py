@@ -53,6 +53,11 @@ class PipelineConfig:
     round_label_budget: Optional[int] = field(
         None, "rounds >= 2: comparisons labelled per round (null = as many as round 1 holds)"
     )
+    round_candidates: dict = field(
+        {}, "rounds >= 2: keys for `rlhf label candidates` that replace the candidates section's in the rounds after "
+        "the first, e.g. temperature: 0.4 to sample the policy's answers as PPO samples them (bench/RESULTS.md, "
+        "a second labelling round)"
+    )
     force: bool = field(False, "re-run stages whose output already exists")
     align: Literal["ppo", "dpo"] = field(
         "ppo", "how the SFT policy is aligned: PPO against the reward model, or DPO on the preference pairs"
@@ -86,9 +91,13 @@ class PipelineConfig:
         require(self.rounds == 1 or self.align == "ppo", "config key 'rounds' > 1 needs align: ppo")
         require(self.round_label_budget is None or self.round_label_budget >= 1,
                 "config key 'round_label_budget' must be >= 1 (or null)")
+        fixed = sorted(set(self.round_candidates) & ROUND_SET_KEYS)
+        require(not fixed, f"config key 'round_candidates' cannot set {', '.join(fixed)}: each round's database and "
+                "policy come from the pipeline, what it labels from round_selection and round_label_budget")
         require(self.rounds == 1 or self.round_selection != "uncertainty"
-                or (self.candidates or {}).get("mode", "pairwise") == "pairwise",
-                "config key 'round_selection' uncertainty scores pairs: it needs candidates mode pairwise")
+                or self.round_candidate_keys().get("mode", "pairwise") == "pairwise",
+                "config key 'round_selection' uncertainty scores pairs: it needs candidates mode pairwise "
+                "(in the candidates and round_candidates sections)")
         other = "dpo" if self.align == "ppo" else "ppo"
         require(self.stop_after != other,
                 f"config key 'stop_after' is {other}, a stage align: {self.align} does not run")
@@ -99,6 +108,13 @@ class PipelineConfig:
     def path(self, name: str) -> Path:
         return Path(self.work_dir) / name
 
+    def round_candidate_keys(self) -> dict:
+        """The candidates keys of rounds r >= 2: the candidates section's, with round_candidates' over them."""
+        return {**self.candidates, **self.round_candidates}
+
+
+# candidates keys the pipeline sets for each round r >= 2 itself (round_candidates may not)
+ROUND_SET_KEYS = {"db", "model_name_or_path", "adapter", "selection", "reward_model", "label_budget"}
 
 SHARED = ("sft", "labels.db", ".sim-passwords", "launch", "summary.json")  # one for all rounds
 
@@ -149,7 +165,7 @@ def check_section_datasets(cfg: PipelineConfig) -> None:
     from rlhf.data import check_dataset_source
 
     work = Path(cfg.work_dir).expanduser().resolve()
-    for section in STAGE_NAMES:
+    for section in (*STAGE_NAMES, "round_candidates"):
         for key, value in (getattr(cfg, section, None) or {}).items():
             inside = isinstance(value, str) and work in Path(value).expanduser().resolve().parents
             if key.endswith("dataset_name") and isinstance(value, str) and not inside:
@@ -168,6 +184,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     plans = [[build(view) for build in (builders if view.number == 1 else builders[1:])] for view in rounds]
     if getattr(cfg, "dpo" if cfg.align == "ppo" else "ppo"):  # the section align does not run is checked too
         (ppo_step if cfg.align == "dpo" else dpo_step)(cfg)
+    if cfg.rounds == 1 and cfg.round_candidates:  # and round_candidates, kept for a later --rounds 2
+        candidates_step(Round(cfg, 2))
     check_section_datasets(cfg)
     # every config is validated before anything runs
     check_output_dir(cfg.work_dir, "work_dir").mkdir(parents=True, exist_ok=True)

@@ -184,10 +184,13 @@ def candidates_step(cfg: PipelineConfig) -> Step:
         "seed": cfg.seed,
     }
     previous = getattr(cfg, "previous", None)
+    section = "candidates"
     if previous is not None:  # the previous round's policy answers (new samples); its reward model picks what to label
         derived["adapter"] = str(previous.path(cfg.align))
         derived["seed"] = cfg.seed + previous.number
-    stage = stage_config(LabelCandidatesConfig, cfg, "candidates", derived)
+        if cfg.round_candidates:  # its own keys over the candidates section's
+            derived, section = {**derived, **cfg.candidates}, "round_candidates"
+    stage = stage_config(LabelCandidatesConfig, cfg, section, derived)
 
     def run():
         chosen = stage

@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from feedback_ui.config import LabelCandidatesConfig
 from rlhf.cli import main
 from rlhf.testing import write_jsonl
 
@@ -35,6 +36,8 @@ def pipeline_yaml(tmp_path, tiny_model_dir):
 
 
 def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
+    cfg = yaml.safe_load(pipeline_yaml.read_text())  # round_candidates: for round 2 only (checked below)
+    pipeline_yaml.write_text(yaml.safe_dump({**cfg, "round_candidates": {"temperature": 0.5}}))
     assert main(["pipeline", "--config", str(pipeline_yaml)]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -77,7 +80,8 @@ def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (run / "ppo" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2] and (run / "ppo" / "metrics.json").is_file()
 
-    # a second round on top: round 1's policy answers, its RM picks 10 comparisons, PPO continues from round 1
+    # a second round on top: round 1's policy answers (sampled as round_candidates says), its RM picks 10
+    # comparisons, PPO continues from round 1
     args = ["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--round_label_budget", "10",
             "--round_selection", "uncertainty"]
     assert main(args) == 0
@@ -92,6 +96,15 @@ def test_pipeline_end_to_end_then_skips(pipeline_yaml, tmp_path, capsys):
     assert str(run / "ppo") in candidates["policy"] and candidates["new_comparisons"] == 10
     with engine.connect() as conn:
         assert conn.execute(sa.text("select count(*) from comparisons")).scalar() == n_comparisons + 10
+        rows = conn.execute(sa.text("select policy, settings from responses where source = 'policy'")).all()
+
+    def sampled(adapter, key):
+        return {json.loads(settings)[key] for policy, settings in rows if policy.endswith(str(run / adapter))}
+
+    # round 2's answers: round_candidates' temperature, the rest of the candidates section; round 1's as before
+    assert sampled("ppo", "temperature") == {0.5}
+    assert sampled("sft", "temperature") == {LabelCandidatesConfig.temperature}
+    assert sampled("ppo", "max_new_tokens") == sampled("sft", "max_new_tokens") == {cfg["candidates"]["max_new_tokens"]}
     ppo_config = yaml.safe_load((round2 / "ppo" / "run_config.yaml").read_text())
     assert ppo_config["policy_init"] == str(run / "ppo") and ppo_config["sft_adapter"] == str(run / "sft")
     first, second = (len((d / "prefs.jsonl").read_text().splitlines()) for d in (run, round2))
@@ -129,13 +142,31 @@ def test_force_samples_and_votes_afresh_and_a_later_round_labels_as_many_as_roun
     assert len(list(run.glob("labels.db.*.bak"))) == 1
 
 
-def test_round_selection_by_uncertainty_needs_pairwise_candidates(pipeline_yaml, tmp_path, capsys):
+@pytest.mark.parametrize("section", ["candidates", "round_candidates"])
+def test_round_selection_by_uncertainty_needs_pairwise_candidates(pipeline_yaml, tmp_path, capsys, section):
     cfg = yaml.safe_load(pipeline_yaml.read_text())
-    cfg["candidates"]["mode"] = "ranking"
+    cfg[section] = {**cfg.get(section, {}), "mode": "ranking"}
     pipeline_yaml.write_text(yaml.safe_dump(cfg))
     argv = ["pipeline", "--config", str(pipeline_yaml), "--rounds", "2", "--round_selection", "uncertainty"]
     assert main(argv) == 2
     assert "'round_selection' uncertainty scores pairs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_round_candidates_are_checked_before_anything_runs(pipeline_yaml, tmp_path, capsys):
+    cfg = yaml.safe_load(pipeline_yaml.read_text())
+    pipeline_yaml.write_text(yaml.safe_dump({**cfg, "round_candidates": {"dataset_name": str(tmp_path / "no.jsonl")}}))
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--rounds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline section 'round_candidates': dataset_name" in err and "no.jsonl" in err
+    for rounds in ("2", "1"):  # also in a 1-round run, which keeps the section for a later --rounds 2
+        pipeline_yaml.write_text(yaml.safe_dump({**cfg, "round_candidates": {"temperature": 0}}))
+        assert main(["pipeline", "--config", str(pipeline_yaml), "--rounds", rounds]) == 2
+        assert "pipeline section 'round_candidates': config key 'temperature' must be > 0" in capsys.readouterr().err
+    # what the pipeline sets for each round itself
+    pipeline_yaml.write_text(yaml.safe_dump({**cfg, "round_candidates": {"adapter": "x", "label_budget": 3}}))
+    assert main(["pipeline", "--config", str(pipeline_yaml), "--rounds", "2"]) == 2
+    assert "config key 'round_candidates' cannot set adapter, label_budget:" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
