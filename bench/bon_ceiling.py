@@ -2,7 +2,8 @@
 
 A best-of-n sampler stays within log n - (n - 1) / n nats of the sampler it picks from (Stiennon et al., 2020), so
 its win rate at a given n tells what a policy that close to SFT can reach. The picker is either the labelers' rule
-itself (``rule``: an upper bound for any reward model) or the demo's reward model (``rm``). Each pick is judged
+itself (``rule``: an upper bound for any reward model) or a reward model (``rm``: the demo's, or ``--reward_model``;
+``--reuse_samples`` scores an earlier run's samples again). Each pick is judged
 by the rule against SFT's greedy answer to the same held-out prompt, as ``rlhf eval`` judges the demo::
 
     python bench/bon_ceiling.py --demo WORK --out OUT --samples 32 --temperature 0.7 \\
@@ -58,6 +59,9 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=32, help="N samples per prompt")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--reward_model", help="the RM that picks (default: the demo's, WORK/reward)")
+    parser.add_argument("--reuse_samples", action="store_true",
+                        help="score OUT/samples.jsonl of an earlier run (same --samples) instead of sampling again")
     parser.add_argument("--record", required=True)
     args = parser.parse_args(argv)
     record = Record("bon_ceiling", argv, path=args.record)
@@ -70,7 +74,10 @@ def main(argv=None) -> None:
                "--dataset_name", "sample:prompts_test", "--do_sample", "true", "--temperature", str(args.temperature),
                "--num_return_sequences", str(args.samples), "--max_new_tokens", str(args.max_new_tokens),
                "--batch_size", "16", "--seed", "42", "--out", str(samples_file)]
-    subprocess.run(command, check=True, cwd=ROOT)
+    if not args.reuse_samples:
+        subprocess.run(command, check=True, cwd=ROOT)
+    elif not samples_file.is_file():
+        raise SystemExit(f"error: --reuse_samples: no {samples_file} to score")
     rows = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
     by_prompt: dict[str, list[str]] = {}
     for row in rows:
@@ -78,7 +85,8 @@ def main(argv=None) -> None:
     if set(by_prompt) != set(baseline) or any(len(v) != args.samples for v in by_prompt.values()):
         raise SystemExit("error: the samples do not match the eval's prompts")
     prompts = list(by_prompt)
-    scorer = RewardScorer.from_pretrained(demo / "reward")
+    reward_model = Path(args.reward_model) if args.reward_model else demo / "reward"
+    scorer = RewardScorer.from_pretrained(reward_model)
     flat_prompts = [p for p in prompts for _ in by_prompt[p]]
     flat_answers = [a for p in prompts for a in by_prompt[p]]
     rm_flat = scorer.score(flat_prompts, flat_answers)
@@ -112,7 +120,8 @@ def main(argv=None) -> None:
     record.write(
         {"prompts": len(prompts), "sft_greedy_mean_rule_score": round(sft_greedy_rule, 3), "best_of": table,
          "samples_file": str(samples_file)},
-        {"demo": str(demo), "samples": args.samples, "temperature": args.temperature,
+        {"demo": str(demo), "reward_model": str(reward_model), "samples_reused": args.reuse_samples,
+         "samples": args.samples, "temperature": args.temperature,
          "max_new_tokens": args.max_new_tokens, "generate_command": command[2:],
          "samples_kept": {p: {"answers": by_prompt[p], "rm": [round(s, 4) for s in rm_scores[p]]} for p in prompts}},
     )
