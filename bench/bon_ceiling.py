@@ -61,12 +61,12 @@ def main(argv=None) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--reward_model", help="the RM that picks (default: the demo's, WORK/reward)")
     parser.add_argument("--reuse_samples", action="store_true",
-                        help="score OUT/samples.jsonl of an earlier run (same --samples) instead of sampling again")
+                        help="score OUT/samples.jsonl of an earlier run instead of sampling again (give that run's "
+                        "--samples, --temperature and --max_new_tokens: they are recorded, not checked)")
     parser.add_argument("--record", required=True)
     args = parser.parse_args(argv)
     record = Record("bon_ceiling", argv, path=args.record)
     demo, out = Path(args.demo), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     greedy = json.loads((demo / "eval" / "eval.json").read_text())["samples"]
     baseline = {s["prompt"]: s["baseline"] for s in greedy}
     samples_file = out / "samples.jsonl"
@@ -75,6 +75,7 @@ def main(argv=None) -> None:
                "--num_return_sequences", str(args.samples), "--max_new_tokens", str(args.max_new_tokens),
                "--batch_size", "16", "--seed", "42", "--out", str(samples_file)]
     if not args.reuse_samples:
+        out.mkdir(parents=True, exist_ok=True)
         subprocess.run(command, check=True, cwd=ROOT)
     elif not samples_file.is_file():
         raise SystemExit(f"error: --reuse_samples: no {samples_file} to score")
@@ -82,8 +83,10 @@ def main(argv=None) -> None:
     by_prompt: dict[str, list[str]] = {}
     for row in rows:
         by_prompt.setdefault(row["prompt"], []).append(row["response"])
-    if set(by_prompt) != set(baseline) or any(len(v) != args.samples for v in by_prompt.values()):
+    if set(by_prompt) != set(baseline):
         raise SystemExit("error: the samples do not match the eval's prompts")
+    if any(len(v) != args.samples for v in by_prompt.values()):
+        raise SystemExit(f"error: {samples_file} does not hold --samples {args.samples} answers to every prompt")
     prompts = list(by_prompt)
     reward_model = Path(args.reward_model) if args.reward_model else demo / "reward"
     scorer = RewardScorer.from_pretrained(reward_model)
@@ -122,7 +125,7 @@ def main(argv=None) -> None:
          "samples_file": str(samples_file)},
         {"demo": str(demo), "reward_model": str(reward_model), "samples_reused": args.reuse_samples,
          "samples": args.samples, "temperature": args.temperature,
-         "max_new_tokens": args.max_new_tokens, "generate_command": command[2:],
+         "max_new_tokens": args.max_new_tokens, "generate_command": None if args.reuse_samples else command[2:],
          "samples_kept": {p: {"answers": by_prompt[p], "rm": [round(s, 4) for s in rm_scores[p]]} for p in prompts}},
     )
 
