@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sqlalchemy as sa  # noqa: E402
 import yaml  # noqa: E402
-from bench_record import Record  # noqa: E402
+from bench_record import Record, read_jsonl  # noqa: E402
 
 import feedback_ui.candidates as candidates  # noqa: E402
 from feedback_ui.config import LabelCandidatesConfig  # noqa: E402
@@ -62,10 +62,6 @@ CANDIDATE_KEYS = ("dataset_name", "max_prompts", "num_candidates", "max_new_toke
 
 
 # files
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -77,6 +77,11 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 class Record:
     """Collects what a benchmark run's figures need beside them and writes ``bench/results/<name>.json``."""
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_record import Record
+from bench_record import Record, read_jsonl
 
 from reward.rules import rule_score
 from reward.scorer import RewardScorer
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         subprocess.run(command, check=True, cwd=ROOT)
     elif not samples_file.is_file():
         raise SystemExit(f"error: --reuse_samples: no {samples_file} to score")
-    rows = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(samples_file)
     by_prompt: dict[str, list[str]] = {}
     for row in rows:
         by_prompt.setdefault(row["prompt"], []).append(row["response"])

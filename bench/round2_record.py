@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_record import RESULTS, git_commit, machine
+from bench_record import RESULTS, git_commit, machine, read_jsonl
 
 
 def words(text: str) -> int:
@@ -37,10 +37,6 @@ def pair_stats(rows: list[dict]) -> dict:
         "rejected_not_ending_with_full_stop": sum(not r["rejected"].rstrip().endswith(".") for r in rows),
         "chosen_ending_with_full_stop": sum(r["chosen"].rstrip().endswith(".") for r in rows),
     }
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv=None) -> None:
